@@ -1,0 +1,41 @@
+# Every target sets up its own environment first, so each works on a fresh clone.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# Re-installed only when the lock file or the project metadata change.
+$(STAMP): constraints.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m detloop.demo
+
+test: setup lint
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not gpu and not slow" -q
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/data_scale.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,105 @@
+"""``detloop <command> ...``: the command line.
+
+Each area registers its verbs from its own small module (``register(subparsers)``); handlers
+import heavy libraries (torch, ray, mlflow) only when they run, so ``detloop --help`` and the
+data verbs start fast. Every handler returns an exit code; user errors exit 2 with a message,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from detloop.config import ConfigError
+from detloop.data.errors import DataError
+
+# Modules that contribute verbs; each defines ``register(subparsers) -> None``.
+COMMAND_MODULES = (
+    "detloop.data.cli",
+    "detloop.learners.cli",
+    "detloop.selectors.cli",
+    "detloop.orchestrator.cli",
+    "detloop.orchestrator.autolabel_cli",
+)
+
+# Ray and MLflow settings that keep a single machine on loopback, without tokens or telemetry.
+RUNTIME_ENV_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
+class UsageError(Exception):
+    """A user error detected by a command handler (bad argument combination, missing file)."""
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detloop",
+        description="Active learning, SSL and uncertainty-based auto-labeling for detectors.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # area not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """The shared ``--set key=value`` option."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+    )
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    if os.environ.get("DETLOOP_LOG"):
+        level = getattr(logging, os.environ["DETLOOP_LOG"].upper(), level)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 1 failure, 2 user error)."""
+    for key, value in RUNTIME_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except (ConfigError, DataError, UsageError) as exc:
+        print(f"detloop {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except KeyboardInterrupt:
+        print("detloop: interrupted", file=sys.stderr)  # noqa: T201
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""Typed experiment configuration: pydantic models at the boundary, YAML in, one error listing
+every problem out.
+
+Section layout follows ARCHITECTURE §8; leaf keys keep the reference's names (ALGORITHMS §12).
+Relative paths resolve against the directory of the config file. ``--set a.b=c`` overrides are
+applied to the raw mapping before validation, so they are checked like the file itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ModelPreset = Literal["tiny", "d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7"]
+UncertaintySetup = Literal["baseline", "lossatt", "mcdropout", "mcdropout_lossatt"]
+
+
+class ConfigError(Exception):
+    """An invalid configuration; ``problems`` holds ``(dotted path, message)`` pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} configuration problem(s):"]
+        lines += [f"  - {path or '<root>'}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SourceConfig(Section):
+    """One split's source: a COCO JSON, a KITTI label folder or a plain image folder."""
+
+    format: Literal["coco", "kitti", "folder"] = "coco"
+    source: Path
+    images: Path | None = None
+
+
+class DataConfig(Section):
+    pool: SourceConfig | None = None
+    val: SourceConfig | None = None
+    test: SourceConfig | None = None
+    classes: list[str] | None = None
+    lenient: bool = False
+
+
+class ModelConfig(Section):
+    """Detector and uncertainty heads. ``None`` means: take the preset's value."""
+
+    preset: ModelPreset = "tiny"
+    image_size: str | int | None = None  # "WxH" or one side
+    uncertainty: UncertaintySetup = "mcdropout_lossatt"
+    weights: Path | None = None
+    weights_kind: Literal["full", "backbone"] = "full"
+    backbone: str | None = None
+    fpn_channels: int | None = None
+    fpn_cell_repeats: int | None = None
+    box_class_repeats: int | None = None
+    min_level: int | None = None
+    max_level: int | None = None
+    # loss attenuation (ALGORITHMS §1.2)
+    sigma_param: Literal["logvar", "softplus"] = "logvar"
+    la_loss: Literal["reference", "nll"] = "reference"
+    clip_min_uncert: float = Field(0.01, gt=0)
+    clip_max_uncert: float = Field(1024.0, gt=0)
+    boxloss_type: Literal["huber", "MSE"] | None = None  # None: MSE with LA, else huber
+    huber_delta: float = 0.1
+    w_box: float | None = None  # None: 100 with LA, else 50
+    focal_alpha: float = 0.25
+    focal_gamma: float = 1.5
+    # MC dropout (ALGORITHMS §1.3)
+    mc_mode: Literal["head", "full"] = "head"
+    mc_classheadrate: float = Field(0.05, ge=0, lt=1)
+    mc_boxheadrate: float = Field(0.05, ge=0, lt=1)
+    mc_dropoutrate: float = Field(0.05, ge=0, lt=1)
+    mc_dropoutsamp: int = Field(10, ge=1)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(200, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float | None = None  # None: 0.08 * batch / 64
+    warmup_lr: float = 0.008
+    warmup_epochs: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    grad_clip: float = 10.0
+    amp: bool = True
+    hflip: bool = True
+    scale_jitter: tuple[float, float] = (0.1, 2.0)
+    max_instances: int = 100
+    moving_average_decay: float = 0.0
+    early_stopping: bool = False
+    patience: int = 5
+    map_freq: int = 20
+    save_freq: int = 20
+    num_workers: int = 0
+    device: str = "auto"
+    torch_threads: int | None = None
+
+
+class PredictConfig(Section):
+    uncert_adjust_method: Literal["l-norm", "n-flow", "sample", "falsedec"] = "l-norm"
+    decode_nsamples: int = Field(100, ge=2)
+    nms_method: Literal["hard", "gaussian"] = "hard"
+    nms_iou: float = 0.5
+    sigma_nms: float = 0.5
+    score_thresh: float = 0.001
+    max_output_size: int = 100
+    max_nms_inputs: int = 0
+    min_score: float | None = None
+    batch_size: int = Field(8, ge=1)
+    consistency_ssl: bool = False
+    infer_draw_uncert: bool = True
+
+
+class CalibrationConfig(Section):
+    calibrate_classification: bool = True
+    calibrate_regression: bool = True
+    calib_method_class: str = "iso_percls"
+    calib_method_box: str = "iso_perclscoo"
+    calib_split: float = Field(0.8, gt=0, lt=1)
+    calib_split_mode: Literal["random", "ordered"] = "random"
+    box_ts_objective: Literal["rmse", "mae", "nll"] = "rmse"
+    unc_samples: int = 10
+    ece_bins: int = 10
+    min_pairs: int = 10
+    always: bool = False
+
+
+class ThresholdingConfig(Section):
+    thr_fpr_tpr: float = Field(0.95, gt=0, le=1)
+    thr_cd: bool = True
+    thr_sel_uncert: str | list[str] = "ENTALBOX"
+    thr_iou_thrs: list[float] = Field(default_factory=lambda: [0.5, 0.55, 0.6, 0.65, 0.7, 0.75])
+    fd_scope: Literal["matched", "all"] = "matched"
+    optimizer: Literal["optuna", "hebo"] = "optuna"
+    n_trials: int = 1500
+    patience: int = 300
+    thr_pick: Literal["last", "closest"] = "last"
+    thr_interp: Literal["step", "linear"] = "step"
+    per_cls: bool = False
+    thr_seed: int | None = None
+    match_mode: Literal["coco", "reference"] = "reference"
+    assign_gt_box: Literal["IoU", "MSE", "index"] = "IoU"
+
+
+class ALConfig(Section):
+    strategy: str = "entropy"
+    al_budgets: list[float] = Field(default_factory=lambda: [5, 5, 5, 10, 20, 30, 25])
+    iterations: int | None = Field(None, ge=1)  # stop after this many iterations (None: all)
+    oracle: Literal["simulated", "human"] = "simulated"
+    prune_thr: float = Field(0.0, ge=0, le=1)
+    hash_method: Literal["p", "w"] = "p"
+    warm_start: bool = False
+    min_score: float | None = None
+
+    @field_validator("al_budgets")
+    @classmethod
+    def _budgets_positive(cls, v: list[float]) -> list[float]:
+        if not v or any(b <= 0 for b in v):
+            raise ValueError("al_budgets must be a non-empty list of positive percentages")
+        if sum(v) > 100 + 1e-9:
+            raise ValueError(f"al_budgets sum to {sum(v)} %, more than the whole pool")
+        return v
+
+
+class SSLConfig(Section):
+    portion_labeled: float = 10
+    ssl_split: Literal["random", "first_n"] = "random"
+    tau: float = 0.4
+    stac_lambda: float = 1.0
+    selection_strategy: str = "score"
+    teacher_strategy: str = ""
+    selftrain_rounds: int = 3
+    selftrain_epochs: int = 20
+    pseudo_weighting: Literal["once", "reference"] = "once"
+    empty_image_weight: float = 1.0
+    pls_top_k: float = 0.4
+    pls_beta: float = 0.1
+
+
+class AutolabelConfig(Section):
+    empty_image: Literal["auto_labeled", "examine"] = "auto_labeled"
+    infer_first_frame: int | None = None
+    infer_last_frame: int | None = None
+    quality_iou: float = 0.5
+    render: bool = False
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start a local instance; "auto": join `ray start`
+    num_cpus: int | None = None  # for a local instance
+    predict_workers: int = Field(2, ge=1)
+    predict_num_cpus: float = 1.0
+    predict_num_gpus: float = 0.0
+    train_num_cpus: float = 1.0
+    train_num_gpus: float = 0.0
+    max_restarts: int = 2
+    max_task_retries: int = 2
+    shard_size: int = 64
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # None: SQLite store at <runs_root>/mlflow.db
+    enabled: bool = True
+
+
+class FaultConfig(Section):
+    """Fault injection for tests: the driver kills itself at this phase."""
+
+    kill_at_phase: str | None = None
+    kill_at_iteration: int | None = None
+    kill_mid_phase: bool = False
+
+
+class ExperimentConfig(Section):
+    """A whole experiment."""
+
+    name: str = "detloop"
+    seed: int = 0
+    runs_root: Path = Path("runs")
+    compat_seed: bool = False
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    thresholding: ThresholdingConfig = Field(default_factory=ThresholdingConfig)
+    al: ALConfig = Field(default_factory=ALConfig)
+    ssl: SSLConfig = Field(default_factory=SSLConfig)
+    autolabel: AutolabelConfig = Field(default_factory=AutolabelConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_directory_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain directory name (no '/', not starting with '.')")
+        return v
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = {}
+            node[key] = child
+        if not isinstance(child, dict):
+            raise ConfigError("--set", [(dotted, f"{key!r} is not a section")])
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``a.b=c``; the value is read as YAML (numbers, booleans, lists, null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", [(item, "expected KEY=VALUE, e.g. train.epochs=5")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _suggest(path: tuple[int | str, ...], model: type[BaseModel]) -> str:
+    """Close matches for an unknown key, found by walking the model along ``path``."""
+    node: Any = model
+    for part in path[:-1]:
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            return ""
+        ann = fields[part].annotation
+        node = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)),
+            ann,
+        )
+    fields = getattr(node, "model_fields", None)
+    if not fields:
+        return ""
+    close = difflib.get_close_matches(str(path[-1]), list(fields), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
+    def fix(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    cfg.runs_root = fix(cfg.runs_root) or cfg.runs_root
+    for split in ("pool", "val", "test"):
+        src: SourceConfig | None = getattr(cfg.data, split)
+        if src is not None:
+            src.source = fix(src.source) or src.source
+            src.images = fix(src.images)
+    cfg.model.weights = fix(cfg.model.weights)
+    return cfg
+
+
+def build_config(
+    data: dict[str, Any],
+    overrides: list[str] | None = None,
+    base_dir: Path | None = None,
+    source: str = "<config>",
+) -> ExperimentConfig:
+    """Validate a raw mapping (plus ``--set`` overrides) into an ``ExperimentConfig``."""
+    data = dict(data)
+    problems: list[tuple[str, str]] = []
+    for item in overrides or []:
+        try:
+            key, value = parse_override(item)
+            _set_dotted(data, key, value)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key" + _suggest(err["loc"], ExperimentConfig)
+            problems.append((_location(err["loc"]), msg))
+        raise ConfigError(source, problems) from None
+    problems += _semantic_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return _resolve_paths(cfg, base_dir or Path.cwd())
+
+
+def _semantic_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Checks that need more than one field, or another module's vocabulary."""
+    problems: list[tuple[str, str]] = []
+    if cfg.model.clip_min_uncert >= cfg.model.clip_max_uncert:
+        problems.append(("model.clip_min_uncert", "must be below model.clip_max_uncert"))
+    lo, hi = cfg.train.scale_jitter
+    if not 0 < lo <= hi:
+        problems.append(("train.scale_jitter", "needs 0 < low <= high"))
+    for path, check in _external_checks():
+        value = _get_dotted(cfg, path)
+        try:
+            check(value)
+        except ValueError as exc:
+            problems.append((path, str(exc)))
+    return problems
+
+
+def _get_dotted(cfg: BaseModel, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _external_checks() -> list[tuple[str, Any]]:
+    """Validators owned by other modules (pure ones, imported lazily).
+
+    The strategy grammar lives in ``detloop.selectors``; importing it here keeps the config the
+    one place where a whole experiment is validated before any work starts.
+    """
+    checks: list[tuple[str, Any]] = []
+    try:
+        from detloop.selectors.strategy import parse_strategy
+    except ImportError:  # pragma: no cover - selectors not built yet
+        return checks
+    checks.append(("al.strategy", parse_strategy))
+    return checks
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config file, apply ``--set`` overrides and validate.
+
+    Raises:
+        ConfigError: listing every problem with its dotted path.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [("", f"cannot read the file: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [("", f"malformed YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [("", "the top level must be a mapping")])
+    return build_config(data, overrides, base_dir=path.resolve().parent, source=str(path))
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """JSON-ready mapping of a config (paths as strings)."""
+    return cfg.model_dump(mode="json")
+
+
+def flatten_config(cfg: ExperimentConfig) -> dict[str, str]:
+    """Dotted keys to string values, e.g. for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = "null" if node is None else str(node)
+
+    walk("", config_to_dict(cfg))
+    return out

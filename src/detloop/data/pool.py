@@ -1,0 +1,133 @@
+"""``PoolState``: the images and labels of a run as an immutable value.
+
+Every method returns a new state; only the loop persists a state (``save``), at phase
+boundaries, after journaling. The images table's ``state`` and ``iteration`` columns are the
+single source from which every view (labeled set, unlabeled pool, what changed when) derives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from detloop.data import schema
+from detloop.data.errors import DataError
+from detloop.data.rundir import RunDir
+
+
+def _as_set(values: Iterable[str]) -> pa.Array:
+    return pa.array(sorted(set(values)), type=pa.string())
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """Images (with their state) and training labels of a run."""
+
+    images: pa.Table
+    labels: pa.Table
+
+    @classmethod
+    def load(cls, run: RunDir) -> PoolState:
+        return cls(run.read_images(), run.read_labels())
+
+    def save(self, run: RunDir) -> None:
+        """Persist both tables atomically (each file is replaced whole)."""
+        run.write_labels(self.labels)
+        run.write_images(self.images)
+
+    # ---- views ----------------------------------------------------------------------------
+    def _mask(self, state: str | None = None, split: str | None = None) -> pa.ChunkedArray:
+        mask = pc.equal(self.images["split"], split) if split is not None else None
+        if state is not None:
+            s = pc.equal(self.images["state"], state)
+            mask = s if mask is None else pc.and_(mask, s)
+        if mask is None:
+            return pa.chunked_array([pa.array(np.ones(self.images.num_rows, dtype=bool))])
+        return mask
+
+    def ids(self, state: str | None = None, split: str | None = "pool") -> list[str]:
+        """Image ids in ``state`` (any when None) of ``split`` (any when None), sorted."""
+        ids = self.images.filter(self._mask(state, split))["image_id"].to_pylist()
+        return sorted(ids)
+
+    def counts(self, split: str | None = "pool") -> dict[str, int]:
+        """Number of images per state (every state listed, zeros included)."""
+        table = self.images if split is None else self.images.filter(self._mask(None, split))
+        vc = pc.value_counts(table["state"]).to_pylist()
+        found = {d["values"]: int(d["counts"]) for d in vc}
+        return {s: found.get(s, 0) for s in schema.IMAGE_STATES}
+
+    def n_labeled_boxes(self) -> int:
+        return int(self.labels.num_rows)
+
+    # ---- transitions ----------------------------------------------------------------------
+    def with_state(
+        self,
+        image_ids: Iterable[str],
+        state: str,
+        iteration: int | None,
+        reason: str | None = None,
+    ) -> PoolState:
+        """Set the state (and iteration, reason) of ``image_ids``; unknown ids are an error."""
+        if state not in schema.IMAGE_STATES:
+            raise ValueError(f"unknown image state {state!r}; one of {schema.IMAGE_STATES}")
+        wanted = _as_set(image_ids)
+        mask = pc.is_in(self.images["image_id"], value_set=wanted)
+        n_hit = int(pc.sum(mask).as_py() or 0)
+        if n_hit != len(wanted):
+            known = set(self.images["image_id"].to_pylist())
+            missing = [i for i in wanted.to_pylist() if i not in known][:5]
+            raise DataError("images", None, "image_id", f"unknown image ids: {missing}")
+        images = self.images
+        images = images.set_column(
+            images.schema.get_field_index("state"),
+            "state",
+            pc.if_else(mask, pa.scalar(state), images["state"]),
+        )
+        images = images.set_column(
+            images.schema.get_field_index("iteration"),
+            "iteration",
+            pc.if_else(mask, pa.scalar(iteration, pa.int32()), images["iteration"]),
+        )
+        # The reason always follows the state: a new state without a reason clears it.
+        images = images.set_column(
+            images.schema.get_field_index("reason"),
+            "reason",
+            pc.if_else(mask, pa.scalar(reason, pa.string()), images["reason"]),
+        )
+        return PoolState(images, self.labels)
+
+    def with_labels(self, new_labels: pa.Table) -> PoolState:
+        """Append label rows (validated against the labels schema)."""
+        new_labels = schema.validate_table(new_labels, schema.LABELS, file="new labels")
+        labels = pa.concat_tables(
+            [schema.validate_table(self.labels, schema.LABELS, "labels"), new_labels]
+        )
+        return PoolState(self.images, labels)
+
+    def without_labels(self, source: str) -> PoolState:
+        """Drop every label row of ``source`` (e.g. pseudo-labels before re-labelling)."""
+        keep = pc.not_equal(self.labels["source"], source)
+        return PoolState(self.images, self.labels.filter(keep))
+
+    def reveal(self, gt: pa.Table, image_ids: Iterable[str], iteration: int) -> PoolState:
+        """Simulated oracle: copy the ground truth of ``image_ids`` into the labels.
+
+        The images become ``labeled`` at ``iteration``; their boxes get ``source = oracle``
+        and weight 1. Revealing an image twice is an error (no label is ever duplicated).
+        """
+        ids = _as_set(image_ids)
+        already = pc.is_in(self.labels["image_id"], value_set=ids)
+        if pc.any(already).as_py():
+            dup = self.labels.filter(already)["image_id"][0].as_py()
+            raise DataError("labels", None, "image_id", f"image {dup!r} already has labels")
+        rows = gt.filter(pc.is_in(gt["image_id"], value_set=ids))
+        n = rows.num_rows
+        rows = rows.append_column("source", pa.array(["oracle"] * n, pa.string()))
+        rows = rows.append_column("weight", pa.array(np.ones(n, dtype=np.float32)))
+        rows = rows.append_column("iteration", pa.array([iteration] * n, pa.int32()))
+        return self.with_labels(rows).with_state(ids.to_pylist(), "labeled", iteration)
