@@ -66,6 +66,7 @@ class ModelConfig(Section):
     box_class_repeats: int | None = None
     min_level: int | None = None
     max_level: int | None = None
+    anchor_scale: float | None = None
     # loss attenuation (ALGORITHMS §1.2)
     sigma_param: Literal["logvar", "softplus"] = "logvar"
     la_loss: Literal["reference", "nll"] = "reference"
@@ -106,6 +107,8 @@ class TrainConfig(Section):
     num_workers: int = 0
     device: str = "auto"
     torch_threads: int | None = None
+    loss_weighting: Literal["image", "box"] = "image"  # per-image mean weight (§11.2) or per box
+    empty_image_weight: float = 1.0
 
 
 class PredictConfig(Section):
@@ -221,6 +224,7 @@ class FaultConfig(Section):
     kill_at_phase: str | None = None
     kill_at_iteration: int | None = None
     kill_mid_phase: bool = False
+    kill_worker_at_shard: int | None = None  # a predict worker exits mid-shard, once
 
 
 class ExperimentConfig(Section):

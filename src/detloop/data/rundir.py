@@ -150,6 +150,13 @@ class RunDir:
     def metrics_file(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "metrics.json"
 
+    def shard_dir(self, iteration: int, stage: str) -> Path:
+        """Per-shard prediction results of a phase in progress (removed once merged)."""
+        return self.iteration_dir(iteration) / "shards" / stage
+
+    def shard_file(self, iteration: int, stage: str, shard: int) -> Path:
+        return self.shard_dir(iteration, stage) / f"shard_{shard:05d}.parquet"
+
     def matches_file(self, iteration: int, split: str = "val") -> Path:
         return self.iteration_dir(iteration) / f"{split}_matches.parquet"
 

@@ -1,0 +1,162 @@
+"""The only place that calls ``ray.remote``: workers become actors with configured resources.
+
+Also owns connecting to Ray (local instance, ``ray start`` cluster or a ``ray job submit``
+driver) and sharding a table over a pool of predict actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from detloop.config import ExperimentConfig, RayConfig, config_to_dict
+from detloop.orchestrator.workers import PredictWorker, ShardResult, TrainWorker
+
+logger = logging.getLogger(__name__)
+
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def _threads(num_cpus: float) -> int:
+    return max(1, math.floor(num_cpus))
+
+
+def loop_cpus(rc: RayConfig) -> float:
+    """Logical CPUs one loop's actors hold (train + predict workers live side by side)."""
+    return rc.train_num_cpus + rc.predict_workers * rc.predict_num_cpus
+
+
+def ensure_ray(rc: RayConfig, loops: int = 1) -> None:
+    """Connect to Ray unless already connected.
+
+    ``address`` None starts a local instance on loopback sized so that ``loops`` loops can
+    hold their actors at once (actors of one loop never compute at the same time, so logical
+    CPUs may exceed physical cores); ``"auto"`` joins a ``ray start`` cluster or the cluster of
+    a ``ray job submit`` driver.
+    """
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    if rc.address:
+        ray.init(address=rc.address, log_to_driver=True)
+    else:
+        need = math.ceil(loop_cpus(rc) * loops)
+        num_cpus = max(rc.num_cpus or 0, need, os.cpu_count() or 1)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    logger.info("ray resources: %s", ray.cluster_resources())
+
+
+def check_capacity(rc: RayConfig, loops: int = 1) -> None:
+    """Fail early, with the settings to change, if the cluster cannot hold the actors."""
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    need = loop_cpus(rc) * loops
+    if need > have + 1e-9:
+        raise RuntimeError(
+            f"the Ray cluster has {have:g} CPUs but {loops} loop(s) need {need:g} "
+            "(ray.train_num_cpus + ray.predict_workers * ray.predict_num_cpus each); "
+            "lower those settings or add CPUs"
+        )
+
+
+class Workers:
+    """One loop's actors: a train actor and a pool of predict actors, created lazily."""
+
+    def __init__(self, cfg: ExperimentConfig, num_classes: int) -> None:
+        self.cfg = cfg
+        self.rc = cfg.ray
+        self.num_classes = num_classes
+        self._config = config_to_dict(cfg)
+        self._trainer: Any = None
+        self._predictors: list[Any] = []
+
+    def _options(self, num_cpus: float, num_gpus: float) -> dict[str, Any]:
+        return {
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "max_restarts": self.rc.max_restarts,
+            "max_task_retries": self.rc.max_task_retries,
+        }
+
+    @property
+    def trainer(self) -> Any:
+        if self._trainer is None:
+            opts = self._options(self.rc.train_num_cpus, self.rc.train_num_gpus)
+            cls = ray.remote(**opts)(TrainWorker)
+            threads = self.cfg.train.torch_threads or _threads(self.rc.train_num_cpus)
+            self._trainer = cls.remote(self._config, threads)
+        return self._trainer
+
+    @property
+    def predictors(self) -> list[Any]:
+        if not self._predictors:
+            opts = self._options(self.rc.predict_num_cpus, self.rc.predict_num_gpus)
+            cls = ray.remote(**opts)(PredictWorker)
+            threads = _threads(self.rc.predict_num_cpus)
+            self._predictors = [
+                cls.remote(self._config, self.num_classes, threads)
+                for _ in range(self.rc.predict_workers)
+            ]
+        return self._predictors
+
+    def train(self, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = ray.get(self.trainer.train.remote(**kwargs))
+        return result
+
+    def predict(
+        self,
+        key: str,
+        weights: bytes,
+        shards: list[tuple[int, pa.Table, int]],
+        on_result: Callable[[ShardResult], None],
+        fault_marker: Callable[[int], str | None] | None = None,
+    ) -> float:
+        """Predict ``shards`` (id, images, seed) over the actor pool.
+
+        The weights go into the object store once; each finished shard is handed to
+        ``on_result`` as it arrives (the loop persists it, so a crash loses at most the shards
+        in flight). Returns the compute seconds summed over shards.
+        """
+        if not shards:
+            return 0.0
+        weights_ref = ray.put(weights)
+        actors = self.predictors
+        pending: dict[Any, int] = {}
+        queue = list(shards)
+        seconds = 0.0
+
+        def submit(actor_idx: int) -> None:
+            sid, table, seed = queue.pop(0)
+            marker = fault_marker(sid) if fault_marker else None
+            ref = actors[actor_idx].predict_shard.remote(key, weights_ref, sid, table, seed, marker)
+            pending[ref] = actor_idx
+
+        for idx in range(min(len(actors), len(queue))):
+            submit(idx)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            actor_idx = pending.pop(ref)
+            result: ShardResult = ray.get(ref)
+            seconds += result.seconds
+            on_result(result)
+            if queue:
+                submit(actor_idx)
+        return seconds
+
+    def shutdown(self) -> None:
+        for actor in [self._trainer, *self._predictors]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        self._trainer = None
+        self._predictors = []

@@ -1,0 +1,129 @@
+"""The loop's journal: which phase of which iteration a run is in, persisted in ``run.json``.
+
+The journal is the loop's only mutable state besides the pool tables. A phase is recorded as
+``started`` before its work and ``completed`` after its outputs are written; a resumed run
+re-runs the first phase that is not completed. Phases are idempotent, so re-running a phase
+that was interrupted half-way produces the same outputs as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from detloop.data.rundir import RunDir
+
+
+class Phase(StrEnum):
+    """Loop phases (ARCHITECTURE §8), distinct from image states."""
+
+    IMPORT = "import"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    PREDICT = "predict"
+    CALIBRATE = "calibrate"
+    THRESHOLD = "threshold"
+    SELECT = "select"
+    LABEL = "label"
+    WAIT_FOR_LABELS = "wait_for_labels"
+    LOG = "log"
+    DONE = "done"
+
+
+def iteration_phases(iteration: int, *, calibrate: bool, threshold: bool, human: bool) -> list[Phase]:
+    """The phases of one iteration, in order.
+
+    Iteration 0 is the warm-up (random selection, no prediction); later iterations predict the
+    unlabeled pool with the previous model first. Human labeling adds a wait after ``label``.
+    """
+    phases: list[Phase] = []
+    if iteration > 0:
+        phases.append(Phase.PREDICT)
+        if calibrate:
+            phases.append(Phase.CALIBRATE)
+        if threshold:
+            phases.append(Phase.THRESHOLD)
+    phases += [Phase.SELECT, Phase.LABEL]
+    if human and iteration > 0:
+        phases.append(Phase.WAIT_FOR_LABELS)
+    phases += [Phase.TRAIN, Phase.EVALUATE, Phase.LOG]
+    return phases
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: ``phase`` of ``iteration`` is ``status`` (started or completed)."""
+
+    iteration: int
+    phase: Phase
+    status: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "phase": str(self.phase), "status": self.status}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Position:
+        return cls(int(d["iteration"]), Phase(d["phase"]), str(d["status"]))
+
+
+class Journal:
+    """Reads and appends the phase journal of a run directory (``run.json``)."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.meta: dict[str, Any] = run.read_meta()
+
+    @property
+    def position(self) -> Position | None:
+        pos = self.meta.get("journal")
+        return Position.from_dict(pos) if pos else None
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        hist: list[dict[str, Any]] = self.meta.setdefault("history", [])
+        return hist
+
+    def is_completed(self, iteration: int, phase: Phase) -> bool:
+        return any(
+            h["iteration"] == iteration and h["phase"] == phase and h.get("ended") is not None
+            for h in self.history
+        )
+
+    def start(self, iteration: int, phase: Phase) -> None:
+        self.meta["journal"] = Position(iteration, phase, "started").as_dict()
+        self.history.append(
+            {"iteration": iteration, "phase": str(phase), "started": time.time(), "ended": None}
+        )
+        self.save()
+
+    def complete(self, iteration: int, phase: Phase, **info: Any) -> None:
+        for h in reversed(self.history):
+            if h["iteration"] == iteration and h["phase"] == phase and h.get("ended") is None:
+                h["ended"] = time.time()
+                h["seconds"] = h["ended"] - h["started"]
+                h.update(info)
+                break
+        else:  # completed without a start record (e.g. by `import-labels`)
+            now = time.time()
+            self.history.append(
+                {"iteration": iteration, "phase": str(phase), "started": now, "ended": now, **info}
+            )
+        self.meta["journal"] = Position(iteration, phase, "completed").as_dict()
+        self.save()
+
+    def phase_seconds(self, iteration: int) -> dict[str, float]:
+        """Wall seconds of each completed phase of ``iteration`` (last attempt wins)."""
+        out: dict[str, float] = {}
+        for h in self.history:
+            if h["iteration"] == iteration and h.get("seconds") is not None:
+                out[h["phase"]] = float(h["seconds"])
+        return out
+
+    def set(self, key: str, value: Any) -> None:
+        self.meta[key] = value
+        self.save()
+
+    def save(self) -> None:
+        self.run.write_meta(self.meta)

@@ -1,0 +1,350 @@
+"""``ActiveLearningLoop``: the journaled state machine of one active-learning run.
+
+Iteration 0 is the warm-up (seeded random selection, model M0); iteration i >= 1 predicts the
+unlabeled pool with M(i-1), [calibrates, thresholds], selects n_i images, labels them (oracle
+or humans), trains M(i), evaluates it and logs. Every phase is journaled in ``run.json`` and is
+idempotent, so a run killed anywhere resumes where it was, selecting and labeling nothing twice.
+Heavy work runs in Ray actors (``Workers``); this class is plain Python in the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from detloop.config import ExperimentConfig
+from detloop.data import schema
+from detloop.data.io import read_json, read_table, write_json, write_table
+from detloop.data.pool import PoolState
+from detloop.data.rundir import RunDir
+from detloop.orchestrator import steps
+from detloop.orchestrator.journal import Journal, Phase, iteration_phases
+from detloop.orchestrator.tracking import LoopCallback
+from detloop.orchestrator.warmup import WarmupCache
+from detloop.seeding import derive_seed
+from detloop.selectors import StrategySpec, parse_strategy
+
+logger = logging.getLogger(__name__)
+
+
+class WaitingForLabels(Exception):
+    """The loop stopped in ``wait_for_labels``; ``detloop import-labels`` continues it."""
+
+
+class ActiveLearningLoop:
+    """One AL run over a run directory that ``detloop.orchestrator.runs.create_run`` prepared."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        cfg: ExperimentConfig,
+        callbacks: Sequence[LoopCallback] = (),
+        workers_factory: Callable[[ExperimentConfig, int], Any] | None = None,
+    ) -> None:
+        self.run = run
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.journal = Journal(run)
+        self.spec: StrategySpec = parse_strategy(cfg.al.strategy)
+        self.human = cfg.al.oracle == "human"
+        self.categories = run.read_categories()
+        self.num_classes = self.categories.num_rows
+        self._workers_factory = workers_factory
+        self._workers: Any = None
+        self.compute: dict[int, dict[str, float]] = {}
+        self.warmup = WarmupCache.for_run(run, cfg)
+
+    # ---- plumbing --------------------------------------------------------------------------
+    @property
+    def workers(self) -> Any:
+        if self._workers is None:
+            if self._workers_factory is None:
+                from detloop.orchestrator.actors import Workers, ensure_ray
+
+                ensure_ray(self.cfg.ray)
+                self._workers = Workers(self.cfg, self.num_classes)
+            else:
+                self._workers = self._workers_factory(self.cfg, self.num_classes)
+        return self._workers
+
+    def seed(self, iteration: int, stage: str) -> int:
+        value = derive_seed(self.cfg.seed, iteration, stage)
+        seeds = self.journal.meta.setdefault("seeds", {})
+        seeds[f"{iteration}/{stage}"] = value
+        return value
+
+    def _fault(self, iteration: int, phase: Phase, where: str) -> None:
+        """Fault injection (tests): SIGKILL this process once at the configured point."""
+        f = self.cfg.fault
+        if f.kill_at_phase != phase or (f.kill_mid_phase != (where == "mid")):
+            return
+        if f.kill_at_iteration is not None and f.kill_at_iteration != iteration:
+            return
+        marker = self.run.path / f".fault_{phase}_{iteration}_{where}"
+        if marker.exists():
+            return
+        marker.touch()
+        logger.warning("fault injection: killing the driver at %s/%s (%s)", iteration, phase, where)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _add_compute(self, iteration: int, phase: Phase, seconds: float) -> None:
+        self.compute.setdefault(iteration, {})[str(phase)] = seconds
+
+    # ---- schedule --------------------------------------------------------------------------
+    def budgets(self) -> list[int]:
+        meta = self.journal.meta
+        if "budget_sizes" not in meta:
+            images = self.run.read_images()
+            n_pool = steps.count_pool(images)
+            meta["budget_sizes"] = steps.budget_sizes(self.cfg, self.spec, images, n_pool)
+            self.journal.save()
+        sizes: list[int] = meta["budget_sizes"]
+        return sizes
+
+    def n_iterations(self) -> int:
+        k = len(self.budgets())
+        return min(k, self.cfg.al.iterations) if self.cfg.al.iterations else k
+
+    def needs_calibration(self) -> bool:
+        return self.spec.calib or self.spec.score == "combo" or self.cfg.calibration.always
+
+    def needs_threshold(self) -> bool:
+        return self.spec.score == "combo"
+
+    def plan(self) -> list[tuple[int, Phase]]:
+        out: list[tuple[int, Phase]] = [(0, Phase.IMPORT)]
+        for it in range(self.n_iterations()):
+            for ph in iteration_phases(
+                it,
+                calibrate=self.needs_calibration(),
+                threshold=self.needs_threshold(),
+                human=self.human,
+            ):
+                out.append((it, ph))
+        return out
+
+    # ---- driver ----------------------------------------------------------------------------
+    def execute(self) -> str:
+        """Run (or resume) to the end; returns ``done`` or ``wait_for_labels``."""
+        for cb in self.callbacks:
+            cb.on_start(self.run, self.journal.meta)
+        self.journal.save()
+        try:
+            for iteration, phase in self.plan():
+                if self.journal.is_completed(iteration, phase):
+                    continue
+                self._run_phase(iteration, phase)
+            self.journal.complete(self.n_iterations() - 1, Phase.DONE)
+        except WaitingForLabels:
+            for cb in self.callbacks:
+                cb.on_end("SCHEDULED")
+            return str(Phase.WAIT_FOR_LABELS)
+        except BaseException:
+            for cb in self.callbacks:
+                cb.on_end("FAILED")
+            raise
+        finally:
+            self.warmup.release()
+            if self._workers is not None:
+                self._workers.shutdown()
+        for cb in self.callbacks:
+            cb.on_end("FINISHED")
+        return str(Phase.DONE)
+
+    def _run_phase(self, iteration: int, phase: Phase) -> None:
+        logger.info("%s: iteration %d phase %s", self.run.name, iteration, phase)
+        self.journal.start(iteration, phase)
+        self._fault(iteration, phase, "start")
+        handler = getattr(self, f"_phase_{phase.value}")
+        info = handler(iteration) or {}
+        self.journal.complete(iteration, phase, **info)
+        self._fault(iteration, phase, "end")
+
+    # ---- phases ----------------------------------------------------------------------------
+    def _phase_import(self, iteration: int) -> dict[str, Any]:
+        images = self.run.read_images()
+        pruned = steps.prune_pool(self.cfg, self.spec, images, self.seed(0, "prune"))
+        if pruned is not None:
+            self.run.write_images(pruned)
+        return {"pool": steps.count_pool(pruned if pruned is not None else images)}
+
+    def _phase_select(self, iteration: int) -> dict[str, Any]:
+        out = self.run.selection_file(iteration)
+        if iteration == 0 and self.warmup.restore_selection(out):
+            return {"warmup_cache": True}
+        pool = PoolState.load(self.run)
+        unlabeled = pool.images.filter(
+            pc.and_(pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "unlabeled"))
+        )
+        budget = self.budgets()[iteration]
+        if iteration == 0:
+            preds = schema.PREDICTIONS.empty()
+            spec = parse_strategy("random")
+        else:
+            preds = read_table(schema.PREDICTIONS, self.run.predictions_file(iteration))
+            spec = self.spec
+        table = steps.select(
+            self.cfg, self.run, spec, preds, unlabeled, budget, iteration,
+            self.seed(iteration, "select"),
+        )
+        write_table(table, schema.SELECTION, out)
+        if iteration == 0:
+            self.warmup.store_selection(out)
+        return {"selected": int(pc.sum(table["selected"]).as_py() or 0)}
+
+    def _selected_ids(self, iteration: int) -> list[str]:
+        sel = read_table(schema.SELECTION, self.run.selection_file(iteration))
+        ids: list[str] = sel.filter(sel["selected"])["image_id"].to_pylist()
+        return ids
+
+    def _phase_label(self, iteration: int) -> dict[str, Any]:
+        ids = self._selected_ids(iteration)
+        pool = PoolState.load(self.run)
+        if self.human:
+            steps.export_query(self.run, pool, ids, iteration)
+            pool = pool.with_state(ids, "queried", iteration)
+            pool.save(self.run)
+            return {"queried": len(ids)}
+        # Idempotent: drop this iteration's oracle labels from an interrupted attempt first.
+        stale = pc.and_(
+            pc.equal(pool.labels["source"], "oracle"), pc.equal(pool.labels["iteration"], iteration)
+        )
+        pool = PoolState(pool.images, pool.labels.filter(pc.invert(pc.fill_null(stale, False))))
+        pool = pool.reveal(self.run.read_gt(), ids, iteration)
+        self.run.write_labels(pool.labels)
+        self._fault(iteration, Phase.LABEL, "mid")
+        self.run.write_images(pool.images)
+        return {"labeled": len(ids), "boxes": pool.n_labeled_boxes()}
+
+    def _phase_wait_for_labels(self, iteration: int) -> dict[str, Any]:
+        print(  # noqa: T201 - the one message a person must read to continue
+            f"waiting for labels of iteration {iteration}: label "
+            f"{self.run.exports / steps.query_name(iteration)}.json, then run\n"
+            f"  detloop import-labels {self.run.path} FILE\n  detloop resume {self.run.path}"
+        )
+        raise WaitingForLabels
+
+    def _phase_train(self, iteration: int) -> dict[str, Any]:
+        ckpt = self.run.checkpoint(iteration)
+        if iteration == 0 and not self.human and self.warmup.restore_checkpoint(ckpt):
+            return {"warmup_cache": True}
+        pool = PoolState.load(self.run)
+        images = pool.images.filter(
+            pc.and_(pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "labeled"))
+        )
+        init = self.cfg.model.weights
+        if self.cfg.al.warm_start and iteration > 0:
+            init = self.run.checkpoint(iteration - 1) / "model.pt"
+        val = steps.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
+        result = self.workers.train(
+            images=images,
+            labels=pool.labels,
+            num_classes=self.num_classes,
+            out_dir=str(ckpt),
+            seed=self.seed(iteration, "train"),
+            val=val,
+            init_weights=str(init) if init else None,
+        )
+        self._add_compute(iteration, Phase.TRAIN, result["seconds"])
+        if iteration == 0 and not self.human:
+            self.warmup.store_checkpoint(ckpt)
+        return {"compute": result["seconds"], "steps": result["steps"], "loss": result["final_loss"]}
+
+    def _predict(
+        self, iteration: int, model_iteration: int, images: pa.Table, stage: str, phase: Phase
+    ) -> tuple[pa.Table, float]:
+        weights = (self.run.checkpoint(model_iteration) / "model.pt").read_bytes()
+        return steps.predict_sharded(
+            self.run,
+            self.cfg,
+            self.workers,
+            key=f"{self.run.path}:{model_iteration}",
+            weights=weights,
+            images=images,
+            iteration=iteration,
+            stage=stage,
+            seed=self.seed(iteration, stage),
+            on_first_shard=lambda: self._fault(iteration, phase, "mid"),
+        )
+
+    def _phase_predict(self, iteration: int) -> dict[str, Any]:
+        images = self.run.read_images()
+        unlabeled = images.filter(
+            pc.and_(pc.equal(images["split"], "pool"), pc.equal(images["state"], "unlabeled"))
+        )
+        table, seconds = self._predict(iteration, iteration - 1, unlabeled, "predict", Phase.PREDICT)
+        write_table(table, schema.PREDICTIONS, self.run.predictions_file(iteration))
+        self._add_compute(iteration, Phase.PREDICT, seconds)
+        return {"compute": seconds, "detections": table.num_rows}
+
+    def _phase_calibrate(self, iteration: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        info = steps.calibrate(self.run, self.cfg, iteration, self.seed(iteration, "calibrate"))
+        seconds = time.perf_counter() - t0
+        self._add_compute(iteration, Phase.CALIBRATE, seconds)
+        return {"compute": seconds, **info}
+
+    def _phase_threshold(self, iteration: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        info = steps.threshold(self.run, self.cfg, iteration, self.seed(iteration, "threshold"))
+        seconds = time.perf_counter() - t0
+        self._add_compute(iteration, Phase.THRESHOLD, seconds)
+        return {"compute": seconds, **info}
+
+    def _phase_evaluate(self, iteration: int) -> dict[str, Any]:
+        if iteration == 0 and not self.human and self.warmup.restore_evaluation(self.run, iteration):
+            return {"warmup_cache": True}
+        split = "val" if steps.has_split(self.run, "val") else "test"
+        images, gt = steps.split_tables(self.run, split)
+        table, seconds = self._predict(
+            iteration, iteration, images, f"evaluate_{split}", Phase.EVALUATE
+        )
+        write_table(table, schema.PREDICTIONS, self.run.val_predictions_file(iteration))
+        t0 = time.perf_counter()
+        metrics = steps.evaluate(table, gt, images, self.categories)
+        seconds += time.perf_counter() - t0
+        metrics["eval_split"] = split
+        write_json(metrics, self.run.metrics_file(iteration))
+        if iteration == 0 and not self.human:
+            self.warmup.store_evaluation(self.run, iteration)
+        self._add_compute(iteration, Phase.EVALUATE, seconds)
+        return {"compute": seconds, "map": metrics.get("map"), "map50": metrics.get("map50")}
+
+    def _phase_log(self, iteration: int) -> dict[str, Any]:
+        metrics = read_json(self.run.metrics_file(iteration))
+        pool = PoolState.load(self.run)
+        numbers = steps.iteration_metrics(metrics, pool, self.journal, iteration, self.budgets())
+        artifacts = [
+            p
+            for p in (
+                self.run.selection_file(iteration),
+                self.run.metrics_file(iteration),
+                self.run.thresholds_file(iteration),
+                self.run.calibration_dir(iteration),
+            )
+            if p.exists()
+        ]
+        for cb in self.callbacks:
+            cb.on_iteration(iteration, numbers, artifacts)
+        return {"logged": len(numbers)}
+
+
+def iteration_overhead(journal: Journal, iteration: int) -> dict[str, float]:
+    """Wall time of an iteration (first phase start to last phase end), the compute measured
+    inside workers and functions, and the orchestration overhead between the two."""
+    rows = [h for h in journal.history if h["iteration"] == iteration and h.get("ended")]
+    if not rows:
+        return {"wall": 0.0, "compute": 0.0, "overhead": 0.0}
+    wall = max(float(h["ended"]) for h in rows) - min(float(h["started"]) for h in rows)
+    latest: dict[str, float] = {}
+    for h in rows:  # the last attempt of each phase counts
+        latest[h["phase"]] = float(h.get("compute") or 0.0)
+    compute = sum(latest.values())
+    return {"wall": wall, "compute": compute, "overhead": wall - compute}

@@ -1,0 +1,269 @@
+"""The work of each loop phase, as functions over the run directory and its tables.
+
+The loop (``loop.py``) decides *when*; these functions say *what*, delegating the methods to
+``detloop.selectors`` (selection, budgets, pruning), ``detloop.learners`` (evaluation,
+calibration) and the workers (training, prediction).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from detloop.config import ExperimentConfig
+from detloop.data import schema
+from detloop.data.io import read_json, read_table
+from detloop.data.pool import PoolState
+from detloop.data.rundir import RunDir
+from detloop.orchestrator.journal import Journal
+from detloop.selectors import StrategySpec
+
+logger = logging.getLogger(__name__)
+
+
+def _pool_mask(images: pa.Table) -> pa.ChunkedArray:
+    return pc.and_(pc.equal(images["split"], "pool"), pc.not_equal(images["state"], "pruned"))
+
+
+def count_pool(images: pa.Table) -> int:
+    """Pool images that take part in the loop (pruned ones excluded)."""
+    return int(pc.sum(_pool_mask(images)).as_py() or 0)
+
+
+def has_split(run: RunDir, split: str) -> bool:
+    images = run.read_images()
+    return bool(pc.any(pc.equal(images["split"], split)).as_py())
+
+
+def split_tables(run: RunDir, split: str) -> tuple[pa.Table, pa.Table]:
+    """Images of ``split`` (quarantined ones excluded) and their ground truth."""
+    images = run.read_images()
+    images = images.filter(
+        pc.and_(pc.equal(images["split"], split), pc.not_equal(images["state"], "examine"))
+    )
+    gt = run.read_gt()
+    gt = gt.filter(pc.is_in(gt["image_id"], value_set=images["image_id"].combine_chunks()))
+    return images, gt
+
+
+# ---- budgets, pruning, selection ---------------------------------------------------------------
+def budget_sizes(
+    cfg: ExperimentConfig, spec: StrategySpec, images: pa.Table, n_pool: int
+) -> list[int]:
+    """Images to select per iteration (ALGORITHMS §9.1, with §9.5's rescaling under pruning)."""
+    from detloop.selectors.budgets import budget_sizes as sizes
+    from detloop.selectors.budgets import rescale_budgets
+
+    budgets = list(cfg.al.al_budgets)
+    if spec.prune == "full_prune":
+        budgets = [100.0]
+    elif spec.prune == "prune":
+        n_original = int(pc.sum(pc.equal(images["split"], "pool")).as_py() or 0)
+        budgets = rescale_budgets(budgets, n_original, n_pool)
+    return sizes(n_pool, budgets)
+
+
+def prune_pool(
+    cfg: ExperimentConfig, spec: StrategySpec, images: pa.Table, seed: int
+) -> pa.Table | None:
+    """Mark redundant pool images ``pruned`` when the strategy asks; None when it does not."""
+    if spec.prune == "none" or count_pool(images) != int(
+        pc.sum(pc.equal(images["split"], "pool")).as_py() or 0
+    ):
+        return None  # nothing to do, or already pruned by an interrupted attempt
+    from detloop.selectors.prune import prune_ids
+
+    pool = images.filter(pc.equal(images["split"], "pool"))
+    removed = prune_ids(
+        pool,
+        threshold=cfg.al.prune_thr,
+        random=spec.prune_random,
+        rng=np.random.default_rng(seed),
+    )
+    state = PoolState(images, schema.LABELS.empty()).with_state(removed, "pruned", 0, "pruned")
+    logger.info("pruned %d of %d pool images", len(removed), pool.num_rows)
+    return state.images
+
+
+def select(
+    cfg: ExperimentConfig,
+    run: RunDir,
+    spec: StrategySpec,
+    predictions: pa.Table,
+    unlabeled: pa.Table,
+    budget: int,
+    iteration: int,
+    seed: int,
+) -> pa.Table:
+    """The selection table of one iteration (ARCHITECTURE §8, "Selectors' input")."""
+    from detloop.selectors import SelectionContext
+    from detloop.selectors import select as run_select
+
+    thresholds = None
+    if run.thresholds_file(iteration).exists():
+        thresholds = read_json(run.thresholds_file(iteration))
+    ctx = SelectionContext(
+        min_score=min_score(cfg, run, iteration),
+        thresholds=thresholds,
+        rng=np.random.default_rng(seed),
+        iteration=iteration,
+    )
+    return run_select(predictions, unlabeled, spec, budget, ctx)
+
+
+def min_score(cfg: ExperimentConfig, run: RunDir, iteration: int) -> float:
+    """The consumer score floor (ALGORITHMS §3): the configured value; else the mean matched
+    score of the latest validation (M(i-1) on val) floored to one decimal; else 0.4."""
+    if cfg.al.min_score is not None:
+        return cfg.al.min_score
+    if cfg.predict.min_score is not None:
+        return cfg.predict.min_score
+    val_file = run.val_predictions_file(iteration - 1) if iteration > 0 else None
+    if val_file is not None and val_file.exists():
+        from detloop.learners.evaluate import match_reference
+
+        split = "val" if has_split(run, "val") else "test"
+        _, gt = split_tables(run, split)
+        preds = read_table(schema.PREDICTIONS, val_file)
+        matches = match_reference(preds, gt)
+        matched = matches.filter(pc.greater(matches["iou"], 0.0))
+        if matched.num_rows:
+            joined = matched.select(["image_id", "det_id"]).join(
+                preds.select(["image_id", "det_id", "score"]), ["image_id", "det_id"]
+            )
+            mean = float(np.mean(joined["score"].to_numpy()))
+            return float(np.floor(mean * 10) / 10)
+    return 0.4
+
+
+# ---- prediction ---------------------------------------------------------------------------------
+def shard_tables(images: pa.Table, shard_size: int) -> list[pa.Table]:
+    """Deterministic shards: images sorted by id, cut every ``shard_size`` rows."""
+    images = images.sort_by("image_id")
+    return [images.slice(i, shard_size) for i in range(0, images.num_rows, shard_size)]
+
+
+def predict_sharded(
+    run: RunDir,
+    cfg: ExperimentConfig,
+    workers: Any,
+    *,
+    key: str,
+    weights: bytes,
+    images: pa.Table,
+    iteration: int,
+    stage: str,
+    seed: int,
+    on_first_shard: Callable[[], None] | None = None,
+) -> tuple[pa.Table, float]:
+    """Predict ``images`` shard by shard over the predict actors.
+
+    Finished shards are persisted under the iteration's shard directory as they arrive and
+    skipped on a resume; results are keyed by (iteration, image_id), so a retried shard
+    replaces rather than duplicates. Returns the merged, validated table and compute seconds.
+    """
+    shard_dir = run.shard_dir(iteration, stage)
+    shards = shard_tables(images, cfg.ray.shard_size)
+    todo = []
+    for sid, table in enumerate(shards):
+        if not run.shard_file(iteration, stage, sid).exists():
+            todo.append((sid, table, seed + sid))
+    fault = cfg.fault
+
+    def marker(sid: int) -> str | None:
+        if fault.kill_worker_at_shard is None or fault.kill_worker_at_shard != sid:
+            return None
+        return str(run.path / f".fault_worker_{stage}_{iteration}_{sid}")
+
+    persisted = [0]
+
+    def persist(result: Any) -> None:
+        from detloop.data.io import write_table
+
+        write_table(result.table, schema.PREDICTIONS, run.shard_file(iteration, stage, result.shard))
+        persisted[0] += 1
+        if persisted[0] == 1 and on_first_shard is not None:
+            on_first_shard()
+
+    seconds = workers.predict(key, weights, todo, persist, marker) if todo else 0.0
+    parts = [
+        read_table(schema.PREDICTIONS, run.shard_file(iteration, stage, sid))
+        for sid in range(len(shards))
+    ]
+    table = pa.concat_tables(parts) if parts else schema.PREDICTIONS.empty()
+    table = table.sort_by([("image_id", "ascending"), ("det_id", "ascending")])
+    table = schema.validate_table(table, schema.PREDICTIONS, file=stage)
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    return table, seconds
+
+
+# ---- evaluation and logging ---------------------------------------------------------------------
+def evaluate(
+    predictions: pa.Table, gt: pa.Table, images: pa.Table, categories: pa.Table
+) -> dict[str, Any]:
+    """COCO mAP and per-class AP of one model on one split."""
+    from detloop.learners.evaluate import coco_map
+
+    return dict(coco_map(predictions, gt, images, categories))
+
+
+def iteration_metrics(
+    metrics: dict[str, Any],
+    pool: PoolState,
+    journal: Journal,
+    iteration: int,
+    budgets: list[int],
+) -> dict[str, float]:
+    """The numbers logged for an iteration: model quality, label counts, phase durations."""
+    out = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    labeled = pool.images.filter(
+        pc.and_(pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "labeled"))
+    )
+    n_pool = count_pool(pool.images)
+    out["labeled_images"] = float(labeled.num_rows)
+    out["labeled_fraction"] = labeled.num_rows / n_pool if n_pool else 0.0
+    out["labeled_boxes"] = float(pool.n_labeled_boxes())
+    out["selected"] = float(budgets[iteration]) if iteration < len(budgets) else 0.0
+    for phase, seconds in journal.phase_seconds(iteration).items():
+        out[f"time_{phase}"] = seconds
+    return out
+
+
+def calibrate(run: RunDir, cfg: ExperimentConfig, iteration: int, seed: int) -> dict[str, Any]:
+    """Fit calibrators on M(i-1)'s validation predictions; add ``*_cal`` to the pool's."""
+    from detloop.orchestrator.validation import calibrate_iteration
+
+    return dict(calibrate_iteration(run, cfg, iteration, seed))
+
+
+def threshold(run: RunDir, cfg: ExperimentConfig, iteration: int, seed: int) -> dict[str, Any]:
+    """Cost-sensitive thresholds of M(i-1) on validation (for ``combo``)."""
+    from detloop.orchestrator.validation import threshold_iteration
+
+    return dict(threshold_iteration(run, cfg, iteration, seed))
+
+
+# ---- human labeling -----------------------------------------------------------------------------
+def query_name(iteration: int) -> str:
+    return f"query_iter_{iteration:04d}"
+
+
+def export_query(run: RunDir, pool: PoolState, ids: list[str], iteration: int) -> None:
+    """Export the queried images for people: COCO and Label Studio tasks."""
+    from detloop.data.review_export import export_review
+
+    predictions = None
+    if run.predictions_file(iteration).exists():
+        predictions = read_table(schema.PREDICTIONS, run.predictions_file(iteration))
+    export_review(
+        run,
+        image_ids=ids,
+        predictions=predictions,
+        out_stem=run.exports / query_name(iteration),
+    )

@@ -1,0 +1,152 @@
+"""The warm-up cache: iteration 0 (random selection, model M0, its evaluation) is shared by
+every strategy of one experiment and seed (ALGORITHMS §9.1).
+
+The cache lives in ``<runs_root>/<name>/_warmup/<key>/``; the key hashes everything iteration 0
+depends on (pool, seed, first budget, model and training config). The first loop to arrive
+takes a file lock and computes iteration 0, storing each output as it is produced and a
+``complete`` marker last; loops that arrive meanwhile wait on the lock, then copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from detloop.config import ExperimentConfig
+from detloop.data.rundir import RunDir, RunsRoot
+
+logger = logging.getLogger(__name__)
+
+_EVAL_FILES = ("metrics.json", "val_predictions.parquet")
+
+
+def warmup_key(run: RunDir, cfg: ExperimentConfig) -> str:
+    """Hash of what iteration 0 depends on."""
+    images = run.read_images()
+    pool = sorted(
+        i
+        for i, split, state in zip(
+            images["image_id"].to_pylist(),
+            images["split"].to_pylist(),
+            images["state"].to_pylist(),
+            strict=True,
+        )
+        if split == "pool" and state != "pruned"
+    )
+    h = hashlib.sha256()
+    h.update("\n".join(pool).encode())
+    ident = {
+        "seed": cfg.seed,
+        "budget": cfg.al.al_budgets[0],
+        "model": cfg.model.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json"),
+        "predict": cfg.predict.model_dump(mode="json"),
+        "n_gt": run.read_gt().num_rows,
+    }
+    h.update(json.dumps(ident, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a file or directory so that ``dst`` appears whole or not at all."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    staged = tmp / dst.name
+    if src.is_dir():
+        shutil.copytree(src, staged)
+    else:
+        shutil.copy2(src, staged)
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    os.replace(staged, dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class WarmupCache:
+    """Per-run handle on the shared warm-up cache (disabled when ``path`` is None)."""
+
+    def __init__(self, path: Path | None, run: RunDir, cfg: ExperimentConfig) -> None:
+        self.path = path
+        self.run = run
+        self.cfg = cfg
+        self._lock: IO[Any] | None = None
+
+    @classmethod
+    def for_run(cls, run: RunDir, cfg: ExperimentConfig) -> WarmupCache:
+        if cfg.al.oracle == "human":  # iteration 0 depends on what people label
+            return cls(None, run, cfg)
+        return cls(RunsRoot(cfg.runs_root).warmup(cfg.name, "pending"), run, cfg)
+
+    def _dir(self) -> Path | None:
+        if self.path is None:
+            return None
+        if self.path.name == "pending":
+            self.path = self.path.parent / warmup_key(self.run, self.cfg)
+        return self.path
+
+    @property
+    def complete(self) -> bool:
+        d = self._dir()
+        return d is not None and (d / "complete").exists()
+
+    def _acquire(self) -> None:
+        d = self._dir()
+        if d is None or self._lock is not None:
+            return
+        d.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(d.parent / f"{d.name}.lock", "w")  # noqa: SIM115 - held across phases
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def _restore(self, name: str, dst: Path) -> bool:
+        self._acquire()
+        d = self._dir()
+        if d is None or not self.complete:
+            return False
+        _copy_atomic(d / name, dst)
+        logger.info("warm-up cache hit: %s", d / name)
+        return True
+
+    def _store(self, src: Path, name: str) -> None:
+        d = self._dir()
+        if d is None or self.complete:
+            return
+        _copy_atomic(src, d / name)
+
+    def restore_selection(self, dst: Path) -> bool:
+        return self._restore("selection.parquet", dst)
+
+    def store_selection(self, src: Path) -> None:
+        self._store(src, "selection.parquet")
+
+    def restore_checkpoint(self, dst: Path) -> bool:
+        return self._restore("checkpoint", dst)
+
+    def store_checkpoint(self, src: Path) -> None:
+        self._store(src, "checkpoint")
+
+    def restore_evaluation(self, run: RunDir, iteration: int) -> bool:
+        if not self._restore(_EVAL_FILES[0], run.metrics_file(iteration)):
+            return False
+        return self._restore(_EVAL_FILES[1], run.val_predictions_file(iteration))
+
+    def store_evaluation(self, run: RunDir, iteration: int) -> None:
+        d = self._dir()
+        if d is None or self.complete:
+            return
+        self._store(run.metrics_file(iteration), _EVAL_FILES[0])
+        self._store(run.val_predictions_file(iteration), _EVAL_FILES[1])
+        (d / "complete").touch()
+        self.release()
