@@ -24,7 +24,7 @@ def hard_nms(
     Returns:
         Kept indices, sorted by decreasing score.
     """
-    keep = batched_nms(boxes, scores, classes, iou_threshold)
+    keep: Tensor = batched_nms(boxes, scores, classes, iou_threshold)
     return keep[:max_output]
 
 
