@@ -159,7 +159,7 @@ class ThresholdingConfig(Section):
 
 class ALConfig(Section):
     strategy: str = "entropy"
-    al_budgets: list[float] = Field(default_factory=lambda: [5, 5, 5, 10, 20, 30, 25])
+    al_budgets: list[float] = Field(default_factory=lambda: [5.0, 5.0, 5.0, 10.0, 20.0, 30.0, 25.0])
     iterations: int | None = Field(None, ge=1)  # stop after this many iterations (None: all)
     oracle: Literal["simulated", "human"] = "simulated"
     prune_thr: float = Field(0.0, ge=0, le=1)

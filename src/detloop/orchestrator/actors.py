@@ -54,12 +54,18 @@ def ensure_ray(rc: RayConfig, loops: int = 1) -> None:
         need = math.ceil(loop_cpus(rc) * loops)
         num_cpus = max(rc.num_cpus or 0, need, os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    logger.info("ray resources: %s", ray.cluster_resources())
+    logger.info("ray resources: %s", cluster_resources())
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the connected cluster."""
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return resources
 
 
 def check_capacity(rc: RayConfig, loops: int = 1) -> None:
     """Fail early, with the settings to change, if the cluster cannot hold the actors."""
-    have = float(ray.cluster_resources().get("CPU", 0.0))
+    have = float(cluster_resources().get("CPU", 0.0))
     need = loop_cpus(rc) * loops
     if need > have + 1e-9:
         raise RuntimeError(

@@ -32,11 +32,14 @@ class Phase(StrEnum):
     DONE = "done"
 
 
-def iteration_phases(iteration: int, *, calibrate: bool, threshold: bool, human: bool) -> list[Phase]:
+def iteration_phases(
+    iteration: int, *, calibrate: bool, threshold: bool, human: bool
+) -> list[Phase]:
     """The phases of one iteration, in order.
 
     Iteration 0 is the warm-up (random selection, no prediction); later iterations predict the
-    unlabeled pool with the previous model first. Human labeling adds a wait after ``label``.
+    unlabeled pool with the previous model first. Human labeling adds a wait after ``label``
+    (in the warm-up too: people label the random first selection).
     """
     phases: list[Phase] = []
     if iteration > 0:
@@ -46,7 +49,7 @@ def iteration_phases(iteration: int, *, calibrate: bool, threshold: bool, human:
         if threshold:
             phases.append(Phase.THRESHOLD)
     phases += [Phase.SELECT, Phase.LABEL]
-    if human and iteration > 0:
+    if human:
         phases.append(Phase.WAIT_FOR_LABELS)
     phases += [Phase.TRAIN, Phase.EVALUATE, Phase.LOG]
     return phases

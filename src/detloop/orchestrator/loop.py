@@ -29,7 +29,7 @@ from detloop.orchestrator.journal import Journal, Phase, iteration_phases
 from detloop.orchestrator.tracking import LoopCallback
 from detloop.orchestrator.warmup import WarmupCache
 from detloop.seeding import derive_seed
-from detloop.selectors import StrategySpec, parse_strategy
+from detloop.selectors.strategy import StrategySpec, parse_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ class ActiveLearningLoop:
         return self.spec.score == "combo"
 
     def plan(self) -> list[tuple[int, Phase]]:
-        out: list[tuple[int, Phase]] = [(0, Phase.IMPORT)]
+        """Every (iteration, phase) after the import, in order."""
+        out: list[tuple[int, Phase]] = []
         for it in range(self.n_iterations()):
             for ph in iteration_phases(
                 it,
@@ -137,6 +138,8 @@ class ActiveLearningLoop:
             cb.on_start(self.run, self.journal.meta)
         self.journal.save()
         try:
+            if not self.journal.is_completed(0, Phase.IMPORT):
+                self._run_phase(0, Phase.IMPORT)
             for iteration, phase in self.plan():
                 if self.journal.is_completed(iteration, phase):
                     continue
@@ -169,11 +172,19 @@ class ActiveLearningLoop:
 
     # ---- phases ----------------------------------------------------------------------------
     def _phase_import(self, iteration: int) -> dict[str, Any]:
+        from detloop.orchestrator.runs import import_data
+
+        imported = import_data(self.run, self.cfg)
+        self.categories = self.run.read_categories()
+        self.num_classes = self.categories.num_rows
         images = self.run.read_images()
         pruned = steps.prune_pool(self.cfg, self.spec, images, self.seed(0, "prune"))
         if pruned is not None:
             self.run.write_images(pruned)
-        return {"pool": steps.count_pool(pruned if pruned is not None else images)}
+        return {
+            "imported": imported,
+            "pool": steps.count_pool(pruned if pruned is not None else images),
+        }
 
     def _phase_select(self, iteration: int) -> dict[str, Any]:
         out = self.run.selection_file(iteration)
@@ -181,7 +192,9 @@ class ActiveLearningLoop:
             return {"warmup_cache": True}
         pool = PoolState.load(self.run)
         unlabeled = pool.images.filter(
-            pc.and_(pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "unlabeled"))
+            pc.and_(
+                pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "unlabeled")
+            )
         )
         budget = self.budgets()[iteration]
         if iteration == 0:
@@ -191,7 +204,13 @@ class ActiveLearningLoop:
             preds = read_table(schema.PREDICTIONS, self.run.predictions_file(iteration))
             spec = self.spec
         table = steps.select(
-            self.cfg, self.run, spec, preds, unlabeled, budget, iteration,
+            self.cfg,
+            self.run,
+            spec,
+            preds,
+            unlabeled,
+            budget,
+            iteration,
             self.seed(iteration, "select"),
         )
         write_table(table, schema.SELECTION, out)
@@ -237,7 +256,9 @@ class ActiveLearningLoop:
             return {"warmup_cache": True}
         pool = PoolState.load(self.run)
         images = pool.images.filter(
-            pc.and_(pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "labeled"))
+            pc.and_(
+                pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "labeled")
+            )
         )
         init = self.cfg.model.weights
         if self.cfg.al.warm_start and iteration > 0:
@@ -255,7 +276,11 @@ class ActiveLearningLoop:
         self._add_compute(iteration, Phase.TRAIN, result["seconds"])
         if iteration == 0 and not self.human:
             self.warmup.store_checkpoint(ckpt)
-        return {"compute": result["seconds"], "steps": result["steps"], "loss": result["final_loss"]}
+        return {
+            "compute": result["seconds"],
+            "steps": result["steps"],
+            "loss": result["final_loss"],
+        }
 
     def _predict(
         self, iteration: int, model_iteration: int, images: pa.Table, stage: str, phase: Phase
@@ -279,7 +304,9 @@ class ActiveLearningLoop:
         unlabeled = images.filter(
             pc.and_(pc.equal(images["split"], "pool"), pc.equal(images["state"], "unlabeled"))
         )
-        table, seconds = self._predict(iteration, iteration - 1, unlabeled, "predict", Phase.PREDICT)
+        table, seconds = self._predict(
+            iteration, iteration - 1, unlabeled, "predict", Phase.PREDICT
+        )
         write_table(table, schema.PREDICTIONS, self.run.predictions_file(iteration))
         self._add_compute(iteration, Phase.PREDICT, seconds)
         return {"compute": seconds, "detections": table.num_rows}
@@ -299,7 +326,11 @@ class ActiveLearningLoop:
         return {"compute": seconds, **info}
 
     def _phase_evaluate(self, iteration: int) -> dict[str, Any]:
-        if iteration == 0 and not self.human and self.warmup.restore_evaluation(self.run, iteration):
+        if (
+            iteration == 0
+            and not self.human
+            and self.warmup.restore_evaluation(self.run, iteration)
+        ):
             return {"warmup_cache": True}
         split = "val" if steps.has_split(self.run, "val") else "test"
         images, gt = steps.split_tables(self.run, split)

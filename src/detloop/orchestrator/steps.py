@@ -22,7 +22,7 @@ from detloop.data.io import read_json, read_table
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
 from detloop.orchestrator.journal import Journal
-from detloop.selectors import StrategySpec
+from detloop.selectors.strategy import StrategySpec
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def budget_sizes(
     elif spec.prune == "prune":
         n_original = int(pc.sum(pc.equal(images["split"], "pool")).as_py() or 0)
         budgets = rescale_budgets(budgets, n_original, n_pool)
-    return sizes(n_pool, budgets)
+    return [int(n) for n in sizes(n_pool, budgets)]
 
 
 def prune_pool(
@@ -102,13 +102,13 @@ def select(
     seed: int,
 ) -> pa.Table:
     """The selection table of one iteration (ARCHITECTURE §8, "Selectors' input")."""
-    from detloop.selectors import SelectionContext
-    from detloop.selectors import select as run_select
+    from detloop.selectors.pipeline import SelectContext
+    from detloop.selectors.pipeline import select as run_select
 
     thresholds = None
     if run.thresholds_file(iteration).exists():
         thresholds = read_json(run.thresholds_file(iteration))
-    ctx = SelectionContext(
+    ctx = SelectContext(
         min_score=min_score(cfg, run, iteration),
         thresholds=thresholds,
         rng=np.random.default_rng(seed),
@@ -186,7 +186,9 @@ def predict_sharded(
     def persist(result: Any) -> None:
         from detloop.data.io import write_table
 
-        write_table(result.table, schema.PREDICTIONS, run.shard_file(iteration, stage, result.shard))
+        write_table(
+            result.table, schema.PREDICTIONS, run.shard_file(iteration, stage, result.shard)
+        )
         persisted[0] += 1
         if persisted[0] == 1 and on_first_shard is not None:
             on_first_shard()

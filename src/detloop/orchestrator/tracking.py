@@ -111,7 +111,9 @@ class MlflowTracker(LoopCallback):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
         for path in artifacts:
             if path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), f"iter_{iteration:04d}/{path.name}")
+                self.client.log_artifacts(
+                    self.run_id, str(path), f"iter_{iteration:04d}/{path.name}"
+                )
             elif path.exists():
                 self.client.log_artifact(self.run_id, str(path), f"iter_{iteration:04d}")
 

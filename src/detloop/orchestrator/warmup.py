@@ -101,7 +101,7 @@ class WarmupCache:
         if d is None or self._lock is not None:
             return
         d.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(d.parent / f"{d.name}.lock", "w")  # noqa: SIM115 - held across phases
+        self._lock = open(d.parent / f"{d.name}.lock", "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX)
 
     def release(self) -> None:

@@ -1,0 +1,192 @@
+"""Verbs of the loops: ``run``, ``resume``, ``status``, ``import-labels``, ``grid``, ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detloop.cli import UsageError, add_set_option
+from detloop.config import ExperimentConfig, config_to_dict, load_config
+from detloop.data.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+def _out(text: str) -> None:
+    print(text)  # noqa: T201 - command output
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="run an active-learning loop (resumes if it exists)")
+    p.add_argument("config", type=Path)
+    add_set_option(p)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--fresh", action="store_true", help="start over in a new run directory")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a run where it stopped")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="phase, iteration and image counts of a run")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("import-labels", help="import human labels of the queried images")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("file", type=Path, help="COCO JSON with the labels of the queried images")
+    p.set_defaults(func=cmd_import_labels)
+
+    p = sub.add_parser("grid", help="run strategies x seeds concurrently on one Ray cluster")
+    p.add_argument("config", type=Path)
+    p.add_argument("--strategies", required=True, help="comma-separated strategy names")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    add_set_option(p)
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("report", help="AL curves (PNG) and a markdown table of runs")
+    p.add_argument("run_dirs", type=Path, nargs="*")
+    p.add_argument("--experiment", help="every run of this experiment under --runs-root")
+    p.add_argument("--runs-root", type=Path, default=Path("runs"))
+    p.add_argument("--out", type=Path, help="output directory (default: the experiment's)")
+    p.set_defaults(func=cmd_report)
+
+
+def _print_config(cfg: ExperimentConfig) -> None:
+    from detloop.selectors.strategy import explain, format_strategy, parse_strategy
+
+    spec = parse_strategy(cfg.al.strategy)
+    _out(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    _out(f"# strategy: {format_strategy(spec)}")
+    for line in explain(spec):
+        _out(f"#   {line}")
+
+
+def execute(run: RunDir, cfg: ExperimentConfig) -> int:
+    """Run or resume the loop of ``run``; print the resume command if it fails."""
+    from detloop.orchestrator.loop import ActiveLearningLoop
+    from detloop.orchestrator.runs import code_version, ray_job_id
+    from detloop.orchestrator.tracking import LoopCallback, MlflowTracker
+    from detloop.selectors.strategy import format_strategy, parse_strategy
+
+    callbacks: list[LoopCallback] = []
+    if cfg.tracking.enabled:
+        tags = {
+            "strategy": format_strategy(parse_strategy(cfg.al.strategy)),
+            "dataset": str(cfg.data.pool.source.name) if cfg.data.pool else "",
+            "seed": str(cfg.seed),
+            "code_version": code_version(),
+            "ray_job_id": ray_job_id() or "",
+        }
+        callbacks.append(MlflowTracker(cfg, tags))
+    loop = ActiveLearningLoop(run, cfg, callbacks)
+    try:
+        status = loop.execute()
+    except Exception:
+        logger.exception("the loop failed")
+        print(  # noqa: T201
+            f"detloop: the run failed; continue it with\n  detloop resume {run.path}",
+            file=sys.stderr,
+        )
+        return 1
+    if status == "done":
+        from detloop.reports.al_curves import run_summary
+
+        _out(run_summary(run))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        _print_config(cfg)
+        return 0
+    from detloop.orchestrator.runs import create_run, stored_config
+
+    run = create_run(cfg, fresh=args.fresh)
+    _out(f"run directory: {run.path}")
+    return execute(run, stored_config(run))
+
+
+def _run_dir(path: Path) -> RunDir:
+    run = RunDir(path)
+    if not run.exists():
+        raise UsageError(f"{path} is not a run directory (no run.json)")
+    return run
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from detloop.orchestrator.runs import stored_config
+
+    run = _run_dir(args.run_dir)
+    return execute(run, stored_config(run))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from detloop.data.pool import PoolState
+    from detloop.orchestrator.journal import Journal
+
+    run = _run_dir(args.run_dir)
+    journal = Journal(run)
+    pos = journal.position
+    _out(f"run: {run.path}")
+    _out(f"strategy: {journal.meta.get('strategy')}  seed: {journal.meta.get('seed')}")
+    if pos is None:
+        _out("phase: not started")
+    else:
+        _out(f"iteration: {pos.iteration}  phase: {pos.phase} ({pos.status})")
+    pool = PoolState.load(run)
+    for split in ("pool", "val", "test"):
+        counts = {k: v for k, v in pool.counts(split).items() if v}
+        if counts:
+            _out(f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    _out(f"labeled boxes: {pool.n_labeled_boxes()}")
+    return 0
+
+
+def cmd_import_labels(args: argparse.Namespace) -> int:
+    from detloop.orchestrator.human import import_labels
+
+    run = _run_dir(args.run_dir)
+    n_images, n_boxes = import_labels(run, args.file)
+    _out(
+        f"imported {n_boxes} boxes for {n_images} images; continue with\n"
+        f"  detloop resume {run.path}"
+    )
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from detloop.orchestrator.grid import run_grid
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if not strategies or not seeds:
+        raise UsageError("--strategies and --seeds need at least one value each")
+    return run_grid(args.config, args.overrides, strategies, seeds)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from detloop.data.rundir import RunsRoot
+    from detloop.reports.al_curves import write_report
+
+    runs = [_run_dir(p) for p in args.run_dirs]
+    out = args.out
+    if args.experiment:
+        root = RunsRoot(args.runs_root)
+        runs += root.runs_of(args.experiment)
+        out = out or root.experiment(args.experiment)
+    if not runs:
+        raise UsageError("no runs: give RUN_DIR... or --experiment NAME")
+    png, md = write_report(runs, out or runs[0].path.parent)
+    _out(md.read_text())
+    _out(f"AL curve: {png}")
+    return 0

@@ -1,0 +1,113 @@
+"""Creating, finding and resuming loop runs; what ``detloop run|resume|grid`` share."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from detloop import __version__
+from detloop.config import ExperimentConfig, build_config, config_to_dict
+from detloop.data.rundir import RunDir, RunsRoot, al_run_name
+from detloop.selectors.strategy import format_strategy, parse_strategy
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("pool", "val", "test")
+
+
+def code_version() -> str:
+    """Package version plus the git commit when the code runs from a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{sha}" if sha else __version__
+
+
+def run_dir_for(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
+    """``<runs_root>/<name>/<canonical strategy>-s<seed>``; ``fresh`` picks an unused sibling."""
+    name = al_run_name(format_strategy(parse_strategy(cfg.al.strategy)), cfg.seed)
+    root = RunsRoot(cfg.runs_root)
+    run = root.run(cfg.name, name)
+    n = 2
+    while fresh and run.exists():
+        run = root.run(cfg.name, f"{name}-r{n}")
+        n += 1
+    return run
+
+
+def create_run(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
+    """The run directory of ``cfg``: created (with ``run.json``) or found for a resume."""
+    run = run_dir_for(cfg, fresh)
+    if run.exists():
+        meta = run.read_meta()
+        if meta.get("config") != config_to_dict(cfg):
+            logger.warning(
+                "%s exists with another config; resuming with the stored one (use --fresh to "
+                "start over)",
+                run.path,
+            )
+        return run
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_meta(
+        {
+            "kind": "al",
+            "name": cfg.name,
+            "run_name": run.name,
+            "strategy": format_strategy(parse_strategy(cfg.al.strategy)),
+            "seed": cfg.seed,
+            "code_version": code_version(),
+            "created": time.time(),
+            "ray_job_id": ray_job_id(),
+            "config": config_to_dict(cfg),
+        }
+    )
+    return run
+
+
+def stored_config(run: RunDir) -> ExperimentConfig:
+    """The config snapshot of a run (paths in it are absolute)."""
+    meta = run.read_meta()
+    return build_config(meta["config"], source=str(run.run_json))
+
+
+def import_data(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Import the config's data sources into the run, once (skipped when already imported)."""
+    from detloop.data.importer import import_source
+
+    images = run.read_images()
+    done = set(images["split"].to_pylist())
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        src = getattr(cfg.data, split)
+        if src is None or split in done:
+            continue
+        report = import_source(
+            run,
+            src.format,
+            src.source,
+            split,
+            images=src.images,
+            classes=cfg.data.classes,
+            lenient=cfg.data.lenient,
+        )
+        logger.info("%s", report.summary())
+        out[split] = report.n_images
+    return out
+
+
+def ray_job_id() -> str | None:
+    """The Ray job submission id when running as a ``ray job submit`` entrypoint."""
+    return os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
