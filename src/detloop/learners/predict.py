@@ -1,0 +1,312 @@
+"""The one inference path (ALGORITHMS §3): network → decoded, NMS-ed detections with every
+uncertainty gathered by index → the predictions table.
+
+Per image: merge levels; drop anchors whose score sigmoid(max_c m_c) is below
+``score_thresh``; decode every remaining anchor of every MC sample at once (§2); reduce the T
+samples (§1.3); NMS returns kept indices; gather; divide by the letterbox scale; clip boxes
+(not stds) to the image. Head-mode MC masks are drawn per image from
+``(seed, crc32(image_id))``, so results do not depend on batching or sharding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from detloop.config import ExperimentConfig
+from detloop.data import schema
+from detloop.data.dataset import DetectionDataset, collate
+from detloop.learners import checkpoint as ckpt
+from detloop.learners.decode import decode_boxes
+from detloop.learners.device import resolve_device
+from detloop.learners.loss import make_anchors
+from detloop.learners.model import (
+    TH,
+    TW,
+    TX,
+    TY,
+    UncertainEfficientDet,
+    flatten_levels,
+    resolve_spec,
+    sigma_squared,
+    split_box_maps,
+)
+from detloop.learners.nms import select_detections
+
+log = logging.getLogger(__name__)
+_XYWH = [TX, TY, TW, TH]  # head order → decode order (t_x, t_y, t_w, t_h)
+
+
+def sample_mean_std(x: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
+    """Mean and population std over ``dim``, centred on the first sample.
+
+    Identical samples give exactly that sample as mean and exactly 0 as std.
+    """
+    ref = x.select(dim, 0).unsqueeze(dim)
+    d = x - ref
+    mean_d = d.mean(dim, keepdim=True)
+    std = ((d - mean_d) ** 2).mean(dim).sqrt()
+    return (ref + mean_d).squeeze(dim), std
+
+
+def entropy_bits(logits: Tensor) -> Tensor:
+    """Softmax entropy in bits over the last dim (ALGORITHMS §1.4)."""
+    p = torch.softmax(logits.float(), dim=-1)
+    return -(p * torch.log2(p.clamp(min=1e-7))).sum(-1)
+
+
+class Predictor:
+    """Runs a trained model over images and returns the predictions table."""
+
+    def __init__(
+        self, model: UncertainEfficientDet, cfg: ExperimentConfig, device: str | None = None
+    ) -> None:
+        self.device = resolve_device(device or cfg.train.device)
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.anchors_xyxy = make_anchors(model.spec).boxes[:, [1, 0, 3, 2]].to(self.device)
+        self.seconds = 0.0
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt_dir: Path, cfg: ExperimentConfig, device: str | None = None
+    ) -> Predictor:
+        """Load the network stored in ``ckpt_dir`` (its own architecture and MC/LA heads)."""
+        model, _ = ckpt.model_from_checkpoint(Path(ckpt_dir))
+        return cls(model, cfg, device)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: bytes | dict[str, Any],
+        cfg: ExperimentConfig,
+        num_classes: int,
+        device: str | None = None,
+    ) -> Predictor:
+        """Build from weights passed around in memory (e.g. through the Ray object store)."""
+        model = UncertainEfficientDet(resolve_spec(cfg.model, num_classes))
+        model.load_state_dict(ckpt.load_state_dict(state))
+        return cls(model, cfg, device)
+
+    @property
+    def mc_samples(self) -> int:
+        return self.cfg.model.mc_dropoutsamp if self.model.spec.mc_dropout else 1
+
+    def predict(
+        self,
+        images: pa.Table,
+        *,
+        seed: int,
+        batch_size: int | None = None,
+        progress: bool = False,
+        root: Path | None = None,
+    ) -> pa.Table:
+        """Predictions table (validated) for the ``images`` rows."""
+        data = DetectionDataset(images, None, self.model.spec.image_size, root=root)
+        loader = DataLoader(
+            data, batch_size=batch_size or self.cfg.predict.batch_size, collate_fn=collate
+        )
+        widths = images.column("width").to_numpy()
+        heights = images.column("height").to_numpy()
+        rows: list[dict[str, Any]] = []
+        for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch", leave=False):
+            t0 = time.perf_counter()
+            ids = [data.image_ids[i] for i in batch["index"].tolist()]
+            outputs = self.forward(batch["image"], ids, seed)
+            for b, index in enumerate(batch["index"].tolist()):
+                det = self._postprocess(outputs, b, float(batch["scale"][b]), seed)
+                det = _to_original(
+                    det, float(batch["scale"][b]), float(widths[index]), float(heights[index])
+                )
+                det["image_id"] = ids[b]
+                rows.append(det)
+            self.seconds += time.perf_counter() - t0
+        return build_table(rows, self.model.spec.loss_attenuation, self.model.spec.mc_dropout)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, image_ids: list[str], seed: int) -> dict[str, Tensor | None]:
+        """Raw outputs [T, B, N, ...]: class logits, box means (decode order), variances."""
+        model, samples = self.model, self.mc_samples
+        x = images.to(self.device)
+        autocast = (
+            torch.autocast("cuda")
+            if self.device.type == "cuda"
+            else torch.autocast("cpu", enabled=False)
+        )
+        with autocast:
+            if samples == 1:
+                cls_maps, box_maps = model(x)
+            elif model.spec.mc_mode == "full":
+                gen = torch.Generator(device=self.device).manual_seed(
+                    _image_seed(seed, image_ids[0])
+                )
+                cls_maps, box_maps = model.sample(x, samples, gen)
+            else:
+                feats = [f.repeat(samples, 1, 1, 1) for f in model.features(x)]
+                cls_maps, box_maps = model.heads(feats, self._image_masks(image_ids, seed))
+        b = x.shape[0]
+        cls = flatten_levels(cls_maps, model.spec.num_classes).float()
+        mu, s = split_box_maps(model, box_maps)
+        var = None
+        if s is not None:
+            spec = model.spec
+            var = sigma_squared(s.float(), spec.sigma_param, spec.clip_min, spec.clip_max)[
+                ..., _XYWH
+            ]
+        return {
+            "cls": cls.reshape(samples, b, *cls.shape[1:]),
+            "mu": mu.float()[..., _XYWH].reshape(samples, b, -1, 4),
+            "var": None if var is None else var.reshape(samples, b, -1, 4),
+        }
+
+    def _image_masks(self, image_ids: list[str], seed: int) -> tuple[Tensor, Tensor]:
+        """Head masks [R, L, T·B, C, 1, 1], each image's drawn from its own seed."""
+        per_image = []
+        for image_id in image_ids:
+            gen = torch.Generator(device=self.device).manual_seed(_image_seed(seed, image_id))
+            per_image.append(self.model.head_masks(self.mc_samples, gen))
+        out = []
+        for k in range(2):
+            stacked = torch.stack([m[k] for m in per_image], dim=3)  # [R, L, T, B, C, 1, 1]
+            out.append(stacked.flatten(2, 3))
+        return out[0], out[1]
+
+    def _postprocess(
+        self, out: dict[str, Tensor | None], b: int, scale: float, seed: int
+    ) -> dict[str, Any]:
+        """Detections of image ``b`` in network pixels, every column gathered by kept index."""
+        pcfg = self.cfg.predict
+        cls_all, mu_all, var_all = out["cls"], out["mu"], out["var"]
+        assert cls_all is not None and mu_all is not None
+        z = cls_all[:, b]  # [T, N, C]
+        m, _ = sample_mean_std(z) if z.shape[0] > 1 else (z[0], None)
+        score_all, class_all = torch.sigmoid(m).max(-1)
+        idx = torch.nonzero(score_all >= pcfg.score_thresh).squeeze(1)
+        t = mu_all[:, b, idx]
+        v = None if var_all is None else var_all[:, b, idx]
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        means, stds = decode_boxes(
+            t,
+            v,
+            self.anchors_xyxy[idx],
+            method=pcfg.uncert_adjust_method,
+            n_samples=pcfg.decode_nsamples,
+            generator=gen,
+        )
+        mc = z.shape[0] > 1
+        if mc:
+            box, mc_std = sample_mean_std(means)
+            mc_cls_vec = sample_mean_std(z[:, idx])[1]
+        else:
+            box, mc_std, mc_cls_vec = means[0], None, None
+        al = stds.mean(0) if v is not None else None
+        keep, kept_scores = select_detections(
+            box,
+            score_all[idx],
+            class_all[idx],
+            method=pcfg.nms_method,
+            iou_threshold=pcfg.nms_iou,
+            sigma=pcfg.sigma_nms,
+            max_output=pcfg.max_output_size,
+            score_thresh=pcfg.score_thresh,
+        )
+        order = torch.argsort(kept_scores, descending=True, stable=True)
+        keep, kept_scores = keep[order], kept_scores[order]
+        logits = m[idx]
+
+        def take(x: Tensor | None) -> np.ndarray | None:
+            return None if x is None else x[keep].detach().cpu().numpy().astype(np.float32)
+
+        return {
+            "class_id": class_all[idx][keep].cpu().numpy().astype(np.int32),
+            "score": kept_scores.detach().cpu().numpy().astype(np.float32),
+            "box": take(box),
+            "al": take(al),
+            "mc": take(mc_std),
+            "logits": take(logits),
+            "mc_class_vec": take(mc_cls_vec),
+            "entropy": entropy_bits(logits[keep]).cpu().numpy().astype(np.float32),
+        }
+
+
+def _image_seed(seed: int, image_id: str) -> int:
+    return int(np.random.SeedSequence([seed, zlib.crc32(image_id.encode())]).generate_state(1)[0])
+
+
+def _to_original(det: dict[str, Any], scale: float, width: float, height: float) -> dict[str, Any]:
+    """Network pixels → original pixels: divide by s; clip boxes to the image, never stds."""
+    box = det["box"] / scale
+    box[:, [0, 2]] = box[:, [0, 2]].clip(0, width)
+    box[:, [1, 3]] = box[:, [1, 3]].clip(0, height)
+    det["box"] = box.astype(np.float32)
+    for key in ("al", "mc"):
+        if det[key] is not None:
+            det[key] = (det[key] / scale).astype(np.float32)
+    return det
+
+
+def _list_column(arrays: list[np.ndarray], width: int) -> pa.Array:
+    values = np.concatenate(arrays).reshape(-1) if arrays else np.zeros(0, np.float32)
+    n = sum(len(a) for a in arrays)
+    offsets = np.arange(n + 1, dtype=np.int32) * width
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
+
+
+def build_table(rows: list[dict[str, Any]], aleatoric: bool, epistemic: bool) -> pa.Table:
+    """Assemble per-image detections into the validated predictions table."""
+    n_per = [len(r["score"]) for r in rows]
+    n = sum(n_per)
+
+    def cat(key: str) -> np.ndarray:
+        return np.concatenate([r[key] for r in rows]) if rows else np.zeros(0)
+
+    width = next(
+        (r["logits"].shape[1] for r in rows if r["logits"] is not None and len(r["logits"])), 0
+    )
+    cols: dict[str, pa.Array] = {
+        "image_id": pa.array(
+            [r["image_id"] for r in rows for _ in range(len(r["score"]))], pa.string()
+        ),
+        "det_id": pa.array(
+            np.concatenate([np.arange(k) for k in n_per]) if rows else [], pa.int32()
+        ),
+        "class_id": pa.array(cat("class_id").astype(np.int32), pa.int32()),
+        "score": pa.array(cat("score").astype(np.float32), pa.float32()),
+    }
+    boxes = cat("box").reshape(-1, 4).astype(np.float32)
+    for k, c in enumerate(schema.COORDS):
+        cols[c] = pa.array(boxes[:, k], pa.float32())
+    cols["entropy"] = pa.array(cat("entropy").astype(np.float32), pa.float32())
+    cols["mc_class"] = (
+        pa.array(cat("mc_class_vec").reshape(n, width).mean(1).astype(np.float32), pa.float32())
+        if epistemic
+        else pa.nulls(n, pa.float32())
+    )
+    for key, names, on in (("al", schema.AL_COLS, aleatoric), ("mc", schema.MC_COLS, epistemic)):
+        vals = cat(key).reshape(-1, 4).astype(np.float32) if on else None
+        for k, c in enumerate(names):
+            cols[c] = (
+                pa.array(vals[:, k], pa.float32())
+                if vals is not None
+                else pa.nulls(n, pa.float32())
+            )
+    cols["logits"] = _list_column([r["logits"] for r in rows], width)
+    cols["mc_class_vec"] = (
+        _list_column([r["mc_class_vec"] for r in rows], width)
+        if epistemic
+        else pa.nulls(n, pa.list_(pa.float32()))
+    )
+    table = pa.table(cols)
+    return schema.with_metadata(
+        schema.validate_table(table, schema.PREDICTIONS), schema.PREDICTIONS
+    )

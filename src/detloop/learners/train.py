@@ -1,0 +1,444 @@
+"""Training: a plain torch loop (ALGORITHMS §1.5).
+
+SGD with momentum, linear warm-up then cosine decay to 0, gradient clipping, AMP on CUDA,
+h-flip and scale jitter, per-anchor loss weights. On the CPU a fixed seed gives the same
+losses bit for bit. Progress is checkpointed into ``<out_dir>.partial/`` (model, optimizer,
+RNG states, step) every ``save_freq`` epochs; a new call with the same run resumes from it.
+The finished model is written to ``out_dir`` (``model.pt`` + ``metadata.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from effdet.anchors import AnchorLabeler
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from detloop.config import ExperimentConfig, TrainConfig
+from detloop.data.dataset import Augment, DetectionDataset, collate
+from detloop.learners import checkpoint as ckpt
+from detloop.learners.device import resolve_device
+from detloop.learners.loss import (
+    LossSettings,
+    detection_loss,
+    label_batch,
+    level_sizes,
+    make_anchors,
+)
+from detloop.learners.model import (
+    UncertainEfficientDet,
+    flatten_levels,
+    resolve_spec,
+    split_box_maps,
+)
+
+log = logging.getLogger(__name__)
+
+# Training defaults of a preset, used where the config does not set the field explicitly.
+PRESET_TRAIN: dict[str, dict[str, Any]] = {
+    "tiny": {"lr": 0.08, "warmup_lr": 0.008, "scale_jitter": (0.8, 1.25), "batch_size": 8},
+}
+
+
+@dataclass
+class TrainResult:
+    """What a training call produced."""
+
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def effective_train_config(cfg: ExperimentConfig) -> TrainConfig:
+    """``cfg.train`` with the preset's defaults filled in where the user set nothing."""
+    tcfg = cfg.train.model_copy()
+    for key, value in PRESET_TRAIN.get(cfg.model.preset, {}).items():
+        if key not in cfg.train.model_fields_set:
+            setattr(tcfg, key, value)
+    if tcfg.lr is None:
+        tcfg.lr = 0.08 * tcfg.batch_size / 64
+    return tcfg
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, warmup_lr: float) -> float:
+    """Linear warm-up from ``warmup_lr`` over ``warmup`` steps, then cosine decay to 0."""
+    if step < warmup:
+        return warmup_lr + (lr - warmup_lr) * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _fingerprint(
+    cfg: ExperimentConfig, images: pa.Table, labels: pa.Table, seed: int, num_classes: int
+) -> str:
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            [cfg.model.model_dump(mode="json"), cfg.train.model_dump(mode="json")], sort_keys=True
+        ).encode()
+    )
+    h.update(f"{seed}/{num_classes}/{labels.num_rows}".encode())
+    h.update("\n".join(map(str, images.column("image_id").to_pylist())).encode())
+    return h.hexdigest()[:16]
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return [int(i) for i in np.random.default_rng([seed, epoch, 7]).permutation(n)]
+
+
+@dataclass
+class _Loop:
+    """The mutable state of one training run (what a partial checkpoint holds)."""
+
+    model: UncertainEfficientDet
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    best_map: float = -1.0
+    bad_evals: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "history": self.history,
+            "seconds": self.seconds,
+            "best_map": self.best_map,
+            "bad_evals": self.bad_evals,
+            "best_state": self.best_state,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        for key in ("step", "history", "seconds", "best_map", "bad_evals", "best_state"):
+            setattr(self, key, state[key])
+
+
+def train_model(
+    cfg: ExperimentConfig,
+    images: pa.Table,
+    labels: pa.Table,
+    num_classes: int,
+    out_dir: Path,
+    *,
+    seed: int,
+    val: tuple[pa.Table, pa.Table] | None = None,
+    init_weights: Path | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    stop_at_step: int | None = None,
+    root: Path | None = None,
+) -> TrainResult:
+    """Train a detector on ``images``/``labels`` and write its checkpoint to ``out_dir``.
+
+    Args:
+        cfg: experiment config (``model`` and ``train`` sections are used).
+        images: rows of the images table to train on (``image_id``, ``file``, ``width``,
+            ``height``).
+        labels: their label rows (xyxy original pixels, 0-based ``class_id``, ``weight``).
+        num_classes: C, from the run's categories.
+        out_dir: checkpoint directory to write.
+        seed: seed of this training (data order, augmentation, dropout masks).
+        val: (images, labels) for early stopping on val mAP50, when enabled.
+        init_weights: local weights file or checkpoint (else ``cfg.model.weights``).
+        progress: show a progress bar.
+        device: overrides ``cfg.train.device``.
+        stop_at_step: stop after this step, keeping the partial checkpoint (interruption).
+        root: base directory of relative image paths.
+
+    Raises:
+        DataError: missing weights file or unreadable image.
+    """
+    out_dir = Path(out_dir)
+    partial_dir = out_dir.with_name(out_dir.name + ".partial")
+    tcfg = effective_train_config(cfg)
+    spec = resolve_spec(cfg.model, num_classes)
+    dev = resolve_device(device or tcfg.device)
+    if tcfg.torch_threads:
+        torch.set_num_threads(tcfg.torch_threads)
+    fingerprint = _fingerprint(cfg, images, labels, seed, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UncertainEfficientDet(spec)
+    weights = init_weights or cfg.model.weights
+    if weights is not None:
+        ckpt.load_weights(
+            model,
+            Path(weights),
+            cfg.model.weights_kind if init_weights is None else _kind_of(weights),
+        )
+    model.to(dev)
+    loop = _Loop(
+        model=model,
+        optimizer=torch.optim.SGD(
+            model.parameters(),
+            lr=tcfg.warmup_lr,
+            momentum=tcfg.momentum,
+            weight_decay=tcfg.weight_decay,
+        ),
+        scaler=torch.amp.GradScaler("cuda", enabled=tcfg.amp and dev.type == "cuda"),
+        generator=torch.Generator(device=dev).manual_seed(seed),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        _resume(loop, partial_dir, fingerprint)
+        _run(
+            loop,
+            cfg,
+            tcfg,
+            images,
+            labels,
+            seed,
+            dev,
+            partial_dir,
+            fingerprint,
+            val,
+            progress,
+            stop_at_step,
+            root,
+        )
+    if (
+        stop_at_step is not None
+        and loop.step >= stop_at_step
+        and loop.step < _total_steps(tcfg, images.num_rows)
+    ):
+        return TrainResult(partial_dir, loop.step, _last_loss(loop), loop.seconds, loop.history)
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
+    meta = {
+        "model_spec": spec.to_json(),
+        "model_config": cfg.model.model_dump(mode="json"),
+        "num_classes": num_classes,
+        "steps": loop.step,
+        "seed": seed,
+        "fingerprint": fingerprint,
+        "final_loss": _last_loss(loop),
+        "seconds": loop.seconds,
+        "history": loop.history,
+    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt.write_checkpoint(out_dir, state, meta)
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    return TrainResult(out_dir, loop.step, _last_loss(loop), loop.seconds, loop.history)
+
+
+def _kind_of(path: Path) -> str:
+    return (
+        "full"
+        if (Path(path) / ckpt.META_FILE).exists() or Path(path).suffix == ".pt"
+        else "backbone"
+    )
+
+
+def _last_loss(loop: _Loop) -> float:
+    return float(loop.history[-1]["loss"]) if loop.history else float("nan")
+
+
+def _total_steps(tcfg: TrainConfig, n_images: int) -> int:
+    per_epoch = max(1, math.ceil(n_images / tcfg.batch_size))
+    total = per_epoch * tcfg.epochs
+    return min(total, tcfg.max_steps) if tcfg.max_steps else total
+
+
+def _resume(loop: _Loop, partial_dir: Path, fingerprint: str) -> None:
+    if not (partial_dir / ckpt.META_FILE).exists():
+        return
+    meta = ckpt.read_metadata(partial_dir)
+    if meta.get("fingerprint") != fingerprint:
+        log.warning("ignoring partial checkpoint %s of a different run", partial_dir)
+        return
+    loop.model.load_state_dict(ckpt.load_state_dict(partial_dir))
+    state = torch.load(partial_dir / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+    loop.restore(state)
+    log.info("resuming training at step %d from %s", loop.step, partial_dir)
+
+
+def _save_partial(loop: _Loop, partial_dir: Path, fingerprint: str) -> None:
+    state = {k: v.detach().cpu() for k, v in loop.model.state_dict().items()}
+    meta = {"fingerprint": fingerprint, "step": loop.step, "partial": True}
+    ckpt.write_checkpoint(partial_dir, state, meta, loop.state())
+
+
+def _run(
+    loop: _Loop,
+    cfg: ExperimentConfig,
+    tcfg: TrainConfig,
+    images: pa.Table,
+    labels: pa.Table,
+    seed: int,
+    dev: torch.device,
+    partial_dir: Path,
+    fingerprint: str,
+    val: tuple[pa.Table, pa.Table] | None,
+    progress: bool,
+    stop_at_step: int | None,
+    root: Path | None,
+) -> None:
+    """Run epochs from ``loop.step`` until the step budget, early stop or ``stop_at_step``."""
+    spec = loop.model.spec
+    anchors = make_anchors(spec)
+    labeler = AnchorLabeler(anchors, spec.num_classes, match_threshold=0.5)
+    sizes = level_sizes(anchors)
+    settings = LossSettings.from_config(cfg.model, spec)
+    augment = Augment(tcfg.hflip, (tcfg.scale_jitter[0], tcfg.scale_jitter[1]), seed)
+    data = DetectionDataset(
+        images,
+        labels,
+        spec.image_size,
+        augment=augment,
+        max_instances=tcfg.max_instances,
+        root=root,
+    )
+    bs = tcfg.batch_size
+    per_epoch = max(1, math.ceil(len(data) / bs))
+    total = _total_steps(tcfg, len(data))
+    warmup = round(tcfg.warmup_epochs * per_epoch)
+    loop.model.train()
+    bar = tqdm(
+        total=total, initial=loop.step, disable=not progress, desc="train", unit="step", leave=False
+    )
+    try:
+        while loop.step < total:
+            epoch, offset = divmod(loop.step, per_epoch)
+            data.set_epoch(epoch)
+            order = _epoch_order(len(data), seed, epoch)[offset * bs :]
+            loader = DataLoader(
+                data, batch_size=bs, sampler=order, collate_fn=collate, num_workers=tcfg.num_workers
+            )
+            parts: list[tuple[float, float, float]] = []
+            for batch in loader:
+                t0 = time.perf_counter()
+                parts.append(_step(loop, batch, labeler, sizes, settings, tcfg, total, warmup, dev))
+                loop.seconds += time.perf_counter() - t0
+                loop.step += 1
+                bar.update(1)
+                if loop.step >= total or (stop_at_step is not None and loop.step >= stop_at_step):
+                    break
+            loop.history.append(
+                _record(
+                    loop,
+                    parts,
+                    epoch,
+                    lr_at(loop.step - 1, total, warmup, tcfg.lr or 0, tcfg.warmup_lr),
+                )
+            )
+            bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
+            done_epochs = loop.step // per_epoch if loop.step % per_epoch == 0 else None
+            if done_epochs and _early_stop(loop, cfg, tcfg, val, done_epochs, seed, root):
+                break
+            if stop_at_step is not None and loop.step >= stop_at_step and loop.step < total:
+                _save_partial(loop, partial_dir, fingerprint)
+                break
+            if done_epochs and done_epochs % tcfg.save_freq == 0 and loop.step < total:
+                _save_partial(loop, partial_dir, fingerprint)
+    finally:
+        bar.close()
+
+
+def _record(
+    loop: _Loop, parts: list[tuple[float, float, float]], epoch: int, lr: float
+) -> dict[str, float]:
+    arr = np.array(parts, dtype=np.float64).reshape(-1, 3)
+    mean = arr.mean(0) if len(arr) else np.full(3, np.nan)
+    return {
+        "step": float(loop.step),
+        "epoch": float(epoch),
+        "loss": float(mean[0]),
+        "cls_loss": float(mean[1]),
+        "box_loss": float(mean[2]),
+        "lr": float(lr),
+        "seconds": float(loop.seconds),
+    }
+
+
+def _step(
+    loop: _Loop,
+    batch: dict[str, torch.Tensor],
+    labeler: AnchorLabeler,
+    sizes: list[int],
+    settings: LossSettings,
+    tcfg: TrainConfig,
+    total: int,
+    warmup: int,
+    dev: torch.device,
+) -> tuple[float, float, float]:
+    """One optimisation step; returns (loss, class loss, box loss)."""
+    model = loop.model
+    lr = lr_at(loop.step, total, warmup, tcfg.lr or 0.0, tcfg.warmup_lr)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+    targets = label_batch(
+        labeler,
+        batch["boxes"],
+        batch["classes"],
+        batch["weights"],
+        mode=tcfg.loss_weighting,
+        empty_weight=tcfg.empty_image_weight,
+    ).to(dev)
+    autocast = torch.autocast("cuda") if loop.scaler.is_enabled() else nullcontext()
+    with autocast:
+        cls_maps, box_maps = model(batch["image"].to(dev), generator=loop.generator)
+    mu, s = split_box_maps(model, box_maps)
+    cls = flatten_levels(cls_maps, model.spec.num_classes)
+    loss, l_cls, l_box = detection_loss(cls, mu, s, targets, sizes, settings)
+    loop.optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        log.warning("non-finite loss at step %d; update skipped", loop.step)
+        return float("nan"), float("nan"), float("nan")
+    scaled: torch.Tensor = loop.scaler.scale(loss)
+    scaled.backward()  # type: ignore[no-untyped-call]
+    loop.scaler.unscale_(loop.optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    return float(loss.detach()), float(l_cls.detach()), float(l_box.detach())
+
+
+def _early_stop(
+    loop: _Loop,
+    cfg: ExperimentConfig,
+    tcfg: TrainConfig,
+    val: tuple[pa.Table, pa.Table] | None,
+    epochs_done: int,
+    seed: int,
+    root: Path | None,
+) -> bool:
+    """Evaluate val mAP50 every ``map_freq`` epochs; True when patience is exhausted."""
+    if not tcfg.early_stopping or val is None or epochs_done % tcfg.map_freq:
+        return False
+    from detloop.learners.evaluate_run import evaluate_model  # heavy, only when used
+
+    score = evaluate_model(loop.model, cfg, val[0], val[1], seed=seed, root=root)["map50"]
+    loop.model.train()
+    loop.history[-1]["val_map50"] = float(score)
+    if score > loop.best_map:
+        loop.best_map, loop.bad_evals = float(score), 0
+        loop.best_state = {k: v.detach().cpu().clone() for k, v in loop.model.state_dict().items()}
+        return False
+    loop.bad_evals += 1
+    return loop.bad_evals >= tcfg.patience
