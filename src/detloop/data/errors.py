@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+MAX_LISTED = 50  # problems spelled out in the message; all of them stay in ``problems``
+
 
 class DataError(Exception):
     """A problem with stored or imported data.
@@ -18,9 +20,7 @@ class DataError(Exception):
     everything that is wrong with an input instead of the first problem only.
     """
 
-    def __init__(
-        self, file: str, row: int | None, column: str | None, problem: str
-    ) -> None:
+    def __init__(self, file: str, row: int | None, column: str | None, problem: str) -> None:
         self.file = file
         self.row = row
         self.column = column
@@ -52,5 +52,7 @@ class DataError(Exception):
         if len(self.problems) == 1:
             return self.describe()
         lines = [f"{len(self.problems)} problems:"]
-        lines += [f"  - {p.describe()}" for p in self.problems]
+        lines += [f"  - {p.describe()}" for p in self.problems[:MAX_LISTED]]
+        if len(self.problems) > MAX_LISTED:
+            lines.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
         return "\n".join(lines)

@@ -132,5 +132,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise DataError(str(path), None, None, "file does not exist") from exc
     except json.JSONDecodeError as exc:
         raise DataError(
-            str(path), None, None, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            str(path),
+            None,
+            None,
+            f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
         ) from exc

@@ -77,9 +77,7 @@ class RunsRoot:
         exp = self.experiment(name)
         if not exp.is_dir():
             return []
-        return sorted(
-            RunDir(p) for p in exp.iterdir() if p.is_dir() and (p / "run.json").exists()
-        )
+        return sorted(RunDir(p) for p in exp.iterdir() if p.is_dir() and (p / "run.json").exists())
 
 
 @dataclass(frozen=True, order=True)

@@ -1,0 +1,142 @@
+"""Image files: cheap existence checks, header sizes, full decode checks and perceptual hashes.
+
+The existence check of a whole dataset lists each referenced directory once (``os.scandir``)
+instead of calling ``stat`` per file, so checking 100,000 files costs a few directory reads.
+Decoding (which also catches truncated files) and hashing is a separate, slower pass
+(``decode_images``), run on a thread pool: Pillow releases the GIL while it decodes and resizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import imagehash
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+HASH_SIZE = (512, 256)  # (width, height) the image is resized to before hashing (ALGORITHMS §9.5)
+
+HashMethod = Literal["p", "w"]
+
+
+def missing_files(files: Sequence[str]) -> np.ndarray:
+    """Boolean mask of ``files`` (absolute paths) that are not existing regular files.
+
+    Lists each distinct parent directory once with ``os.scandir`` rather than calling ``stat``
+    per file: checking 100,000 files in a few directories takes a fraction of a second.
+    """
+    present: set[str] = set()
+    for directory in {os.path.dirname(f) for f in files}:
+        try:
+            with os.scandir(directory) as it:
+                present.update(e.path for e in it if e.is_file())
+        except OSError:
+            continue
+    return np.fromiter((f not in present for f in files), dtype=bool, count=len(files))
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursively, hidden entries skipped), sorted."""
+    out: list[Path] = []
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        with os.scandir(directory) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    stack.append(Path(entry.path))
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    out.append(Path(entry.path))
+    return sorted(out)
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """Width and height from the image header (no pixel decoding).
+
+    Raises:
+        OSError: the file is missing or not an image Pillow can identify.
+    """
+    try:
+        with Image.open(path) as im:
+            return int(im.width), int(im.height)
+    except UnidentifiedImageError as exc:
+        raise OSError(f"not a readable image ({exc})") from exc
+
+
+def hash_image(image: Image.Image, method: HashMethod = "p") -> int:
+    """64-bit perceptual hash of ``image`` resized to 512×256, as an unsigned integer.
+
+    ``p`` is the DCT hash (``imagehash.phash``), ``w`` the wavelet hash; both 8×8 bits, read
+    row by row, most significant bit first.
+    """
+    small = image.convert("L").resize(HASH_SIZE)
+    h = imagehash.phash(small, hash_size=8) if method == "p" else imagehash.whash(small, 8)
+    bits = np.asarray(h.hash, dtype=bool).reshape(-1)
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Outcome of decoding one image: its size and hash, or why it failed."""
+
+    width: int = 0
+    height: int = 0
+    phash: int | None = None
+    error: str | None = None
+
+
+def decode_image(path: Path, with_hash: bool, method: HashMethod = "p") -> Decoded:
+    """Fully decode ``path`` (catching truncated and corrupt files) and hash it on request."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            ph = hash_image(im, method) if with_hash else None
+            return Decoded(int(im.width), int(im.height), ph)
+    except FileNotFoundError:
+        return Decoded(error="image file not found")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        # Pillow raises OSError for truncated data, SyntaxError for some broken headers.
+        return Decoded(error=f"cannot decode image: {exc}")
+    except Image.DecompressionBombError as exc:
+        return Decoded(error=f"image too large to decode safely: {exc}")
+
+
+def decode_images(
+    files: Sequence[Path],
+    with_hash: Sequence[bool],
+    *,
+    method: HashMethod = "p",
+    workers: int | None = None,
+) -> list[Decoded]:
+    """Decode (and optionally hash) many images on a thread pool, results in input order.
+
+    Args:
+        files: image paths.
+        with_hash: per file, whether to compute its perceptual hash.
+        method: hash method (``p`` DCT, ``w`` wavelet).
+        workers: threads (default: the number of CPUs, at most 8).
+    """
+    if len(files) != len(with_hash):
+        raise ValueError("files and with_hash must have the same length")
+    n_workers = workers or min(8, os.cpu_count() or 1)
+    if n_workers <= 1 or len(files) < 8:
+        return [decode_image(f, h, method) for f, h in zip(files, with_hash, strict=True)]
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        return list(
+            pool.map(
+                lambda fh: decode_image(fh[0], fh[1], method),
+                zip(files, with_hash, strict=True),
+                chunksize=64,
+            )
+        )

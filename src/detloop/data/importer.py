@@ -1,0 +1,422 @@
+"""Import of a parsed source (COCO, KITTI, image folder) into a run's pool tables.
+
+An import runs in passes, each reporting every problem it finds:
+
+1. ``parse_*`` (format modules) reads the source into a ``Parsed`` value, checking keys, types,
+   boxes and categories;
+2. ``check_files`` assigns image ids (``<split>/<relative path without extension>``), finds
+   duplicates and checks that every file exists (one directory listing per folder);
+3. ``decode_pass`` decodes every image (catching corrupt and truncated files) and computes the
+   perceptual hash of pool images; it is separate so its cost can be measured on its own;
+4. ``commit`` merges categories, images and boxes into the run's tables and writes them.
+
+Nothing is written unless every check passed (or, with ``lenient``, the bad images were
+quarantined with state ``examine`` and a ``reason``): a failed import changes nothing stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from detloop.data import schema
+from detloop.data.coco import parse_coco
+from detloop.data.errors import DataError
+from detloop.data.folder import parse_folder
+from detloop.data.images import HashMethod, decode_images, missing_files
+from detloop.data.io import write_table
+from detloop.data.kitti import parse_kitti
+from detloop.data.parsed import Parsed, Problem
+from detloop.data.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+SourceFormat = Literal["coco", "kitti", "folder"]
+
+
+def _strip_extension(rel: str) -> str:
+    dot = rel.rfind(".")
+    return rel[:dot] if dot > rel.rfind("/") + 1 else rel
+
+
+def check_files(parsed: Parsed, split: str) -> None:
+    """Assign image ids and files, report duplicate ids or files, and missing files.
+
+    Of several images mapping to one id (the same file, or ``a.png`` and ``a.jpg``) the first
+    is kept and the others dropped; the kept one is reported (and quarantined when lenient).
+    """
+    root = str(parsed.images_root)
+    parsed.files = [os.path.join(root, r) for r in parsed.rel]
+    parsed.image_ids = [f"{split}/{_strip_extension(r)}" for r in parsed.rel]
+    parsed.phash = [None] * parsed.n_images
+    first: dict[str, int] = {}
+    for i, iid in enumerate(parsed.image_ids):
+        j = first.setdefault(iid, i)
+        if j != i:
+            parsed.dropped.add(i)
+            parsed.problem(
+                parsed.source,
+                i,
+                "file",
+                f"duplicate image: {parsed.rel[i]!r} gives image id {iid!r} like "
+                f"{parsed.rel[j]!r} (item {j}); only the first is kept",
+                image=j,
+            )
+    missing = missing_files(parsed.files)
+    for i in np.flatnonzero(missing).tolist():
+        if i in parsed.dropped:
+            continue
+        parsed.missing.add(i)
+        parsed.problem(
+            parsed.source, i, "file", f"image file not found: {parsed.files[i]}", image=i
+        )
+    if parsed.n_images and missing.mean() > 0.5:
+        log.warning(
+            "%s: %d of %d image files not found under %s; pass --images DIR (data.<split>.images)"
+            " if the images live elsewhere",
+            parsed.source,
+            int(missing.sum()),
+            parsed.n_images,
+            root,
+        )
+
+
+def decode_pass(
+    parsed: Parsed,
+    with_hash: bool,
+    *,
+    method: HashMethod = "p",
+    workers: int | None = None,
+) -> None:
+    """Decode every present image, check its size, and hash it when ``with_hash``.
+
+    Sizes unknown before (0) are filled in; a size that differs from the source's is reported.
+    """
+    todo = [i for i in range(parsed.n_images) if i not in parsed.missing | parsed.dropped]
+    results = decode_images(
+        [Path(parsed.files[i]) for i in todo],
+        [with_hash] * len(todo),
+        method=method,
+        workers=workers,
+    )
+    for i, res in zip(todo, results, strict=True):
+        if res.error is not None:
+            parsed.problem(parsed.files[i], None, None, res.error, image=i)
+            continue
+        w, h = parsed.width[i], parsed.height[i]
+        if w <= 0 or h <= 0:
+            parsed.width[i], parsed.height[i] = res.width, res.height
+        elif (w, h) != (res.width, res.height):
+            parsed.problem(
+                parsed.files[i],
+                None,
+                None,
+                f"image is {res.width}x{res.height} but the source says {w}x{h}",
+                image=i,
+            )
+        parsed.phash[i] = res.phash
+
+
+def quarantine_reasons(problems: list[Problem]) -> dict[int, str]:
+    """The reason text of every image that has problems."""
+    reasons: dict[int, list[str]] = defaultdict(list)
+    for p in problems:
+        if p.image is not None:
+            col = f"{p.error.column}: " if p.error.column else ""
+            reasons[p.image].append(col + p.error.problem)
+    return {i: "; ".join(r) for i, r in reasons.items()}
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What an import did."""
+
+    split: str
+    n_images: int
+    n_boxes: int
+    n_quarantined: int
+    n_skipped: int
+    categories_added: tuple[str, ...]
+    problems: tuple[DataError, ...]
+
+    def summary(self) -> str:
+        """One line for a person."""
+        text = f"imported {self.n_images} images and {self.n_boxes} boxes into split {self.split}"
+        if self.categories_added:
+            text += f"; new categories: {', '.join(self.categories_added)}"
+        if self.n_quarantined:
+            text += f"; {self.n_quarantined} images quarantined (state examine)"
+        if self.n_skipped:
+            text += f"; {self.n_skipped} items skipped"
+        return text
+
+
+def merge_categories(existing: pa.Table, parsed: Parsed) -> tuple[pa.Table, np.ndarray, list[str]]:
+    """Map the source's categories onto the run's by name, appending new ones.
+
+    Returns:
+        The merged categories table, the run class id of every source class, and the names
+        added.
+
+    Raises:
+        DataError: a name or COCO id that means different categories in the run and the source.
+    """
+    names = existing["name"].to_pylist()
+    ids = existing["source_id"].to_pylist()
+    class_ids = existing["class_id"].to_pylist()
+    by_name = dict(zip(names, class_ids, strict=True))
+    by_sid = dict(zip(ids, names, strict=True))
+    mapping = np.zeros(len(parsed.categories), dtype=np.int32)
+    added: list[str] = []
+    problems: list[DataError] = []
+    for k, (name, sid) in enumerate(parsed.categories):
+        if name in by_name:
+            run_sid = ids[names.index(name)]
+            if sid is not None and sid != run_sid:
+                problems.append(
+                    DataError(
+                        parsed.source,
+                        k,
+                        "categories.id",
+                        (f"category {name!r} has id {sid} here but {run_sid} in the run"),
+                    )
+                )
+            mapping[k] = by_name[name]
+            continue
+        if sid is None:
+            sid = max([*ids, len(names)]) + 1
+        if sid in by_sid:
+            problems.append(
+                DataError(
+                    parsed.source,
+                    k,
+                    "categories.id",
+                    (f"category id {sid} is {name!r} here but {by_sid[sid]!r} in the run"),
+                )
+            )
+            continue
+        new_id = len(names)
+        names.append(name)
+        ids.append(sid)
+        class_ids.append(new_id)
+        by_name[name], by_sid[sid], mapping[k] = new_id, name, new_id
+        added.append(name)
+    if problems:
+        raise DataError.many(problems)
+    table = pa.table(
+        {
+            "class_id": pa.array(class_ids, pa.int32()),
+            "name": pa.array(names, pa.string()),
+            "source_id": pa.array(ids, pa.int64()),
+        }
+    )
+    return table, mapping, added
+
+
+def _images_table(
+    parsed: Parsed, keep: np.ndarray, split: str, reasons: dict[int, str]
+) -> pa.Table:
+    idx = np.flatnonzero(keep)
+    normal = "labeled" if parsed.labeled and split != "pool" else "unlabeled"
+    reason = [reasons.get(i) for i in idx.tolist()]
+    return pa.table(
+        {
+            "image_id": pa.array([parsed.image_ids[i] for i in idx], pa.string()),
+            "file": pa.array([parsed.files[i] for i in idx], pa.string()),
+            "width": pa.array(np.asarray(parsed.width, dtype=np.int32)[idx]),
+            "height": pa.array(np.asarray(parsed.height, dtype=np.int32)[idx]),
+            "split": pa.array([split] * len(idx), pa.string()),
+            "state": pa.array([normal if r is None else "examine" for r in reason], pa.string()),
+            "iteration": pa.nulls(len(idx), pa.int32()),
+            "phash": pa.array([parsed.phash[i] for i in idx], pa.uint64()),
+            "source_id": pa.array([parsed.source_id[i] for i in idx], pa.string()),
+            "reason": pa.array(reason, pa.string()),
+        }
+    )
+
+
+def _gt_table(parsed: Parsed, keep: np.ndarray, mapping: np.ndarray, first_id: int) -> pa.Table:
+    img = np.asarray(parsed.box_image, dtype=np.int64)
+    sel = keep[img] if len(img) else np.zeros(0, dtype=bool)
+    coords = np.asarray(parsed.box_coords, dtype=np.float64).reshape(-1, 4)[sel]
+    ids = np.asarray(parsed.image_ids, dtype=object)[img[sel]] if len(img) else []
+    n = int(sel.sum())
+    cls = np.asarray(parsed.box_class, dtype=np.int64)[sel]
+
+    def col(values: list[int], dtype: type[np.generic]) -> np.ndarray:
+        out: np.ndarray = np.asarray(values, dtype=dtype)[sel]
+        return out
+
+    return pa.table(
+        {
+            "image_id": pa.array(list(ids), pa.string()),
+            "box_id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
+            "class_id": pa.array(mapping[cls].astype(np.int32) if n else np.zeros(0, np.int32)),
+            "x1": coords[:, 0],
+            "y1": coords[:, 1],
+            "x2": coords[:, 2],
+            "y2": coords[:, 3],
+            "area": pa.array(np.asarray(parsed.box_area, dtype=np.float64)[sel]),
+            "iscrowd": pa.array(col(parsed.box_iscrowd, np.int8)),
+            "occluded": pa.array(col(parsed.box_occluded, np.int8)),
+            "truncated": pa.array(col(parsed.box_truncated, np.int8)),
+            "source_id": pa.array(
+                [s for s, k in zip(parsed.box_source_id, sel, strict=True) if k], pa.int64()
+            ),
+        }
+    )
+
+
+def commit(run: RunDir, parsed: Parsed, split: str, *, lenient: bool = False) -> ImportReport:
+    """Merge ``parsed`` into the run's images, gt and categories tables and write them.
+
+    Raises:
+        DataError: every problem at once, when any is fatal or ``lenient`` is off; nothing is
+            written then.
+    """
+    if split not in schema.SPLITS:
+        raise DataError(
+            parsed.source,
+            None,
+            "split",
+            f"unknown split {split!r}; one of {', '.join(schema.SPLITS)}",
+        )
+    images = run.read_images()
+    gt = run.read_gt()
+    problems = list(parsed.problems)
+    known = set(images["image_id"].to_pylist())
+    clash = [iid for i, iid in enumerate(parsed.image_ids) if iid in known]
+    if clash:
+        problems.append(
+            Problem(
+                DataError(
+                    parsed.source,
+                    None,
+                    "file",
+                    (
+                        f"{len(clash)} image ids are already in the run (imported before?), e.g. "
+                        f"{clash[:3]}"
+                    ),
+                ),
+                None,
+                fatal=True,
+            )
+        )
+    try:
+        categories, mapping, added = merge_categories(run.read_categories(), parsed)
+    except DataError as exc:
+        problems += [Problem(e, None, fatal=True) for e in exc.problems]
+        mapping, added = np.zeros(0, np.int32), []
+    if problems and (not lenient or any(p.fatal for p in problems)):
+        raise DataError.many([p.error for p in problems])
+    for p in problems:
+        if p.image is None:
+            log.warning("skipped: %s", p.error.describe())
+    reasons = quarantine_reasons(problems)
+    keep = np.ones(parsed.n_images, dtype=bool)
+    keep[list(parsed.dropped)] = False
+    first_box = int(pc.max(gt["box_id"]).as_py() or 0) + 1 if gt.num_rows else 0
+    new_images = _images_table(parsed, keep, split, reasons)
+    new_gt = _gt_table(parsed, keep, mapping, first_box)
+    # gt rows whose image is not in the images table can only be left by an import that was
+    # killed between its writes; they are dropped so a repeated import does not double them.
+    gt = gt.filter(pc.is_in(gt["image_id"], value_set=images["image_id"]))
+    all_images = schema.validate_table(
+        pa.concat_tables([images, schema.validate_table(new_images, schema.IMAGES)]),
+        schema.IMAGES,
+        str(run.images_file),
+    )
+    all_gt = schema.validate_table(
+        pa.concat_tables([gt, schema.validate_table(new_gt, schema.GT)]),
+        schema.GT,
+        str(run.gt_file),
+    )
+    categories = schema.validate_table(categories, schema.CATEGORIES, str(run.categories_file))
+    # Images last: the import becomes visible only when its images are there.
+    write_table(categories, schema.CATEGORIES, run.categories_file, validate=False)
+    write_table(all_gt, schema.GT, run.gt_file, validate=False)
+    write_table(all_images, schema.IMAGES, run.images_file, validate=False)
+    report = ImportReport(
+        split=split,
+        n_images=new_images.num_rows,
+        n_boxes=new_gt.num_rows,
+        n_quarantined=len(reasons),
+        n_skipped=len(parsed.dropped) + sum(p.image is None for p in problems),
+        categories_added=tuple(added),
+        problems=tuple(p.error for p in problems),
+    )
+    log.info("%s: %s", parsed.source, report.summary())
+    return report
+
+
+def parse_source(
+    fmt: SourceFormat,
+    source: Path,
+    *,
+    images: Path | None = None,
+    classes: Sequence[str] | None = None,
+    known_classes: Sequence[str] = (),
+) -> Parsed:
+    """Read a COCO file, a KITTI label folder or an image folder into a ``Parsed`` value."""
+    if fmt == "coco":
+        return parse_coco(source, images, classes)
+    if fmt == "kitti":
+        return parse_kitti(source, images, classes or known_classes or None)
+    if fmt == "folder":
+        return parse_folder(source, images, classes)
+    raise DataError(
+        str(source), None, "format", f"unknown format {fmt!r}; one of coco, kitti, folder"
+    )
+
+
+def import_source(
+    run: RunDir,
+    fmt: SourceFormat,
+    source: str | os.PathLike[str],
+    split: str,
+    *,
+    images: str | os.PathLike[str] | None = None,
+    classes: Sequence[str] | None = None,
+    lenient: bool = False,
+    decode: bool = True,
+    workers: int | None = None,
+) -> ImportReport:
+    """Import one split of a dataset into ``run`` (all passes; see the module docstring).
+
+    Args:
+        run: the run directory (its pool tables are created when absent).
+        fmt: ``coco``, ``kitti`` or ``folder``.
+        source: the COCO JSON file, the KITTI label folder, or the image folder.
+        split: ``pool``, ``val`` or ``test``.
+        images: the images root (default: the COCO file's folder, KITTI's sibling ``image_2``,
+            the folder itself).
+        classes: class names to keep, in class-id order (other classes are dropped).
+        lenient: quarantine bad images (state ``examine``) instead of failing.
+        decode: decode every image (and hash pool images); off only for benchmarks or when the
+            files were checked before.
+        workers: decoding threads.
+
+    Raises:
+        DataError: listing every problem (file and item named); nothing is written then.
+    """
+    known = run.read_categories()["name"].to_pylist()
+    parsed = parse_source(
+        fmt,
+        Path(source),
+        images=None if images is None else Path(images),
+        classes=classes,
+        known_classes=known,
+    )
+    check_files(parsed, split)
+    if decode:
+        decode_pass(parsed, with_hash=split == "pool", workers=workers)
+    return commit(run, parsed, split, lenient=lenient)
