@@ -1,0 +1,1 @@
+"""Plots and tables: AL curves, reliability diagrams, heatmaps, spider plots."""

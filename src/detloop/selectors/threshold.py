@@ -1,0 +1,256 @@
+"""Cost-sensitive thresholding (ALGORITHMS §7): weights w and per-IoU thresholds δ* so that
+removing detections with u = Σ w_i·u_i ≥ δ* removes as many false detections as possible
+within a budget on the correct ones (FD@CD(b)) or the other way round (CD@FD(b)).
+
+``CostSensitiveThresholder`` follows the scikit-learn estimator contract: ``fit(rows)`` on the
+rows of ``threshold_rows`` returns ``self``; ``transform(predictions)`` gives u per detection;
+``result()`` the JSON record of §7.4 (``ThresholdResult``). The weights come from a seeded
+Optuna TPE ask/tell loop in which every single uncertainty is enqueued first, so the result is
+never worse than the best single one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from detloop.selectors.threshold_data import (
+    ALIASES,
+    DEFAULT_IOU_THRS,
+    UNCERTAINTIES,
+    ThresholdResult,
+    finite_or_none,
+    load_thresholds,
+    parse_uncertainties,
+    threshold_rows,
+    uncertainty_matrix,
+    uncertainty_values,
+)
+from detloop.selectors.threshold_metrics import (
+    FloatArray,
+    cd_labels,
+    evaluate,
+    objective,
+    operating_point,
+    roc_auc,
+    roc_curves,
+)
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_IOU_THRS",
+    "UNCERTAINTIES",
+    "CostSensitiveThresholder",
+    "ThresholdResult",
+    "load_thresholds",
+    "operating_point",
+    "optimise_weights",
+    "parse_uncertainties",
+    "roc_auc",
+    "roc_curves",
+    "threshold_rows",
+    "uncertainty_matrix",
+    "uncertainty_values",
+]
+
+
+def optimise_weights(
+    u: FloatArray, is_cd: Any, b: float, thr_cd: bool, *, seed: int, n_trials: int = 1500,
+    patience: int = 300, interp: str = "step",
+) -> tuple[FloatArray, float, int]:  # fmt: skip
+    """Minimise f(w) = mean_τ 100·error(u·w) over w ∈ [0, 1]^d with seeded Optuna TPE.
+
+    The d one-hot weight vectors are enqueued first (ties keep the earliest trial), so the best
+    single uncertainty is always a candidate. Stops after ``n_trials`` or ``patience`` trials
+    without a new best. Returns the weights, their objective and the number of trials run.
+    """
+    import optuna
+
+    d = u.shape[1]
+    if d == 1:
+        return np.ones(1), objective(u[:, 0], is_cd, b, thr_cd, interp), 1
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        sampler = optuna.samplers.TPESampler(seed=seed)
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        for j in range(d):
+            study.enqueue_trial({f"w{i}": float(i == j) for i in range(d)})
+        dist: dict[str, optuna.distributions.BaseDistribution] = {
+            f"w{i}": optuna.distributions.FloatDistribution(0.0, 1.0) for i in range(d)
+        }
+        best_w, best_f, since, n = np.zeros(d), np.inf, 0, 0
+        while n < n_trials and since < patience:
+            trial = study.ask(dist)
+            w = np.array([trial.params[f"w{i}"] for i in range(d)])
+            f = objective(u @ w, is_cd, b, thr_cd, interp)
+            study.tell(trial, f)
+            n += 1
+            since += 1
+            if f < best_f:
+                best_w, best_f, since = w, f, 0
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return best_w, float(best_f), n
+
+
+def _row_class(rows: pd.DataFrame) -> np.ndarray:
+    """GT class of matched rows, predicted class of background rows."""
+    gt = rows["gt_class"].to_numpy(np.int64)
+    return np.where(gt >= 0, gt, rows["class_id"].to_numpy(np.int64))
+
+
+def _mean_delta(deltas: list[float]) -> float | None:
+    return finite_or_none(float(np.mean(deltas))) if deltas else None
+
+
+class CostSensitiveThresholder:
+    """Fits combination weights and per-IoU thresholds δ* on validation rows (§7).
+
+    Args:
+        uncertainties: ``ENTALBOX``-style string or registered names.
+        iou_thrs: the IoU thresholds τ of CD_τ.
+        budget: b = ``thr_fpr_tpr``.
+        thr_cd: budget on correct detections (FD@CD) instead of false ones (CD@FD).
+        calibrated: read the ``*_cal`` columns.
+        seed, n_trials, patience: the optimiser's settings.
+        thr_pick, thr_interp: ``last``/``step`` (detloop) or ``closest``/``linear`` (compat).
+        per_cls: also fit one weight vector per class.
+        fd_scope, calib_method_class, calib_method_box: recorded in the result.
+    """
+
+    def __init__(
+        self,
+        uncertainties: str | Sequence[str] = "ENTALBOX",
+        iou_thrs: Sequence[float] = DEFAULT_IOU_THRS,
+        budget: float = 0.95,
+        thr_cd: bool = True,
+        calibrated: bool = True,
+        seed: int = 0,
+        n_trials: int = 1500,
+        patience: int = 300,
+        thr_pick: str = "last",
+        thr_interp: str = "step",
+        per_cls: bool = False,
+        fd_scope: str = "matched",
+        calib_method_class: str | None = None,
+        calib_method_box: str | None = None,
+    ) -> None:
+        self.uncertainties = uncertainties
+        self.iou_thrs = iou_thrs
+        self.budget = budget
+        self.thr_cd = thr_cd
+        self.calibrated = calibrated
+        self.seed = seed
+        self.n_trials = n_trials
+        self.patience = patience
+        self.thr_pick = thr_pick
+        self.thr_interp = thr_interp
+        self.per_cls = per_cls
+        self.fd_scope = fd_scope
+        self.calib_method_class = calib_method_class
+        self.calib_method_box = calib_method_box
+
+    def _eval(self, u: FloatArray, is_cd: Any) -> dict[str, Any]:
+        return evaluate(
+            u, is_cd, list(self.iou_thrs), self.budget, self.thr_cd, self.thr_pick,
+            self.thr_interp,
+        )  # fmt: skip
+
+    def _optimise(self, u: FloatArray, is_cd: Any, seed: int) -> tuple[FloatArray, float, int]:
+        return optimise_weights(
+            u, is_cd, self.budget, self.thr_cd, seed=seed, n_trials=self.n_trials,
+            patience=self.patience, interp=self.thr_interp,
+        )  # fmt: skip
+
+    def fit(self, rows: pd.DataFrame) -> CostSensitiveThresholder:
+        """Fit on threshold rows (``threshold_rows`` output); returns ``self``."""
+        spec = self.uncertainties
+        self.names_ = parse_uncertainties(spec if isinstance(spec, str) else list(spec))
+        u = uncertainty_matrix(rows, self.names_, self.calibrated)
+        is_cd = cd_labels(
+            rows["iou"].to_numpy(np.float64), rows["tps_class"].to_numpy(bool), list(self.iou_thrs)
+        )
+        self.weights_, self.objective_, self.n_trials_ = self._optimise(u, is_cd, self.seed)
+        combo = self._eval(u @ self.weights_, is_cd)
+        self.thresholds_ = [float(p["delta"]) for p in combo["per_iou"]]
+        self.report_: dict[str, Any] = {
+            "single": {n: self._eval(u[:, i], is_cd) for i, n in enumerate(self.names_)},
+            "combination": combo,
+            "per_class_table": self._class_table(rows, u @ self.weights_, is_cd),
+        }
+        self.per_class_ = self._fit_per_class(rows, u, is_cd) if self.per_cls else None
+        return self
+
+    def _class_table(self, rows: pd.DataFrame, u: FloatArray, is_cd: Any) -> dict[str, Any]:
+        cls = _row_class(rows)
+        table: dict[str, Any] = {}
+        for c in np.unique(cls):
+            m = cls == c
+            ev = self._eval(u[m], is_cd[m])
+            table[str(int(c))] = {
+                "per_iou": [{k: p[k] for k in ("iou_thr", "metric", "auroc", "jsd")}
+                            for p in ev["per_iou"]],
+                "metric": ev["metric"], "auroc": ev["auroc"], "jsd": ev["jsd"],
+            }  # fmt: skip
+        return table
+
+    def _fit_per_class(self, rows: pd.DataFrame, u: FloatArray, is_cd: Any) -> dict[str, Any]:
+        gt_cls, pred_cls = _row_class(rows), rows["class_id"].to_numpy(np.int64)
+        weights: dict[int, FloatArray] = {}
+        fix: dict[int, FloatArray] = {}
+        for c in np.unique(gt_cls):
+            m = gt_cls == c
+            w, f, _ = self._optimise(u[m], is_cd[m], self.seed + int(c) + 1)
+            weights[int(c)] = w
+            f_global = objective(u[m] @ self.weights_, is_cd[m], self.budget, self.thr_cd,
+                                 self.thr_interp)  # fmt: skip
+            fix[int(c)] = self.weights_ if (f > f_global or f >= 100.0) else w
+        variants: dict[str, Any] = {}
+        for name, table, cls in (
+            ("clsopt", weights, gt_cls), ("clsoptpred", weights, pred_cls),
+            ("clsoptfix", fix, pred_cls),
+        ):  # fmt: skip
+            w_rows = np.stack([table.get(int(c), self.weights_) for c in cls]) if len(cls) else u
+            ev = self._eval(np.sum(u * w_rows, axis=1), is_cd)
+            deltas = [float(p["delta"]) for p in ev["per_iou"]]
+            variants[name] = {
+                "thresholds": [finite_or_none(d) for d in deltas],
+                "threshold_mean": _mean_delta(deltas),
+                "metric": ev["metric"], "auroc": ev["auroc"], "objective": ev["objective"],
+            }  # fmt: skip
+        return {
+            "weights": {str(c): w.tolist() for c, w in weights.items()},
+            "fix_weights": {str(c): w.tolist() for c, w in fix.items()},
+            "variants": variants,
+        }
+
+    def transform(self, predictions: pd.DataFrame) -> FloatArray:
+        """u = Σ w_i·u_i of every prediction row."""
+        u = uncertainty_matrix(predictions, self.names_, self.calibrated)
+        return np.asarray(u @ self.weights_)
+
+    def result(self) -> ThresholdResult:
+        """The JSON record of §7.4."""
+        return ThresholdResult(
+            uncertainties=list(self.names_),
+            weights=[float(w) for w in self.weights_],
+            thresholds=[finite_or_none(d) for d in self.thresholds_],
+            threshold_mean=_mean_delta(self.thresholds_),
+            thr_fpr_tpr=float(self.budget),
+            thr_cd=bool(self.thr_cd),
+            thr_iou_thrs=[float(t) for t in self.iou_thrs],
+            fd_scope=self.fd_scope,
+            calibrated=bool(self.calibrated),
+            calib_method_class=self.calib_method_class,
+            calib_method_box=self.calib_method_box,
+            optimizer="optuna-tpe",
+            seed=int(self.seed),
+            n_trials=int(self.n_trials_),
+            objective=float(self.objective_),
+            metrics=self.report_,
+            per_class=self.per_class_,
+        )

@@ -1,0 +1,168 @@
+"""Known-answer tests of cost-sensitive thresholding (ALGORITHMS §7 "Tests that pin it")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
+
+from detloop.selectors.threshold import (
+    CostSensitiveThresholder,
+    ThresholdResult,
+    load_thresholds,
+    operating_point,
+    parse_uncertainties,
+    roc_auc,
+    roc_curves,
+    threshold_rows,
+)
+from detloop.selectors.threshold_metrics import jsd
+
+CD_U = np.arange(1, 11) / 10.0
+FD_U = np.array([0.05, 0.95, 1.1, 1.2])
+
+
+def hand_roc() -> tuple[np.ndarray, np.ndarray]:
+    u = np.r_[CD_U, FD_U]
+    is_fd = np.r_[np.zeros(10, bool), np.ones(4, bool)]
+    return u, is_fd
+
+
+@pytest.mark.parametrize(
+    ("b", "thr_cd", "metric", "delta"),
+    [(0.9, True, 75.0, 0.95), (0.95, True, 50.0, 1.1), (0.75, False, 90.0, 0.95)],
+)
+def test_hand_roc(b: float, thr_cd: bool, metric: float, delta: float) -> None:
+    u, is_fd = hand_roc()
+    (roc,) = roc_curves(u, is_fd)
+    op = operating_point(roc, b, thr_cd)
+    assert op.metric == pytest.approx(metric)
+    assert op.delta == pytest.approx(delta)
+
+
+def test_budget_in_counts_not_floats() -> None:
+    # 1 - 0.9 = 0.0999..; with 10 CDs exactly one CD may be removed
+    u, is_fd = hand_roc()
+    (roc,) = roc_curves(u, is_fd)
+    assert operating_point(roc, 0.9).delta == pytest.approx(0.95)
+    assert operating_point(roc, 0.9, interp="linear").metric == pytest.approx(75.0)
+    assert operating_point(roc, 0.9, pick="closest").delta in roc.thresholds
+
+
+def test_auroc_equals_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    u = np.round(rng.normal(0, 1, 500), 1)  # many ties
+    is_fd = rng.random(500) < 0.3
+    assert roc_auc(u, is_fd) == pytest.approx(roc_auc_score(is_fd, u), abs=1e-9)
+    u2, fd2 = hand_roc()
+    assert roc_auc(u2, fd2) == pytest.approx(roc_auc_score(fd2, u2), abs=1e-9)
+
+
+def test_jsd_of_gaussians_equals_scipy() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, 4000), rng.normal(1.5, 0.5, 3000)
+    m1, s1, m2, s2 = a.mean(), a.std(), b.mean(), b.std()
+    x = np.linspace(min(m1 - 3 * s1, m2 - 3 * s2), max(m1 + 3 * s1, m2 + 3 * s2), 1000)
+    expected = jensenshannon(norm.pdf(x, m1, s1), norm.pdf(x, m2, s2))
+    assert jsd(a, b) == pytest.approx(expected, abs=1e-12)
+    assert jsd(a, a.copy()) == pytest.approx(0.0, abs=1e-7)
+    assert 0 < jsd(a, b) <= np.sqrt(np.log(2))
+
+
+def test_parse_uncertainties() -> None:
+    assert parse_uncertainties("ENTALBOX") == ["entropy", "albox_rel"]
+    assert parse_uncertainties(["mc_class", "mcbox_rel"]) == ["mc_class", "mcbox_rel"]
+    with pytest.raises(ValueError, match="position 3"):
+        parse_uncertainties("ENTXX")
+
+
+def synthetic_rows(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    """Rows where rel(al) separates CD and FD perfectly and entropy is noise."""
+    rng = np.random.default_rng(seed)
+    is_fd = rng.random(n) < 0.3
+    iou = np.where(is_fd, rng.uniform(0.1, 0.45, n), rng.uniform(0.8, 1.0, n))
+    rel = np.where(is_fd, rng.uniform(0.2, 0.3, n), rng.uniform(0.0, 0.1, n))
+    size = rng.uniform(10, 40, n)
+    df = pd.DataFrame({
+        "image_id": [f"i{k // 4}" for k in range(n)], "det_id": np.arange(n) % 4,
+        "class_id": rng.integers(0, 2, n), "score": rng.uniform(0.3, 1, n),
+        "x1": 0.0, "y1": 0.0, "x2": size, "y2": size,
+        "entropy_cal": rng.uniform(0, 1, n), "iou": iou,
+    })  # fmt: skip
+    for c in ("x1", "y1", "x2", "y2"):
+        df[f"al_{c}_cal"] = rel * size
+    df["gt_class"] = df["class_id"]
+    df["tps_class"] = True
+    return df
+
+
+def test_perfect_separator_gets_weight_and_fd_at_cd_100() -> None:
+    rows = synthetic_rows()
+    th = CostSensitiveThresholder("ENTALBOX", n_trials=30, patience=10, seed=0).fit(rows)
+    assert th.weights_[1] > 0
+    assert th.report_["combination"]["metric"] == pytest.approx(100.0)
+    singles = th.report_["single"]
+    best_single = min(s["objective"] for s in singles.values())
+    assert th.objective_ <= best_single
+
+
+def test_determinism_and_json_roundtrip(tmp_path: Path) -> None:
+    rows = synthetic_rows(seed=3)
+    rows["entropy_cal"] += np.where(rows["iou"] < 0.6, 0.3, 0.0)
+    rows.loc[rows.index[::7], "iou"] = 0.62  # overlap: no single uncertainty is perfect
+    kw = {"n_trials": 40, "patience": 40, "seed": 7, "per_cls": True}
+    a = CostSensitiveThresholder("ENTALBOX", **kw).fit(rows).result()
+    b = CostSensitiveThresholder("ENTALBOX", **kw).fit(rows).result()
+    assert a.weights == b.weights and a.thresholds == b.thresholds
+    a.save(tmp_path / "thr.json")
+    back = load_thresholds(tmp_path / "thr.json")
+    assert back.weights == a.weights and back.thresholds == a.thresholds
+    assert back.threshold_mean == pytest.approx(np.mean(a.thresholds))
+    assert set(back.per_class["variants"]) == {"clsopt", "clsoptpred", "clsoptfix"}  # type: ignore[index]
+    u = back.combine(rows)
+    rel = (rows["al_x1_cal"] / rows["x2"]).to_numpy()
+    np.testing.assert_allclose(
+        u, rows["entropy_cal"].to_numpy() * a.weights[0] + rel * a.weights[1]
+    )
+
+
+def test_threshold_rows_fd_scope_all() -> None:
+    preds = pd.DataFrame({
+        "image_id": ["a", "a", "a", "b"], "det_id": [0, 1, 2, 0], "class_id": [0, 1, 0, 0],
+        "score": [0.9, 0.8, 0.2, 0.7],
+    })  # fmt: skip
+    matches = pd.DataFrame({
+        "image_id": ["a", "a", "b"], "gt_id": [0, 1, 2], "gt_class": [0, 0, 1],
+        "det_id": [0, 1, None], "iou": [0.8, 0.4, 0.0],
+    })  # fmt: skip
+    matched = threshold_rows(preds, matches, "matched")
+    assert len(matched) == 2 and matched["tps_class"].tolist() == [True, False]
+    full = threshold_rows(preds, matches, "all", min_score=0.4)
+    # (b, 0) is a background FP; (a, 2) is below min_score
+    assert len(full) == 3
+    bg = full[full["image_id"] == "b"].iloc[0]
+    assert bg["iou"] == 0 and not bg["tps_class"]
+
+
+def test_missing_keys_in_json_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "t.json").write_text('{"weights": [1.0]}')
+    from detloop.data.errors import DataError
+
+    with pytest.raises(DataError, match="missing"):
+        ThresholdResult.load(tmp_path / "t.json")
+
+
+def test_selectors_do_not_import_torch_or_ray() -> None:
+    code = (
+        "import sys, detloop.selectors.threshold, detloop.selectors.autolabel; "
+        "print('torch' in sys.modules, 'ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
