@@ -187,11 +187,7 @@ def train_model(
         model = UncertainEfficientDet(spec)
     weights = init_weights or cfg.model.weights
     if weights is not None:
-        ckpt.load_weights(
-            model,
-            Path(weights),
-            cfg.model.weights_kind if init_weights is None else _kind_of(weights),
-        )
+        ckpt.load_weights(model, Path(weights), cfg.model.weights_kind)
     model.to(dev)
     loop = _Loop(
         model=model,
@@ -245,14 +241,6 @@ def train_model(
     ckpt.write_checkpoint(out_dir, state, meta)
     shutil.rmtree(partial_dir, ignore_errors=True)
     return TrainResult(out_dir, loop.step, _last_loss(loop), loop.seconds, loop.history)
-
-
-def _kind_of(path: Path) -> str:
-    return (
-        "full"
-        if (Path(path) / ckpt.META_FILE).exists() or Path(path).suffix == ".pt"
-        else "backbone"
-    )
 
 
 def _last_loss(loop: _Loop) -> float:

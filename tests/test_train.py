@@ -1,0 +1,124 @@
+"""Training loop: loss goes down, determinism, atomic checkpoints, resume, weights loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from detloop.config import ExperimentConfig
+from detloop.data.errors import DataError
+from detloop.learners.checkpoint import load_state_dict, load_weights, read_metadata
+from detloop.learners.model import build_model
+from detloop.learners.predict import Predictor
+from detloop.learners.train import effective_train_config, lr_at, train_model
+from learner_data import digits_root, split_tables
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pool(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[pa.Table, pa.Table]:
+    return split_tables(digits_root(request, tmp_path_factory), "pool")
+
+
+def config(**train: object) -> ExperimentConfig:
+    return ExperimentConfig.model_validate({"train": {"device": "cpu", **train}})
+
+
+def test_schedule_and_preset_defaults() -> None:
+    assert lr_at(0, 100, 10, 0.1, 0.01) == pytest.approx(0.01)
+    assert lr_at(10, 100, 10, 0.1, 0.01) == pytest.approx(0.1)
+    assert lr_at(100, 100, 10, 0.1, 0.01) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(55, 100, 10, 0.1, 0.01) == pytest.approx(0.05)
+    explicit = effective_train_config(config(lr=0.003, batch_size=4))
+    assert explicit.lr == 0.003 and explicit.batch_size == 4
+    d0 = effective_train_config(ExperimentConfig.model_validate({"model": {"preset": "d0"}}))
+    assert d0.lr == pytest.approx(0.01) and d0.scale_jitter == (0.1, 2.0)
+
+
+@pytest.mark.slow
+def test_few_steps_reduce_the_loss(pool: tuple[pa.Table, pa.Table], tmp_path: Path) -> None:
+    images, labels = pool
+    cfg = config(epochs=3, batch_size=8)
+    result = train_model(
+        cfg, images.slice(0, 32), labels, 10, tmp_path / "ck", seed=0, progress=False
+    )
+    losses = [h["loss"] for h in result.history]
+    assert result.steps == 12 and len(losses) == 3
+    assert losses[-1] < 0.7 * losses[0]
+    meta = read_metadata(result.checkpoint)
+    assert meta["steps"] == 12 and meta["num_classes"] == 10 and result.seconds > 0
+    assert not (tmp_path / "ck.partial").exists()
+    table = Predictor.from_checkpoint(result.checkpoint, cfg, device="cpu").predict(
+        images.slice(0, 2), seed=0
+    )
+    assert table.num_rows > 0
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_losses(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path
+) -> None:
+    images, labels = pool
+    images = images.slice(0, 2)
+    labels = labels.filter(pc.is_in(labels.column("image_id"), images.column("image_id")))
+    cfg = config(max_steps=4, batch_size=2)  # one step per epoch
+    whole = train_model(cfg, images, labels, 10, tmp_path / "a", seed=1, progress=False)
+    part = train_model(
+        cfg, images, labels, 10, tmp_path / "b", seed=1, progress=False, stop_at_step=2
+    )
+    assert part.steps == 2 and part.checkpoint == tmp_path / "b.partial"
+    assert not (tmp_path / "b").exists()
+    resumed = train_model(cfg, images, labels, 10, tmp_path / "b", seed=1, progress=False)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    a, b = load_state_dict(whole.checkpoint), load_state_dict(resumed.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = train_model(cfg, images, labels, 10, tmp_path / "c", seed=2, progress=False)
+    assert other.history[0]["loss"] != whole.history[0]["loss"]
+
+
+@pytest.mark.slow
+def test_weights_files(pool: tuple[pa.Table, pa.Table], tmp_path: Path) -> None:
+    images, labels = pool
+    cfg = config(max_steps=1, batch_size=2)
+    first = train_model(cfg, images.slice(0, 2), labels, 10, tmp_path / "a", seed=0, progress=False)
+    model = build_model(cfg.model, 10)
+    load_weights(model, first.checkpoint, "backbone")
+    trained = load_state_dict(first.checkpoint)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items() if k.startswith("backbone."))
+    heads = [k for k in trained if k.startswith("class_net.conv")]
+    assert heads and not all(torch.equal(state[k], trained[k]) for k in heads)  # heads stay fresh
+    cfg_w = ExperimentConfig.model_validate(
+        {
+            "train": {"max_steps": 1, "batch_size": 2},
+            "model": {"weights": str(first.checkpoint / "model.pt")},
+        }
+    )
+    again = train_model(
+        cfg_w, images.slice(0, 2), labels, 10, tmp_path / "b", seed=0, progress=False
+    )
+    assert again.steps == 1
+    with pytest.raises(DataError, match="not found"):
+        train_model(
+            cfg,
+            images.slice(0, 2),
+            labels,
+            10,
+            tmp_path / "c",
+            seed=0,
+            init_weights=tmp_path / "nope.pt",
+        )
+    with pytest.raises(DataError, match="do not fit"):
+        load_weights(
+            build_model(
+                ExperimentConfig().model.model_copy(update={"uncertainty": "baseline"}), 10
+            ),
+            first.checkpoint,
+        )
