@@ -1,0 +1,187 @@
+"""Selector verbs: ``strategies``, ``explain-strategy``, ``select`` and ``oss``."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import math
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detloop.data import schema
+from detloop.data.errors import DataError
+from detloop.data.io import read_json, read_table, write_table
+from detloop.data.rundir import RunDir, RunsRoot
+from detloop.selectors.strategy import MODIFIERS, StrategyError, explain, parse_strategy
+
+
+def _out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+
+
+def stage_rng(seed: int, iteration: int, stage: str) -> np.random.Generator:
+    """The generator of one stage: SeedSequence([seed, iteration, crc32(stage)]) (ARCH §8)."""
+    return np.random.default_rng(
+        np.random.SeedSequence([seed, iteration, zlib.crc32(stage.encode())])
+    )
+
+
+def _usage(message: str) -> Exception:
+    from detloop.cli import UsageError
+
+    return UsageError(message)
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from detloop.selectors.scores import list_scores
+
+    pattern = args.filter or "*"
+    scores = list_scores(pattern, include_columns=args.columns)
+    mods = {k: v for k, v in MODIFIERS.items() if fnmatch.fnmatchcase(k, pattern)}
+    if scores:
+        _out("scores (last token of a strategy):")
+        for s in scores:
+            _out(f"  {s.name:<14} {s.kind:<7} {s.description}")
+    if mods:
+        _out("modifiers (stacked before the score, e.g. perc_calib_norm_mean_albox):")
+        for name, text in mods.items():
+            _out(f"  {name:<14} {text}")
+    if not scores and not mods:
+        _out(f"nothing matches {pattern!r}")
+        return 1
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from detloop.selectors.scores import get_score
+
+    try:
+        spec = parse_strategy(args.name)
+    except StrategyError as exc:
+        raise _usage(str(exc)) from None
+    info = get_score(spec.score)
+    _out(f"spec: {spec}")
+    for line in explain(spec):
+        _out(f"  {line}")
+    extra = (
+        f", components {', '.join(info.components)}, fusion {info.fusion}"
+        if info.components
+        else ""
+    )
+    _out(f"  score {info.name}: {info.description} (kind {info.kind}{extra})")
+    _out(f"  needs columns: {', '.join(info.columns)}" + (" (as *_cal)" if spec.calib else ""))
+    return 0
+
+
+def _run_settings(run: RunDir) -> tuple[int, float | None]:
+    """(seed, min_score from the run's config) of a run, with defaults when unknown."""
+    if not run.exists():
+        return 0, None
+    meta = run.read_meta()
+    cfg = meta.get("config") or {}
+    min_score = (cfg.get("al") or {}).get("min_score") or (cfg.get("predict") or {}).get(
+        "min_score"
+    )
+    return int(meta.get("seed", cfg.get("seed", 0)) or 0), min_score
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from detloop.selectors.columns import MissingColumnError
+    from detloop.selectors.pipeline import DEFAULT_MIN_SCORE, SelectContext, select
+
+    run = RunDir(args.run_dir)
+    try:
+        spec = parse_strategy(args.strategy)
+    except StrategyError as exc:
+        raise _usage(str(exc)) from None
+    pred_file = run.predictions_file(args.iteration)
+    if not pred_file.exists():
+        raise DataError(str(pred_file), None, None, "no predictions for this iteration")
+    seed, run_min = _run_settings(run)
+    thr_file = run.thresholds_file(args.iteration)
+    ctx = SelectContext(
+        min_score=args.min_score if args.min_score is not None else run_min or DEFAULT_MIN_SCORE,
+        rng=stage_rng(args.seed if args.seed is not None else seed, args.iteration, "select"),
+        iteration=args.iteration,
+        thresholds=read_json(thr_file) if thr_file.exists() else None,
+    )
+    predictions = read_table(schema.PREDICTIONS, pred_file)
+    try:
+        table = select(predictions, run.read_images(), spec, args.budget, ctx)
+    except (MissingColumnError, ValueError) as exc:
+        raise DataError(str(pred_file), None, getattr(exc, "column", None), str(exc)) from None
+    out = Path(args.out) if args.out else run.selection_file(args.iteration)
+    write_table(table, schema.SELECTION, out)
+    n_sel = sum(table["selected"].to_pylist())
+    _out(f"{spec.name}: selected {n_sel} of {table.num_rows} candidates -> {out}")
+    return 0
+
+
+def cmd_oss(args: argparse.Namespace) -> int:
+    from detloop.config import load_config
+    from detloop.selectors.oss_run import run_oss, write_outputs
+
+    cfg = load_config(args.config, args.overrides)
+    root = RunsRoot(Path(cfg.runs_root))
+    runs = [RunDir(p) for p in args.run] if args.run else root.runs_of(cfg.name)
+    iterations = [int(x) for x in args.iterations.split(",") if x.strip()]
+    rng = stage_rng(42 if cfg.compat_seed else cfg.seed, 0, "oss")
+    rows, summary = run_oss(runs, iterations, args.reference, args.formula, rng, args.n_resample)
+    out = Path(args.out) if args.out else root.experiment(cfg.name) / "oss"
+    write_outputs(rows, _clean(summary), out)
+    for sid, s in summary["sets"].items():
+        _out(f"{sid:<40} oss {s['oss']:.4f}  map {s['map']:.4f}")
+    corr = summary["oss_vs_map"]
+    _out(f"OSS vs mAP: Pearson r {corr['pearson_r']:.3f}, Kendall tau {corr['kendall_tau']:.3f}")
+    _out(f"written to {out}")
+    return 0
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf to None, so the summary is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def register(sub: Any) -> None:
+    """Add the selector verbs to the ``detloop`` sub-command parser."""
+    from detloop.cli import add_set_option
+
+    p = sub.add_parser("strategies", help="list AL scores and modifiers")
+    p.add_argument("--filter", help="glob on names, e.g. '*box'")
+    p.add_argument("--columns", action="store_true", help="also list predictions columns")
+    p.set_defaults(func=cmd_strategies)
+
+    p = sub.add_parser("explain-strategy", help="parse a strategy name and show its stages")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("select", help="recompute a selection from stored predictions")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--iteration", type=int, required=True)
+    p.add_argument("--strategy", required=True)
+    p.add_argument("--budget", type=int, required=True, help="number of images to select")
+    p.add_argument("--min-score", type=float, help="default: the run's config, else 0.4")
+    p.add_argument("--seed", type=int, help="default: the run's seed")
+    p.add_argument("--out", help="write here instead of the iteration's selection.parquet")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("oss", help="object-based set similarity of AL training sets (§10)")
+    p.add_argument("config", type=Path)
+    add_set_option(p)
+    p.add_argument("--run", action="append", help="run directory (default: every run)")
+    p.add_argument("--iterations", default="1,2,3", help="comma-separated, default 1,2,3")
+    p.add_argument("--reference", choices=["val", "pool"], default="val")
+    p.add_argument("--formula", choices=["paper", "reference"], default="paper")
+    p.add_argument("--n-resample", type=int, default=10_000)
+    p.add_argument("--out", help="output folder (default <runs_root>/<name>/oss)")
+    p.set_defaults(func=cmd_oss)

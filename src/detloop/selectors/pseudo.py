@@ -1,0 +1,232 @@
+"""Pseudo-label selection and weighting (ALGORITHMS §11.2) and PLS image sorting (§11.7).
+
+``selection_strategy`` uses the AL prefixes ``calib``, ``box``, ``norm`` plus ``pseudoscore``
+(weight the pseudo-labels) and ``selftrain`` (re-predict and retrain; the loop's business),
+then one of ``score`` (default), ``combo``, ``alluncert`` (alias ``all_uncert``), ``epuncert``,
+``ental`` or any predictions column.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Final, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from detloop.data import schema
+from detloop.selectors.columns import DetColumns, FloatArray
+from detloop.selectors.scores import combo_values
+from detloop.selectors.stages import min_max
+from detloop.selectors.strategy import COLUMN_SCORES, StrategyError, did_you_mean
+
+EPS: Final = 1e-12
+PSEUDO_SCORES: Final = ("score", "combo", "alluncert", "epuncert", "ental")
+_FLAGS: Final = ("calib", "box", "norm", "pseudoscore", "selftrain")
+
+
+@dataclass(frozen=True)
+class PseudoSpec:
+    """A parsed ``selection_strategy``."""
+
+    score: str = "score"
+    calib: bool = False
+    norm: bool = False
+    pseudoscore: bool = False
+    selftrain: bool = False
+
+    @property
+    def name(self) -> str:
+        flags = [f for f in ("pseudoscore", "selftrain", "calib", "norm") if getattr(self, f)]
+        return "_".join([*flags, self.score])
+
+
+def parse_pseudo_strategy(name: str) -> PseudoSpec:
+    """Parse an SSL ``selection_strategy`` such as ``pseudoscore_calib_alluncert``.
+
+    Raises:
+        StrategyError: an unknown token (with its position and close matches) or no score.
+    """
+    rest = name.strip()
+    flags: dict[str, bool] = {}
+    pos = 0
+    while rest:
+        tok = next((f for f in _FLAGS if rest == f or rest.startswith(f + "_")), None)
+        if tok is None:
+            break
+        flags[tok] = True
+        rest = rest[len(tok) + 1 :]
+        pos += 1
+    score = "alluncert" if rest == "all_uncert" else rest or "score"
+    if score not in PSEUDO_SCORES and score not in COLUMN_SCORES:
+        choices = [*PSEUDO_SCORES, "all_uncert", *COLUMN_SCORES, *_FLAGS]
+        raise StrategyError(
+            f"selection strategy {name!r}: unknown score {rest!r} at position {pos}"
+            f"{did_you_mean(rest, choices)}; valid: {', '.join(PSEUDO_SCORES)} or a column"
+        )
+    flags.pop("box", None)
+    return PseudoSpec(score=score, **flags)
+
+
+def _inverse_certainty(mean_uncertainty: FloatArray) -> FloatArray:
+    """min-max(1 / max(ε, u)) over the given detections (§11.2)."""
+    return min_max(1.0 / np.maximum(EPS, mean_uncertainty))
+
+
+def _certainty_and_keep(
+    cols: DetColumns, spec: PseudoSpec, tau: float, thresholds: Mapping[str, Any] | None
+) -> tuple[FloatArray, FloatArray, np.ndarray]:
+    """(certainty, u, keep) per detection for the strategies of §11.2."""
+    score = cols.get("score")
+    n = cols.n_rows
+    nan = np.full(n, np.nan)
+    if spec.score == "combo":
+        u = combo_values(cols, thresholds)
+        assert thresholds is not None  # combo_values raised otherwise
+        delta = _threshold_mean(thresholds)
+        return 1.0 - u / delta if delta > 0 else nan, u, (score > tau) & (u < delta)
+    if spec.score in ("alluncert", "epuncert", "ental"):
+        parts: list[FloatArray]
+        if spec.score == "alluncert":
+            parts = [cols.box_std("mc", True), cols.box_std("al", True), cols.get("mc_class")]
+        elif spec.score == "epuncert":
+            parts = [cols.box_std("mc", True), cols.get("mc_class")]
+        else:
+            parts = [cols.box_std("al", True), cols.get("entropy")]
+        certainty = _inverse_certainty(np.mean(np.stack(parts, axis=1), axis=1))
+        keep = score > tau
+        if spec.score == "alluncert":
+            keep &= certainty > tau
+        return certainty, nan, keep
+    value = cols.get(spec.score)  # `score` or any predictions column, filtered like the score
+    return np.clip(value, 0.0, 1.0), nan, value > tau
+
+
+def _threshold_mean(thresholds: Mapping[str, Any]) -> float:
+    if "threshold_mean" in thresholds:
+        return float(thresholds["threshold_mean"])
+    values = thresholds.get("thresholds")
+    if isinstance(values, Mapping):
+        values = list(values.values())
+    if not values:
+        raise ValueError("thresholding result has neither 'threshold_mean' nor 'thresholds'")
+    return float(np.mean([float(v) for v in values]))
+
+
+def select_pseudo_labels(
+    predictions: pa.Table,
+    spec: PseudoSpec | str,
+    tau: float = 0.4,
+    thresholds: Mapping[str, Any] | None = None,
+) -> pa.Table:
+    """The teacher detections kept as pseudo-labels, with ``certainty``, ``u`` and ``weight``.
+
+    Args:
+        predictions: teacher predictions (min_score 0.1), schema.PREDICTIONS.
+        spec: selection strategy.
+        tau: δ_S; every strategy keeps score > τ (a column strategy filters that column).
+        thresholds: thresholding result, for ``combo`` (weights and δ̄ = threshold_mean).
+
+    Returns:
+        image_id, det_id, class_id, score, x1..y2, certainty (null where the strategy has
+        none), u (combo only) and weight: with ``pseudoscore`` the certainty (combo:
+        1 − u/δ̄; score or column strategies: the value, clipped to [0, 1]), else 1.
+    """
+    spec = parse_pseudo_strategy(spec) if isinstance(spec, str) else spec
+    cols = DetColumns(predictions, calib=spec.calib)
+    certainty, u, keep = _certainty_and_keep(cols, spec, tau, thresholds)
+    rows = pa.array(np.flatnonzero(keep))
+    base = predictions.select(["image_id", "det_id", "class_id", "score", *schema.COORDS])
+    out = base.take(rows)
+    cert = certainty[keep]
+    has_cert = spec.score in ("alluncert", "epuncert", "ental", "combo")
+    weight = cert if spec.pseudoscore else np.ones(len(cert))
+    out = out.append_column(
+        "certainty", pa.array(cert, pa.float64(), mask=~has_cert | np.isnan(cert))
+    )
+    out = out.append_column("u", pa.array(u[keep], pa.float64(), mask=np.isnan(u[keep])))
+    return out.append_column("weight", pa.array(np.nan_to_num(weight, nan=1.0), pa.float32()))
+
+
+def pseudo_labels_table(kept: pa.Table, iteration: int | None = None) -> pa.Table:
+    """``labels`` rows (source ``pseudo``) for the output of ``select_pseudo_labels``."""
+    n = kept.num_rows
+    x1, y1, x2, y2 = (np.asarray(kept[c].to_numpy(), dtype=np.float64) for c in schema.COORDS)
+    table = pa.table(
+        {
+            "image_id": kept["image_id"],
+            "box_id": kept["det_id"].cast(pa.int64()),
+            "class_id": kept["class_id"],
+            **{c: pa.array(v) for c, v in zip(schema.COORDS, (x1, y1, x2, y2), strict=True)},
+            "area": pa.array((x2 - x1) * (y2 - y1)),
+            "iscrowd": pa.array(np.zeros(n, np.int8)),
+            "occluded": pa.array(np.full(n, -1, np.int8)),
+            "truncated": pa.array(np.full(n, -1, np.int8)),
+            "source_id": pa.nulls(n, pa.int64()),
+            "source": pa.array(["pseudo"] * n, pa.string()),
+            "weight": kept["weight"],
+            "iteration": pa.array([iteration] * n, pa.int32()),
+        }
+    )
+    return schema.validate_table(table, schema.LABELS)
+
+
+# ---- PLS (§11.7) -----------------------------------------------------------------------------
+
+
+def pls_scores(
+    teacher: pa.Table, pseudo: pa.Table, tau: float = 0.4, beta: float = 0.1
+) -> pa.Table:
+    """PLS image scores S, C, D for every image holding a pseudo-label.
+
+    S_i = #detections with score ≥ δ_S / #detections (teacher detections with score ≥ 0.1);
+    C_i = mean over the image's pseudo-labels of (1 − share of its class among all
+    pseudo-labels); D_i = (1 − β)·S_i + β·C_i.
+    """
+    t_ids = teacher["image_id"].combine_chunks()
+    t_score = np.asarray(teacher["score"].to_numpy(), dtype=np.float64)
+    ids = pc.unique(pseudo["image_id"].combine_chunks())
+    ids = ids.take(pc.sort_indices(ids))
+    t_code = np.asarray(pc.fill_null(pc.index_in(t_ids, value_set=ids), -1).to_numpy())
+    ok = t_code >= 0
+    n_img = len(ids)
+    drate0 = np.bincount(t_code[ok], minlength=n_img)
+    drate_tau = np.bincount(t_code[ok & (t_score >= tau)], minlength=n_img)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = np.where(drate0 > 0, drate_tau / np.maximum(drate0, 1), 0.0)
+    p_code = np.asarray(pc.index_in(pseudo["image_id"], value_set=ids).to_numpy())
+    cls = np.asarray(pseudo["class_id"].to_numpy(), dtype=np.int64)
+    share = np.bincount(cls) / max(len(cls), 1)
+    rarity = 1.0 - share[cls]
+    c = np.bincount(p_code, weights=rarity, minlength=n_img) / np.bincount(p_code, minlength=n_img)
+    d = (1.0 - beta) * s + beta * c
+    return pa.table({"image_id": ids, "S": s, "C": c, "D": d})
+
+
+def pls_select(
+    scores: pa.Table,
+    top_k: float = 0.4,
+    variant: Literal["top", "bot", "rand"] = "top",
+    rng: np.random.Generator | None = None,
+) -> list[str]:
+    """Image ids kept by PLS: the ceil(top_k·N) highest D (ties by image_id), the rest
+    (``bot``), or a seeded random set of the top's size (``rand``)."""
+    ids = np.asarray(scores["image_id"].to_numpy(zero_copy_only=False), dtype=object)
+    d = np.asarray(scores["D"].to_numpy(), dtype=np.float64)
+    n_keep = math.ceil(Fraction(repr(float(top_k))) * len(ids))
+    order = np.lexsort((ids.astype(str), -d))
+    if variant == "top":
+        chosen = order[:n_keep]
+    elif variant == "bot":
+        chosen = order[n_keep:]
+    elif variant == "rand":
+        if rng is None:
+            raise ValueError("PLS 'rand' needs a generator")
+        chosen = rng.choice(len(ids), size=n_keep, replace=False)
+    else:
+        raise ValueError(f"PLS variant must be top, bot or rand, not {variant!r}")
+    return sorted(str(x) for x in ids[chosen])

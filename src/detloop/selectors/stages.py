@@ -1,0 +1,213 @@
+"""Stages of the selection pipeline, each a small pure function on numpy arrays (§9.4).
+
+Images are identified by their index among the candidate ids sorted ascending ("codes"), so
+"ties by image_id" is a stable sort on that index. Detections are grouped per image by runs
+of equal codes (predictions are written image by image, so a run is usually a whole image) and
+reduced with ``reduceat``; an image split over several runs is merged with ``ufunc.at`` on the
+much shorter run arrays. No pandas groupby, nothing quadratic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from detloop.selectors.columns import FloatArray, IntArray
+from detloop.selectors.scores import Fusion
+
+BoolArray = npt.NDArray[np.bool_]
+
+#: Number of equal-count score bins of ``nee`` (Roy et al. 2018).
+NEE_BINS = 5
+
+
+def candidate_ids(images: pa.Table) -> pa.Array:
+    """Ids of the selectable images (split ``pool``, state ``unlabeled``), sorted ascending."""
+    mask = pc.and_(pc.equal(images["split"], "pool"), pc.equal(images["state"], "unlabeled"))
+    ids = pc.filter(images["image_id"], mask).combine_chunks()
+    return ids.take(pc.sort_indices(ids))
+
+
+def image_codes(pred_ids: pa.ChunkedArray | pa.Array, candidates: pa.Array) -> IntArray:
+    """Per prediction row, the index of its image in ``candidates`` (-1: not a candidate)."""
+    ids = pred_ids.combine_chunks() if isinstance(pred_ids, pa.ChunkedArray) else pred_ids
+    n = len(ids)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    change = pc.not_equal(ids.slice(1), ids.slice(0, n - 1))
+    starts = np.concatenate(([0], np.flatnonzero(change.to_numpy(zero_copy_only=False)) + 1))
+    run_ids = ids.take(pa.array(starts))
+    run_codes = pc.fill_null(pc.index_in(run_ids, value_set=candidates), -1)
+    lengths = np.diff(np.append(starts, n))
+    return np.repeat(np.asarray(run_codes.to_numpy(), dtype=np.int64), lengths)
+
+
+def _segments(codes: IntArray) -> tuple[IntArray, IntArray]:
+    """Start offsets of runs of equal codes and the code of each run."""
+    if len(codes) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.concatenate(([0], np.flatnonzero(codes[1:] != codes[:-1]) + 1))
+    return starts, codes[starts]
+
+
+def aggregate(values: FloatArray, codes: IntArray, n_images: int, how: str) -> FloatArray:
+    """Per image ``max`` or ``mean`` of detection values (rows or row vectors).
+
+    Args:
+        values: shape (n,) or (n, k), one row per kept detection.
+        codes: image index of each row (grouped in runs, any order of runs).
+        n_images: number of candidate images.
+        how: ``max`` or ``mean``.
+
+    Returns:
+        shape (n_images,) or (n_images, k); NaN for images without a row.
+    """
+    starts, seg_codes = _segments(codes)
+    shape = (n_images, *values.shape[1:])
+    if len(starts) == 0:
+        return np.full(shape, np.nan)
+    merged = bool(np.any(np.diff(seg_codes) <= 0)) and bool(
+        np.bincount(seg_codes, minlength=n_images).max() > 1
+    )
+    if how == "max":
+        seg = np.maximum.reduceat(values, starts, axis=0)
+        out = np.full(shape, -np.inf)
+        if merged:
+            np.maximum.at(out, seg_codes, seg)
+        else:
+            out[seg_codes] = seg
+        out[np.isneginf(out)] = np.nan
+        return out
+    if how != "mean":
+        raise ValueError(f"aggregation must be max or mean, not {how!r}")
+    sums = np.add.reduceat(values, starts, axis=0)
+    counts = np.bincount(codes, minlength=n_images).astype(np.float64)
+    total = np.zeros(shape)
+    if merged:
+        np.add.at(total, seg_codes, sums)
+    else:
+        total[seg_codes] = sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean: FloatArray = total / (counts if values.ndim == 1 else counts[:, None])
+    return mean
+
+
+def min_max(x: FloatArray) -> FloatArray:
+    """Column-wise (x - min)/(max - min); a constant column maps to 0 (§0)."""
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    span = hi - lo
+    out: FloatArray = np.divide(
+        x - lo, span, out=np.zeros_like(x, dtype=np.float64), where=span > 0
+    )
+    return out
+
+
+def z_score(x: FloatArray) -> FloatArray:
+    """Column-wise (x - mean)/std (population std); a constant column maps to 0 (§0)."""
+    std = x.std(axis=0)
+    out: FloatArray = np.divide(
+        x - x.mean(axis=0), std, out=np.zeros_like(x, dtype=np.float64), where=std > 0
+    )
+    return out
+
+
+def fuse(components: FloatArray, fusion: Fusion) -> FloatArray:
+    """Fuse per-image component vectors (rows: scored images) into one score (§9.4).
+
+    ``sum``: Σ of min-max-scaled components. ``highep_lowal`` on (rel(mc), rel(al), mc_class):
+    (mcbox + mcclass) - albox after min-max scaling. ``sota``: max over z-scored components.
+    """
+    if len(components) == 0:
+        return np.zeros(0)
+    if fusion == "sum":
+        out: FloatArray = min_max(components).sum(axis=1)
+    elif fusion == "highep_lowal":
+        s = min_max(components)
+        out = s[:, 0] + s[:, 2] - s[:, 1]
+    elif fusion == "sota":
+        out = z_score(components).max(axis=1)
+    else:
+        raise ValueError(f"no fusion rule {fusion!r} for vector scores")
+    return out
+
+
+def perc_weights(class_ids: IntArray, codes: IntArray, n_images: int) -> FloatArray:
+    """Class-balancing image weights (``perc``, §9.4).
+
+    w_c = N_det / N_det(c) over all given detections; an image's weight is the mean of w_c over
+    the distinct classes predicted in it (NaN for images without detections).
+    """
+    if len(class_ids) == 0:
+        return np.full(n_images, np.nan)
+    n_cls = int(class_ids.max()) + 1
+    counts = np.bincount(class_ids, minlength=n_cls)
+    with np.errstate(divide="ignore"):
+        w_c = np.where(counts > 0, len(class_ids) / np.maximum(counts, 1), 0.0)
+    keys = codes * n_cls + class_ids
+    if n_images * n_cls <= 200_000_000:
+        present = np.zeros(n_images * n_cls, dtype=bool)
+        present[keys] = True
+        pairs = np.flatnonzero(present)
+    else:
+        pairs = np.unique(keys)
+    img, cls = pairs // n_cls, pairs % n_cls
+    sums = np.bincount(img, weights=w_c[cls], minlength=n_images)
+    n = np.bincount(img, minlength=n_images)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out: FloatArray = sums / n
+    return out
+
+
+def _nee_pick(ascending: IntArray, n: int) -> IntArray:
+    """``nee`` picks from candidate indices sorted by score ascending (Roy et al. 2018).
+
+    5 equal-count bins; k = n // 5; the k highest of each of the first four bins, the
+    k + n mod 5 lowest of the last one. Shortfalls (tiny bins) are filled from the highest
+    remaining scores.
+    """
+    bins = np.array_split(ascending, NEE_BINS)
+    k = n // NEE_BINS
+    picks = [b[len(b) - min(k, len(b)) :] for b in bins[:-1]]
+    picks.append(bins[-1][: k + n % NEE_BINS])
+    chosen = np.concatenate(picks)
+    if len(chosen) < n:
+        rest = ascending[~np.isin(ascending, chosen)][::-1]
+        chosen = np.concatenate((chosen, rest[: n - len(chosen)]))
+    return chosen
+
+
+def order_images(
+    scores: FloatArray, scored: BoolArray, ordering: str, budget: int, rng: np.random.Generator
+) -> tuple[IntArray, BoolArray]:
+    """Rank every candidate and mark the first ``budget`` as selected (§9.1, §9.4).
+
+    Scored images come first (top-k: highest first; bottom-k: lowest first; nee: its picks
+    first, then the rest highest first); ties by image_id (the candidate index). Unscored
+    images follow in a seeded random order and fill the budget only when scored ones run out.
+
+    Returns:
+        (rank per candidate, selected mask).
+    """
+    idx = np.flatnonzero(scored)
+    desc = idx[np.argsort(-scores[idx], kind="stable")] if ordering != "bottomk" else idx
+    if ordering == "topk":
+        order = desc
+    elif ordering == "bottomk":
+        order = idx[np.argsort(scores[idx], kind="stable")]
+    elif ordering == "nee":
+        if budget >= len(idx):
+            order = desc
+        else:
+            picks = _nee_pick(idx[np.argsort(scores[idx], kind="stable")], budget)
+            picks = picks[np.lexsort((picks, -scores[picks]))]
+            rest = desc[~np.isin(desc, picks)]
+            order = np.concatenate((picks, rest))
+    else:
+        raise ValueError(f"ordering must be topk, bottomk or nee, not {ordering!r}")
+    unscored = rng.permutation(np.flatnonzero(~scored))
+    full = np.concatenate((order, unscored)).astype(np.int64)
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[full] = np.arange(len(full))
+    return rank, rank < budget
