@@ -166,3 +166,33 @@ def test_selectors_do_not_import_torch_or_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_box_heatmap_mean_over_covering_boxes() -> None:
+    from detloop.reports.threshold_plots import box_heatmap
+
+    boxes = np.array([[0, 0, 4, 4], [2, 2, 6, 6]], float)
+    m = box_heatmap(boxes, np.array([1.0, 3.0]), (8, 8))
+    assert m[1, 1] == 1.0 and m[3, 3] == 2.0 and m[5, 5] == 3.0 and np.isnan(m[7, 7])
+    f = box_heatmap(boxes, None, (8, 8))
+    assert f[3, 3] == 2 and f[0, 0] == 1 and f[7, 7] == 0
+
+
+def test_threshold_plots_write_pngs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from detloop.reports import threshold_plots as tp
+
+    u, is_fd = hand_roc()
+    assert tp.roc_plot({"u": u, "-u": -u}, is_fd, tmp_path / "roc.png", 0.95).stat().st_size
+    maps = {"freq": tp.box_heatmap(np.array([[1, 1, 5, 5.0]]), None, (10, 10))}
+    assert tp.heatmaps(maps, tmp_path / "heat.png").exists()
+    Image.new("RGB", (32, 32)).save(tmp_path / "im.png")
+    b = pd.DataFrame({"x1": [2.0], "y1": [2.0], "x2": [20.0], "y2": [20.0], "u": [0.4]})
+    assert tp.image_grid([str(tmp_path / "im.png")] * 2, [b, b], tmp_path / "g.png").exists()
+    rows = synthetic_rows(40)
+    mask = rows["iou"].to_numpy() < 0.5
+    groups = {"all": tp.group_stats(rows, np.ones(40, bool), [0.5, 0.75]),
+              "removed": tp.group_stats(rows, mask, [0.5, 0.75])}  # fmt: skip
+    assert groups["all"]["% det."] == 100.0
+    assert tp.spider_plot(groups, tmp_path / "spider.png").exists()

@@ -79,16 +79,37 @@ def test_metrics_equal_uncertainty_toolbox() -> None:
     assert tb["avg_calibration.ma_cal"] == pytest.approx(mace, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_box_report_pooled_and_per_coordinate_deterministic() -> None:
     rng = np.random.default_rng(5)
-    pred = rng.uniform(0, 100, (300, 4))
-    sigma = rng.uniform(1, 2, (300, 4))
-    gt = pred + rng.normal(0, 1, (300, 4)) * sigma
+    pred = rng.uniform(0, 100, (60, 4))
+    sigma = rng.uniform(1, 2, (60, 4))
+    gt = pred + rng.normal(0, 1, (60, 4)) * sigma
     sigma[0, 1] = np.nan  # a row without that head is dropped
     a = uq.box_uncertainty_report(pred, sigma, gt, np.random.default_rng(0), adversarial=True)
     b = uq.box_uncertainty_report(pred, sigma, gt, np.random.default_rng(0), adversarial=True)
     assert a == b
-    assert a["n_objects"] == 299
+    assert a["n_objects"] == 59
     assert set(a) >= {"pooled", "x1", "y1", "x2", "y2", "toolbox"}
     assert 0 <= a["pooled"]["object_coverage"] <= 100
     assert uq.rmsue(np.array([0.0, 1.0]), np.array([5.0, 3.0])) == pytest.approx(2.0)
+
+
+def test_calibration_plots_write_pngs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from detloop.reports import calibration_plots as cp
+
+    rng = np.random.default_rng(6)
+    probs = rng.dirichlet(np.ones(3), 200)
+    labels = rng.integers(0, 3, 200)
+    m = uq.class_metrics(probs, labels)
+    assert cp.reliability_diagram(m["reliability"], tmp_path / "rel.png").exists()
+    assert cp.reliability_grid({"0": m["reliability"]}, tmp_path / "grid.png").exists()
+    pred, sigma = rng.normal(0, 5, 300), rng.uniform(1, 2, 300)
+    gt = pred + rng.normal(0, 1, 300) * sigma
+    resid = gt - pred
+    cp.regression_calibration_curve(resid, {"raw": sigma, "x2": 2 * sigma}, tmp_path / "c.png")
+    cp.sigma_vs_residual(sigma, resid, tmp_path / "s.png", (np.r_[1, 2.0], np.r_[0.5, 1.5]))
+    cp.intervals(pred, sigma, gt, tmp_path / "i.png", rng)
+    cp.pit_plot({"raw": uq.pit(gt, pred, sigma)}, tmp_path / "pit.png")
+    cp.toolbox_panel(pred, sigma, gt, tmp_path / "tb.png", rng)
+    assert len(list(tmp_path.glob("*.png"))) == 7
