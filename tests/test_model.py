@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from detloop.config import ModelConfig
+from detloop.config import ConfigError, ModelConfig
 from detloop.learners.loss import (
     LossSettings,
     Targets,
@@ -191,7 +191,7 @@ def test_tiny_preset_and_overrides() -> None:
     )
     for k in range(1, 8):
         assert resolve_spec(ModelConfig(preset=f"d{k}"), 7).fpn_channels >= 64  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ConfigError, match="multiples of 32"):
         resolve_spec(ModelConfig(image_size=100), 3)
     assert parse_image_size("1024x512", (1, 1)) == (512, 1024)
 

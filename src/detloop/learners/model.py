@@ -23,7 +23,7 @@ from effdet.efficientdet import EfficientDet, HeadNet, _init_weight
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from torch import Tensor, nn
 
-from detloop.config import ModelConfig
+from detloop.config import ConfigError, ModelConfig
 
 TY, TX, TH, TW = 0, 1, 2, 3  # component order inside the box head (effdet's coder)
 PRESET_BASE = {
@@ -104,7 +104,11 @@ def parse_image_size(value: str | int | None, default: tuple[int, int]) -> tuple
 
 
 def resolve_spec(mcfg: ModelConfig, num_classes: int) -> ModelSpec:
-    """Merge a preset with the overrides of ``mcfg`` into a ``ModelSpec``."""
+    """Merge a preset with the overrides of ``mcfg`` into a ``ModelSpec``.
+
+    Raises:
+        ConfigError: an image size the network cannot take.
+    """
     base = get_efficientdet_config(PRESET_BASE[mcfg.preset])
     preset: dict[str, Any] = dict(_TINY) if mcfg.preset == "tiny" else {}
     if mcfg.preset == "d0":
@@ -115,13 +119,15 @@ def resolve_spec(mcfg: ModelConfig, num_classes: int) -> ModelSpec:
         value = getattr(mcfg, name, None)
         return value if value is not None else preset.get(name, fallback)
 
-    size = parse_image_size(mcfg.image_size, tuple(preset.get("image_size", base.image_size)))
+    try:
+        size = parse_image_size(mcfg.image_size, tuple(preset.get("image_size", base.image_size)))
+    except ValueError as exc:
+        raise ConfigError("model", [("model.image_size", str(exc))]) from None
     max_level = int(pick("max_level", base.max_level))
     stride = 2**max_level
     if size[0] % stride or size[1] % stride:
-        raise ValueError(
-            f"model.image_size {size[1]}x{size[0]}: both sides must be multiples of {stride}"
-        )
+        msg = f"{size[1]}x{size[0]}: both sides must be multiples of {stride} (2^max_level)"
+        raise ConfigError("model", [("model.image_size", msg)])
     return ModelSpec(
         preset=mcfg.preset,
         effdet_name=PRESET_BASE[mcfg.preset],

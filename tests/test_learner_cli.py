@@ -1,0 +1,76 @@
+"""``detloop train|predict|evaluate`` end to end on digits-det tiny (tiny preset, few steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detloop.cli import main
+from detloop.data import schema
+from detloop.data.io import read_json, read_table
+from detloop.data.rundir import RunDir
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "exp.yaml"
+    doc = {
+        "name": "cli",
+        "model": {"preset": "tiny", "mc_dropoutsamp": 3},
+        "train": {"max_steps": 3, "batch_size": 4, "device": "cpu", "torch_threads": 1},
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.slow
+def test_train_predict_render_evaluate(
+    digits_tiny_run: RunDir, config: Path, tmp_path: Path
+) -> None:
+    run = str(digits_tiny_run.path)
+    assert main(["predict", str(config), "--run", run]) == 2  # no checkpoint yet
+    assert main(["train", str(config), "--run", run, "--set", "train.max_steps=2"]) == 0
+    ckpt = digits_tiny_run.checkpoint(0)
+    assert (ckpt / "model.pt").exists() and read_json(ckpt / "metadata.json")["steps"] == 2
+
+    render = tmp_path / "render"
+    assert (
+        main(["predict", str(config), "--run", run, "--split", "val", "--render", str(render)]) == 0
+    )
+    table = read_table(schema.PREDICTIONS, digits_tiny_run.val_predictions_file(0))
+    assert table.num_rows > 0 and table.column("al_x1").null_count == 0
+    assert len(list(render.glob("*.png"))) == 32
+
+    folder = tmp_path / "folder_preds.parquet"
+    images_dir = Path(digits_tiny_run.read_images().column("file")[0].as_py()).parent
+    assert (
+        main(
+            [
+                "predict",
+                str(config),
+                "--run",
+                run,
+                "--images",
+                str(images_dir),
+                "--out",
+                str(folder),
+            ]
+        )
+        == 0
+    )
+    assert read_table(schema.PREDICTIONS, folder).num_rows > 0
+
+    assert main(["evaluate", str(config), "--run", run, "--iteration", "0"]) == 0
+    metrics = read_json(digits_tiny_run.metrics_file(0))["evaluate_val"]
+    assert 0.0 <= metrics["map50"] <= 1.0 and "ap/7" in metrics
+
+
+def test_user_errors_exit_2(digits_tiny_run: RunDir, config: Path, tmp_path: Path) -> None:
+    run = str(digits_tiny_run.path)
+    assert main(["train", str(config), "--run", str(tmp_path / "empty")]) == 2
+    missing = ["--set", f"model.weights={tmp_path / 'nope.pt'}"]
+    assert main(["train", str(config), "--run", run, *missing]) == 2
+    assert main(["evaluate", str(config), "--run", run, "--iteration", "4"]) == 2
+    assert main(["train", str(config), "--run", run, "--set", "model.image_size=100"]) == 2
