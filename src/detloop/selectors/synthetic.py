@@ -90,3 +90,52 @@ def synthetic_predictions(
             cols[f"{name}_cal"] = _f32(np.asarray(cols[name]) * rng.uniform(0.8, 1.2, n_dets))
     preds = schema.validate_table(pa.table(cols), schema.PREDICTIONS)
     return preds, synthetic_images(ids)
+
+
+_DEFAULTS: dict[str, float] = {
+    "class_id": 0,
+    "score": 0.9,
+    "x1": 0.0,
+    "y1": 0.0,
+    "x2": 10.0,
+    "y2": 10.0,
+    "entropy": 0.5,
+    "mc_class": 0.1,
+    **{f"{h}_{c}": 1.0 for h in ("al", "mc") for c in schema.COORDS},
+}
+
+
+def predictions_from_rows(rows: list[dict[str, object]], calibrated: bool = False) -> pa.Table:
+    """A validated predictions table from a few hand-written rows (tests, examples).
+
+    Each row needs ``image_id``; every other column defaults (score 0.9, a 10×10 box at the
+    origin, entropy 0.5, mc_class 0.1, every std 1.0). ``det_id`` counts per image. With
+    ``calibrated``, ``*_cal`` twins equal to the row's ``<name>_cal`` value or its plain one.
+    """
+    seen: dict[str, int] = {}
+    data: dict[str, list[object]] = {"image_id": [], "det_id": []}
+    names = list(_DEFAULTS) + ([f"{c}_cal" for c in schema.UNCERTAINTY_COLS] if calibrated else [])
+    for name in names:
+        data[name] = []
+    for row in rows:
+        image_id = str(row["image_id"])
+        data["image_id"].append(image_id)
+        data["det_id"].append(row.get("det_id", seen.get(image_id, 0)))
+        seen[image_id] = seen.get(image_id, 0) + 1
+        for name in names:
+            base = name[: -len("_cal")] if name.endswith("_cal") else name
+            data[name].append(row.get(name, row.get(base, _DEFAULTS.get(base))))
+    n = len(rows)
+    table = pa.table(
+        {
+            **{k: pa.array(v) for k, v in data.items()},
+            "logits": pa.nulls(n, pa.list_(pa.float32())),
+            "mc_class_vec": pa.nulls(n, pa.list_(pa.float32())),
+        }
+    )
+    return schema.validate_table(table.select(_ordered(table.column_names)), schema.PREDICTIONS)
+
+
+def _ordered(present: list[str]) -> list[str]:
+    spec = [*schema.PREDICTIONS.schema.names, *(f.name for f in schema.PREDICTIONS.optional)]
+    return [c for c in spec if c in present]

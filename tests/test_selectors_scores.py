@@ -1,0 +1,158 @@
+"""Score registry: contract tests over every registered score, and known answers (§9.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from detloop.data import schema
+from detloop.selectors.columns import DetColumns, MissingColumnError
+from detloop.selectors.scores import (
+    ScoreContext,
+    get_score,
+    list_scores,
+    register_score,
+    registered_scores,
+)
+from detloop.selectors.strategy import StrategyError
+from detloop.selectors.synthetic import predictions_from_rows, synthetic_predictions
+
+THRESHOLDS = {"uncertainties": ["entropy", "albox_rel"], "weights": [0.7, 0.3]}
+CONTRACT_SCORES = [*registered_scores(), "score", "al_x1", "entropy_cal", "mc_y2"]
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    preds, _ = synthetic_predictions(40, 200, np.random.default_rng(3), n_classes=4)
+    return preds
+
+
+def _ctx(seed: int = 0, norm: bool = False) -> ScoreContext:
+    return ScoreContext(rng=np.random.default_rng(seed), thresholds=THRESHOLDS, norm=norm)
+
+
+def _per_row(values: np.ndarray) -> np.ndarray:
+    return values if values.ndim == 1 else values.reshape(len(values), -1)
+
+
+@pytest.mark.parametrize("name", CONTRACT_SCORES)
+def test_one_finite_value_per_row(name: str, table: pa.Table) -> None:
+    for norm in (False, True):
+        values = get_score(name).fn(DetColumns(table), _ctx(norm=norm))
+        assert len(values) == table.num_rows
+        assert np.isfinite(values).all()
+        info = get_score(name)
+        assert (values.ndim == 2) == (info.kind == "vector")
+        if info.kind == "vector":
+            assert values.shape[1] == len(info.components)
+
+
+@pytest.mark.parametrize("name", CONTRACT_SCORES)
+def test_missing_column_is_named(name: str, table: pa.Table) -> None:
+    info = get_score(name)
+    for column in info.columns:
+        if column == "image_id":
+            continue
+        without = table.drop_columns([column])
+        with pytest.raises(MissingColumnError) as err:
+            info.fn(DetColumns(without), _ctx())
+        assert err.value.column == column and repr(column) in str(err.value)
+
+
+@pytest.mark.parametrize("name", CONTRACT_SCORES)
+def test_row_order_invariance(name: str, table: pa.Table) -> None:
+    perm = np.random.default_rng(1).permutation(table.num_rows)
+    shuffled = table.take(pa.array(perm))
+    a = get_score(name).fn(DetColumns(table), _ctx(norm=True))
+    b = get_score(name).fn(DetColumns(shuffled), _ctx(norm=True))
+    np.testing.assert_allclose(_per_row(a)[perm], _per_row(b), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", CONTRACT_SCORES)
+def test_determinism_for_fixed_generator(name: str, table: pa.Table) -> None:
+    a = get_score(name).fn(DetColumns(table), _ctx(seed=7))
+    b = get_score(name).fn(DetColumns(table), _ctx(seed=7))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_calib_reads_the_twin_columns(table: pa.Table) -> None:
+    plain = get_score("entropy").fn(DetColumns(table), _ctx())
+    cal = get_score("entropy").fn(DetColumns(table, calib=True), _ctx())
+    np.testing.assert_allclose(cal, table["entropy_cal"].to_numpy().astype(np.float64))
+    assert not np.allclose(plain, cal)
+    without = table.drop_columns(["entropy_cal"])
+    with pytest.raises(MissingColumnError, match=r"entropy_cal.*calibrate first"):
+        get_score("entropy").fn(DetColumns(without, calib=True), _ctx())
+
+
+def test_null_head_names_the_column() -> None:
+    preds = predictions_from_rows([{"image_id": "a"}])
+    cols = {
+        c: pa.nulls(1, pa.float32()) if c.startswith("al_") else preds[c]
+        for c in preds.column_names
+    }
+    nulls = schema.validate_table(pa.table(cols), schema.PREDICTIONS)
+    with pytest.raises(MissingColumnError, match=r"'al_x1' is null.*loss attenuation"):
+        get_score("albox").fn(DetColumns(nulls), _ctx())
+
+
+def test_albox_and_norm_known_answers() -> None:
+    preds = predictions_from_rows(
+        [
+            # 20 wide, 10 high: stds (2, 1, 4, 3) px
+            {
+                "image_id": "a",
+                "x2": 20.0,
+                "y2": 10.0,
+                "al_x1": 2,
+                "al_y1": 1,
+                "al_x2": 4,
+                "al_y2": 3,
+            },
+            {
+                "image_id": "b",
+                "x2": 100.0,
+                "y2": 100.0,
+                "al_x1": 8,
+                "al_y1": 8,
+                "al_x2": 8,
+                "al_y2": 8,
+            },
+        ]
+    )
+    pixels = get_score("albox").fn(DetColumns(preds), _ctx())
+    np.testing.assert_allclose(pixels, [2.5, 8.0])
+    rel = get_score("albox").fn(DetColumns(preds), _ctx(norm=True))
+    np.testing.assert_allclose(rel, [(2 / 20 + 1 / 10 + 4 / 20 + 3 / 10) / 4, 0.08])
+    # b is the most uncertain in pixels, a relative to its size
+    assert pixels.argmax() == 1 and rel.argmax() == 0
+
+
+def test_entropy_and_combo_known_answers() -> None:
+    preds = predictions_from_rows(
+        [{"image_id": "a", "entropy": 1.0, "al_x1": 2.0}, {"image_id": "b", "entropy": 0.2}]
+    )
+    np.testing.assert_allclose(get_score("entropy").fn(DetColumns(preds), _ctx()), [1.0, 0.2])
+    combo = get_score("combo").fn(DetColumns(preds), _ctx())
+    rel_a = (2 / 10 + 1 / 10 + 1 / 10 + 1 / 10) / 4
+    np.testing.assert_allclose(combo, [0.7 * 1.0 + 0.3 * rel_a, 0.7 * 0.2 + 0.3 * 0.1])
+    with pytest.raises(ValueError, match="thresholding result"):
+        get_score("combo").fn(DetColumns(preds), ScoreContext())
+
+
+def test_list_column_is_averaged() -> None:
+    preds = predictions_from_rows([{"image_id": "a"}, {"image_id": "b"}])
+    logits = pa.array([[1.0, 3.0], [0.0, 4.0, 8.0]], pa.list_(pa.float32()))
+    preds = preds.set_column(preds.schema.get_field_index("logits"), "logits", logits)
+    np.testing.assert_allclose(get_score("logits").fn(DetColumns(preds), _ctx()), [2.0, 4.0])
+
+
+def test_registry_listing_and_errors() -> None:
+    names = {s.name for s in list_scores("*box")}
+    assert names == {"albox", "mcbox"}
+    assert {s.name for s in list_scores("al_*", include_columns=True)} >= {"al_x1", "al_y2_cal"}
+    with pytest.raises(StrategyError, match="unknown score"):
+        get_score("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_score("entropy", description="again")(lambda c, x: c.get("entropy"))
