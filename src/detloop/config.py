@@ -219,12 +219,21 @@ class TrackingConfig(Section):
 
 
 class FaultConfig(Section):
-    """Fault injection for tests: the driver kills itself at this phase."""
+    """Fault injection for tests. Each point fires once per run (a marker file remembers it)."""
 
-    kill_at_phase: str | None = None
-    kill_at_iteration: int | None = None
-    kill_mid_phase: bool = False
-    kill_worker_at_shard: int | None = None  # a predict worker exits mid-shard, once
+    # "ITERATION:PHASE" kills the driver (SIGKILL) right after the phase completes;
+    # "ITERATION:PHASE:mid" kills it half-way through the phase.
+    kill_at: list[str] = Field(default_factory=list)
+    kill_worker_at_shard: int | None = None  # a predict worker exits mid-shard of the pool
+
+    @field_validator("kill_at")
+    @classmethod
+    def _points(cls, v: list[str]) -> list[str]:
+        for point in v:
+            parts = point.split(":")
+            if len(parts) not in (2, 3) or not parts[0].isdigit() or parts[2:] not in ([], ["mid"]):
+                raise ValueError(f"{point!r} is not ITERATION:PHASE or ITERATION:PHASE:mid")
+        return v
 
 
 class ExperimentConfig(Section):

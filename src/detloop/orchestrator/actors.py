@@ -48,7 +48,7 @@ def ensure_ray(rc: RayConfig, loops: int = 1) -> None:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    if rc.address:
+    if rc.address or os.environ.get("RAY_ADDRESS"):  # a cluster, or a `ray job submit` driver
         ray.init(address=rc.address, log_to_driver=True)
     else:
         need = math.ceil(loop_cpus(rc) * loops)

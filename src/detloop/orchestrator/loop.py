@@ -81,17 +81,15 @@ class ActiveLearningLoop:
         return value
 
     def _fault(self, iteration: int, phase: Phase, where: str) -> None:
-        """Fault injection (tests): SIGKILL this process once at the configured point."""
-        f = self.cfg.fault
-        if f.kill_at_phase != phase or (f.kill_mid_phase != (where == "mid")):
+        """Fault injection (tests): SIGKILL this process once at a configured point."""
+        point = f"{iteration}:{phase}" + (":mid" if where == "mid" else "")
+        if point not in self.cfg.fault.kill_at:
             return
-        if f.kill_at_iteration is not None and f.kill_at_iteration != iteration:
-            return
-        marker = self.run.path / f".fault_{phase}_{iteration}_{where}"
+        marker = self.run.path / f".fault_{point.replace(':', '_')}"
         if marker.exists():
             return
         marker.touch()
-        logger.warning("fault injection: killing the driver at %s/%s (%s)", iteration, phase, where)
+        logger.warning("fault injection: killing the driver at %s", point)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _add_compute(self, iteration: int, phase: Phase, seconds: float) -> None:
@@ -164,7 +162,6 @@ class ActiveLearningLoop:
     def _run_phase(self, iteration: int, phase: Phase) -> None:
         logger.info("%s: iteration %d phase %s", self.run.name, iteration, phase)
         self.journal.start(iteration, phase)
-        self._fault(iteration, phase, "start")
         handler = getattr(self, f"_phase_{phase.value}")
         info = handler(iteration) or {}
         self.journal.complete(iteration, phase, **info)
@@ -352,6 +349,7 @@ class ActiveLearningLoop:
         metrics = read_json(self.run.metrics_file(iteration))
         pool = PoolState.load(self.run)
         numbers = steps.iteration_metrics(metrics, pool, self.journal, iteration, self.budgets())
+        write_json({**metrics, **numbers}, self.run.metrics_file(iteration))
         artifacts = [
             p
             for p in (

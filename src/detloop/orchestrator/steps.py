@@ -57,16 +57,11 @@ def budget_sizes(
     cfg: ExperimentConfig, spec: StrategySpec, images: pa.Table, n_pool: int
 ) -> list[int]:
     """Images to select per iteration (ALGORITHMS §9.1, with §9.5's rescaling under pruning)."""
-    from detloop.selectors.budgets import budget_sizes as sizes
-    from detloop.selectors.budgets import rescale_budgets
+    from detloop.selectors.budgets import iteration_sizes, loop_budgets
 
-    budgets = list(cfg.al.al_budgets)
-    if spec.prune == "full_prune":
-        budgets = [100.0]
-    elif spec.prune == "prune":
-        n_original = int(pc.sum(pc.equal(images["split"], "pool")).as_py() or 0)
-        budgets = rescale_budgets(budgets, n_original, n_pool)
-    return [int(n) for n in sizes(n_pool, budgets)]
+    n_original = int(pc.sum(pc.equal(images["split"], "pool")).as_py() or 0)
+    budgets = loop_budgets(spec, cfg.al.al_budgets, n_original, n_pool)
+    return [int(n) for n in iteration_sizes(n_pool, budgets)]
 
 
 def prune_pool(
@@ -177,9 +172,10 @@ def predict_sharded(
     fault = cfg.fault
 
     def marker(sid: int) -> str | None:
-        if fault.kill_worker_at_shard is None or fault.kill_worker_at_shard != sid:
+        """Fault injection (tests): the pool prediction's shard that kills its worker, once."""
+        if stage != "predict" or fault.kill_worker_at_shard != sid:
             return None
-        return str(run.path / f".fault_worker_{stage}_{iteration}_{sid}")
+        return str(run.path / f".fault_worker_shard_{sid}")
 
     persisted = [0]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import pyarrow as pa
 from detloop.config import ExperimentConfig, build_config
 
 logger = logging.getLogger(__name__)
+# effdet scripts a few helpers with torch.jit, which torch now flags on every worker start.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
 
 
 def _set_threads(n: int | None) -> None:

@@ -28,17 +28,14 @@ def run_curve(run: RunDir) -> list[CurvePoint]:
     logged = {
         h["iteration"] for h in meta.get("history", []) if h["phase"] == "log" and h.get("ended")
     }
-    sizes = meta.get("budget_sizes") or []
-    n_pool = sum(sizes) if sizes else 0
     points = []
     for it in sorted(logged):
         m = read_json(run.metrics_file(it))
-        n_lab = int(sum(sizes[: it + 1])) if sizes else 0
         points.append(
             CurvePoint(
                 it,
-                n_lab / n_pool if n_pool else float("nan"),
-                n_lab,
+                float(m.get("labeled_fraction", float("nan"))),
+                int(m.get("labeled_images", 0)),
                 float(m.get("map", float("nan"))),
                 float(m.get("map50", float("nan"))),
             )
