@@ -82,13 +82,14 @@ def _certainty_and_keep(
 ) -> tuple[FloatArray, FloatArray, np.ndarray]:
     """(certainty, u, keep) per detection for the strategies of §11.2."""
     score = cols.get("score")
+    tau32 = _as_stored(tau)
     n = cols.n_rows
     nan = np.full(n, np.nan)
     if spec.score == "combo":
         u = combo_values(cols, thresholds)
         assert thresholds is not None  # combo_values raised otherwise
         delta = _threshold_mean(thresholds)
-        return 1.0 - u / delta if delta > 0 else nan, u, (score > tau) & (u < delta)
+        return 1.0 - u / delta if delta > 0 else nan, u, (score > tau32) & (u < delta)
     if spec.score in ("alluncert", "epuncert", "ental"):
         parts: list[FloatArray]
         if spec.score == "alluncert":
@@ -98,12 +99,18 @@ def _certainty_and_keep(
         else:
             parts = [cols.box_std("al", True), cols.get("entropy")]
         certainty = _inverse_certainty(np.mean(np.stack(parts, axis=1), axis=1))
-        keep = score > tau
+        keep = score > tau32
         if spec.score == "alluncert":
             keep &= certainty > tau
         return certainty, nan, keep
     value = cols.get(spec.score)  # `score` or any predictions column, filtered like the score
-    return np.clip(value, 0.0, 1.0), nan, value > tau
+    return np.clip(value, 0.0, 1.0), nan, value > tau32
+
+
+def _as_stored(threshold: float) -> float:
+    """``threshold`` rounded like the float32 columns it is compared with, so that a score
+    stored as exactly τ compares equal to τ."""
+    return float(np.float32(threshold))
 
 
 def _threshold_mean(thresholds: Mapping[str, Any]) -> float:
@@ -146,7 +153,7 @@ def select_pseudo_labels(
     has_cert = spec.score in ("alluncert", "epuncert", "ental", "combo")
     weight = cert if spec.pseudoscore else np.ones(len(cert))
     out = out.append_column(
-        "certainty", pa.array(cert, pa.float64(), mask=~has_cert | np.isnan(cert))
+        "certainty", pa.array(cert, pa.float64(), mask=np.isnan(cert) | (not has_cert))
     )
     out = out.append_column("u", pa.array(u[keep], pa.float64(), mask=np.isnan(u[keep])))
     return out.append_column("weight", pa.array(np.nan_to_num(weight, nan=1.0), pa.float32()))
@@ -195,7 +202,7 @@ def pls_scores(
     ok = t_code >= 0
     n_img = len(ids)
     drate0 = np.bincount(t_code[ok], minlength=n_img)
-    drate_tau = np.bincount(t_code[ok & (t_score >= tau)], minlength=n_img)
+    drate_tau = np.bincount(t_code[ok & (t_score >= _as_stored(tau))], minlength=n_img)
     with np.errstate(invalid="ignore", divide="ignore"):
         s = np.where(drate0 > 0, drate_tau / np.maximum(drate0, 1), 0.0)
     p_code = np.asarray(pc.index_in(pseudo["image_id"], value_set=ids).to_numpy())
