@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from detloop.data.errors import DataError
 from detloop.data.io import read_json
-from detloop.data.parsed import Parsed, box_problem, normalize_rel
+from detloop.data.parsed import BOX_TOLERANCE, Parsed, box_problem, normalize_rel
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,14 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, int | float)) and not isinstance(v, bool) and math.isfinite(v)
+    return (isinstance(v, int | float)) and not isinstance(v, bool) and math.isfinite(_to_float(v))
+
+
+def _to_float(v: float) -> float:
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
 
 
 def _top_level(doc: Any, file: str) -> tuple[list[Any], list[Any], list[Any]]:
@@ -148,47 +158,73 @@ def _images(items: list[Any], parsed: Parsed) -> dict[int, int]:
     return by_id
 
 
+_NUM = frozenset((int, float))
+
+
+def _bad_fields(ann: dict[str, Any]) -> list[str]:
+    """The fields of an annotation that are missing or of the wrong type (slow, exact)."""
+    bbox, area, crowd = _get(ann, "bbox"), _get(ann, "area"), ann.get("iscrowd", 0)
+    checks = (
+        ("id", _is_int(_get(ann, "id"))),
+        ("category_id", _is_int(_get(ann, "category_id"))),
+        ("bbox", isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(v) for v in bbox)),
+        ("area", area is None or _is_num(area)),
+        ("iscrowd", _is_int(crowd) and crowd in (0, 1)),
+    )
+    return [key for key, ok in checks if not ok]
+
+
+@dataclass
+class _Boxes:
+    """Annotations that passed the per-item checks, collected for vectorised box checks."""
+
+    item: list[int] = field(default_factory=list)
+    image: list[int] = field(default_factory=list)
+    category: list[int] = field(default_factory=list)
+    ann_id: list[int] = field(default_factory=list)
+    xywh: list[list[float]] = field(default_factory=list)
+    area: list[float | None] = field(default_factory=list)
+    iscrowd: list[int] = field(default_factory=list)
+
+
 def _annotations(
-    items: list[Any],
-    parsed: Parsed,
-    images: dict[int, int],
-    cats: dict[int, int],
-    known_cats: set[int],
-) -> None:
-    file = parsed.source
+    items: list[Any], parsed: Parsed, images: dict[int, int], known_cats: set[int]
+) -> _Boxes:
+    """Per-item checks (types, references, duplicates); boxes are checked in ``_add_boxes``."""
+    file, num = parsed.source, _NUM
     seen: set[int] = set()
+    out = _Boxes()
     for k, ann in enumerate(items):
-        if not isinstance(ann, dict):
+        if type(ann) is not dict:
             parsed.problem(file, k, "annotations", "must be an object")
             continue
-        aid, iid, cid, bbox = (_get(ann, k) for k in ("id", "image_id", "category_id", "bbox"))
-        image = images.get(iid) if _is_int(iid) else None
-        if not _is_int(iid) or image is None:
+        iid = ann.get("image_id")
+        image = images.get(iid) if type(iid) is int else None
+        if image is None:
             parsed.problem(
                 file,
                 k,
                 "annotations.image_id",
-                f"annotation {aid!r} refers to unknown image id {iid!r}",
+                f"annotation {ann.get('id')!r} refers to unknown image id {iid!r}",
             )
             continue
-        bad = [
-            key
-            for key, ok in (
-                ("id", _is_int(aid)),
-                ("category_id", _is_int(cid)),
-                (
-                    "bbox",
-                    isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(v) for v in bbox),
-                ),
-            )
-            if not ok
-        ]
-        area, crowd = _get(ann, "area"), ann.get("iscrowd", 0)
-        if area is not None and not _is_num(area):
-            bad.append("area")
-        if crowd not in (0, 1) or isinstance(crowd, bool):
-            bad.append("iscrowd")
-        if bad:
+        aid, cid, bbox = ann.get("id"), ann.get("category_id"), ann.get("bbox")
+        area, crowd = ann.get("area"), ann.get("iscrowd", 0)
+        # Inline type checks: this loop runs once per annotation (millions in big datasets).
+        if not (
+            type(aid) is int
+            and type(cid) is int
+            and type(bbox) is list
+            and len(bbox) == 4
+            and type(bbox[0]) in num
+            and type(bbox[1]) in num
+            and type(bbox[2]) in num
+            and type(bbox[3]) in num
+            and (area is None or type(area) in num)
+            and type(crowd) is int
+            and crowd in (0, 1)
+        ):
+            bad = _bad_fields(ann)
             what = ", ".join(f"{b}={ann.get(b)!r}" for b in bad)
             parsed.problem(
                 file, k, f"annotations.{bad[0]}", f"missing or wrong type: {what}", image=image
@@ -203,20 +239,66 @@ def _annotations(
                 file, k, "annotations.category_id", f"unknown category id {cid}", image=image
             )
             continue
-        x, y, w, h = (float(v) for v in bbox)
-        coords = (x, y, x + w, y + h)
-        why = box_problem(coords, parsed.width[image], parsed.height[image])
-        if why is not None:
-            parsed.problem(file, k, "annotations.bbox", f"annotation {aid}: {why}", image=image)
-        elif cid in cats:
-            parsed.add_box(
-                image,
-                cats[cid],
-                coords,
-                w * h if area is None else float(area),
-                iscrowd=int(crowd),
-                source_id=aid,
-            )
+        out.item.append(k)
+        out.image.append(image)
+        out.category.append(cid)
+        out.ann_id.append(aid)
+        out.xywh.append(bbox)
+        out.area.append(area)
+        out.iscrowd.append(crowd)
+    return out
+
+
+def _add_boxes(parsed: Parsed, boxes: _Boxes, cats: dict[int, int]) -> None:
+    """Check every box at once (finite, positive size, inside the image) and keep the good ones."""
+    if not boxes.item:
+        return
+    try:
+        xywh = np.array(boxes.xywh, dtype=np.float64).reshape(-1, 4)
+    except OverflowError:  # integers beyond float range: they become inf and are reported
+        xywh = np.array([[_to_float(v) for v in b] for b in boxes.xywh], dtype=np.float64)
+    x1, y1 = xywh[:, 0], xywh[:, 1]
+    x2, y2 = x1 + xywh[:, 2], y1 + xywh[:, 3]
+    img = np.asarray(boxes.image, dtype=np.int64)
+    w = np.asarray(parsed.width, dtype=np.float64)[img]
+    h = np.asarray(parsed.height, dtype=np.float64)[img]
+    t = BOX_TOLERANCE
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(xywh).all(axis=1) | (x2 <= x1) | (y2 <= y1)
+        bad |= (x1 < -t) | (y1 < -t) | (x2 > w + t) | (y2 > h + t)
+    coords = np.stack([x1, y1, x2, y2], axis=1)
+    for r in np.flatnonzero(bad).tolist():
+        c = (float(x1[r]), float(y1[r]), float(x2[r]), float(y2[r]))
+        why = box_problem(c, parsed.width[boxes.image[r]], parsed.height[boxes.image[r]])
+        parsed.problem(
+            parsed.source,
+            boxes.item[r],
+            "annotations.bbox",
+            f"annotation {boxes.ann_id[r]}: {why}",
+            image=boxes.image[r],
+        )
+    given = np.array([a is not None for a in boxes.area], dtype=bool)
+    area = np.array([0.0 if a is None else _to_float(a) for a in boxes.area], np.float64)
+    area = np.where(given, area, xywh[:, 2] * xywh[:, 3])
+    bad_area = ~bad & ~(np.isfinite(area) & (area >= 0))
+    for r in np.flatnonzero(bad_area).tolist():
+        parsed.problem(
+            parsed.source,
+            boxes.item[r],
+            "annotations.area",
+            f"annotation {boxes.ann_id[r]}: area {boxes.area[r]!r} is not a finite number >= 0",
+            image=boxes.image[r],
+        )
+    cat_of = np.array([cats.get(c, -1) for c in boxes.category], dtype=np.int64)
+    keep = np.flatnonzero(~bad & ~bad_area & (cat_of >= 0))
+    parsed.box_image.extend(img[keep].tolist())
+    parsed.box_class.extend(cat_of[keep].tolist())
+    parsed.box_coords.extend(map(tuple, coords[keep].tolist()))
+    parsed.box_area.extend(area[keep].tolist())
+    parsed.box_iscrowd.extend(np.asarray(boxes.iscrowd)[keep].tolist())
+    parsed.box_occluded.extend([-1] * len(keep))
+    parsed.box_truncated.extend([-1] * len(keep))
+    parsed.box_source_id.extend(np.asarray(boxes.ann_id, dtype=np.int64)[keep].tolist())
 
 
 def parse_coco(
@@ -239,7 +321,7 @@ def parse_coco(
     cats = _categories(cat_items, parsed, classes)
     by_id = _images(image_items, parsed)
     known: set[int] = {c["id"] for c in cat_items if isinstance(c, dict) and _is_int(c.get("id"))}
-    _annotations(ann_items, parsed, by_id, cats, known)
+    _add_boxes(parsed, _annotations(ann_items, parsed, by_id, known), cats)
     n_other = len(known) - len(cats)
     if n_other > 0:
         log.info("%s: %d categories not in the class list; their boxes are skipped", path, n_other)

@@ -3,15 +3,16 @@
 The existence check of a whole dataset lists each referenced directory once (``os.scandir``)
 instead of calling ``stat`` per file, so checking 100,000 files costs a few directory reads.
 Decoding (which also catches truncated files) and hashing is a separate, slower pass
-(``decode_images``), run on a thread pool: Pillow releases the GIL while it decodes and resizes.
+(``decode_images``), optionally in worker processes.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -112,6 +113,10 @@ def decode_image(path: Path, with_hash: bool, method: HashMethod = "p") -> Decod
         return Decoded(error=f"image too large to decode safely: {exc}")
 
 
+def _decode_one(item: tuple[Path, bool, HashMethod]) -> Decoded:
+    return decode_image(*item)
+
+
 def decode_images(
     files: Sequence[Path],
     with_hash: Sequence[bool],
@@ -119,24 +124,24 @@ def decode_images(
     method: HashMethod = "p",
     workers: int | None = None,
 ) -> list[Decoded]:
-    """Decode (and optionally hash) many images on a thread pool, results in input order.
+    """Decode (and optionally hash) many images, results in input order.
+
+    Decoding and hashing hold the GIL for much of their time (threads do not help), so
+    parallel work uses processes, started with ``spawn`` (safe beside threads of torch or Ray
+    in the caller; the caller's main module must be importable, as for any ``spawn`` pool).
 
     Args:
         files: image paths.
         with_hash: per file, whether to compute its perceptual hash.
         method: hash method (``p`` DCT, ``w`` wavelet).
-        workers: threads (default: the number of CPUs, at most 8).
+        workers: processes; 1 (the default) decodes in this process.
     """
     if len(files) != len(with_hash):
         raise ValueError("files and with_hash must have the same length")
-    n_workers = workers or min(8, os.cpu_count() or 1)
-    if n_workers <= 1 or len(files) < 8:
-        return [decode_image(f, h, method) for f, h in zip(files, with_hash, strict=True)]
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        return list(
-            pool.map(
-                lambda fh: decode_image(fh[0], fh[1], method),
-                zip(files, with_hash, strict=True),
-                chunksize=64,
-            )
-        )
+    items = [(Path(f), bool(h), method) for f, h in zip(files, with_hash, strict=True)]
+    if workers is None or workers <= 1 or len(items) < 2:
+        return [_decode_one(item) for item in items]
+    chunk = max(1, min(256, len(items) // (4 * workers)))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_decode_one, items, chunksize=chunk))

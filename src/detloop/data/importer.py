@@ -403,7 +403,7 @@ def import_source(
         lenient: quarantine bad images (state ``examine``) instead of failing.
         decode: decode every image (and hash pool images); off only for benchmarks or when the
             files were checked before.
-        workers: decoding threads.
+        workers: decoding processes (1: in this process).
 
     Raises:
         DataError: listing every problem (file and item named); nothing is written then.

@@ -127,6 +127,15 @@ def box_problem(coords: tuple[float, float, float, float], width: int, height: i
 
 def normalize_rel(name: str) -> str | None:
     """A relative POSIX path for a file name, or None when it escapes its root."""
+    if (
+        name
+        and not name.startswith((".", "/"))
+        and not name.endswith("/")
+        and "\\" not in name
+        and "//" not in name
+        and "/." not in name
+    ):
+        return name  # already normal (the common case); normpath is slow on millions of names
     rel = posixpath.normpath(name.replace("\\", "/"))
     if rel.startswith("/") or rel == "." or rel == ".." or rel.startswith("../"):
         return None
