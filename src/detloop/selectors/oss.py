@@ -189,7 +189,7 @@ def correlations(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     """Pearson r and Kendall τ (scipy) of two paired sequences, NaN pairs dropped."""
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     ok = np.isfinite(xa) & np.isfinite(ya)
-    if ok.sum() < 2:
+    if ok.sum() < 2 or np.ptp(xa[ok]) == 0 or np.ptp(ya[ok]) == 0:  # undefined
         return {"pearson_r": math.nan, "kendall_tau": math.nan, "n": int(ok.sum())}
     pr = stats.pearsonr(xa[ok], ya[ok])
     kt = stats.kendalltau(xa[ok], ya[ok])
