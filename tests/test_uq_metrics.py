@@ -113,3 +113,15 @@ def test_calibration_plots_write_pngs(tmp_path) -> None:  # type: ignore[no-unty
     cp.pit_plot({"raw": uq.pit(gt, pred, sigma)}, tmp_path / "pit.png")
     cp.toolbox_panel(pred, sigma, gt, tmp_path / "tb.png", rng)
     assert len(list(tmp_path.glob("*.png"))) == 7
+
+
+def test_runtime_stats_hand_list_with_warmup() -> None:
+    times = [500.0, 400.0, 300.0, 200.0, 100.0, 10.0, 20.0, 30.0, 40.0]
+    s = uq.runtime_stats(times, warmup=5)
+    assert s["n"] == 4
+    assert s["mean"] == pytest.approx(25.0)
+    assert s["median"] == pytest.approx(25.0)
+    assert s["std"] == pytest.approx(np.std([10, 20, 30, 40]))
+    assert s["p95"] == pytest.approx(np.percentile([10, 20, 30, 40], 95))
+    ref = uq.runtime_stats([10.0, 12.0, 11.0, 1500.0, 13.0], mode="reference")
+    assert ref["n"] == 4 and ref["mean"] == pytest.approx(11.5)

@@ -258,3 +258,28 @@ def box_uncertainty_report(
     if toolbox and ok.sum() >= 2:
         report["toolbox"] = toolbox_metrics(pred, sigma, gt, rng, adversarial)
     return report
+
+
+def runtime_stats(
+    times_ms: list[float] | np.ndarray, warmup: int = 5, mode: str = "detloop"
+) -> dict[str, float]:
+    """Per-image runtime statistics in ms (§6.1).
+
+    ``detloop``: drop the first ``warmup`` entries, then mean, std, median and p95 unfiltered.
+    ``reference`` (compat): drop times ≥ 1 s and outliers > Q3 + 50·IQR; mean, std, median.
+    """
+    t = np.asarray(times_ms, dtype=np.float64)
+    if mode == "reference":
+        t = t[t < 1000.0]
+        if t.size:
+            q1, q3 = np.percentile(t, [25, 75])
+            t = t[t <= q3 + 50 * (q3 - q1)]
+    else:
+        t = t[warmup:]
+    if t.size == 0:
+        return {"n": 0, "mean": float("nan"), "std": float("nan"), "median": float("nan")}
+    out = {"n": int(t.size), "mean": float(t.mean()), "std": float(t.std()),
+           "median": float(np.median(t))}  # fmt: skip
+    if mode != "reference":
+        out["p95"] = float(np.percentile(t, 95))
+    return out

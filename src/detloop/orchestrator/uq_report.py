@@ -54,7 +54,9 @@ def class_report(pairs: pd.DataFrame, cal: CalibrationSet | None, n_bins: int) -
     return {k: uq.class_metrics(p, labels, n_bins) for k, p in class_probs(pairs, cal).items()}
 
 
-def box_arrays(pairs: pd.DataFrame, kind: str, calibrated: bool) -> tuple[np.ndarray, ...] | None:
+def box_arrays(
+    pairs: pd.DataFrame, kind: str, calibrated: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(pred, sigma, gt) [N, 4] arrays for one std family, or None when absent."""
     suffix = "_cal" if calibrated else ""
     if f"{kind}_x1{suffix}" not in pairs.columns or pairs[f"{kind}_x1{suffix}"].isna().all():
@@ -74,7 +76,8 @@ def box_report(pairs: pd.DataFrame, rng: np.random.Generator, toolbox: bool) -> 
             arrays = box_arrays(pairs, kind, calibrated)
             if arrays is not None and len(pairs):
                 key = f"{kind}_{'calibrated' if calibrated else 'uncalibrated'}"
-                out[key] = uq.box_uncertainty_report(*arrays, rng=rng, toolbox=toolbox)
+                pred, sigma, gt = arrays
+                out[key] = uq.box_uncertainty_report(pred, sigma, gt, rng, toolbox)
     return out
 
 

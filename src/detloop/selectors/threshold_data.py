@@ -91,9 +91,10 @@ def threshold_rows(
 ) -> pd.DataFrame:  # fmt: skip
     """Rows of §7.1: GT-matched predictions (IoU > 0) with ``iou``, ``gt_class``, ``tps_class``;
     with ``fd_scope="all"`` also every prediction above ``min_score`` no GT selected (IoU 0)."""
-    m = matches[(matches["iou"] > 0) & matches["det_id"].notna()][
-        ["image_id", "det_id", "gt_class", "iou"]
-    ].astype({"det_id": np.int64})
+    keep = ["image_id", "det_id", "gt_class", "iou"]
+    keep += [f"gt_{c}" for c in COORDS if f"gt_{c}" in matches.columns]
+    m = matches[(matches["iou"] > 0) & matches["det_id"].notna()][keep]
+    m = m.astype({"det_id": np.int64})
     p = predictions.astype({"det_id": np.int64})
     rows = m.merge(p, on=["image_id", "det_id"], how="inner")
     if fd_scope == "all":

@@ -1,0 +1,236 @@
+"""Auto-labeling (ALGORITHMS §8): ``detloop autolabel CONFIG --run RUN_DIR --images DIR
+[--first N --last M] [--iteration N | --checkpoint PATH] [--set k=v]...``.
+
+validate → calibrate → threshold (each only when its output is missing or does not match the
+config) → predict the frames → per-detection rule → images ``auto_labeled`` / ``examine``,
+auto-labels (source ``auto``), the selection table with u, δ̄ and verdicts, COCO of the
+auto-labeled images, COCO + Label Studio review exports of the ``examine`` images, optional
+renderings, and the quality report when ground truth exists for the frames. This module also
+registers ``validate``, ``calibrate`` and ``threshold`` (``validation_cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from detloop.config import ExperimentConfig
+from detloop.data import schema
+from detloop.data.io import write_table
+from detloop.data.rundir import RunDir
+from detloop.orchestrator import validation_cli
+from detloop.orchestrator.validation_common import ModelRef
+
+logger = logging.getLogger(__name__)
+REASON = "autolabel: uncertain detection"
+
+
+def _under(file: str, root: Path) -> bool:
+    try:
+        Path(file).resolve().relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+def frame_images(
+    run: RunDir, images_dir: Path, first: int | None, last: int | None, lenient: bool = False
+) -> pa.Table:
+    """Images under ``images_dir`` (imported as a ``pool`` folder when the run lacks them),
+    sorted by id and sliced to frames [first, last); quarantined images are left out."""
+    from detloop.data.importer import import_source
+
+    root = images_dir.resolve()
+    images = run.read_images()
+    inside = [_under(f, root) for f in images["file"].to_pylist()]
+    if not any(inside):
+        import_source(run, "folder", root, "pool", images=root, lenient=lenient)
+        images = run.read_images()
+        inside = [_under(f, root) for f in images["file"].to_pylist()]
+    df = images.to_pandas()[inside]
+    quarantined = (df["state"] == "examine") & ~df["reason"].fillna(REASON).str.startswith(
+        "autolabel"
+    )
+    ids = sorted(df.loc[~quarantined, "image_id"])[first:last]
+    return images.filter(pc.is_in(images["image_id"], value_set=pa.array(ids, pa.string())))
+
+
+def ensure_thresholds(run: RunDir, cfg: ExperimentConfig, it: int, seed: int) -> Any:
+    """The thresholding result of iteration ``it`` matching the config (computed if needed)."""
+    from detloop.orchestrator.validation import threshold_model
+    from detloop.selectors.threshold import load_thresholds, parse_uncertainties
+
+    t, c = cfg.thresholding, cfg.calibration
+    want = {
+        "thr_fpr_tpr": t.thr_fpr_tpr, "thr_cd": t.thr_cd, "fd_scope": t.fd_scope,
+        "thr_iou_thrs": [float(x) for x in t.thr_iou_thrs],
+        "uncertainties": parse_uncertainties(t.thr_sel_uncert),
+        "calibrated": c.calibrate_classification and c.calibrate_regression,
+    }  # fmt: skip
+    path = run.thresholds_file(it)
+    if path.exists():
+        res = load_thresholds(path)
+        if all(getattr(res, k) == v for k, v in want.items()):
+            return res
+        logger.info("thresholds in %s do not match the config: recomputing", path)
+    threshold_model(run, cfg, it, it, seed)
+    return load_thresholds(path)
+
+
+def autolabel_frames(
+    run: RunDir, cfg: ExperimentConfig, ref: ModelRef, frames: pa.Table, seed: int
+) -> dict[str, Any]:
+    """Decide, label and export the ``frames``; returns the report (also in metrics.json)."""
+    from detloop.data.pool import PoolState
+    from detloop.learners.predict import Predictor
+    from detloop.orchestrator.validation import calibrate_model
+    from detloop.orchestrator.validation_common import load_calibration, log_run_artifacts
+    from detloop.selectors import autolabel as al
+
+    it = ref.iteration
+    thresholds = ensure_thresholds(run, cfg, it, seed)
+    cal = load_calibration(run, it)
+    if thresholds.calibrated and cal is None:
+        calibrate_model(run, cfg, it, it, seed, plots=False, toolbox=False)
+        cal = load_calibration(run, it)
+    preds = Predictor.from_checkpoint(ref.checkpoint, cfg).predict(frames, seed=seed)
+    preds = cal.transform(preds) if cal is not None else preds
+    write_table(preds, schema.PREDICTIONS, run.predictions_file(it))
+    min_score = _min_score(run, cfg, it)
+    pdf = preds.drop_columns(["logits", "mc_class_vec"]).to_pandas()
+    ids = frames["image_id"].to_pylist()
+    decision = al.decide(pdf, ids, thresholds, min_score, cfg.autolabel.empty_image)
+    write_table(al.selection_table(decision, it), schema.SELECTION, run.selection_file(it))
+    pool = PoolState.load(run)
+    keep = ~pc.and_(pc.is_in(pool.labels["image_id"], value_set=pa.array(ids, pa.string())),
+                    pc.equal(pool.labels["source"], "auto"))  # fmt: skip
+    pool = PoolState(pool.images, pool.labels.filter(keep))  # re-running replaces auto labels
+    start = int(pc.max(pool.labels["box_id"]).as_py() or 0) + 1 if pool.labels.num_rows else 0
+    labels = al.auto_label_table(decision, it, start)
+    pool = pool.with_labels(labels).with_state(decision.ids("auto_labeled"), "auto_labeled", it)
+    pool = pool.with_state(decision.ids("examine"), "examine", it, reason=REASON)
+    pool.save(run)
+    exports = _export(run, cfg, decision, labels, it)
+    report = _report(run, cfg, decision, pdf, ids, thresholds.calibrated)
+    from detloop.orchestrator.validation_common import update_metrics
+
+    paths = [update_metrics(run, it, "autolabel", report), run.selection_file(it), *exports]
+    log_run_artifacts(run, cfg, paths, f"iter_{it:04d}/autolabel")
+    return report
+
+
+def _min_score(run: RunDir, cfg: ExperimentConfig, it: int) -> float:
+    from detloop.data.io import read_table
+    from detloop.orchestrator.validation_common import mean_matched_score, min_score_for
+
+    if cfg.predict.min_score is None and run.matches_file(it).exists():
+        preds = read_table(schema.PREDICTIONS, run.val_predictions_file(it))
+        matches = read_table(schema.MATCHES, run.matches_file(it))
+        return min_score_for(cfg, mean_matched_score(preds, matches))
+    return min_score_for(cfg, None)
+
+
+def _export(
+    run: RunDir, cfg: ExperimentConfig, decision: Any, labels: pa.Table, it: int
+) -> list[Path]:
+    from detloop.data.review_export import export_review, run_categories, write_coco
+
+    stem = run.exports / f"autolabel_iter_{it:04d}"
+    images = run.read_images().to_pandas()
+    d = decision.detections
+    cats = run_categories(run, d["class_id"].tolist() if len(d) else [])
+    auto_ids = decision.ids("auto_labeled")
+    auto_boxes = d[d["image_id"].isin(auto_ids)]
+    paths = [write_coco(images[images["image_id"].isin(auto_ids)], auto_boxes, cats,
+                        Path(f"{stem}_auto.coco.json"))]  # fmt: skip
+    out = export_review(run, image_ids=decision.ids("examine"), predictions=d,
+                        out_stem=Path(f"{stem}_examine"), min_score=decision.min_score)  # fmt: skip
+    paths += list(out.values())
+    if cfg.autolabel.render:
+        paths.append(render(images, d, decision, Path(f"{stem}_renders")))
+    return paths
+
+
+def render(images: pd.DataFrame, dets: pd.DataFrame, decision: Any, out_dir: Path) -> Path:
+    """PNG per examine image: boxes red when u ≥ δ̄, green otherwise, labelled with u."""
+    from PIL import Image, ImageDraw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = images.set_index("image_id")["file"].to_dict()
+    for image_id in decision.ids("examine"):
+        with Image.open(files[image_id]) as im:
+            canvas = im.convert("RGB")
+        draw = ImageDraw.Draw(canvas)
+        for r in dets[dets["image_id"] == image_id].itertuples(index=False):
+            color = "red" if not r.u < decision.delta else "lime"
+            draw.rectangle([r.x1, r.y1, r.x2, r.y2], outline=color)
+            draw.text((r.x1, max(0.0, r.y1 - 10)), f"{r.u:.3f}", fill=color)
+        canvas.save(out_dir / (image_id.replace("/", "__") + ".png"))
+    return out_dir
+
+
+def _report(
+    run: RunDir, cfg: ExperimentConfig, decision: Any, pdf: pd.DataFrame, ids: list[str],
+    calibrated: bool,
+) -> dict[str, Any]:  # fmt: skip
+    from detloop.selectors import autolabel as al
+
+    n = len(decision.images)
+    report: dict[str, Any] = {
+        "n_images": n, "n_auto_labeled": len(decision.ids("auto_labeled")),
+        "n_examine": len(decision.ids("examine")), "delta": decision.delta,
+        "min_score": decision.min_score,
+        "n_auto_labels": int(decision.detections["image_id"].isin(decision.ids("auto_labeled"))
+                             .sum()),
+        "rankings": al.uncertainty_rankings(pdf, calibrated),
+    }  # fmt: skip
+    gt = run.read_gt().to_pandas()
+    gt = gt[gt["image_id"].isin(ids) & (gt["iscrowd"] == 0)]
+    if len(gt):
+        report["quality"] = al.quality_report(decision, gt, cfg.autolabel.quality_iou)
+    return report
+
+
+def cmd_autolabel(args: argparse.Namespace) -> int:
+    from detloop.cli import UsageError
+    from detloop.orchestrator.validation_common import resolve_model
+    from detloop.seeding import derive_seed
+
+    cfg, run = validation_cli.open_run(args)
+    if not Path(args.images).is_dir():
+        raise UsageError(f"--images {args.images} is not a directory")
+    first = args.first if args.first is not None else cfg.autolabel.infer_first_frame
+    last = args.last if args.last is not None else cfg.autolabel.infer_last_frame
+    if first is not None and last is not None and last <= first:
+        raise UsageError(f"--last ({last}) must be greater than --first ({first})")
+    ref = resolve_model(run, args.iteration, args.checkpoint)
+    frames = frame_images(run, Path(args.images), first, last, cfg.data.lenient)
+    if frames.num_rows == 0:
+        raise UsageError(f"no images under {args.images} in frames [{first}, {last})")
+    report = autolabel_frames(run, cfg, ref, frames, derive_seed(cfg.seed, ref.iteration,
+                                                                 "autolabel"))  # fmt: skip
+    report.pop("rankings", None)
+    sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """``autolabel`` plus ``validate``, ``calibrate`` and ``threshold``."""
+    validation_cli.register(sub)
+    if "autolabel" in sub.choices:
+        return
+    text = "auto-label new frames; export uncertain ones for human review"
+    p = sub.add_parser("autolabel", help=text, description=text)
+    validation_cli.add_model_arguments(p)
+    p.add_argument("--images", required=True, type=Path, metavar="DIR", help="folder of frames")
+    p.add_argument("--first", type=int, metavar="N", help="first frame (sorted ids), inclusive")
+    p.add_argument("--last", type=int, metavar="M", help="last frame, exclusive")
+    p.set_defaults(func=cmd_autolabel)

@@ -1,0 +1,284 @@
+"""Validation, calibration and thresholding of a trained model (ALGORITHMS §5–§7).
+
+Each step reads what the previous one wrote in the run directory (ARCHITECTURE §8):
+
+* ``validate_model``: predictions and ``reference`` matches of the validation split, runtime,
+  mAP, model performance, uncertainty quality (metrics.json + PNGs), decoding methods compared.
+* ``calibrate_model``: fit on 80 % of the validation pairs (seeded split by image), report on
+  the other 20 % before and after, store the fit on 100 % in ``calibration/``.
+* ``threshold_model``: weights and per-IoU thresholds (``thresholds.json``) with plots.
+
+The AL loop calls ``calibrate_iteration`` / ``threshold_iteration`` (model M(i−1), outputs in
+iteration i). The verbs live in ``detloop.orchestrator.validation_cli``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from detloop.config import ConfigError, ExperimentConfig
+from detloop.data import schema
+from detloop.data.errors import DataError
+from detloop.data.io import read_table, write_json, write_table
+from detloop.data.rundir import RunDir
+from detloop.learners.calibration import (
+    CalibrationSet,
+    calibration_pairs,
+    fit_calibration_set,
+    split_by_image,
+)
+from detloop.learners.uq_metrics import runtime_stats
+from detloop.orchestrator import uq_report
+from detloop.orchestrator.validation_common import (
+    DECODE_METHODS,
+    ModelRef,
+    apply_calibration,
+    categories_table,
+    eval_split,
+    load_calibration,
+    load_validation,
+    log_run_artifacts,
+    mean_matched_score,
+    min_score_for,
+    update_metrics,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def predict_timed(predictor: Any, images: pa.Table, seed: int) -> tuple[pa.Table, list[float]]:
+    """Predict image by image (batch 1), returning the table and per-image times in ms."""
+    parts, times = [], []
+    for i in range(images.num_rows):
+        t0 = predictor.seconds
+        parts.append(predictor.predict(images.slice(i, 1), seed=seed, batch_size=1))
+        times.append(1000.0 * (predictor.seconds - t0))
+    table = pa.concat_tables(parts) if parts else schema.PREDICTIONS.empty()
+    return schema.validate_table(table, schema.PREDICTIONS, "predictions"), times
+
+
+def _evaluate_decoding(
+    predictor: Any, cfg: ExperimentConfig, method: str, data: tuple[pa.Table, pa.Table, pa.Table],
+    cal: CalibrationSet | None, seed: int,
+) -> tuple[pa.Table, pa.Table, dict[str, Any]]:  # fmt: skip
+    from detloop.learners.evaluate import coco_map, match_reference, performance_summary
+
+    images, gt, cats = data
+    predict = cfg.predict.model_copy(update={"uncert_adjust_method": method})
+    predictor.cfg = cfg.model_copy(update={"predict": predict})
+    preds, times = predict_timed(predictor, images, seed)
+    if cal is not None:
+        preds = cal.transform(preds)
+    matches = match_reference(preds, gt, assign=cfg.thresholding.assign_gt_box)
+    pairs = calibration_pairs(preds, matches)
+    summary = {
+        "map": coco_map(preds, gt, images, cats),
+        "performance": performance_summary(matches, preds, method),
+        "runtime_ms": runtime_stats(times),
+        "loc_ece": {f"{k}_{'cal' if c else 'uncal'}": uq_report.box_ece(pairs, k, c)
+                    for k in uq_report.KINDS for c in (False, True)},
+    }  # fmt: skip
+    return preds, matches, summary
+
+
+def validate_model(
+    run: RunDir, cfg: ExperimentConfig, ref: ModelRef, seed: int, *, compare: bool = True,
+    plots: bool = True, toolbox: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Validation report of one model; writes val predictions, matches, metrics and plots."""
+    from detloop.learners.evaluate import background_false_positives
+    from detloop.learners.predict import Predictor
+
+    split, images, gt = eval_split(run)
+    predictor = Predictor.from_checkpoint(ref.checkpoint, cfg)
+    cats = categories_table(run, predictor.model.spec.num_classes)
+    cal = load_calibration(run, ref.iteration)
+    method = cfg.predict.uncert_adjust_method
+    methods = [method, *(m for m in DECODE_METHODS if m != method)] if compare else [method]
+    summaries: dict[str, Any] = {}
+    for m in methods:
+        out = _evaluate_decoding(predictor, cfg, m, (images, gt, cats), cal, seed)
+        summaries[m] = out[2]
+        if m == method:
+            preds, matches = out[0], out[1]
+    write_table(preds, schema.PREDICTIONS, run.val_predictions_file(ref.iteration))
+    write_table(matches, schema.MATCHES, run.matches_file(ref.iteration))
+    avg = mean_matched_score(preds, matches)
+    min_score = min_score_for(cfg, avg)
+    pairs = calibration_pairs(preds, matches)
+    rng = np.random.default_rng(seed)
+    report: dict[str, Any] = {
+        "split": split, "checkpoint": str(ref.checkpoint), "n_images": images.num_rows,
+        "decode_method": method, **summaries[method], "mean_matched_score": avg,
+        "min_score": min_score,
+        "background_fp": background_false_positives(preds, gt, 0.5, min_score),
+        "uncertainty_quality": {
+            "class": uq_report.class_report(pairs, cal, cfg.calibration.ece_bins),
+            "box": uq_report.box_report(pairs, rng, toolbox),
+        },
+        "decoding": summaries,
+    }  # fmt: skip
+    out_dir = run.iteration_dir(ref.iteration) / "validation"
+    written = uq_report.write_plots(pairs, cal, out_dir, rng) if plots and len(pairs) else []
+    paths = [update_metrics(run, ref.iteration, "validation", report), *written]
+    paths += [run.matches_file(ref.iteration), run.val_predictions_file(ref.iteration)]
+    log_run_artifacts(run, cfg, paths, f"iter_{ref.iteration:04d}/validation")
+    return report
+
+
+def _methods(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
+    c = cfg.calibration
+    return {
+        "class_method": c.calib_method_class if c.calibrate_classification else None,
+        "box_method": c.calib_method_box if c.calibrate_regression else None,
+        "objective": c.box_ts_objective, "min_pairs": c.min_pairs, "n_samples": c.unc_samples,
+        "random_state": seed % 2**31,
+    }  # fmt: skip
+
+
+def compare_methods(fit: Any, held: Any, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
+    """Held-out ECE of every box method (al and mc stds) and every class method, in memory."""
+    from detloop.learners.calibration import BOX_CALIBRATORS, CLASS_CALIBRATORS
+
+    kw = _methods(cfg, seed)
+    out: dict[str, Any] = {"box": {}, "class": {}}
+    for name in BOX_CALIBRATORS:
+        cs = fit_calibration_set(fit, None, name, objective=kw["objective"],
+                                 min_pairs=kw["min_pairs"])  # fmt: skip
+        h = uq_report.with_calibration(held, cs)
+        out["box"][name] = {k: uq_report.box_ece(h, k, True) for k in uq_report.KINDS}
+    labels = held["gt_class"].to_numpy(np.int64)
+    for name in CLASS_CALIBRATORS:
+        if name.startswith("unc_") and fit["mc_class_vec"].isna().any():
+            continue
+        cs = fit_calibration_set(fit, name, None, n_samples=kw["n_samples"],
+                                 random_state=kw["random_state"])  # fmt: skip
+        p = uq_report.class_probs(held, cs).get("calibrated")
+        if p is not None:
+            from detloop.learners.uq_metrics import class_metrics
+
+            m = class_metrics(p, labels, cfg.calibration.ece_bins)
+            out["class"][name] = {k: m[k] for k in ("ece", "mce", "sce", "brier", "nll")}
+    return out
+
+
+def calibrate_model(
+    run: RunDir, cfg: ExperimentConfig, model_iter: int, out_iter: int, seed: int,
+    *, plots: bool = True, toolbox: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Fit on 80 %, report on 20 % (before/after), store the 100 % fit; fill ``*_cal``."""
+    c = cfg.calibration
+    preds, matches = load_validation(run, cfg, model_iter, seed)
+    preds = preds.drop_columns([n for n in schema.CAL_COLS if n in preds.column_names])
+    pairs = calibration_pairs(preds, matches)
+    if len(pairs) < 2:
+        raise DataError(str(run.val_predictions_file(model_iter)), None, None,
+                        f"only {len(pairs)} matched predictions: too few to calibrate")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    fit, held = split_by_image(pairs, c.calib_split, rng, c.calib_split_mode)
+    cal80 = fit_calibration_set(fit, **_methods(cfg, seed))
+    held_cal = uq_report.with_calibration(held, cal80)
+    report: dict[str, Any] = {
+        "model_iteration": model_iter, "n_pairs": len(pairs), "n_fit": len(fit),
+        "n_report": len(held), "calibrators": sorted(cal80.calibrators),
+        "class": uq_report.class_report(held_cal, cal80, c.ece_bins),
+        "box": uq_report.box_report(held_cal, rng, toolbox),
+        "methods": compare_methods(fit, held, cfg, seed),
+    }  # fmt: skip
+    cal = fit_calibration_set(pairs, **_methods(cfg, seed))
+    cal_dir = run.calibration_dir(out_iter)
+    paths = cal.save(cal_dir)
+    apply_calibration(run.val_predictions_file(model_iter), cal)
+    if plots and len(held):
+        paths += uq_report.write_plots(held_cal, cal80, cal_dir / "plots", rng, c.ece_bins)
+    write_json(_summary_safe(report), cal_dir / "report.json")
+    paths.append(update_metrics(run, out_iter, "calibration", _headline(report)))
+    log_run_artifacts(run, cfg, [cal_dir, run.metrics_file(out_iter)], f"iter_{out_iter:04d}")
+    return report
+
+
+def _summary_safe(report: dict[str, Any]) -> dict[str, Any]:
+    from detloop.orchestrator.validation_common import _jsonable
+
+    out: dict[str, Any] = _jsonable(report)
+    return out
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers worth a glance: ECE before/after per family."""
+    out: dict[str, Any] = {k: report[k] for k in ("n_pairs", "n_fit", "n_report", "calibrators")}
+    for k, v in report["class"].items():
+        out[f"class_ece_{k}"] = v["ece"]
+    for k, v in report["box"].items():
+        out[f"box_ece_{k}"] = v["pooled"]["ece"]
+    return out
+
+
+def calibrate_iteration(
+    run: RunDir, cfg: ExperimentConfig, iteration: int, seed: int
+) -> dict[str, Any]:
+    """AL loop: calibrate M(i−1) on validation, store in iteration i, fill the pool's ``*_cal``."""
+    report = calibrate_model(run, cfg, iteration - 1, iteration, seed, plots=False, toolbox=False)
+    cal = load_calibration(run, iteration)
+    if cal is not None:
+        apply_calibration(run.predictions_file(iteration), cal)
+    return _headline(report)
+
+
+def threshold_model(
+    run: RunDir, cfg: ExperimentConfig, model_iter: int, out_iter: int, seed: int,
+    *, plots: bool = True, diagnostics: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Cost-sensitive thresholds of ``model_iter``'s model on validation → thresholds.json."""
+    from detloop.selectors.threshold import CostSensitiveThresholder, threshold_rows
+
+    t, c = cfg.thresholding, cfg.calibration
+    if t.optimizer != "optuna":
+        raise ConfigError("thresholding.optimizer", [("thresholding.optimizer",
+                          "only 'optuna' is available (HEBO is not installed)")])  # fmt: skip
+    calibrated = c.calibrate_classification and c.calibrate_regression
+    preds, matches = load_validation(run, cfg, model_iter, seed)
+    if calibrated and "entropy_cal" not in preds.column_names:
+        calibrate_model(run, cfg, model_iter, out_iter, seed, plots=False, toolbox=False)
+        preds = read_table(schema.PREDICTIONS, run.val_predictions_file(model_iter))
+    min_score = min_score_for(cfg, mean_matched_score(preds, matches))
+    pdf = preds.drop_columns(["logits", "mc_class_vec"]).to_pandas()
+    rows = threshold_rows(pdf, matches.to_pandas(), t.fd_scope, min_score)
+    if len(rows) == 0:
+        raise DataError(str(run.matches_file(model_iter)), None, "iou", "no matched detections")
+    th = CostSensitiveThresholder(
+        t.thr_sel_uncert, t.thr_iou_thrs, t.thr_fpr_tpr, t.thr_cd, calibrated,
+        seed=t.thr_seed if t.thr_seed is not None else seed, n_trials=t.n_trials,
+        patience=t.patience, thr_pick=t.thr_pick, thr_interp=t.thr_interp, per_cls=t.per_cls,
+        fd_scope=t.fd_scope, calib_method_class=c.calib_method_class if calibrated else None,
+        calib_method_box=c.calib_method_box if calibrated else None,
+    ).fit(rows)  # fmt: skip
+    result = th.result()
+    result.save(run.thresholds_file(out_iter))
+    paths = [run.thresholds_file(out_iter)]
+    if plots:
+        from detloop.orchestrator.threshold_report import write_threshold_plots
+
+        out_dir = run.iteration_dir(out_iter) / "thresholding"
+        paths += write_threshold_plots(run, rows, th, out_dir, np.random.default_rng(seed),
+                                       diagnostics)  # fmt: skip
+    combo = result.metrics["combination"]
+    headline = {
+        "metric": combo["metric"], "auroc": combo["auroc"], "jsd": combo["jsd"],
+        "weights": result.weights, "threshold_mean": result.threshold_mean, "n_rows": len(rows),
+        "n_trials": result.n_trials, "min_score": min_score,
+    }  # fmt: skip
+    paths.append(update_metrics(run, out_iter, "thresholding", headline))
+    log_run_artifacts(run, cfg, paths, f"iter_{out_iter:04d}/thresholding")
+    return headline
+
+
+def threshold_iteration(
+    run: RunDir, cfg: ExperimentConfig, iteration: int, seed: int
+) -> dict[str, Any]:
+    """AL loop: thresholds of M(i−1) on validation, stored in iteration i."""
+    return threshold_model(run, cfg, iteration - 1, iteration, seed, plots=False)
