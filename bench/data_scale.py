@@ -161,6 +161,7 @@ def main() -> int:
         result = {
             "machine": {
                 "cpus": os.cpu_count(),
+                "load_avg_1min": os.getloadavg()[0],
                 "python": platform.python_version(),
                 "platform": platform.platform(),
             },

@@ -8,7 +8,6 @@ from detloop.data.errors import DataError
 from detloop.data.export import export_coco
 from detloop.data.images import decode_images, hash_image, missing_files
 from detloop.data.importer import (
-    ImportReport,
     check_files,
     commit,
     decode_pass,
@@ -16,6 +15,7 @@ from detloop.data.importer import (
     parse_source,
 )
 from detloop.data.io import read_json, read_table, write_json, write_table
+from detloop.data.merge import ImportReport
 from detloop.data.parsed import Parsed
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir, RunsRoot
