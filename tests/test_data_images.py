@@ -6,6 +6,7 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
+import pytest
 from PIL import Image, ImageFilter
 
 from detloop.data.images import decode_image, decode_images, find_images, hash_image, missing_files
@@ -67,7 +68,8 @@ def test_decode_catches_corrupt_and_truncated_files(tmp_path: Path) -> None:
     assert decode_image(tmp_path / "none.png", False).error == "image file not found"
 
 
-def test_threaded_decoding_keeps_order(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_process_pool_decoding_keeps_order(tmp_path: Path) -> None:
     files = []
     for k in range(20):
         _save(tmp_path / f"{k:02d}.png", k, size=(40 + k, 30))
