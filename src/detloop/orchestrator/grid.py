@@ -15,6 +15,7 @@ import ray
 
 from detloop.config import ExperimentConfig, config_to_dict, load_config
 from detloop.orchestrator.actors import check_capacity, ensure_ray
+from detloop.orchestrator.tracking import prepare_store
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def run_grid(config: Path, overrides: list[str], strategies: list[str], seeds: l
     cfgs = grid_configs(config, overrides, strategies, seeds)
     ensure_ray(cfgs[0].ray, loops=len(cfgs))
     check_capacity(cfgs[0].ray, loops=len(cfgs))
+    prepare_store(cfgs[0])
     task = ray.remote(num_cpus=0, max_retries=0)(_loop_task)
     refs = [task.remote(config_to_dict(c)) for c in cfgs]
     failed = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import posixpath
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow.compute as pc
 
 from detloop.data.coco import parse_coco
 from detloop.data.errors import DataError
+from detloop.data.io import read_json, write_json
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
 from detloop.orchestrator.journal import Journal, Phase
@@ -24,35 +26,53 @@ def _stem(path: str) -> str:
     return base.rsplit(".", 1)[0] if "." in base else base
 
 
-def _match_images(rel: list[str], queried: pa.Table, file: str) -> list[str]:
-    """Map each labeled image of the file to a queried image id.
+def _match_images(doc: dict[str, Any], queried: pa.Table, file: str) -> dict[int, str]:
+    """Map each image item of a COCO document to a queried image id.
 
-    A ``file_name`` matches the image whose id is ``pool/<file_name without extension>``
-    (files exported by detloop), else the queried image with the same base name (files
-    re-exported by labeling tools, which often rewrite folders); ambiguity is an error.
+    An item matches by its ``detloop_id`` (files exported by detloop), else by ``file_name``:
+    the image whose id is ``pool/<file_name without extension>``, else the queried image with
+    the same base name (labeling tools often rewrite folders). Ambiguity is an error.
     """
     ids = queried["image_id"].to_pylist()
     by_id = set(ids)
     by_stem: dict[str, list[str]] = {}
     for iid, f in zip(ids, queried["file"].to_pylist(), strict=True):
         by_stem.setdefault(_stem(f), []).append(iid)
-    out: list[str] = []
+    out: dict[int, str] = {}
     problems: list[DataError] = []
-    for i, name in enumerate(rel):
-        exact = f"pool/{name.rsplit('.', 1)[0]}"
-        if exact in by_id:
-            out.append(exact)
+    items = doc.get("images")
+    if not isinstance(items, list):
+        raise DataError(file, None, "images", "a COCO file needs an 'images' list")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            problems.append(DataError(file, i, "images", "an image must be an object"))
             continue
-        cands = by_stem.get(_stem(name), [])
+        if item.get("detloop_id") in by_id:
+            out[i] = str(item["detloop_id"])
+            continue
+        name = str(item.get("file_name", ""))
+        exact = f"pool/{name.rsplit('.', 1)[0]}"
+        cands = [exact] if exact in by_id else by_stem.get(_stem(name), [])
         if len(cands) == 1:
-            out.append(cands[0])
+            out[i] = cands[0]
         else:
             what = "is not one of the queried images" if not cands else "matches several images"
-            problems.append(DataError(file, i, "file_name", f"{name!r} {what}"))
-            out.append("")
+            problems.append(DataError(file, i, "images.file_name", f"{name!r} {what}"))
     if problems:
         raise DataError.many(problems)
     return out
+
+
+def _normalised(
+    doc: dict[str, Any], matched: dict[int, str], files: dict[str, str]
+) -> dict[str, Any]:
+    """The document with every file name replaced by the matched image's relative name."""
+    images = []
+    for i, item in enumerate(doc["images"]):
+        iid = matched[i]
+        ext = posixpath.splitext(files[iid])[1]
+        images.append({**item, "file_name": iid.split("/", 1)[1] + ext})
+    return {**doc, "images": images}
 
 
 def import_labels(run: RunDir, file: Path) -> tuple[int, int]:
@@ -75,11 +95,18 @@ def import_labels(run: RunDir, file: Path) -> tuple[int, int]:
     pool = PoolState.load(run)
     queried = pool.images.filter(pc.equal(pool.images["state"], "queried"))
     categories = run.read_categories()
-    parsed = parse_coco(file, None, categories["name"].to_pylist())
-    fatal = [p.error for p in parsed.problems]
-    if fatal:
-        raise DataError.many(fatal)
-    ids = _match_images(parsed.rel, queried, str(file))
+    matched = _match_images(read_json(file), queried, str(file))
+    files = dict(zip(queried["image_id"].to_pylist(), queried["file"].to_pylist(), strict=True))
+    staged = run.exports / f".import_{file.stem}.json"
+    write_json(_normalised(read_json(file), matched, files), staged)
+    try:
+        parsed = parse_coco(staged, None, categories["name"].to_pylist())
+    finally:
+        staged.unlink(missing_ok=True)
+    problems = [p.error for p in parsed.problems]
+    if problems:
+        raise DataError.many(problems)
+    ids = [f"pool/{posixpath.splitext(r)[0]}" for r in parsed.rel]
     labeled = sorted(set(ids))
     missing = sorted(set(queried["image_id"].to_pylist()) - set(labeled))
     if missing:

@@ -66,9 +66,10 @@ class ActiveLearningLoop:
     def workers(self) -> Any:
         if self._workers is None:
             if self._workers_factory is None:
-                from detloop.orchestrator.actors import Workers, ensure_ray
+                from detloop.orchestrator.actors import Workers, check_capacity, ensure_ray
 
                 ensure_ray(self.cfg.ray)
+                check_capacity(self.cfg.ray)
                 self._workers = Workers(self.cfg, self.num_classes)
             else:
                 self._workers = self._workers_factory(self.cfg, self.num_classes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -109,5 +110,17 @@ def import_data(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def ray_job_id() -> str | None:
-    """The Ray job submission id when running as a ``ray job submit`` entrypoint."""
-    return os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    """The submission id when running as a ``ray job submit`` entrypoint, else None.
+
+    The job supervisor hands the driver its job config (with the submission id in the
+    metadata) through an environment variable.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return None
+    job = meta.get("job_submission_id")
+    return str(job) if job else None

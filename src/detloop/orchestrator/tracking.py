@@ -62,6 +62,13 @@ def experiment_id(client: Any, cfg: ExperimentConfig) -> str:
         return str(exp.experiment_id)
 
 
+def prepare_store(cfg: ExperimentConfig) -> None:
+    """Create the store and the experiment once, before concurrent loops open them (SQLite
+    schema creation is not safe to race)."""
+    if cfg.tracking.enabled:
+        experiment_id(_client(tracking_uri(cfg)), cfg)
+
+
 class MlflowTracker(LoopCallback):
     """Logs a loop to MLflow; the run id lives in ``run.json`` so a resume reattaches."""
 
