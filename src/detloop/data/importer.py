@@ -136,6 +136,35 @@ def quarantine_reasons(problems: list[Problem]) -> dict[int, str]:
     return {i: "; ".join(r) for i, r in reasons.items()}
 
 
+def _run_problems(
+    images: pa.Table, categories: pa.Table, parsed: Parsed
+) -> tuple[list[Problem], pa.Table, np.ndarray, list[str]]:
+    """Problems between the source and what the run holds; the merged categories."""
+    problems: list[Problem] = []
+    known = set(images["image_id"].to_pylist())
+    clash = [iid for iid in parsed.image_ids if iid in known]
+    if clash:
+        text = f"{len(clash)} image ids are already in the run (imported before?), e.g. {clash[:3]}"
+        problems.append(Problem(DataError(parsed.source, None, "file", text), None, fatal=True))
+    try:
+        merged, mapping, added = merge_categories(categories, parsed)
+    except DataError as exc:
+        problems += [Problem(e, None, fatal=True) for e in exc.problems]
+        merged, mapping, added = categories, np.zeros(0, np.int32), []
+    return problems, merged, mapping, added
+
+
+def _write(run: RunDir, images: pa.Table, gt: pa.Table, categories: pa.Table) -> None:
+    """Validate all three tables first, then write them; images last, so an import becomes
+    visible only once everything else is stored."""
+    images = schema.validate_table(images, schema.IMAGES, str(run.images_file))
+    gt = schema.validate_table(gt, schema.GT, str(run.gt_file))
+    categories = schema.validate_table(categories, schema.CATEGORIES, str(run.categories_file))
+    write_table(categories, schema.CATEGORIES, run.categories_file, validate=False)
+    write_table(gt, schema.GT, run.gt_file, validate=False)
+    write_table(images, schema.IMAGES, run.images_file, validate=False)
+
+
 def commit(run: RunDir, parsed: Parsed, split: str, *, lenient: bool = False) -> ImportReport:
     """Merge ``parsed`` into the run's images, gt and categories tables and write them.
 
@@ -144,38 +173,11 @@ def commit(run: RunDir, parsed: Parsed, split: str, *, lenient: bool = False) ->
             written then.
     """
     if split not in schema.SPLITS:
-        raise DataError(
-            parsed.source,
-            None,
-            "split",
-            f"unknown split {split!r}; one of {', '.join(schema.SPLITS)}",
-        )
-    images = run.read_images()
-    gt = run.read_gt()
-    problems = list(parsed.problems)
-    known = set(images["image_id"].to_pylist())
-    clash = [iid for i, iid in enumerate(parsed.image_ids) if iid in known]
-    if clash:
-        problems.append(
-            Problem(
-                DataError(
-                    parsed.source,
-                    None,
-                    "file",
-                    (
-                        f"{len(clash)} image ids are already in the run (imported before?), e.g. "
-                        f"{clash[:3]}"
-                    ),
-                ),
-                None,
-                fatal=True,
-            )
-        )
-    try:
-        categories, mapping, added = merge_categories(run.read_categories(), parsed)
-    except DataError as exc:
-        problems += [Problem(e, None, fatal=True) for e in exc.problems]
-        mapping, added = np.zeros(0, np.int32), []
+        text = f"unknown split {split!r}; one of {', '.join(schema.SPLITS)}"
+        raise DataError(parsed.source, None, "split", text)
+    images, gt = run.read_images(), run.read_gt()
+    extra, categories, mapping, added = _run_problems(images, run.read_categories(), parsed)
+    problems = parsed.problems + extra
     if problems and (not lenient or any(p.fatal for p in problems)):
         raise DataError.many([p.error for p in problems])
     for p in problems:
@@ -185,26 +187,12 @@ def commit(run: RunDir, parsed: Parsed, split: str, *, lenient: bool = False) ->
     keep = np.ones(parsed.n_images, dtype=bool)
     keep[list(parsed.dropped)] = False
     first_box = int(pc.max(gt["box_id"]).as_py() or 0) + 1 if gt.num_rows else 0
-    new_images = image_rows(parsed, keep, split, reasons)
-    new_gt = gt_rows(parsed, keep, mapping, first_box)
+    new_images = schema.validate_table(image_rows(parsed, keep, split, reasons), schema.IMAGES)
+    new_gt = schema.validate_table(gt_rows(parsed, keep, mapping, first_box), schema.GT)
     # gt rows whose image is not in the images table can only be left by an import that was
     # killed between its writes; they are dropped so a repeated import does not double them.
     gt = gt.filter(pc.is_in(gt["image_id"], value_set=images["image_id"]))
-    all_images = schema.validate_table(
-        pa.concat_tables([images, schema.validate_table(new_images, schema.IMAGES)]),
-        schema.IMAGES,
-        str(run.images_file),
-    )
-    all_gt = schema.validate_table(
-        pa.concat_tables([gt, schema.validate_table(new_gt, schema.GT)]),
-        schema.GT,
-        str(run.gt_file),
-    )
-    categories = schema.validate_table(categories, schema.CATEGORIES, str(run.categories_file))
-    # Images last: the import becomes visible only when its images are there.
-    write_table(categories, schema.CATEGORIES, run.categories_file, validate=False)
-    write_table(all_gt, schema.GT, run.gt_file, validate=False)
-    write_table(all_images, schema.IMAGES, run.images_file, validate=False)
+    _write(run, pa.concat_tables([images, new_images]), pa.concat_tables([gt, new_gt]), categories)
     report = ImportReport(
         split=split,
         n_images=new_images.num_rows,
