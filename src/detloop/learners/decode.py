@@ -74,7 +74,7 @@ def plain_decode(t: Tensor, anchors: Tensor) -> Tensor:
 
 
 def _lnorm(t: Tensor, v: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
-    """§2.1: log-normal moments in closed form, variances exponentiated from clamped logs."""
+    """§2.1: log-normal moments in closed form; a variance whose log exceeds 80 is e^80."""
     xa, ya, wa, ha = anchor_geometry(anchors)
     tx, ty, tw, th = t.unbind(-1)
     vx, vy, vw, vh = v.unbind(-1)
@@ -84,8 +84,9 @@ def _lnorm(t: Tensor, v: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
     def size_var(v_s: Tensor, mean_s: Tensor, log_a: Tensor, t_s: Tensor) -> Tensor:
         # Var = (a·e^(t+v/2))²·expm1(v); its total log decides the clamp (decision 3), the
         # product form gives the value where unclamped.
-        log_var = 2 * log_a + torch.expm1(v_s).log() + 2 * t_s + v_s
-        std = mean_s * torch.expm1(v_s).sqrt()
+        growth = torch.expm1(v_s)
+        log_var = 2 * log_a + growth.log() + 2 * t_s + v_s
+        std = mean_s * growth.sqrt()
         return torch.where(log_var > LOG_CLAMP, _MAX_VALUE, std**2)
 
     means = _corners(tx * wa + xa, ty * ha + ya, w, h)
