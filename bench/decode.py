@@ -1,7 +1,8 @@
 """Benchmark of uncertainty decoding (ALGORITHMS §2): closed form vs Monte-Carlo sampling.
 
 Speed: ``l-norm`` (and ``n-flow``) against ``sample`` with 100 draws over 100,000 anchors
-(float32, one CPU thread by default, best and median of several repeats after a warm-up). Target: l-norm ≥ 20× faster.
+(float32, one CPU thread by default, best and median of several repeats after a warm-up).
+Target: l-norm ≥ 20× faster.
 
 Accuracy: every method's corner means and stds against a 10⁶-sample Monte Carlo of the same
 generative model (``sample`` with n = 10⁶, chunked) on a subset of the anchors. Errors are
