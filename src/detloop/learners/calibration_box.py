@@ -37,6 +37,7 @@ BOX_METHODS = (
     "rel_iso_percoo",
 )
 _SIZE_FLOOR = 1e-6
+STD_FLOOR = 1e-6  # calibrated stds (absolute, or relative for rel_*) are at least this
 
 
 class BoxCalibrator:
@@ -131,6 +132,7 @@ class BoxCalibrator:
                     if key.startswith("c") and key.endswith(f"k{k}"):
                         rows = cls == int(key[1 : key.index("k")])
                         out[rows, k] = model.predict(x[rows, k])
+        out = np.maximum(out, STD_FLOOR)  # a zero std would make NLL and PIT undefined
         out[~np.isfinite(x)] = np.nan
         return out * size if self.relative else out
 

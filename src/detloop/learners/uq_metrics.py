@@ -173,7 +173,8 @@ def object_coverage(resid: np.ndarray, sigma: np.ndarray) -> float:
 def pit(gt: np.ndarray, pred: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """Probability integral transform u = Φ((gt − pred)/σ)."""
     g, p, s = _flat(gt, pred, sigma)
-    return np.asarray(stats.norm.cdf((g - p) / s))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(stats.norm.cdf((g - p) / s))
 
 
 def pit_ks(u: np.ndarray) -> tuple[float, float]:
@@ -248,11 +249,16 @@ def box_uncertainty_report(
 ) -> dict[str, Any]:  # fmt: skip
     """Pooled and per-coordinate metrics of [N, 4] predicted corners, stds and GT corners.
 
-    Rows with a non-finite std are dropped (a head that was absent).
+    Rows with a non-finite std (a head that was absent) or a zero std (NLL and PIT undefined)
+    are dropped; ``n_dropped`` counts them.
     """
-    ok = np.all(np.isfinite(sigma), axis=1)
+    ok = np.all(np.isfinite(sigma) & (sigma > 0), axis=1)
     pred, sigma, gt = pred[ok], sigma[ok], gt[ok]
-    report: dict[str, Any] = {"pooled": box_metrics(pred, sigma, gt), "n_objects": int(ok.sum())}
+    report: dict[str, Any] = {
+        "pooled": box_metrics(pred, sigma, gt),
+        "n_objects": int(ok.sum()),
+        "n_dropped": int((~ok).sum()),
+    }
     for k, c in enumerate(COORDS):
         report[c] = box_metrics(pred[:, k], sigma[:, k], gt[:, k])
     if toolbox and ok.sum() >= 2:

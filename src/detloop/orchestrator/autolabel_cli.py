@@ -110,8 +110,11 @@ def autolabel_frames(
     decision = al.decide(pdf, ids, thresholds, min_score, cfg.autolabel.empty_image)
     write_table(al.selection_table(decision, it), schema.SELECTION, run.selection_file(it))
     pool = PoolState.load(run)
-    keep = ~pc.and_(pc.is_in(pool.labels["image_id"], value_set=pa.array(ids, pa.string())),
-                    pc.equal(pool.labels["source"], "auto"))  # fmt: skip
+    old = pc.and_(
+        pc.is_in(pool.labels["image_id"], value_set=pa.array(ids, pa.string())),
+        pc.equal(pool.labels["source"], "auto"),
+    )
+    keep = pc.invert(old)
     pool = PoolState(pool.images, pool.labels.filter(keep))  # re-running replaces auto labels
     start = int(pc.max(pool.labels["box_id"]).as_py() or 0) + 1 if pool.labels.num_rows else 0
     labels = al.auto_label_table(decision, it, start)

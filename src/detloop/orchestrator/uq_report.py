@@ -126,7 +126,7 @@ def box_ece(pairs: pd.DataFrame, kind: str, calibrated: bool) -> float | None:
     if arrays is None or not len(pairs):
         return None
     pred, sigma, gt = arrays
-    ok = np.all(np.isfinite(sigma), axis=1)
+    ok = np.all(np.isfinite(sigma) & (sigma > 0), axis=1)
     return uq.regression_ece(gt[ok] - pred[ok], sigma[ok])
 
 

@@ -131,7 +131,10 @@ def jsd(u_cd: FloatArray, u_fd: FloatArray, n_points: int = 1000) -> float:
     m2, s2 = float(np.mean(u_fd)), float(np.std(u_fd))
     if s1 == 0 and s2 == 0:
         return 0.0 if m1 == m2 else float(np.sqrt(np.log(2)))
-    floor = 1e-9 * max(s1, s2)
+    # a (near-)zero std would put its whole mass between two grid points: floor it at the
+    # grid spacing so both pdf vectors are non-zero somewhere
+    lo, hi = min(m1 - 3 * s1, m2 - 3 * s2), max(m1 + 3 * s1, m2 + 3 * s2)
+    floor = (hi - lo) / n_points
     s1, s2 = max(s1, floor), max(s2, floor)
     x = np.linspace(min(m1 - 3 * s1, m2 - 3 * s2), max(m1 + 3 * s1, m2 + 3 * s2), n_points)
     return float(jensenshannon(norm.pdf(x, m1, s1), norm.pdf(x, m2, s2)))

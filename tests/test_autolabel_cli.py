@@ -1,0 +1,156 @@
+"""End to end on digits-det tiny: validate → calibrate → threshold → autolabel via ``main``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+import yaml
+from pycocotools.coco import COCO
+
+from detloop.cli import main
+from detloop.config import ExperimentConfig
+from detloop.data import schema
+from detloop.data.digits import digits_source
+from detloop.data.importer import import_source
+from detloop.data.io import read_json, read_table
+from detloop.data.rundir import RunDir
+from detloop.learners.calibration import CalibrationSet
+from detloop.orchestrator.validation_common import log_artifacts
+from detloop.selectors.threshold import load_thresholds
+
+torch.set_num_threads(1)
+SCHEMA = json.loads((Path(__file__).parent / "fixtures/label_studio_tasks.schema.json").read_text())
+SETTINGS = {
+    "name": "e2e",
+    "model": {"preset": "tiny", "uncertainty": "mcdropout_lossatt", "mc_dropoutsamp": 2},
+    "train": {"device": "cpu", "max_steps": 6, "batch_size": 4, "epochs": 1},
+    "predict": {"batch_size": 8},
+    "thresholding": {"n_trials": 12, "patience": 6},
+    "autolabel": {"render": True},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(digits_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunDir]:
+    """A run with pool/val/test imported and a tiny model trained for a few steps (iter 0)."""
+    from detloop.learners.train import train_model
+
+    base = tmp_path_factory.mktemp("e2e")
+    run = RunDir(base / "run")
+    for split in ("pool", "val", "test"):
+        source, images = digits_source(digits_tiny, split)
+        import_source(run, "coco", source, split, images=images)
+    cfg_path = base / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(SETTINGS))
+    cfg = ExperimentConfig.model_validate(SETTINGS)
+    images = run.read_images()
+    pool = images.filter(pc.equal(images["split"], "pool"))
+    gt = run.read_gt()
+    labels = gt.filter(pc.is_in(gt["image_id"], value_set=pool["image_id"].combine_chunks()))
+    labels = labels.append_column("weight", pc.cast(pc.add(labels["iscrowd"], 1), "float32"))
+    train_model(cfg, pool, labels, 10, run.checkpoint(0), seed=0, progress=False)
+    return cfg_path, run
+
+
+def cli(*argv: str) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(list(argv))
+
+
+@pytest.mark.slow
+def test_validate_calibrate_threshold_autolabel(
+    trained: tuple[Path, RunDir], digits_tiny: Path
+) -> None:
+    cfg, run = trained
+    common = [str(cfg), "--run", str(run.path), "--iteration", "0"]
+    assert cli("validate", *common) == 0
+    m = read_json(run.metrics_file(0))["validation"]
+    assert set(m["decoding"]) == {"l-norm", "n-flow", "sample", "falsedec"}
+    assert m["runtime_ms"]["n"] == m["n_images"] - 5 and m["runtime_ms"]["p95"] > 0
+    assert {"al_uncalibrated", "mc_uncalibrated"} <= set(m["uncertainty_quality"]["box"])
+    assert read_table(schema.MATCHES, run.matches_file(0)).num_rows > 0
+    assert (run.iteration_dir(0) / "validation/reliability_uncalibrated.png").exists()
+
+    assert cli("calibrate", *common) == 0
+    cal = CalibrationSet.load(run.calibration_dir(0))
+    assert set(cal.calibrators) == {"class", "class_mc", "box_al", "box_mc"}
+    val = read_table(schema.PREDICTIONS, run.val_predictions_file(0))
+    assert {"entropy_cal", "al_x1_cal", "mc_class_cal"} <= set(val.column_names)
+    report = read_json(run.calibration_dir(0) / "report.json")
+    assert "iso_perclscoo" in report["methods"]["box"]
+    assert report["box"]["al_calibrated"]["pooled"]["ece"] is not None
+
+    assert cli("threshold", *common, "--diagnostics") == 0
+    res = load_thresholds(run.thresholds_file(0))
+    assert res.uncertainties == ["entropy", "albox_rel"] and len(res.thresholds) == 6
+    assert res.calibrated and res.objective <= min(
+        s["objective"] for s in res.metrics["single"].values()
+    )
+    assert (run.iteration_dir(0) / "thresholding/heatmaps.png").exists()
+
+    test_dir = digits_tiny / "images" / "test"
+    argv = ["autolabel", *common, "--images", str(test_dir), "--first", "0", "--last", "10"]
+    assert cli(*argv) == 0
+    sel = read_table(schema.SELECTION, run.selection_file(0))
+    assert sel.num_rows == 10 and set(sel["verdict"].to_pylist()) <= {"auto_labeled", "examine"}
+    images = run.read_images().to_pandas().set_index("image_id")
+    for image_id, verdict in zip(
+        sel["image_id"].to_pylist(), sel["verdict"].to_pylist(), strict=True
+    ):
+        assert images.loc[image_id, "state"] == verdict
+    labels = run.read_labels().to_pandas()
+    auto = set(sel.filter(pc.equal(sel["verdict"], "auto_labeled"))["image_id"].to_pylist())
+    assert set(labels.loc[labels["source"] == "auto", "image_id"]) <= auto
+    q = read_json(run.metrics_file(0))["autolabel"]
+    assert q["n_images"] == 10 and "quality" in q
+    ex = run.exports
+    with contextlib.redirect_stdout(io.StringIO()):
+        COCO(str(ex / "autolabel_iter_0000_auto.coco.json"))
+        COCO(str(ex / "autolabel_iter_0000_examine.coco.json"))
+    import jsonschema
+
+    jsonschema.validate(read_json(ex / "autolabel_iter_0000_examine.label_studio.json"), SCHEMA)
+    assert (ex / "autolabel_iter_0000_examine.label_studio.xml").exists()
+    # running again on the same frames replaces the auto labels instead of duplicating them
+    assert cli(*argv) == 0
+    again = run.read_labels().to_pandas()
+    assert (again["source"] == "auto").sum() == (labels["source"] == "auto").sum()
+
+
+def test_bad_input_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "x"}))
+    (tmp_path / "run").mkdir()
+    assert cli("validate", str(cfg), "--run", str(tmp_path / "run"), "--iteration", "3") == 2
+    assert cli("calibrate", str(cfg), "--run", str(tmp_path / "nope")) == 2
+    argv = ["autolabel", str(cfg), "--run", str(tmp_path / "run"), "--images", str(tmp_path / "x")]
+    assert cli(*argv) == 2
+    cfg.write_text(yaml.safe_dump({"name": "x", "calibration": {"calib_split": 2}}))
+    assert cli("threshold", str(cfg), "--run", str(tmp_path / "run")) == 2
+
+
+@pytest.mark.slow
+def test_log_artifacts_to_mlflow(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
+    run_id = client.create_run(exp).info.run_id
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/b.txt").write_text("b")
+    assert log_artifacts(None, uri, [tmp_path / "a.json"], "x") == 0
+    assert (
+        log_artifacts(run_id, uri, [tmp_path / "a.json", tmp_path / "d", tmp_path / "no"], "x") == 2
+    )
+    names = sorted(a.path for a in client.list_artifacts(run_id, "x"))
+    assert names == ["x/a.json", "x/d"]
+    assert np.isfinite(1.0)
