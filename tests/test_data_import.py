@@ -15,6 +15,7 @@ from detloop.data.coco import parse_coco
 from detloop.data.digits import digits_source
 from detloop.data.export import export_coco
 from detloop.data.importer import check_files, commit, decode_pass, import_source
+from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
 
 
@@ -97,3 +98,23 @@ def test_boxes_round_trip_exactly(
     back = json.loads((tmp / "out.json").read_text())
     assert [a["bbox"] for a in back["annotations"]] == [list(b) for b in boxes]
     assert run.read_gt().schema.field("x1").type == schema.F64
+
+
+def test_export_of_revealed_labels(
+    digits_tiny_run: RunDir, digits_tiny: Path, tmp_path: Path
+) -> None:
+    pool = PoolState.load(digits_tiny_run)
+    ids = pool.ids("unlabeled")[:5]
+    pool.reveal(digits_tiny_run.read_gt(), ids, iteration=1).save(digits_tiny_run)
+    out = tmp_path / "labeled.json"
+    counts = export_coco(digits_tiny_run, out, state="labeled", split="pool", boxes="labels")
+    back = json.loads(out.read_text())
+    original = json.loads((digits_tiny / "pool.json").read_text())
+    wanted = {int(i.split("/")[1]) for i in ids}
+    expected = [
+        {k: v for k, v in a.items() if k != "mnist_index"}
+        for a in original["annotations"]
+        if a["image_id"] in wanted
+    ]
+    assert counts["images"] == 5
+    assert sorted(back["annotations"], key=lambda a: a["id"]) == expected
