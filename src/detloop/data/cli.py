@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from detloop.data.digits import SIZES, make_digits
+from detloop.data.errors import MAX_LISTED
 from detloop.data.export import export_coco
 from detloop.data.importer import import_source
 from detloop.data.rundir import RunDir
@@ -35,8 +36,10 @@ def _import(args: argparse.Namespace) -> int:
         decode=not args.no_decode,
     )
     sys.stdout.write(report.summary() + "\n")
-    for problem in report.problems:
+    for problem in report.problems[:MAX_LISTED]:
         sys.stdout.write(f"  quarantined or skipped: {problem.describe()}\n")
+    if len(report.problems) > MAX_LISTED:
+        sys.stdout.write(f"  ... and {len(report.problems) - MAX_LISTED} more\n")
     return 0
 
 
