@@ -131,7 +131,8 @@ class Workers:
 
         The weights go into the object store once; each finished shard is handed to
         ``on_result`` as it arrives (the loop persists it, so a crash loses at most the shards
-        in flight). Returns the compute seconds summed over shards.
+        in flight). Returns the compute makespan: the largest per-actor sum of shard seconds
+        (actors work in parallel, so their sums overlap in wall time).
         """
         if not shards:
             return 0.0
@@ -139,7 +140,7 @@ class Workers:
         actors = self.predictors
         pending: dict[Any, int] = {}
         queue = list(shards)
-        seconds = 0.0
+        busy = [0.0] * len(actors)
 
         def submit(actor_idx: int) -> None:
             sid, table, seed = queue.pop(0)
@@ -154,11 +155,11 @@ class Workers:
             ref = done[0]
             actor_idx = pending.pop(ref)
             result: ShardResult = ray.get(ref)
-            seconds += result.seconds
+            busy[actor_idx] += result.seconds
             on_result(result)
             if queue:
                 submit(actor_idx)
-        return seconds
+        return max(busy)
 
     def shutdown(self) -> None:
         for actor in [self._trainer, *self._predictors]:
