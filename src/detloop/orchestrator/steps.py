@@ -113,28 +113,22 @@ def select(
 
 
 def min_score(cfg: ExperimentConfig, run: RunDir, iteration: int) -> float:
-    """The consumer score floor (ALGORITHMS §3): the configured value; else the mean matched
-    score of the latest validation (M(i-1) on val) floored to one decimal; else 0.4."""
+    """The consumer score floor (ALGORITHMS §3): ``al.min_score`` or ``predict.min_score`` when
+    set; else the mean matched score of the latest validation (M(i-1) on val) floored to one
+    decimal; else 0.4."""
+    from detloop.orchestrator.validation_common import mean_matched_score, min_score_for
+
     if cfg.al.min_score is not None:
         return cfg.al.min_score
-    if cfg.predict.min_score is not None:
-        return cfg.predict.min_score
+    avg = None
     val_file = run.val_predictions_file(iteration - 1) if iteration > 0 else None
-    if val_file is not None and val_file.exists():
+    if cfg.predict.min_score is None and val_file is not None and val_file.exists():
         from detloop.learners.evaluate import match_reference
 
-        split = "val" if has_split(run, "val") else "test"
-        _, gt = split_tables(run, split)
+        _, gt = split_tables(run, "val" if has_split(run, "val") else "test")
         preds = read_table(schema.PREDICTIONS, val_file)
-        matches = match_reference(preds, gt)
-        matched = matches.filter(pc.greater(matches["iou"], 0.0))
-        if matched.num_rows:
-            joined = matched.select(["image_id", "det_id"]).join(
-                preds.select(["image_id", "det_id", "score"]), ["image_id", "det_id"]
-            )
-            mean = float(np.mean(joined["score"].to_numpy()))
-            return float(np.floor(mean * 10) / 10)
-    return 0.4
+        avg = mean_matched_score(preds, match_reference(preds, gt))
+    return min_score_for(cfg, avg)
 
 
 # ---- prediction ---------------------------------------------------------------------------------
