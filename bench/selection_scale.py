@@ -58,12 +58,16 @@ def worker_select(folder: Path, strategy: str, budget: int) -> dict[str, Any]:
     images = pq.read_table(folder / "images.parquet")
     t1 = time.perf_counter()
     ctx = SelectContext(min_score=MIN_SCORE, rng=np.random.default_rng(0), iteration=1)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     table = select(preds, images, strategy, budget, ctx)
     t2 = time.perf_counter()
+    r2 = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "strategy": strategy,
         "read_s": round(t1 - t0, 3),
         "select_s": round(t2 - t1, 3),
+        "select_cpu_s": round(r2.ru_utime - r1.ru_utime + r2.ru_stime - r1.ru_stime, 3),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
         "selected": int(pc.sum(table["selected"]).as_py()),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
@@ -216,7 +220,8 @@ def main() -> int:
             r["ok"] = r["select_s"] <= 5.0 and r["peak_rss_mb"] <= 4096
             runs.append(r)
             print(
-                f"{strategy:<28} select {r['select_s']:6.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB"
+                f"{strategy:<28} select {r['select_s']:6.2f} s (cpu {r['select_cpu_s']:.2f} s,"
+                f" load {r['load_avg_1min']})  peak RSS {r['peak_rss_mb']:7.0f} MB"
                 f"  (read {r['read_s']:.2f} s, selected {r['selected']:,})"
                 f"  {'ok' if r['ok'] else 'FAIL'}"
             )

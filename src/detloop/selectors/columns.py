@@ -8,7 +8,7 @@ Columns are converted once and cached; the table itself is never copied or filte
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from detloop.data.schema import COORDS
 
 FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
+IntArray = npt.NDArray[np.signedinteger[Any]]
 
 #: Box sizes are floored at this many pixels before dividing (degenerate, clipped boxes).
 MIN_BOX_SIZE: Final = 1e-6
@@ -64,6 +64,7 @@ class DetColumns:
         self.calib = calib
         self.rows = rows
         self._cache: dict[str, FloatArray] = {}
+        self._raw: dict[str, npt.NDArray[np.generic]] = {}
 
     @property
     def n_rows(self) -> int:
@@ -81,8 +82,8 @@ class DetColumns:
             return f"{name}_cal"
         return name
 
-    def get(self, name: str) -> FloatArray:
-        """Column ``name`` (after ``calib`` resolution) of the kept rows, as float64.
+    def raw(self, name: str) -> npt.NDArray[np.generic]:
+        """Column ``name`` (after ``calib`` resolution) of the kept rows in its stored dtype.
 
         List columns give the mean of each row's list.
 
@@ -90,19 +91,18 @@ class DetColumns:
             MissingColumnError: the column is absent or holds a null in a kept row.
         """
         stored = self.resolve(name)
-        if stored in self._cache:
-            return self._cache[stored]
+        if stored in self._raw:
+            return self._raw[stored]
         if stored not in self.table.column_names:
             hint = " (calibrate first, or drop 'calib')" if stored.endswith("_cal") else ""
             raise MissingColumnError(stored, f"is missing from the predictions table{hint}")
         col = self.table.column(stored)
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            raw: npt.NDArray[np.generic] = _list_means(col)
+            values: npt.NDArray[np.generic] = _list_means(col)
         else:
-            raw = _to_numpy(col)
+            values = _to_numpy(col)
         if self.rows is not None:
-            raw = raw[self.rows]  # index the stored (float32) values, then widen
-        values = np.asarray(raw, dtype=np.float64)
+            values = values[self.rows]
         nan = np.isnan(values)
         if nan.any():
             bad = np.flatnonzero(nan)
@@ -110,32 +110,45 @@ class DetColumns:
             head = _HEADS.get(stored.split("_", 1)[0], "")
             why = f"; was the model trained with {head}?" if head and col.null_count else ""
             raise MissingColumnError(stored, f"is null or NaN at row {row}{why}")
-        self._cache[stored] = values
+        self._raw[stored] = values
         return values
 
+    def get(self, name: str) -> FloatArray:
+        """Column ``name`` of the kept rows as float64 (see ``raw``)."""
+        stored = self.resolve(name)
+        if stored not in self._cache:
+            self._cache[stored] = np.asarray(self.raw(name), dtype=np.float64)
+        return self._cache[stored]
+
     def sizes(self) -> tuple[FloatArray, FloatArray]:
-        """Predicted box width and height, floored at ``MIN_BOX_SIZE``."""
+        """Predicted box width and height (float64), floored at ``MIN_BOX_SIZE``."""
         if "__w" not in self._cache:
-            self._cache["__w"] = np.maximum(self.get("x2") - self.get("x1"), MIN_BOX_SIZE)
-            self._cache["__h"] = np.maximum(self.get("y2") - self.get("y1"), MIN_BOX_SIZE)
+            for key, hi, lo in (("__w", "x2", "x1"), ("__h", "y2", "y1")):
+                size = np.subtract(self.raw(hi), self.raw(lo), dtype=np.float64)
+                np.maximum(size, MIN_BOX_SIZE, out=size)
+                self._cache[key] = size
         return self._cache["__w"], self._cache["__h"]
 
-    def box_std(self, head: str, relative: bool) -> FloatArray:
+    def box_std(self, head: str, relative: bool, out: FloatArray | None = None) -> FloatArray:
         """Mean over the 4 corners of the ``head`` (``al``/``mc``) std, optionally relative.
 
         ``relative`` gives rel(head) = mean_k std_k / size_k with size = w for x and h for y.
+        Arithmetic is float64 straight from the stored float32 values (no widened copies).
         """
-        s_x1, s_y1, s_x2, s_y2 = (self.get(f"{head}_{c}") for c in COORDS)
+        s_x1, s_y1, s_x2, s_y2 = (self.raw(f"{head}_{c}") for c in COORDS)
+        f64 = np.float64
+        if out is None:
+            out = np.empty(len(s_x1), dtype=f64)
         if not relative:
-            out: FloatArray = s_x1 + s_y1
-            out += s_x2
-            out += s_y2
+            np.add(s_x1, s_y1, out=out, dtype=f64)
+            np.add(out, s_x2, out=out, dtype=f64)
+            np.add(out, s_y2, out=out, dtype=f64)
             out *= 0.25
             return out
         w, h = self.sizes()
-        out = s_x1 + s_x2
+        np.add(s_x1, s_x2, out=out, dtype=f64)
         out /= w
-        y = s_y1 + s_y2
+        y = np.add(s_y1, s_y2, dtype=f64)
         y /= h
         out += y
         out *= 0.25

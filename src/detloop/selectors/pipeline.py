@@ -125,8 +125,9 @@ def selection_table(
     iteration: int,
 ) -> pa.Table:
     """The selection table (schema.SELECTION), one row per candidate, ordered by rank."""
-    order = np.argsort(rank, kind="stable")
-    n = len(order)
+    n = len(rank)
+    order = np.empty(n, dtype=np.int64)
+    order[rank] = np.arange(n)  # rank is a permutation: invert it instead of sorting
     score = result.score[order]
     table = pa.table(
         {

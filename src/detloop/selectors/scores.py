@@ -225,7 +225,10 @@ def _combo(cols: DetColumns, ctx: ScoreContext) -> FloatArray:
 
 
 def _stack(*parts: FloatArray) -> FloatArray:
-    out: FloatArray = np.stack(parts, axis=1)
+    """(n, k) with contiguous columns (Fortran order): aggregation works column by column."""
+    out: FloatArray = np.empty((len(parts[0]), len(parts)), dtype=np.float64, order="F")
+    for j, part in enumerate(parts):
+        out[:, j] = part
     return out
 
 
@@ -254,7 +257,11 @@ def _epuncert(cols: DetColumns, ctx: ScoreContext) -> FloatArray:
 
 
 def _all_components(cols: DetColumns, ctx: ScoreContext) -> FloatArray:
-    return _stack(cols.box_std("mc", True), cols.box_std("al", True), cols.get("mc_class"))
+    out = np.empty((cols.n_rows, 3), dtype=np.float64, order="F")
+    cols.box_std("mc", True, out=out[:, 0])
+    cols.box_std("al", True, out=out[:, 1])
+    out[:, 2] = cols.raw("mc_class")
+    return out
 
 
 _ALL: Final = ("mc_class", *MC_COLS, *AL_COLS)

@@ -30,18 +30,36 @@ def candidate_ids(images: pa.Table) -> pa.Array:
     return ids.take(pc.sort_indices(ids))
 
 
+def _run_starts(chunk: pa.Array) -> IntArray:
+    """Offsets where a new run of equal ids begins within one chunk (0 always)."""
+    n = len(chunk)
+    if n <= 1:
+        return np.zeros(n, dtype=np.int64)
+    change = pc.not_equal(chunk.slice(1), chunk.slice(0, n - 1))
+    inner = np.flatnonzero(change.to_numpy(zero_copy_only=False)) + 1
+    return np.concatenate(([0], inner)).astype(np.int64)
+
+
 def image_codes(pred_ids: pa.ChunkedArray | pa.Array, candidates: pa.Array) -> IntArray:
-    """Per prediction row, the index of its image in ``candidates`` (-1: not a candidate)."""
-    ids = pred_ids.combine_chunks() if isinstance(pred_ids, pa.ChunkedArray) else pred_ids
-    n = len(ids)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    change = pc.not_equal(ids.slice(1), ids.slice(0, n - 1))
-    starts = np.concatenate(([0], np.flatnonzero(change.to_numpy(zero_copy_only=False)) + 1))
-    run_ids = ids.take(pa.array(starts))
-    run_codes = pc.fill_null(pc.index_in(run_ids, value_set=candidates), -1)
-    lengths = np.diff(np.append(starts, n))
-    return np.repeat(np.asarray(run_codes.to_numpy(), dtype=np.int64), lengths)
+    """Per prediction row, the index of its image in ``candidates`` (-1: not a candidate).
+
+    Works run by run (rows of one image are usually adjacent) and chunk by chunk, so the 10⁷
+    id strings are compared once and never copied; only the run ids are looked up.
+    """
+    chunks = pred_ids.chunks if isinstance(pred_ids, pa.ChunkedArray) else [pred_ids]
+    starts, run_ids, offset = [], [], 0
+    for chunk in chunks:
+        local = _run_starts(chunk)
+        starts.append(local + offset)
+        run_ids.append(chunk.take(pa.array(local)))
+        offset += len(chunk)
+    if offset == 0:
+        return np.zeros(0, dtype=np.int32)
+    all_starts = np.concatenate(starts)
+    ids = pa.concat_arrays(run_ids) if len(run_ids) > 1 else run_ids[0]
+    run_codes = pc.fill_null(pc.index_in(ids, value_set=candidates), -1)
+    lengths = np.diff(np.append(all_starts, offset))
+    return np.repeat(np.asarray(run_codes.to_numpy(), dtype=np.int32), lengths)
 
 
 def _segments(codes: IntArray) -> tuple[IntArray, IntArray]:
@@ -64,6 +82,9 @@ def aggregate(values: FloatArray, codes: IntArray, n_images: int, how: str) -> F
     Returns:
         shape (n_images,) or (n_images, k); NaN for images without a row.
     """
+    if values.ndim == 2:
+        cols = [aggregate(values[:, j], codes, n_images, how) for j in range(values.shape[1])]
+        return np.stack(cols, axis=1) if cols else np.full((n_images, 0), np.nan)
     starts, seg_codes = _segments(codes)
     shape = (n_images, *values.shape[1:])
     if len(starts) == 0:
@@ -145,7 +166,7 @@ def perc_weights(class_ids: IntArray, codes: IntArray, n_images: int) -> FloatAr
     counts = np.bincount(class_ids, minlength=n_cls)
     with np.errstate(divide="ignore"):
         w_c = np.where(counts > 0, len(class_ids) / np.maximum(counts, 1), 0.0)
-    keys = codes * n_cls + class_ids
+    keys = codes.astype(np.int64) * n_cls + class_ids
     if n_images * n_cls <= 200_000_000:
         present = np.zeros(n_images * n_cls, dtype=bool)
         present[keys] = True
