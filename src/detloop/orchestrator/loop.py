@@ -350,6 +350,17 @@ class ActiveLearningLoop:
         metrics = read_json(self.run.metrics_file(iteration))
         pool = PoolState.load(self.run)
         numbers = steps.iteration_metrics(metrics, pool, self.journal, iteration, self.budgets())
+        for h in self.journal.history:  # calibration ECEs and thresholding figures, when computed
+            if h["iteration"] == iteration and h["phase"] in (Phase.CALIBRATE, Phase.THRESHOLD):
+                numbers.update(
+                    {
+                        f"{h['phase']}_{k}": float(v)
+                        for k, v in h.items()
+                        if k not in ("iteration", "started", "ended", "seconds", "compute")
+                        and isinstance(v, int | float)
+                        and not isinstance(v, bool)
+                    }
+                )
         write_json({**metrics, **numbers}, self.run.metrics_file(iteration))
         artifacts = [
             p

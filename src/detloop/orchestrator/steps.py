@@ -68,22 +68,13 @@ def prune_pool(
     cfg: ExperimentConfig, spec: StrategySpec, images: pa.Table, seed: int
 ) -> pa.Table | None:
     """Mark redundant pool images ``pruned`` when the strategy asks; None when it does not."""
-    if spec.prune == "none" or count_pool(images) != int(
-        pc.sum(pc.equal(images["split"], "pool")).as_py() or 0
-    ):
+    if spec.prune == "none" or pc.any(pc.equal(images["state"], "pruned")).as_py():
         return None  # nothing to do, or already pruned by an interrupted attempt
-    from detloop.selectors.prune import prune_ids
+    from detloop.selectors.prune import prune_pool as mark_pruned
 
-    pool = images.filter(pc.equal(images["split"], "pool"))
-    removed = prune_ids(
-        pool,
-        threshold=cfg.al.prune_thr,
-        random=spec.prune_random,
-        rng=np.random.default_rng(seed),
-    )
-    state = PoolState(images, schema.LABELS.empty()).with_state(removed, "pruned", 0, "pruned")
-    logger.info("pruned %d of %d pool images", len(removed), pool.num_rows)
-    return state.images
+    result = mark_pruned(images, spec, cfg.al.prune_thr, np.random.default_rng(seed))
+    logger.info("pruned %d of %d pool images", result.n_original - result.n_kept, result.n_original)
+    return result.images
 
 
 def select(
