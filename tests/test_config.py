@@ -169,3 +169,12 @@ def test_snapshot_round_trip(tmp_path: Path) -> None:
     flat = flatten_config(cfg)
     assert flat["train.epochs"] == "200" and flat["data.val"] == "null"
     assert flat["data.pool.source"] == str(tmp_path / "p.json")
+
+
+def test_field_errors_and_a_bad_strategy_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"train": {"epochs": 0}, "al": {"strategy": "entorpy"}})
+    paths = [p for p, _ in err.value.problems]
+    assert "train.epochs" in paths
+    assert "al.strategy" in paths
+    assert "entropy" in str(err.value)  # the close match is suggested

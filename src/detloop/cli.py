@@ -99,6 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("detloop: interrupted", file=sys.stderr)  # noqa: T201
         return 130
+    except OSError as exc:  # permissions, full disk, missing directories
+        print(f"detloop {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    except Exception as exc:
+        logging.getLogger("detloop").debug("unexpected error", exc_info=True)
+        print(  # noqa: T201
+            f"detloop {args.command}: internal error: {type(exc).__name__}: {exc}\n"
+            "(run with -vv or DETLOOP_LOG=debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -358,6 +358,7 @@ def build_config(
             if err["type"] == "extra_forbidden":
                 msg = "unknown key" + _suggest(err["loc"], ExperimentConfig)
             problems.append((_location(err["loc"]), msg))
+        problems += _raw_external_problems(data, {p for p, _ in problems})
         raise ConfigError(source, problems) from None
     problems += _semantic_problems(cfg)
     if problems:
@@ -377,6 +378,23 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         value = _get_dotted(cfg, path)
         try:
             check(value)
+        except ValueError as exc:
+            problems.append((path, str(exc)))
+    return problems
+
+
+def _raw_external_problems(data: dict[str, Any], reported: set[str]) -> list[tuple[str, str]]:
+    """The external checks on the raw mapping, so that a config with field errors still gets
+    its other problems (e.g. a misspelt strategy) reported in the same pass."""
+    problems: list[tuple[str, str]] = []
+    for path, check in _external_checks():
+        node: Any = data
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None or path in reported:
+            continue
+        try:
+            check(node)
         except ValueError as exc:
             problems.append((path, str(exc)))
     return problems
