@@ -130,3 +130,21 @@ def test_pls_top_fraction_bot_and_rand() -> None:
     assert len(rand) == 2 and rand == pls_select(scores, 0.4, "rand", np.random.default_rng(0))
     with pytest.raises(ValueError, match="generator"):
         pls_select(scores, 0.4, "rand")
+
+
+def test_pls_top_k_of_ten_images_keeps_the_four_highest() -> None:
+    # image k has k+1 teacher detections, one of them (score 0.9) above δ_S: S = 1/(k+1);
+    # every pseudo-label is class 0, so C = 0 and D = 0.9·S
+    rows = [
+        {"image_id": f"i{k}", "score": 0.9 if d == 0 else 0.2}
+        for k in range(10)
+        for d in range(k + 1)
+    ]
+    teacher = predictions_from_rows(rows)
+    pseudo = pa.table(
+        {"image_id": [f"i{k}" for k in range(10)], "class_id": pa.array([0] * 10, pa.int32())}
+    )
+    scores = pls_scores(teacher, pseudo)
+    np.testing.assert_allclose(scores["D"].to_numpy(), [0.9 / (k + 1) for k in range(10)])
+    assert pls_select(scores, 0.4) == ["i0", "i1", "i2", "i3"]
+    assert len(pls_select(scores, 0.4, "bot")) == 6
