@@ -226,3 +226,16 @@ def test_selection_table_contract_and_row_order(name: str) -> None:
 def test_image_ids_sort_like_numbers() -> None:
     ids = image_ids(1001).to_pylist()
     assert ids == sorted(ids) and ids[0] == "pool/img_0000"
+
+
+def test_empty_predictions_and_empty_pool() -> None:
+    images = synthetic_images(image_ids(20))
+    empty = schema.PREDICTIONS.empty()
+    warmup = select(empty, images, "random", 5, _ctx(seed=1))  # iteration 0: no model yet
+    assert sum(warmup["selected"].to_pylist()) == 5 and warmup["score"].null_count == 0
+    for name in ("entropy", "perc_entropy", "nee_alluncert"):
+        table = select(empty, images, name, 5, _ctx(seed=1))
+        assert sum(table["selected"].to_pylist()) == 5 and table["score"].null_count == 20
+    assert select(empty, images.slice(0, 0), "entropy", 5, _ctx()).num_rows == 0
+    with pytest.raises(ValueError, match="budget"):
+        select(empty, images, "entropy", -1, _ctx())

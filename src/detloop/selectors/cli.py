@@ -104,7 +104,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     seed, run_min = _run_settings(run)
     thr_file = run.thresholds_file(args.iteration)
     ctx = SelectContext(
-        min_score=args.min_score if args.min_score is not None else run_min or DEFAULT_MIN_SCORE,
+        min_score=next(v for v in (args.min_score, run_min, DEFAULT_MIN_SCORE) if v is not None),
         rng=stage_rng(args.seed if args.seed is not None else seed, args.iteration, "select"),
         iteration=args.iteration,
         thresholds=read_json(thr_file) if thr_file.exists() else None,
