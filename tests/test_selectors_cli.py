@@ -141,6 +141,7 @@ def test_oss_over_the_runs_of_an_experiment(tmp_path: Path) -> None:
     assert set(table["set_id"].to_pylist()) == {"entropy-s0/iter1", "random-s0/iter1"}
     assert set(table["class"].to_pylist()) == {"car", "tram"}
     assert pc.all(pc.is_finite(table["oss"])).as_py()
+    assert pc.all(pc.greater(table["similarity"], 0)).as_py()
     summary = json.loads((out / "oss_summary.json").read_text())
     assert summary["sets"]["entropy-s0/iter1"]["map"] == pytest.approx(0.5)
     assert summary["oss_vs_map"]["n"] == 2

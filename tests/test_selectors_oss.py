@@ -109,6 +109,7 @@ def test_identical_sets_more_similar_than_disjoint() -> None:
     diff, _ = set_similarity(other, ref, weights, "paper", rng, n_resample=2000)
     assert same > diff and same == pytest.approx(1.0, abs=0.06)  # JSD ≈ 0, r = 1
     assert [r.cls for r in rows] == ["car", "tram"]
+    assert rows[0].similarity == pytest.approx(1 / (rows[0].jsd + 1.0))
     ref_same, _ = set_similarity(ref, ref, weights, "reference", rng, n_resample=2000)
     ref_diff, _ = set_similarity(other, ref, weights, "reference", rng, n_resample=2000)
     assert ref_same > ref_diff

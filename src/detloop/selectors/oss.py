@@ -150,6 +150,7 @@ class ClassResult:
     weight: float
     n_p: int
     n_q: int
+    similarity: float  # the class's own term: 1/(JSD + r) (paper) or 1/D_j (reference)
 
 
 def set_similarity(
@@ -176,7 +177,10 @@ def set_similarity(
         else:
             r = n_q / n_p if n_p else math.nan
         w = weights[cls] if jsd is not None else 0.0
-        rows.append(ClassResult(cls, math.nan if jsd is None else jsd, r, w, n_p, n_q))
+        j = math.nan if jsd is None else jsd
+        denom = j + r if formula == "paper" else j + 0.25 * r * beta + 0.5
+        sim = 1.0 / denom if denom and math.isfinite(denom) else math.nan
+        rows.append(ClassResult(cls, j, r, w, n_p, n_q, sim))
     jsd_a = np.array([c.jsd for c in rows])
     r_a = np.array([c.r for c in rows])
     w_a = np.array([c.weight for c in rows])

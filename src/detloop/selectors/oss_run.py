@@ -160,6 +160,7 @@ def run_oss(
                     "weight": c.weight,
                     "n_p": c.n_p,
                     "n_q": c.n_q,
+                    "similarity": c.similarity,
                     "oss": oss,
                     "ap": metrics.get(f"ap/{c.cls}", math.nan),
                 }
@@ -169,11 +170,7 @@ def run_oss(
     summary["oss_vs_map"] = correlations([s["oss"] for s in per_set], [s["map"] for s in per_set])
     summary["per_class"] = {
         c: correlations(
-            [
-                1.0 / (r["jsd"] + r["r"]) if r["jsd"] + r["r"] else math.nan
-                for r in rows
-                if r["class"] == c
-            ],
+            [r["similarity"] for r in rows if r["class"] == c],
             [r["ap"] for r in rows if r["class"] == c],
         )
         for c in classes
