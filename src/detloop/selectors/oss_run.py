@@ -121,6 +121,31 @@ def set_metrics(run: RunDir, iteration: int) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if k == "map" or k.startswith("ap/")}
 
 
+def _weights_and_totals(
+    clouds: Mapping[str, Mapping[str, FloatArray]], classes: list[str]
+) -> tuple[dict[str, float], FloatArray]:
+    """Class weights over the candidate sets (§10) and each set's object total."""
+    counts = np.array([[len(cl.get(c, ())) for c in classes] for cl in clouds.values()], float)
+    totals = counts.sum(axis=1) if len(counts) else np.zeros(0)
+    if not len(counts):
+        return {}, totals
+    shares = counts / np.maximum(totals[:, None], 1)
+    return dict(zip(classes, class_weights(shares).tolist(), strict=True)), totals
+
+
+def _summarise(rows: list[dict[str, Any]], summary: dict[str, Any], classes: list[str]) -> None:
+    summary["skipped_classes"] = sorted({r["class"] for r in rows if math.isnan(r["jsd"])})
+    per_set = list(summary["sets"].values())
+    summary["oss_vs_map"] = correlations([s["oss"] for s in per_set], [s["map"] for s in per_set])
+    summary["per_class"] = {
+        c: correlations(
+            [r["similarity"] for r in rows if r["class"] == c],
+            [r["ap"] for r in rows if r["class"] == c],
+        )
+        for c in classes
+    }
+
+
 def run_oss(
     runs: Sequence[RunDir],
     iterations: Sequence[int],
@@ -139,10 +164,7 @@ def run_oss(
     sets = candidate_sets(runs, iterations)
     clouds = {sid: bank.by_class(ids, names) for sid, (_, _, ids) in sets.items()}
     classes = sorted({*ref, *(c for cl in clouds.values() for c in cl)})
-    counts = np.array([[len(clouds[s].get(c, ())) for c in classes] for s in sets], dtype=float)
-    totals = counts.sum(axis=1)
-    shares = counts / np.maximum(totals[:, None], 1)
-    weights = dict(zip(classes, class_weights(shares).tolist(), strict=True)) if len(sets) else {}
+    weights, totals = _weights_and_totals(clouds, classes)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"formula": formula, "reference": reference, "sets": {}}
     for k, (sid, (run, it, _)) in enumerate(sets.items()):
@@ -151,30 +173,10 @@ def run_oss(
         metrics = set_metrics(run, it)
         summary["sets"][sid] = {"oss": oss, "map": metrics.get("map", math.nan)}
         for c in per_class:
-            rows.append(
-                {
-                    "set_id": sid,
-                    "class": c.cls,
-                    "jsd": c.jsd,
-                    "r": c.r,
-                    "weight": c.weight,
-                    "n_p": c.n_p,
-                    "n_q": c.n_q,
-                    "similarity": c.similarity,
-                    "oss": oss,
-                    "ap": metrics.get(f"ap/{c.cls}", math.nan),
-                }
-            )
-    summary["skipped_classes"] = sorted({r["class"] for r in rows if math.isnan(r["jsd"])})
-    per_set = list(summary["sets"].values())
-    summary["oss_vs_map"] = correlations([s["oss"] for s in per_set], [s["map"] for s in per_set])
-    summary["per_class"] = {
-        c: correlations(
-            [r["similarity"] for r in rows if r["class"] == c],
-            [r["ap"] for r in rows if r["class"] == c],
-        )
-        for c in classes
-    }
+            row = {"set_id": sid, "class": c.cls, "jsd": c.jsd, "r": c.r, "weight": c.weight}
+            row |= {"n_p": c.n_p, "n_q": c.n_q, "similarity": c.similarity, "oss": oss}
+            rows.append(row | {"ap": metrics.get(f"ap/{c.cls}", math.nan)})
+    _summarise(rows, summary, classes)
     return rows, summary
 
 
