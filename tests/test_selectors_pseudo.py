@@ -148,3 +148,10 @@ def test_pls_top_k_of_ten_images_keeps_the_four_highest() -> None:
     np.testing.assert_allclose(scores["D"].to_numpy(), [0.9 / (k + 1) for k in range(10)])
     assert pls_select(scores, 0.4) == ["i0", "i1", "i2", "i3"]
     assert len(pls_select(scores, 0.4, "bot")) == 6
+
+
+def test_combo_null_threshold_means_keep_everything_above_tau() -> None:
+    rows = [{"image_id": "a", "score": 0.9, "entropy": 5.0}, {"image_id": "b", "score": 0.1}]
+    thr = {"uncertainties": ["entropy"], "weights": [1.0], "threshold_mean": None}
+    kept = select_pseudo_labels(predictions_from_rows(rows), "pseudoscore_combo", 0.4, thr)
+    assert kept["image_id"].to_pylist() == ["a"] and kept["weight"].to_pylist() == [1.0]

@@ -114,14 +114,16 @@ def _as_stored(threshold: float) -> float:
 
 
 def _threshold_mean(thresholds: Mapping[str, Any]) -> float:
+    """δ̄ of a thresholding result; a null threshold means +inf (nothing is removed)."""
     if "threshold_mean" in thresholds:
-        return float(thresholds["threshold_mean"])
+        value = thresholds["threshold_mean"]
+        return math.inf if value is None else float(value)
     values = thresholds.get("thresholds")
     if isinstance(values, Mapping):
         values = list(values.values())
     if not values:
         raise ValueError("thresholding result has neither 'threshold_mean' nor 'thresholds'")
-    return float(np.mean([float(v) for v in values]))
+    return float(np.mean([math.inf if v is None else float(v) for v in values]))
 
 
 def select_pseudo_labels(
