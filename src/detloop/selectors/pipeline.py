@@ -75,7 +75,12 @@ def _kept_rows(
 def score_images(
     predictions: pa.Table, cands: pa.Array, spec: StrategySpec, ctx: SelectContext
 ) -> ImageScores:
-    """Score every candidate image (the stages before ordering)."""
+    """Score every candidate image (the stages before ordering).
+
+    ``random`` draws one uniform value per candidate (images without detections included, so
+    the warm-up and the random baseline sample the whole pool); every other score leaves images
+    without a detection above ``min_score`` unscored (NaN), as does ``perc``.
+    """
     info: ScoreInfo = get_score(spec.score)
     n = len(cands)
     rows, codes = _kept_rows(predictions, cands, ctx.min_score)
