@@ -1,0 +1,133 @@
+"""Auto-labeling on digits-det: the uncertainty rule (§8) against a plain score threshold.
+
+Usage: python bench/autolabel.py [--work DIR] [--steps N] [--chunk K] [--threads 2]
+                                 [--trials N] [--budgets 0.5,0.7,...]
+
+Uses the model, data and predictions of ``bench/calibration.py`` (same --work, trained when
+absent). Calibrators and thresholds are fitted on val; the test split plays the new frames.
+For each budget b: the uncertainty rule auto-labels the test images whose every detection
+above ``min_score`` has u < δ̄(b); the baseline a user would otherwise use, a plain score
+threshold, auto-labels the same number of images, those whose lowest detection score above
+``min_score`` is highest. Both label an image with its detections above ``min_score``; an image
+counts as correct only if those labels have no error at IoU 0.5 (background false positives
+and missed objects included). Prints the image-level precision of both rules at equal share of
+images auto-labeled, as a curve over b; writes bench/results/autolabel.json (+ .png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling bench/calibration.py
+from calibration import DEFAULT_WORK, RESULTS, predictions, prepare, split_tables
+from detloop.config import ExperimentConfig
+from detloop.data.rundir import RunDir
+from detloop.learners.calibration import calibration_pairs, fit_calibration_set
+from detloop.orchestrator.validation_common import (
+    _jsonable,
+    mean_matched_score,
+    min_score_for,
+)
+from detloop.selectors.autolabel import decide, image_errors
+from detloop.selectors.threshold import CostSensitiveThresholder, threshold_rows
+
+
+def score_rule(dets: pd.DataFrame, ids: list[str], n: int) -> list[str]:
+    """The ``n`` images whose lowest considered score is highest (no detection = +inf)."""
+    low = dets.groupby("image_id")["score"].min()
+    key = pd.Series([float(low.get(i, np.inf)) for i in ids], index=ids)
+    order = sorted(ids, key=lambda i: (-key[i], i))
+    return order[:n]
+
+
+def precision(err: pd.DataFrame, ids: list[str]) -> dict[str, float]:
+    e = err[err["image_id"].isin(ids)]
+    tp, fp = int(e["tp"].sum()), int(e["fp"].sum())
+    return {
+        "image_precision": float(e["error_free"].mean()) if len(e) else float("nan"),
+        "label_precision": tp / (tp + fp) if tp + fp else float("nan"),
+    }
+
+
+def run_budget(b: float, data: dict[str, Any], trials: int) -> dict[str, Any]:
+    th = CostSensitiveThresholder("ENTALBOX", budget=b, calibrated=True, seed=0,
+                                  n_trials=trials, patience=max(trials // 5, 50))  # fmt: skip
+    res = th.fit(data["rows_val"]).result()
+    dec = decide(data["test"], data["ids"], res, data["min_score"])
+    auto = dec.ids("auto_labeled")
+    base = score_rule(dec.detections, data["ids"], len(auto))
+    unc, sc = precision(data["err"], auto), precision(data["err"], base)
+    return {
+        "b": b, "delta_mean": res.threshold_mean, "weights": res.weights,
+        "share_auto_labeled": len(auto) / len(data["ids"]), "n_auto_labeled": len(auto),
+        "uncertainty_rule": unc, "score_rule": sc,
+        "fd_at_cd_val": res.metrics["combination"]["metric"],
+    }  # fmt: skip
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4))
+    ax = fig.add_subplot()
+    share = [r["share_auto_labeled"] for r in rows]
+    for key, label in (("uncertainty_rule", "uncertainty rule"), ("score_rule", "score rule")):
+        ax.plot(share, [r[key]["image_precision"] for r in rows], "o-", label=label)
+    for r in rows:
+        xy = (r["share_auto_labeled"], r["uncertainty_rule"]["image_precision"])
+        ax.annotate(f"b={r['b']}", xy, fontsize=6)
+    ax.set(xlabel="share of images auto-labeled", ylabel="image-level precision")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--chunk", type=int, default=150)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=300)
+    ap.add_argument("--budgets", default="0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.99")
+    ap.add_argument("--out", type=Path, default=RESULTS / "autolabel.json")
+    args = ap.parse_args()
+    ckpt = prepare(args.work, args.steps, args.chunk, args.threads, None)
+    val = predictions(args.work, ckpt, "val", args.threads)
+    test = predictions(args.work, ckpt, "test", args.threads)
+    cal = fit_calibration_set(calibration_pairs(*val), "iso_percls", "iso_perclscoo")
+    vdf = cal.transform(val[0]).drop_columns(["logits", "mc_class_vec"]).to_pandas()
+    tdf = cal.transform(test[0]).drop_columns(["logits", "mc_class_vec"]).to_pandas()
+    min_score = min_score_for(ExperimentConfig(), mean_matched_score(*val))
+    _, gt = split_tables(RunDir(args.work / "run"), "test")
+    gt_df = gt.to_pandas()
+    ids = sorted(split_tables(RunDir(args.work / "run"), "test")[0]["image_id"].to_pylist())
+    labels = tdf[tdf["score"] > min_score]
+    data = {
+        "rows_val": threshold_rows(vdf, val[1].to_pandas(), "matched"), "test": tdf, "ids": ids,
+        "min_score": min_score, "err": image_errors(labels, gt_df[gt_df["iscrowd"] == 0], ids),
+    }  # fmt: skip
+    rows = [run_budget(float(b), data, args.trials) for b in args.budgets.split(",")]
+    result = {"checkpoint": ckpt.name, "min_score": min_score, "n_test_images": len(ids),
+              "all_images_precision": precision(data["err"], ids), "curve": rows}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(_jsonable(result), indent=2, default=str) + "\n")
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"min_score {min_score}  test images {len(ids)}  "
+          f"precision with everything auto-labeled {result['all_images_precision']}")  # fmt: skip
+    print(f"{'b':>5} {'share':>6} {'uncert. prec':>12} {'score prec':>10}")
+    for r in rows:
+        print(f"{r['b']:5.2f} {r['share_auto_labeled']:6.3f} "
+              f"{r['uncertainty_rule']['image_precision']:12.3f} "
+              f"{r['score_rule']['image_precision']:10.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
