@@ -443,8 +443,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    """JSON-ready mapping of a config (paths as strings)."""
+    """JSON-ready mapping of a config with every value (paths as strings)."""
     return cfg.model_dump(mode="json")
+
+
+def config_snapshot(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The values that were set (by the file, ``--set`` or path resolution), JSON-ready.
+
+    This is what ``run.json`` stores and what crosses process boundaries: rebuilding a config
+    from it keeps "unset" unset, so model presets still fill in their own defaults (e.g. the
+    tiny preset's learning rate) where the user chose nothing.
+    """
+    return cfg.model_dump(mode="json", exclude_unset=True)
 
 
 def flatten_config(cfg: ExperimentConfig) -> dict[str, str]:

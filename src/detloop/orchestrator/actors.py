@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from detloop.config import ExperimentConfig, RayConfig, config_to_dict
+from detloop.config import ExperimentConfig, RayConfig, config_snapshot
 from detloop.orchestrator.workers import PredictWorker, ShardResult, TrainWorker
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Workers:
         self.cfg = cfg
         self.rc = cfg.ray
         self.num_classes = num_classes
-        self._config = config_to_dict(cfg)
+        self._config = config_snapshot(cfg)
         self._trainer: Any = None
         self._predictors: list[Any] = []
 

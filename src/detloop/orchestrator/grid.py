@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from detloop.config import ExperimentConfig, config_to_dict, load_config
+from detloop.config import ExperimentConfig, config_snapshot, load_config
 from detloop.orchestrator.actors import check_capacity, ensure_ray
 from detloop.orchestrator.tracking import prepare_store
 
@@ -49,7 +49,7 @@ def run_grid(config: Path, overrides: list[str], strategies: list[str], seeds: l
     check_capacity(cfgs[0].ray, loops=len(cfgs))
     prepare_store(cfgs[0])
     task = ray.remote(num_cpus=0, max_retries=0)(_loop_task)
-    refs = [task.remote(config_to_dict(c)) for c in cfgs]
+    refs = [task.remote(config_snapshot(c)) for c in cfgs]
     failed = 0
     for ref, cfg in zip(refs, cfgs, strict=True):
         path, code = ray.get(ref)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from detloop import __version__
-from detloop.config import ExperimentConfig, build_config, config_to_dict
+from detloop.config import ExperimentConfig, build_config, config_snapshot
 from detloop.data.rundir import RunDir, RunsRoot, al_run_name
 from detloop.selectors.strategy import format_strategy, parse_strategy
 
@@ -54,7 +54,7 @@ def create_run(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
     run = run_dir_for(cfg, fresh)
     if run.exists():
         meta = run.read_meta()
-        if meta.get("config") != config_to_dict(cfg):
+        if meta.get("config") != config_snapshot(cfg):
             logger.warning(
                 "%s exists with another config; resuming with the stored one (use --fresh to "
                 "start over)",
@@ -72,7 +72,7 @@ def create_run(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
             "code_version": code_version(),
             "created": time.time(),
             "ray_job_id": ray_job_id(),
-            "config": config_to_dict(cfg),
+            "config": config_snapshot(cfg),
         }
     )
     return run
