@@ -196,3 +196,25 @@ def test_threshold_plots_write_pngs(tmp_path: Path) -> None:
               "removed": tp.group_stats(rows, mask, [0.5, 0.75])}  # fmt: skip
     assert groups["all"]["% det."] == 100.0
     assert tp.spider_plot(groups, tmp_path / "spider.png").exists()
+
+
+def test_json_is_read_by_combo_scores_and_pseudo_labels(tmp_path: Path) -> None:
+    """§7 (e): the stored result drives §9 ``combo`` and §11 ``combo`` identically."""
+    from detloop.data.io import read_json
+    from detloop.learners.calibration import fit_calibration_set
+    from detloop.selectors.columns import DetColumns
+    from detloop.selectors.pseudo import _threshold_mean
+    from detloop.selectors.scores import combo_values
+    from test_calibration import synthetic_pairs, to_predictions
+
+    pairs = synthetic_pairs(n=120)
+    table = fit_calibration_set(pairs).transform(to_predictions(pairs))
+    rows = table.to_pandas()
+    rows["iou"], rows["gt_class"] = 0.6, rows["class_id"]
+    rows["tps_class"] = np.arange(len(rows)) % 3 > 0
+    res = CostSensitiveThresholder("ENTALBOX", n_trials=10, patience=10).fit(rows).result()
+    res.save(tmp_path / "t.json")
+    doc = read_json(tmp_path / "t.json")
+    ours = load_thresholds(tmp_path / "t.json").combine(table.to_pandas())
+    np.testing.assert_allclose(combo_values(DetColumns(table), doc), ours, rtol=1e-6)
+    assert _threshold_mean(doc) == pytest.approx(res.delta_mean)
