@@ -91,6 +91,7 @@ def test_box_report_pooled_and_per_coordinate_deterministic() -> None:
     assert a == b
     assert a["n_objects"] == 59
     assert set(a) >= {"pooled", "x1", "y1", "x2", "y2", "toolbox"}
+    assert a["y2"]["toolbox"]["sharpness.sharp"] == pytest.approx(uq.sharpness(sigma[1:, 3]))
     assert 0 <= a["pooled"]["object_coverage"] <= 100
     assert uq.rmsue(np.array([0.0, 1.0]), np.array([5.0, 3.0])) == pytest.approx(2.0)
 

@@ -263,6 +263,8 @@ def box_uncertainty_report(
         report[c] = box_metrics(pred[:, k], sigma[:, k], gt[:, k])
     if toolbox and ok.sum() >= 2:
         report["toolbox"] = toolbox_metrics(pred, sigma, gt, rng, adversarial)
+        for k, c in enumerate(COORDS):
+            report[c]["toolbox"] = toolbox_metrics(pred[:, k], sigma[:, k], gt[:, k], rng, False)
     return report
 
 
