@@ -25,11 +25,10 @@ RESULTS = REPO / "bench" / "results"
 def measure(run_dir: Path) -> dict[str, object]:
     from detloop.data.rundir import RunDir
     from detloop.orchestrator.journal import Journal
-    from detloop.orchestrator.loop import iteration_overhead
 
     journal = Journal(RunDir(run_dir))
     iters = sorted({h["iteration"] for h in journal.history if h["phase"] == "log"})
-    rows = {it: iteration_overhead(journal, it) for it in iters}
+    rows = {it: journal.iteration_overhead(it) for it in iters}
     for it, r in rows.items():
         r["overhead_pct"] = 100 * r["overhead"] / r["wall"] if r["wall"] else 0.0
         print(

@@ -124,6 +124,19 @@ class Journal:
                 out[h["phase"]] = float(h["seconds"])
         return out
 
+    def iteration_overhead(self, iteration: int) -> dict[str, float]:
+        """Wall time of an iteration (first phase start to last phase end), the compute
+        measured inside workers and functions, and the orchestration overhead between them."""
+        rows = [h for h in self.history if h["iteration"] == iteration and h.get("ended")]
+        if not rows:
+            return {"wall": 0.0, "compute": 0.0, "overhead": 0.0}
+        wall = max(float(h["ended"]) for h in rows) - min(float(h["started"]) for h in rows)
+        latest: dict[str, float] = {}
+        for h in rows:  # the last attempt of each phase counts
+            latest[h["phase"]] = float(h.get("compute") or 0.0)
+        compute = sum(latest.values())
+        return {"wall": wall, "compute": compute, "overhead": wall - compute}
+
     def set(self, key: str, value: Any) -> None:
         self.meta[key] = value
         self.save()

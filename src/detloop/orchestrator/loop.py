@@ -361,6 +361,8 @@ class ActiveLearningLoop:
                         and not isinstance(v, bool)
                     }
                 )
+        times = self.journal.iteration_overhead(iteration)  # phases before this one
+        numbers.update({f"iteration_{k}_s": v for k, v in times.items()})
         write_json({**metrics, **numbers}, self.run.metrics_file(iteration))
         artifacts = [
             p
@@ -375,17 +377,3 @@ class ActiveLearningLoop:
         for cb in self.callbacks:
             cb.on_iteration(iteration, numbers, artifacts)
         return {"logged": len(numbers)}
-
-
-def iteration_overhead(journal: Journal, iteration: int) -> dict[str, float]:
-    """Wall time of an iteration (first phase start to last phase end), the compute measured
-    inside workers and functions, and the orchestration overhead between the two."""
-    rows = [h for h in journal.history if h["iteration"] == iteration and h.get("ended")]
-    if not rows:
-        return {"wall": 0.0, "compute": 0.0, "overhead": 0.0}
-    wall = max(float(h["ended"]) for h in rows) - min(float(h["started"]) for h in rows)
-    latest: dict[str, float] = {}
-    for h in rows:  # the last attempt of each phase counts
-        latest[h["phase"]] = float(h.get("compute") or 0.0)
-    compute = sum(latest.values())
-    return {"wall": wall, "compute": compute, "overhead": wall - compute}
