@@ -158,7 +158,7 @@ class ThresholdingConfig(Section):
 
 
 class ALConfig(Section):
-    strategy: str = "entropy"
+    strategy: str | dict[str, Any] = "entropy"  # a name, or the structured StrategySpec fields
     al_budgets: list[float] = Field(default_factory=lambda: [5.0, 5.0, 5.0, 10.0, 20.0, 30.0, 25.0])
     iterations: int | None = Field(None, ge=1)  # stop after this many iterations (None: all)
     oracle: Literal["simulated", "human"] = "simulated"
@@ -418,7 +418,10 @@ def _external_checks() -> list[tuple[str, Any]]:
         from detloop.selectors.strategy import parse_strategy
     except ImportError:  # pragma: no cover - selectors not built yet
         return checks
+    from detloop.selectors.pseudo import parse_pseudo_strategy
+
     checks.append(("al.strategy", parse_strategy))
+    checks.append(("ssl.selection_strategy", parse_pseudo_strategy))
     return checks
 
 
