@@ -154,3 +154,26 @@ def test_log_artifacts_to_mlflow(tmp_path: Path) -> None:
     names = sorted(a.path for a in client.list_artifacts(run_id, "x"))
     assert names == ["x/a.json", "x/d"]
     assert np.isfinite(1.0)
+
+
+@pytest.mark.slow
+def test_loop_hooks_calibrate_and_threshold_next_iteration(trained: tuple[Path, RunDir]) -> None:
+    """The AL loop's hooks: M(i−1)'s validation → calibration/ and thresholds.json of i."""
+    from detloop.config import load_config
+    from detloop.data.io import write_table
+    from detloop.orchestrator.steps import calibrate, threshold
+
+    cfg_path, run = trained
+    cfg = load_config(cfg_path)
+    if not run.val_predictions_file(0).exists():
+        assert cli("validate", str(cfg_path), "--run", str(run.path), "--no-compare") == 0
+    pool = read_table(schema.PREDICTIONS, run.val_predictions_file(0))
+    pool = pool.drop_columns([c for c in schema.CAL_COLS if c in pool.column_names])
+    write_table(pool, schema.PREDICTIONS, run.predictions_file(1))
+    info = calibrate(run, cfg, 1, seed=3)
+    assert info["n_pairs"] > 0 and (run.calibration_dir(1) / "calibrators.json").exists()
+    filled = read_table(schema.PREDICTIONS, run.predictions_file(1))
+    assert filled["entropy_cal"].null_count == 0
+    out = threshold(run, cfg, 1, seed=3)
+    assert len(out["weights"]) == 2
+    assert load_thresholds(run.thresholds_file(1)).seed == 3
