@@ -108,6 +108,7 @@ class TrainConfig(Section):
     device: str = "auto"
     torch_threads: int | None = None
     loss_weighting: Literal["image", "box"] = "image"  # per-image mean weight (§11.2) or per box
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # the tiny preset defaults to adamw (CPU demo)
     empty_image_weight: float = 1.0
 
 

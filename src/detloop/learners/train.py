@@ -9,12 +9,11 @@ The finished model is written to ``out_dir`` (``model.pt`` + ``metadata.json``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from detloop.learners.model import (
     resolve_spec,
     split_box_maps,
 )
+from detloop.learners.train_state import LoopState, last_loss, resume, run_fingerprint, save_partial
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,16 @@ def effective_train_config(cfg: ExperimentConfig) -> TrainConfig:
     return tcfg
 
 
+def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the reference) or AdamW; the schedule sets the lr of every step."""
+    params = model.parameters()
+    if tcfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tcfg.warmup_lr, weight_decay=tcfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=tcfg.warmup_lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay
+    )
+
+
 def lr_at(step: int, total: int, warmup: int, lr: float, warmup_lr: float) -> float:
     """Linear warm-up from ``warmup_lr`` over ``warmup`` steps, then cosine decay to 0."""
     if step < warmup:
@@ -83,60 +93,8 @@ def lr_at(step: int, total: int, warmup: int, lr: float, warmup_lr: float) -> fl
     return 0.5 * lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _fingerprint(
-    cfg: ExperimentConfig, images: pa.Table, labels: pa.Table, seed: int, num_classes: int
-) -> str:
-    h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            [cfg.model.model_dump(mode="json"), cfg.train.model_dump(mode="json")], sort_keys=True
-        ).encode()
-    )
-    h.update(f"{seed}/{num_classes}/{labels.num_rows}".encode())
-    h.update("\n".join(map(str, images.column("image_id").to_pylist())).encode())
-    return h.hexdigest()[:16]
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return [int(i) for i in np.random.default_rng([seed, epoch, 7]).permutation(n)]
-
-
-@dataclass
-class _Loop:
-    """The mutable state of one training run (what a partial checkpoint holds)."""
-
-    model: UncertainEfficientDet
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    generator: torch.Generator
-    step: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    best_map: float = -1.0
-    bad_evals: int = 0
-    best_state: dict[str, torch.Tensor] | None = None
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "step": self.step,
-            "history": self.history,
-            "seconds": self.seconds,
-            "best_map": self.best_map,
-            "bad_evals": self.bad_evals,
-            "best_state": self.best_state,
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        for key in ("step", "history", "seconds", "best_map", "bad_evals", "best_state"):
-            setattr(self, key, state[key])
 
 
 def train_model(
@@ -153,6 +111,7 @@ def train_model(
     device: str | None = None,
     stop_at_step: int | None = None,
     root: Path | None = None,
+    on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None,
 ) -> TrainResult:
     """Train a detector on ``images``/``labels`` and write its checkpoint to ``out_dir``.
 
@@ -170,6 +129,8 @@ def train_model(
         device: overrides ``cfg.train.device``.
         stop_at_step: stop after this step, keeping the partial checkpoint (interruption).
         root: base directory of relative image paths.
+        on_epoch: called after every completed epoch with (epochs done, model) — for curves;
+            its time is not counted in ``seconds``.
 
     Raises:
         DataError: missing weights file or unreadable image.
@@ -181,7 +142,7 @@ def train_model(
     dev = resolve_device(device or tcfg.device)
     if tcfg.torch_threads:
         torch.set_num_threads(tcfg.torch_threads)
-    fingerprint = _fingerprint(cfg, images, labels, seed, num_classes)
+    fingerprint = run_fingerprint(cfg, images, labels, seed, num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = UncertainEfficientDet(spec)
@@ -189,20 +150,15 @@ def train_model(
     if weights is not None:
         ckpt.load_weights(model, Path(weights), cfg.model.weights_kind)
     model.to(dev)
-    loop = _Loop(
+    loop = LoopState(
         model=model,
-        optimizer=torch.optim.SGD(
-            model.parameters(),
-            lr=tcfg.warmup_lr,
-            momentum=tcfg.momentum,
-            weight_decay=tcfg.weight_decay,
-        ),
+        optimizer=make_optimizer(model, tcfg),
         scaler=torch.amp.GradScaler("cuda", enabled=tcfg.amp and dev.type == "cuda"),
         generator=torch.Generator(device=dev).manual_seed(seed),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        _resume(loop, partial_dir, fingerprint)
+        resume(loop, partial_dir, fingerprint)
         _run(
             loop,
             cfg,
@@ -217,13 +173,14 @@ def train_model(
             progress,
             stop_at_step,
             root,
+            on_epoch,
         )
     if (
         stop_at_step is not None
         and loop.step >= stop_at_step
         and loop.step < _total_steps(tcfg, images.num_rows)
     ):
-        return TrainResult(partial_dir, loop.step, _last_loss(loop), loop.seconds, loop.history)
+        return TrainResult(partial_dir, loop.step, last_loss(loop), loop.seconds, loop.history)
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state)
     meta = {
@@ -233,18 +190,14 @@ def train_model(
         "steps": loop.step,
         "seed": seed,
         "fingerprint": fingerprint,
-        "final_loss": _last_loss(loop),
+        "final_loss": last_loss(loop),
         "seconds": loop.seconds,
         "history": loop.history,
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt.write_checkpoint(out_dir, state, meta)
     shutil.rmtree(partial_dir, ignore_errors=True)
-    return TrainResult(out_dir, loop.step, _last_loss(loop), loop.seconds, loop.history)
-
-
-def _last_loss(loop: _Loop) -> float:
-    return float(loop.history[-1]["loss"]) if loop.history else float("nan")
+    return TrainResult(out_dir, loop.step, last_loss(loop), loop.seconds, loop.history)
 
 
 def _total_steps(tcfg: TrainConfig, n_images: int) -> int:
@@ -253,27 +206,8 @@ def _total_steps(tcfg: TrainConfig, n_images: int) -> int:
     return min(total, tcfg.max_steps) if tcfg.max_steps else total
 
 
-def _resume(loop: _Loop, partial_dir: Path, fingerprint: str) -> None:
-    if not (partial_dir / ckpt.META_FILE).exists():
-        return
-    meta = ckpt.read_metadata(partial_dir)
-    if meta.get("fingerprint") != fingerprint:
-        log.warning("ignoring partial checkpoint %s of a different run", partial_dir)
-        return
-    loop.model.load_state_dict(ckpt.load_state_dict(partial_dir))
-    state = torch.load(partial_dir / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
-    loop.restore(state)
-    log.info("resuming training at step %d from %s", loop.step, partial_dir)
-
-
-def _save_partial(loop: _Loop, partial_dir: Path, fingerprint: str) -> None:
-    state = {k: v.detach().cpu() for k, v in loop.model.state_dict().items()}
-    meta = {"fingerprint": fingerprint, "step": loop.step, "partial": True}
-    ckpt.write_checkpoint(partial_dir, state, meta, loop.state())
-
-
 def _run(
-    loop: _Loop,
+    loop: LoopState,
     cfg: ExperimentConfig,
     tcfg: TrainConfig,
     images: pa.Table,
@@ -286,6 +220,7 @@ def _run(
     progress: bool,
     stop_at_step: int | None,
     root: Path | None,
+    on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None,
 ) -> None:
     """Run epochs from ``loop.step`` until the step budget, early stop or ``stop_at_step``."""
     spec = loop.model.spec
@@ -337,19 +272,22 @@ def _run(
             )
             bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
             done_epochs = loop.step // per_epoch if loop.step % per_epoch == 0 else None
+            if done_epochs and on_epoch is not None:
+                on_epoch(done_epochs, loop.model)
+                loop.model.train()
             if done_epochs and _early_stop(loop, cfg, tcfg, val, done_epochs, seed, root):
                 break
             if stop_at_step is not None and loop.step >= stop_at_step and loop.step < total:
-                _save_partial(loop, partial_dir, fingerprint)
+                save_partial(loop, partial_dir, fingerprint)
                 break
             if done_epochs and done_epochs % tcfg.save_freq == 0 and loop.step < total:
-                _save_partial(loop, partial_dir, fingerprint)
+                save_partial(loop, partial_dir, fingerprint)
     finally:
         bar.close()
 
 
 def _record(
-    loop: _Loop, parts: list[tuple[float, float, float]], epoch: int, lr: float
+    loop: LoopState, parts: list[tuple[float, float, float]], epoch: int, lr: float
 ) -> dict[str, float]:
     arr = np.array(parts, dtype=np.float64).reshape(-1, 3)
     mean = arr.mean(0) if len(arr) else np.full(3, np.nan)
@@ -365,7 +303,7 @@ def _record(
 
 
 def _step(
-    loop: _Loop,
+    loop: LoopState,
     batch: dict[str, torch.Tensor],
     labeler: AnchorLabeler,
     sizes: list[int],
@@ -408,7 +346,7 @@ def _step(
 
 
 def _early_stop(
-    loop: _Loop,
+    loop: LoopState,
     cfg: ExperimentConfig,
     tcfg: TrainConfig,
     val: tuple[pa.Table, pa.Table] | None,

@@ -1,0 +1,100 @@
+"""The resumable state of a training run and its partial checkpoints.
+
+A partial checkpoint (``<out_dir>.partial/``) holds the weights, the optimizer, AMP scaler and
+RNG states, the step and the history, plus a fingerprint of the run (config, seed, data) so
+that only the same run resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from detloop.config import ExperimentConfig
+from detloop.learners import checkpoint as ckpt
+from detloop.learners.model import UncertainEfficientDet
+
+log = logging.getLogger(__name__)
+
+
+def run_fingerprint(
+    cfg: ExperimentConfig, images: pa.Table, labels: pa.Table, seed: int, num_classes: int
+) -> str:
+    """A short hash identifying a training run: model and train config, seed, data."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            [cfg.model.model_dump(mode="json"), cfg.train.model_dump(mode="json")], sort_keys=True
+        ).encode()
+    )
+    h.update(f"{seed}/{num_classes}/{labels.num_rows}".encode())
+    h.update("\n".join(map(str, images.column("image_id").to_pylist())).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class LoopState:
+    """The mutable state of one training run (what a partial checkpoint holds)."""
+
+    model: UncertainEfficientDet
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    best_map: float = -1.0
+    bad_evals: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "history": self.history,
+            "seconds": self.seconds,
+            "best_map": self.best_map,
+            "bad_evals": self.bad_evals,
+            "best_state": self.best_state,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        for key in ("step", "history", "seconds", "best_map", "bad_evals", "best_state"):
+            setattr(self, key, state[key])
+
+
+def last_loss(loop: LoopState) -> float:
+    return float(loop.history[-1]["loss"]) if loop.history else float("nan")
+
+
+def resume(loop: LoopState, partial_dir: Path, run_key: str) -> None:
+    if not (partial_dir / ckpt.META_FILE).exists():
+        return
+    meta = ckpt.read_metadata(partial_dir)
+    if meta.get("fingerprint") != run_key:
+        log.warning("ignoring partial checkpoint %s of a different run", partial_dir)
+        return
+    loop.model.load_state_dict(ckpt.load_state_dict(partial_dir))
+    state = torch.load(partial_dir / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+    loop.restore(state)
+    log.info("resuming training at step %d from %s", loop.step, partial_dir)
+
+
+def save_partial(loop: LoopState, partial_dir: Path, run_key: str) -> None:
+    state = {k: v.detach().cpu() for k, v in loop.model.state_dict().items()}
+    meta = {"fingerprint": run_key, "step": loop.step, "partial": True}
+    ckpt.write_checkpoint(partial_dir, state, meta, loop.state())
