@@ -160,3 +160,11 @@ def test_from_state_and_from_checkpoint_agree(images: pa.Table, tmp_path: Path) 
 def test_full_mc_mode_predicts(images: pa.Table) -> None:
     table = predictor(mc_mode="full", mc_dropoutsamp=3).predict(images.slice(0, 2), seed=0)
     assert table.num_rows > 0 and (col(table, "mc_x1") > 0).all()
+
+
+def test_head_mode_runs_the_backbone_once_per_batch(images: pa.Table) -> None:
+    p = predictor()
+    calls: list[int] = []
+    p.model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    p.predict(images, seed=0, batch_size=2)
+    assert len(calls) == 2 and p.mc_samples == 10

@@ -122,3 +122,25 @@ def test_weights_files(pool: tuple[pa.Table, pa.Table], tmp_path: Path) -> None:
             ),
             first.checkpoint,
         )
+
+
+@pytest.mark.slow
+def test_early_stopping_on_val_map(pool: tuple[pa.Table, pa.Table], tmp_path: Path) -> None:
+    images, labels = pool
+    images = images.slice(0, 4)
+    labels = labels.filter(pc.is_in(labels.column("image_id"), images.column("image_id")))
+    cfg = config(epochs=6, batch_size=4, early_stopping=True, map_freq=1, patience=2)
+    result = train_model(
+        cfg, images, labels, 10, tmp_path / "es", seed=0, progress=False, val=(images, labels)
+    )
+    scores = [h["val_map50"] for h in result.history]
+    assert len(scores) == len(result.history) and 2 <= len(scores) <= 6
+    assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_out_of_range_class_is_a_data_error(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path
+) -> None:
+    images, labels = pool
+    with pytest.raises(DataError, match=r"class_id \d outside 0\.\.3"):
+        train_model(config(max_steps=1), images, labels, 4, tmp_path / "x", seed=0, progress=False)
