@@ -41,12 +41,23 @@ class ShardResult:
     seconds: float
 
 
+def _log_to_driver() -> None:
+    """Show this actor's progress lines in the driver's output (Ray forwards stderr)."""
+    log = logging.getLogger("detloop")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 class TrainWorker:
     """Trains one model per call; resumes from a partial checkpoint in ``out_dir``."""
 
     def __init__(self, config: dict[str, Any], torch_threads: int | None = None) -> None:
         self.cfg: ExperimentConfig = build_config(config)
         _set_threads(torch_threads)
+        _log_to_driver()
 
     def train(
         self,
@@ -62,6 +73,10 @@ class TrainWorker:
         from detloop.learners.train import train_model
 
         t0 = time.perf_counter()
+
+        def on_epoch(epochs: int, _model: Any) -> None:
+            logger.info("training: %d epoch(s) done, %.0f s", epochs, time.perf_counter() - t0)
+
         result = train_model(
             self.cfg,
             images,
@@ -72,6 +87,7 @@ class TrainWorker:
             val=val,
             init_weights=Path(init_weights) if init_weights else None,
             progress=False,
+            on_epoch=on_epoch,
         )
         return {
             "checkpoint": str(result.checkpoint),
