@@ -31,7 +31,7 @@ from detloop.config import ExperimentConfig
 from detloop.data.rundir import RunDir
 from detloop.learners.calibration import calibration_pairs, fit_calibration_set
 from detloop.orchestrator.validation_common import (
-    _jsonable,
+    jsonable,
     mean_matched_score,
     min_score_for,
 )
@@ -58,7 +58,7 @@ def precision(err: pd.DataFrame, ids: list[str]) -> dict[str, float]:
 
 def run_budget(b: float, data: dict[str, Any], trials: int) -> dict[str, Any]:
     th = CostSensitiveThresholder("ENTALBOX", budget=b, calibrated=True, seed=0,
-                                  n_trials=trials, patience=max(trials // 5, 50))  # fmt: skip
+                                  n_trials=trials, patience=min(trials, 300))  # fmt: skip
     res = th.fit(data["rows_val"]).result()
     dec = decide(data["test"], data["ids"], res, data["min_score"])
     auto = dec.ids("auto_labeled")
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--chunk", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--trials", type=int, default=300)
+    ap.add_argument("--trials", type=int, default=1500)
     ap.add_argument("--budgets", default="0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.99")
     ap.add_argument("--out", type=Path, default=RESULTS / "autolabel.json")
     args = ap.parse_args()
@@ -118,7 +118,7 @@ def main() -> None:
     result = {"checkpoint": ckpt.name, "min_score": min_score, "n_test_images": len(ids),
               "all_images_precision": precision(data["err"], ids), "curve": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_jsonable(result), indent=2, default=str) + "\n")
+    args.out.write_text(json.dumps(jsonable(result), indent=2, default=str) + "\n")
     plot(rows, args.out.with_suffix(".png"))
     print(f"min_score {min_score}  test images {len(ids)}  "
           f"precision with everything auto-labeled {result['all_images_precision']}")  # fmt: skip

@@ -44,9 +44,10 @@ from detloop.learners.calibration import (
     fit_calibration_set,
 )
 from detloop.orchestrator import uq_report
-from detloop.orchestrator.validation_common import _jsonable
+from detloop.orchestrator.validation_common import jsonable
 
 RESULTS = Path(__file__).parent / "results"
+CLASS_KEYS = ("ece", "mce", "sce", "brier", "nll", "accuracy")
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "detloop_bench_uq"
 
 
@@ -133,7 +134,10 @@ def calibration_report(val_pairs: Any, test_pairs: Any) -> tuple[dict[str, Any],
     probs = uq_report.class_probs(test_cal, cal)
     out: dict[str, Any] = {
         "n_val_pairs": len(val_pairs), "n_test_pairs": len(test_pairs),
-        "class_ece": {k: uq.class_metrics(p, labels)["ece"] for k, p in probs.items()},
+        "class": {
+            k: {m: v for m, v in uq.class_metrics(p, labels).items() if m in CLASS_KEYS}
+            for k, p in probs.items()
+        },
         "box": {},
     }  # fmt: skip
     for kind in uq_report.KINDS:
@@ -163,7 +167,7 @@ def threshold_report(val: Any, test: Any, trials: int) -> dict[str, Any]:
     rows = {k: threshold_rows(p, m, "matched") for k, (p, m) in {"val": val, "test": test}.items()}
     th = CostSensitiveThresholder(
         "ENTALBOX", budget=0.95, calibrated=True, seed=0, n_trials=trials,
-        patience=max(trials // 5, 50),
+        patience=min(trials, 300),
     ).fit(rows["val"])  # fmt: skip
     res = th.result()
     out: dict[str, Any] = {"weights": res.weights, "threshold_mean": res.threshold_mean,
@@ -195,7 +199,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pool-limit", type=int, default=None)
-    ap.add_argument("--trials", type=int, default=300)
+    ap.add_argument("--trials", type=int, default=1500)
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "calibration.json")
     args = ap.parse_args()
@@ -211,8 +215,8 @@ def main() -> None:
     thresholding = threshold_report(frames["val"], frames["test"], args.trials)
     result = {"checkpoint": ckpt.name, "calibration": calib, "thresholding": thresholding}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_jsonable(result), indent=2, default=str) + "\n")
-    print(json.dumps(_jsonable(result), indent=2, default=str))
+    args.out.write_text(json.dumps(jsonable(result), indent=2, default=str) + "\n")
+    print(json.dumps(jsonable(result), indent=2, default=str))
 
 
 if __name__ == "__main__":

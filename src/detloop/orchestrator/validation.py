@@ -39,6 +39,7 @@ from detloop.orchestrator.validation_common import (
     apply_calibration,
     categories_table,
     eval_split,
+    jsonable,
     load_calibration,
     load_validation,
     log_run_artifacts,
@@ -195,17 +196,10 @@ def calibrate_model(
     apply_calibration(run.val_predictions_file(model_iter), cal)
     if plots and len(held):
         paths += uq_report.write_plots(held_cal, cal80, cal_dir / "plots", rng, c.ece_bins)
-    write_json(_summary_safe(report), cal_dir / "report.json")
+    write_json(jsonable(report), cal_dir / "report.json")
     paths.append(update_metrics(run, out_iter, "calibration", _headline(report)))
     log_run_artifacts(run, cfg, [cal_dir, run.metrics_file(out_iter)], f"iter_{out_iter:04d}")
     return report
-
-
-def _summary_safe(report: dict[str, Any]) -> dict[str, Any]:
-    from detloop.orchestrator.validation_common import _jsonable
-
-    out: dict[str, Any] = _jsonable(report)
-    return out
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:

@@ -93,15 +93,16 @@ def update_metrics(run: RunDir, iteration: int, key: str, value: Any) -> Path:
     path = run.metrics_file(iteration)
     doc = read_json(path) if path.exists() else {}
     doc[key] = value
-    write_json(_jsonable(doc), path)
+    write_json(jsonable(doc), path)
     return path
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars as Python ones and non-finite floats as None (strict JSON)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float | np.floating):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.integer | np.bool_):
@@ -184,6 +185,7 @@ __all__ = [
     "apply_calibration",
     "categories_table",
     "eval_split",
+    "jsonable",
     "load_calibration",
     "load_validation",
     "log_artifacts",
