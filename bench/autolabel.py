@@ -56,35 +56,43 @@ def precision(err: pd.DataFrame, ids: list[str]) -> dict[str, float]:
     }
 
 
-def run_budget(b: float, data: dict[str, Any], trials: int) -> dict[str, Any]:
+def fit_thresholds(b: float, rows_val: pd.DataFrame, trials: int) -> Any:
     th = CostSensitiveThresholder("ENTALBOX", budget=b, calibrated=True, seed=0,
                                   n_trials=trials, patience=min(trials, 300))  # fmt: skip
-    res = th.fit(data["rows_val"]).result()
-    dec = decide(data["test"], data["ids"], res, data["min_score"])
+    return th.fit(rows_val).result()
+
+
+def evaluate_rules(res: Any, b: float, test: pd.DataFrame, gt: pd.DataFrame, ids: list[str],
+                   min_score: float) -> dict[str, Any]:  # fmt: skip
+    """Both rules at the share the uncertainty rule reaches with budget ``b``."""
+    dec = decide(test, ids, res, min_score)
+    err = image_errors(dec.detections, gt, ids)
     auto = dec.ids("auto_labeled")
-    base = score_rule(dec.detections, data["ids"], len(auto))
-    unc, sc = precision(data["err"], auto), precision(data["err"], base)
+    base = score_rule(dec.detections, ids, len(auto))
     return {
         "b": b, "delta_mean": res.threshold_mean, "weights": res.weights,
-        "share_auto_labeled": len(auto) / len(data["ids"]), "n_auto_labeled": len(auto),
-        "uncertainty_rule": unc, "score_rule": sc,
+        "share_auto_labeled": len(auto) / len(ids), "n_auto_labeled": len(auto),
+        "uncertainty_rule": precision(err, auto), "score_rule": precision(err, base),
         "fd_at_cd_val": res.metrics["combination"]["metric"],
     }  # fmt: skip
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(runs: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5, 4))
-    ax = fig.add_subplot()
-    share = [r["share_auto_labeled"] for r in rows]
-    for key, label in (("uncertainty_rule", "uncertainty rule"), ("score_rule", "score rule")):
-        ax.plot(share, [r[key]["image_precision"] for r in rows], "o-", label=label)
-    for r in rows:
-        xy = (r["share_auto_labeled"], r["uncertainty_rule"]["image_precision"])
-        ax.annotate(f"b={r['b']}", xy, fontsize=6)
-    ax.set(xlabel="share of images auto-labeled", ylabel="image-level precision")
-    ax.legend()
+    fig = Figure(figsize=(5 * len(runs), 4))
+    for k, (name, run) in enumerate(runs.items()):
+        ax = fig.add_subplot(1, len(runs), k + 1)
+        rows = run["curve"]
+        share = [r["share_auto_labeled"] for r in rows]
+        for key, label in (("uncertainty_rule", "uncertainty rule"), ("score_rule", "score rule")):
+            ax.plot(share, [r[key]["image_precision"] for r in rows], "o-", label=label)
+        for r in rows:
+            xy = (r["share_auto_labeled"], r["uncertainty_rule"]["image_precision"])
+            ax.annotate(f"b={r['b']}", xy, fontsize=6)
+        ax.set(xlabel="share of images auto-labeled", ylabel="image-level precision",
+               title=f"min_score {run['min_score']} ({name})")  # fmt: skip
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -92,11 +100,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--chunk", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--chunk", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trials", type=int, default=1500)
     ap.add_argument("--budgets", default="0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.99")
+    ap.add_argument("--min-scores", default="0.3,0.5", help="configured min_score values too")
     ap.add_argument("--out", type=Path, default=RESULTS / "autolabel.json")
     args = ap.parse_args()
     ckpt = prepare(args.work, args.steps, args.chunk, args.threads, None)
@@ -109,24 +118,27 @@ def main() -> None:
     _, gt = split_tables(RunDir(args.work / "run"), "test")
     gt_df = gt.to_pandas()
     ids = sorted(split_tables(RunDir(args.work / "run"), "test")[0]["image_id"].to_pylist())
-    labels = tdf[tdf["score"] > min_score]
-    data = {
-        "rows_val": threshold_rows(vdf, val[1].to_pandas(), "matched"), "test": tdf, "ids": ids,
-        "min_score": min_score, "err": image_errors(labels, gt_df[gt_df["iscrowd"] == 0], ids),
-    }  # fmt: skip
-    rows = [run_budget(float(b), data, args.trials) for b in args.budgets.split(",")]
-    result = {"checkpoint": ckpt.name, "min_score": min_score, "n_test_images": len(ids),
-              "all_images_precision": precision(data["err"], ids), "curve": rows}  # fmt: skip
+    gt_df = gt_df[gt_df["iscrowd"] == 0]
+    rows_val = threshold_rows(vdf, val[1].to_pandas(), "matched")
+    fits = {
+        float(b): fit_thresholds(float(b), rows_val, args.trials) for b in args.budgets.split(",")
+    }
+    settings = {"validation mean score (§3)": min_score}
+    settings |= {f"configured {m}": float(m) for m in args.min_scores.split(",") if m}
+    result: dict[str, Any] = {"checkpoint": ckpt.name, "n_test_images": len(ids), "runs": {}}
+    for name, ms in settings.items():
+        curve = [evaluate_rules(res, b, tdf, gt_df, ids, ms) for b, res in fits.items()]
+        everything = precision(image_errors(tdf[tdf["score"] > ms], gt_df, ids), ids)
+        result["runs"][name] = {"min_score": ms, "all_images_precision": everything, "curve": curve}
+        print(f"\nmin_score {ms} ({name}); precision with every image auto-labeled: {everything}")
+        print(f"{'b':>5} {'share':>6} {'uncert. prec':>12} {'score prec':>10}")
+        for r in curve:
+            print(f"{r['b']:5.2f} {r['share_auto_labeled']:6.3f} "
+                  f"{r['uncertainty_rule']['image_precision']:12.3f} "
+                  f"{r['score_rule']['image_precision']:10.3f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(jsonable(result), indent=2, default=str) + "\n")
-    plot(rows, args.out.with_suffix(".png"))
-    print(f"min_score {min_score}  test images {len(ids)}  "
-          f"precision with everything auto-labeled {result['all_images_precision']}")  # fmt: skip
-    print(f"{'b':>5} {'share':>6} {'uncert. prec':>12} {'score prec':>10}")
-    for r in rows:
-        print(f"{r['b']:5.2f} {r['share_auto_labeled']:6.3f} "
-              f"{r['uncertainty_rule']['image_precision']:12.3f} "
-              f"{r['score_rule']['image_precision']:10.3f}")  # fmt: skip
+    plot(result["runs"], args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
