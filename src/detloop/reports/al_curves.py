@@ -99,7 +99,7 @@ def write_report(runs: list[RunDir], out_dir: Path, metric: str = "map") -> tupl
             f"| {strategy} | {len(curves)} | {cells} | {np.mean(aucs):.4f} ± {np.std(aucs):.4f} |"
         )
     ax.set_xlabel("labeled share of the pool (%)")
-    ax.set_ylabel(metric)
+    ax.set_ylabel({"map": "mAP@[.5:.95]", "map50": "mAP@.5"}.get(metric, metric) + " (validation)")
     ax.set_title("Active learning curves")
     ax.grid(alpha=0.3)
     ax.legend()
