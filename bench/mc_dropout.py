@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from detloop.config import ExperimentConfig
-from detloop.learners.model import TH, TW, TX, TY, build_model, flatten_levels, split_box_maps
-from detloop.learners.predict import Predictor, sigma_squared
+from detloop.learners.model import build_model, flatten_levels, split_box_maps
+from detloop.learners.predict import Predictor
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = {"d0": 512, "tiny": 128}
@@ -67,17 +67,14 @@ def naive(p: Predictor, x: torch.Tensor, samples: int) -> int:
     """T complete passes with dropout, then the same reduction, decoding and NMS."""
     gen = torch.Generator().manual_seed(0)
     cls, mu, var = [], [], []
-    spec = p.model.spec
     for _ in range(samples):
         cls_maps, box_maps = p.model(x, generator=gen)
-        cls.append(flatten_levels(cls_maps, spec.num_classes))
+        cls.append(flatten_levels(cls_maps, p.model.spec.num_classes))
         m, s = split_box_maps(p.model, box_maps)
-        mu.append(m[..., [TX, TY, TW, TH]])
         assert s is not None
-        var.append(
-            sigma_squared(s, spec.sigma_param, spec.clip_min, spec.clip_max)[..., [TX, TY, TW, TH]]
-        )
-    out = {"cls": torch.stack(cls), "mu": torch.stack(mu), "var": torch.stack(var)}
+        mu.append(m)
+        var.append(s)
+    out = {"cls": torch.stack(cls), "mu": torch.stack(mu), "s": torch.stack(var)}
     return sum(len(p._postprocess(out, b, 1.0, 0)["score"]) for b in range(x.shape[0]))
 
 

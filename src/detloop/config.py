@@ -123,6 +123,7 @@ class PredictConfig(Section):
     max_nms_inputs: int = 0
     min_score: float | None = None
     batch_size: int = Field(8, ge=1)
+    mc_head_batch: int = Field(16, ge=1)  # head-mode MC: image-samples per head call
     consistency_ssl: bool = False
     infer_draw_uncert: bool = True
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from effdet import get_efficientdet_config
-from effdet.efficientdet import EfficientDet, HeadNet, _init_weight
+from effdet.efficientdet import EfficientDet, HeadNet, SeparableConv2d, _init_weight
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from torch import Tensor, nn
 
@@ -257,12 +257,21 @@ class UncertainEfficientDet(nn.Module):
         return list(self.fpn(self.backbone(x)))
 
     def heads(
-        self, feats: list[Tensor], masks: tuple[Tensor, Tensor] | None = None
+        self,
+        feats: list[Tensor],
+        masks: tuple[Tensor, Tensor] | None = None,
+        samples: int = 1,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Class and box heads; ``masks`` from :meth:`head_masks` apply channel dropout."""
+        """Class and box heads; ``masks`` from :meth:`head_masks` apply channel dropout.
+
+        With ``samples`` T > 1 the features are those of B images and the outputs are [T·B, ...]
+        (sample-major): the first conv+BN+act layer sees identical inputs in every sample, so it
+        runs once on B and its output is repeated T times before the first mask.
+        """
         cls_masks, box_masks = masks if masks is not None else (None, None)
-        return _run_head(self.class_net, feats, cls_masks), _run_head(
-            self.box_net, feats, box_masks
+        return (
+            _run_head(self.class_net, feats, cls_masks, samples),
+            _run_head(self.box_net, feats, box_masks, samples),
         )
 
     def forward(
@@ -284,23 +293,47 @@ class UncertainEfficientDet(nn.Module):
     ) -> tuple[list[Tensor], list[Tensor]]:
         """T stochastic passes stacked along the batch as [T·B, ...] (sample-major).
 
-        `head` mode runs the backbone and BiFPN once and the heads once on the repeated
-        features; `full` mode runs T·B images through the whole network.
+        `head` mode runs the backbone and BiFPN once and the heads once, vectorised over the T
+        samples; `full` mode runs T·B images through the whole network.
         """
         if self.spec.mc_mode == "full":
             return self.forward(x.repeat(samples, 1, 1, 1), generator)
-        feats = [f.repeat(samples, 1, 1, 1) for f in self.features(x)]
-        return self.heads(feats, self.head_masks(feats[0].shape[0], generator))
+        masks = self.head_masks(samples * x.shape[0], generator)
+        return self.heads(self.features(x), masks, samples)
 
 
-def _run_head(head: HeadNet, feats: list[Tensor], masks: Tensor | None) -> list[Tensor]:
+def _layer(head: HeadNet, rep: int, level: int, x: Tensor) -> Tensor:
+    """conv → BN → act of one head layer; in eval mode BN is folded into the pointwise conv."""
+    conv, bn = head.conv_rep[rep], head.bn_rep[rep][level]
+    bn = bn[0] if isinstance(bn, nn.Sequential) else bn
+    if head.training or not isinstance(conv, SeparableConv2d):
+        out: Tensor = head.act(bn(conv(x)))
+        return out
+    assert isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None
+    assert bn.running_mean is not None and bn.weight is not None and bn.bias is not None
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    pw = conv.conv_pw
+    bias = pw.bias if pw.bias is not None else torch.zeros_like(bn.running_mean)
+    weight = pw.weight * scale.view(-1, 1, 1, 1)
+    fused = (bias - bn.running_mean) * scale + bn.bias
+    out = head.act(F.conv2d(conv.conv_dw(x), weight.to(x.dtype), fused.to(x.dtype)))
+    return out
+
+
+def _run_head(
+    head: HeadNet, feats: list[Tensor], masks: Tensor | None, samples: int = 1
+) -> list[Tensor]:
     """effdet's ``HeadNet._forward`` with a mask after each conv+BN+act layer."""
     outputs = []
+    inplace = not torch.is_grad_enabled()
     for level, x in enumerate(feats):
-        for rep, (conv, bn) in enumerate(zip(head.conv_rep, head.bn_rep, strict=True)):
-            x = head.act(bn[level](conv(x)))
+        for rep in range(len(head.conv_rep)):
+            x = _layer(head, rep, level, x)
+            if rep == 0 and samples > 1:
+                x = x.repeat(samples, 1, 1, 1)
             if masks is not None:
-                x = x * masks[rep, level].to(x.device, x.dtype)
+                mask = masks[rep, level].to(x.device, x.dtype)
+                x = x.mul_(mask) if inplace else x * mask
         outputs.append(head.predict(x))
     return outputs
 

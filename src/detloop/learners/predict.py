@@ -135,7 +135,8 @@ class Predictor:
 
     @torch.no_grad()
     def forward(self, images: Tensor, image_ids: list[str], seed: int) -> dict[str, Tensor | None]:
-        """Raw outputs [T, B, N, ...]: class logits, box means (decode order), variances."""
+        """Raw outputs [T, B, N, ...]: class logits, box means and uncertainty parameters s
+        (head order)."""
         model, samples = self.model, self.mc_samples
         x = images.to(self.device)
         autocast = (
@@ -145,29 +146,61 @@ class Predictor:
         )
         with autocast:
             if samples == 1:
-                cls_maps, box_maps = model(x)
+                parts = [self._flat(*model(x))]
             elif model.spec.mc_mode == "full":
                 gen = torch.Generator(device=self.device).manual_seed(
                     _image_seed(seed, image_ids[0])
                 )
-                cls_maps, box_maps = model.sample(x, samples, gen)
+                parts = [self._flat(*model.sample(x, samples, gen))]
             else:
-                feats = [f.repeat(samples, 1, 1, 1) for f in model.features(x)]
-                cls_maps, box_maps = model.heads(feats, self._image_masks(image_ids, seed))
+                parts = self._head_samples(model.features(x), self._image_masks(image_ids, seed))
         b = x.shape[0]
-        cls = flatten_levels(cls_maps, model.spec.num_classes).float()
-        mu, s = split_box_maps(model, box_maps)
-        var = None
-        if s is not None:
-            spec = model.spec
-            var = sigma_squared(s.float(), spec.sigma_param, spec.clip_min, spec.clip_max)[
-                ..., _XYWH
-            ]
+        cls = torch.cat([p[0] for p in parts])
+        mu = torch.cat([p[1] for p in parts])
+        s_parts = [p[2] for p in parts if p[2] is not None]
+        s = torch.cat(s_parts) if s_parts else None
         return {
             "cls": cls.reshape(samples, b, *cls.shape[1:]),
-            "mu": mu.float()[..., _XYWH].reshape(samples, b, -1, 4),
-            "var": None if var is None else var.reshape(samples, b, -1, 4),
+            "mu": mu.reshape(samples, b, -1, 4),
+            "s": None if s is None else s.reshape(samples, b, -1, 4),
         }
+
+    def _flat(
+        self, cls_maps: list[Tensor], box_maps: list[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        mu, s = split_box_maps(self.model, box_maps)
+        return flatten_levels(cls_maps, self.model.spec.num_classes), mu, s
+
+    def _head_samples(
+        self, feats: list[Tensor], masks: tuple[Tensor, Tensor]
+    ) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        """Heads on the T samples in chunks of at most ``predict.mc_head_batch`` image-samples
+        (on CPUs one huge batch falls out of cache); sample-major, masks unchanged."""
+        b, samples = feats[0].shape[0], self.mc_samples
+        per = max(1, self.cfg.predict.mc_head_batch // b)
+        parts = []
+        for t0 in range(0, samples, per):
+            sl = slice(t0 * b, min(samples, t0 + per) * b)
+            chunk = (masks[0][:, :, sl], masks[1][:, :, sl])
+            parts.append(self._flat(*self.model.heads(feats, chunk, min(samples, t0 + per) - t0)))
+        return parts
+
+    def decode_inputs(
+        self, out: dict[str, Tensor | None], b: int, idx: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """Encoded means and variances [T, K, 4] of anchors ``idx`` of image ``b``, in decode
+        order (t_x, t_y, t_w, t_h); σ² only for these anchors (the cost scales with K, not N).
+        """
+        mu, s = out["mu"], out["s"]
+        assert mu is not None
+        t = mu[:, b, idx][..., _XYWH].float()
+        if s is None:
+            return t, None
+        spec = self.model.spec
+        var = sigma_squared(
+            s[:, b, idx][..., _XYWH].float(), spec.sigma_param, spec.clip_min, spec.clip_max
+        )
+        return t, var
 
     def _image_masks(self, image_ids: list[str], seed: int) -> tuple[Tensor, Tensor]:
         """Head masks [R, L, T·B, C, 1, 1], each image's drawn from its own seed."""
@@ -186,14 +219,15 @@ class Predictor:
     ) -> dict[str, Any]:
         """Detections of image ``b`` in network pixels, every column gathered by kept index."""
         pcfg = self.cfg.predict
-        cls_all, mu_all, var_all = out["cls"], out["mu"], out["var"]
-        assert cls_all is not None and mu_all is not None
+        cls_all = out["cls"]
+        assert cls_all is not None
         z = cls_all[:, b]  # [T, N, C]
-        m, _ = sample_mean_std(z) if z.shape[0] > 1 else (z[0], None)
-        score_all, class_all = torch.sigmoid(m).max(-1)
+        mc = z.shape[0] > 1
+        m = z.float().mean(0) if mc else z[0].float()
+        best, class_all = m.max(-1)
+        score_all = torch.sigmoid(best)
         idx = torch.nonzero(score_all >= pcfg.score_thresh).squeeze(1)
-        t = mu_all[:, b, idx]
-        v = None if var_all is None else var_all[:, b, idx]
+        t, v = self.decode_inputs(out, b, idx)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         means, stds = decode_boxes(
             t,
@@ -203,13 +237,7 @@ class Predictor:
             n_samples=pcfg.decode_nsamples,
             generator=gen,
         )
-        mc = z.shape[0] > 1
-        if mc:
-            box, mc_std = sample_mean_std(means)
-            mc_cls_vec = sample_mean_std(z[:, idx])[1]
-        else:
-            box, mc_std, mc_cls_vec = means[0], None, None
-        al = stds.mean(0) if v is not None else None
+        box = means.mean(0) if mc else means[0]
         keep, kept_scores = select_detections(
             box,
             score_all[idx],
@@ -222,20 +250,21 @@ class Predictor:
         )
         order = torch.argsort(kept_scores, descending=True, stable=True)
         keep, kept_scores = keep[order], kept_scores[order]
-        logits = m[idx]
+        sel = idx[keep]  # kept anchors; every column below is gathered through them
+        logits = m[sel]
 
-        def take(x: Tensor | None) -> np.ndarray | None:
-            return None if x is None else x[keep].detach().cpu().numpy().astype(np.float32)
+        def numpy(x: Tensor | None) -> np.ndarray | None:
+            return None if x is None else x.detach().float().cpu().numpy().astype(np.float32)
 
         return {
-            "class_id": class_all[idx][keep].cpu().numpy().astype(np.int32),
-            "score": kept_scores.detach().cpu().numpy().astype(np.float32),
-            "box": take(box),
-            "al": take(al),
-            "mc": take(mc_std),
-            "logits": take(logits),
-            "mc_class_vec": take(mc_cls_vec),
-            "entropy": entropy_bits(logits[keep]).cpu().numpy().astype(np.float32),
+            "class_id": class_all[sel].cpu().numpy().astype(np.int32),
+            "score": numpy(kept_scores),
+            "box": numpy(box[keep]),
+            "al": numpy(stds[:, keep].mean(0)) if v is not None else None,
+            "mc": numpy(sample_mean_std(means[:, keep])[1]) if mc else None,
+            "logits": numpy(logits),
+            "mc_class_vec": numpy(sample_mean_std(z[:, sel].float())[1]) if mc else None,
+            "entropy": numpy(entropy_bits(logits)),
         }
 
 
