@@ -61,6 +61,9 @@ def test_train_predict_render_evaluate(
         == 0
     )
     assert read_table(schema.PREDICTIONS, folder).num_rows > 0
+    weights = ["--checkpoint", str(ckpt / "model.pt"), "--out", str(tmp_path / "w.parquet")]
+    assert main(["predict", str(config), "--run", run, "--split", "val", *weights]) == 0
+    assert read_table(schema.PREDICTIONS, tmp_path / "w.parquet").equals(table)
 
     assert main(["evaluate", str(config), "--run", run, "--iteration", "0"]) == 0
     metrics = read_json(digits_tiny_run.metrics_file(0))["evaluate_val"]

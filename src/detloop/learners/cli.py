@@ -10,7 +10,7 @@ import argparse
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +20,9 @@ from detloop.config import ExperimentConfig, load_config
 from detloop.data import schema
 from detloop.data.io import read_json, write_json, write_table
 from detloop.data.rundir import RunDir
+
+if TYPE_CHECKING:
+    from detloop.learners.predict import Predictor
 
 log = logging.getLogger(__name__)
 TRAINED_STATES = ("labeled", "pseudo", "auto_labeled")
@@ -162,8 +165,16 @@ def _predictions_path(run: RunDir, iteration: int, name: str) -> Path:
     return run.iteration_dir(iteration) / f"{name}_predictions.parquet"
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def load_predictor(ckpt: Path, cfg: ExperimentConfig, run: RunDir) -> Predictor:
+    """A checkpoint directory (its own architecture) or a bare weights file (the config's)."""
     from detloop.learners.predict import Predictor
+
+    if ckpt.is_file():
+        return Predictor.from_state(ckpt.read_bytes(), cfg, _num_classes(run))
+    return Predictor.from_checkpoint(ckpt, cfg)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     from detloop.learners.render import render_predictions
 
     cfg, run = _load(args)
@@ -173,7 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         name = args.split or "pool"
         images = split_set(run, name)[0]
-    predictor = Predictor.from_checkpoint(ckpt, cfg)
+    predictor = load_predictor(ckpt, cfg, run)
     table = predictor.predict(images, seed=cfg.seed, progress=True)
     path = args.out or _predictions_path(run, iteration, name)
     write_table(table, schema.PREDICTIONS, path)
@@ -198,7 +209,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from detloop.learners.evaluate_run import evaluate_predictions
-    from detloop.learners.predict import Predictor
 
     cfg, run = _load(args)
     ckpt, iteration = _checkpoint(args, run)
@@ -207,7 +217,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{run.path}: split {args.split!r} has no ground truth to evaluate against"
         )
-    table = Predictor.from_checkpoint(ckpt, cfg).predict(images, seed=cfg.seed, progress=True)
+    table = load_predictor(ckpt, cfg, run).predict(images, seed=cfg.seed, progress=True)
     write_table(table, schema.PREDICTIONS, _predictions_path(run, iteration, args.split))
     metrics = evaluate_predictions(table, gt, images, run.read_categories())
     path = run.metrics_file(iteration)
