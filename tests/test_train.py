@@ -144,3 +144,5 @@ def test_out_of_range_class_is_a_data_error(
     images, labels = pool
     with pytest.raises(DataError, match=r"class_id \d outside 0\.\.3"):
         train_model(config(max_steps=1), images, labels, 4, tmp_path / "x", seed=0, progress=False)
+    with pytest.raises(DataError, match="no images"):
+        train_model(config(), images.slice(0, 0), labels, 10, tmp_path / "y", seed=0)

@@ -146,7 +146,7 @@ def train_model(
         DataError: missing weights file or unreadable image.
     """
     out_dir = Path(out_dir)
-    _check_labels(labels, num_classes)
+    _check_labels(images, labels, num_classes)
     partial_dir = out_dir.with_name(out_dir.name + ".partial")
     tcfg = effective_train_config(cfg)
     spec = resolve_spec(cfg.model, num_classes)
@@ -211,8 +211,10 @@ def train_model(
     return TrainResult(out_dir, loop.step, last_loss(loop), loop.seconds, loop.history)
 
 
-def _check_labels(labels: pa.Table, num_classes: int) -> None:
-    """Class ids must index the C foreground classes."""
+def _check_labels(images: pa.Table, labels: pa.Table, num_classes: int) -> None:
+    """At least one image; class ids must index the C foreground classes."""
+    if images.num_rows == 0:
+        raise DataError("images", None, None, "no images to train on")
     if labels.num_rows == 0:
         return
     classes = labels.column("class_id").to_numpy()
