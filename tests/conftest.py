@@ -50,3 +50,23 @@ def digits_tiny_run(digits_tiny: Path, tmp_path: Path) -> RunDir:
         source, images = digits_source(digits_tiny, split)
         import_source(run, "coco", source, split, images=images)
     return run
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> str:
+    """A local Ray instance shared by the session (4 logical CPUs: one AL loop holds a train
+    actor and two predict actors); returns its GCS address for subprocess drivers."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def ci_overrides(data_root: Path, runs_root: Path, *extra: str) -> list[str]:
+    """``--set`` arguments pointing configs/ci.yaml at ``data_root`` and ``runs_root``."""
+    values = [f"runs_root={runs_root}"]
+    for split in ("pool", "val"):
+        source, images = digits_source(data_root, split)
+        values += [f"data.{split}.source={source}", f"data.{split}.images={images}"]
+    return [arg for v in [*values, *extra] for arg in ("--set", v)]

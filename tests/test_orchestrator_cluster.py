@@ -8,12 +8,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
 
+from conftest import ci_overrides
 from detloop.cli import main
 from detloop.data import schema
 from detloop.data.io import read_table
@@ -23,44 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 CI_CONFIG = REPO / "configs" / "ci.yaml"
-ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}
-for _k, _v in ENV.items():
-    os.environ.setdefault(_k, _v)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from detloop.data.digits import make_digits
-
-    root = tmp_path_factory.mktemp("digits")
-    make_digits(root, "tiny", seed=0)
-    return root
-
-
-@pytest.fixture
-def local_ray() -> Iterator[None]:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-
-
-def sets(data_root: Path, runs_root: Path, *extra: str) -> list[str]:
-    values = [
-        f"runs_root={runs_root}",
-        f"data.pool.source={data_root / 'pool.json'}",
-        f"data.pool.images={data_root / 'images' / 'pool'}",
-        f"data.val.source={data_root / 'val.json'}",
-        f"data.val.images={data_root / 'images' / 'val'}",
-        *extra,
-    ]
-    return [a for v in values for a in ("--set", v)]
 
 
 def selections(run: RunDir) -> list[list[str]]:
@@ -72,9 +34,9 @@ def selections(run: RunDir) -> list[list[str]]:
 
 
 def test_grid_two_strategies_share_the_warmup(
-    data_root: Path, tmp_path: Path, local_ray: None, capsys: pytest.CaptureFixture[str]
+    digits_tiny: Path, tmp_path: Path, local_ray: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = sets(data_root, tmp_path, "ray.predict_workers=1")
+    args = ci_overrides(digits_tiny, tmp_path, "ray.predict_workers=1")
     code = main(["grid", str(CI_CONFIG), "--strategies", "random,entropy", "--seeds", "0", *args])
     assert code == 0
     root = RunsRoot(tmp_path)
@@ -121,8 +83,8 @@ def _answer_query(run: RunDir, iteration: int, out: Path) -> Path:
     return out
 
 
-def test_human_labeling_path(data_root: Path, tmp_path: Path, local_ray: None) -> None:
-    args = sets(data_root, tmp_path / "runs", "al.oracle=human")
+def test_human_labeling_path(digits_tiny: Path, tmp_path: Path, local_ray: str) -> None:
+    args = ci_overrides(digits_tiny, tmp_path / "runs", "al.oracle=human")
     assert main(["run", str(CI_CONFIG), *args]) == 0
     run = RunsRoot(tmp_path / "runs").run("ci", "entropy-s0")
     for iteration in (0, 1):
@@ -146,7 +108,7 @@ def test_human_labeling_path(data_root: Path, tmp_path: Path, local_ray: None) -
 
 
 def test_import_labels_rejects_a_run_that_is_not_waiting(
-    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    digits_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = RunDir(tmp_path / "r")
     run.path.mkdir()
@@ -165,13 +127,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_ray_job_submit(data_root: Path, tmp_path: Path) -> None:
+def test_ray_job_submit(digits_tiny: Path, tmp_path: Path) -> None:
     """`ray start --head`, `ray job submit --working-dir .` of `detloop run`, `ray stop`."""
     import ray
 
     ray.shutdown()  # `ray stop` ends every Ray process of this machine
     bindir = Path(sys.executable).parent
-    env = {**os.environ, **ENV, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     port, dash = _free_port(), _free_port()
@@ -184,7 +146,7 @@ def test_ray_job_submit(data_root: Path, tmp_path: Path) -> None:
             str(bindir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
             "--working-dir", str(REPO), "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"),
             "--", "detloop", "run", "configs/ci.yaml",
-            *sets(data_root, runs_root, "ray.predict_workers=1",
+            *ci_overrides(digits_tiny, runs_root, "ray.predict_workers=1",
                   f"tracking.uri={RunsRoot(runs_root).tracking_uri}"),
         ]  # fmt: skip
         res = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
