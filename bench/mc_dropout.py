@@ -7,6 +7,7 @@ Three ways per preset, same weights and batch (d0: 512×512, tiny: 128×128, bat
   deterministic — one pass, no dropout (T = 1);
   head-only MC  — backbone + BiFPN once, heads on the T-times repeated features (the default);
   naive         — T complete forward passes with dropout, then the same decoding and NMS.
+Each time is the minimum over rounds that run the variants in turn (robust on a shared CPU).
 Two score regimes: ``init`` (fresh class prior 0.01: every anchor passes score_thresh 0.001, the
 worst case for decoding and NMS) and ``sparse`` (class prior 1e-4, closer to a trained model).
 Writes bench/results/mc_dropout.json.
@@ -18,8 +19,8 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,14 +79,18 @@ def naive(p: Predictor, x: torch.Tensor, samples: int) -> int:
     return sum(len(p._postprocess(out, b, 1.0, 0)["score"]) for b in range(x.shape[0]))
 
 
-def timed(fn, reps: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    fn()  # warm-up
-    times, n = [], 0
+def interleaved(fns: dict[str, Callable[[], int]], reps: int) -> dict[str, float]:
+    """Minimum time of each function over ``reps`` rounds, run in turn within every round, so
+    that load from other processes on a shared machine hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        n = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), n
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
 
 
 def bench(preset: str, samples: int, reps: int, prior: float) -> dict[str, float]:
@@ -96,10 +101,17 @@ def bench(preset: str, samples: int, reps: int, prior: float) -> dict[str, float
     with torch.no_grad():
         cls = flatten_levels(det.model(x)[0], 10)
     passing = float((torch.sigmoid(cls.max(-1).values) >= 0.001).float().mean())
-    t_det, n_det = timed(lambda: whole(det, x, ids), reps)
-    t_head, _ = timed(lambda: whole(mc, x, ids), reps)
-    t_naive, _ = timed(lambda: naive(mc, x, samples), max(1, reps - 1))
-    feats_t, _ = timed(lambda: len(mc.model.features(x)), reps)
+    n_det = whole(det, x, ids)
+    t = interleaved(
+        {
+            "det": lambda: whole(det, x, ids),
+            "head": lambda: whole(mc, x, ids),
+            "naive": lambda: naive(mc, x, samples),
+            "features": lambda: len(mc.model.features(x)),
+        },
+        reps,
+    )
+    t_det, t_head, t_naive, feats_t = t["det"], t["head"], t["naive"], t["features"]
     row = {
         "preset": preset,
         "image_size": size,
