@@ -34,7 +34,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path("bench/data/digits_small"))
+    default_data = Path(tempfile.gettempdir()) / "detloop_digits_small"  # built once, reused
+    ap.add_argument("--data", type=Path, default=default_data)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
