@@ -100,8 +100,8 @@ def plot(runs: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--chunk", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--chunk", type=int, default=4000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trials", type=int, default=1500)
     ap.add_argument("--budgets", default="0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.99")

@@ -4,7 +4,8 @@ Usage: python bench/calibration.py [--work DIR] [--steps N] [--chunk K] [--threa
                                    [--pool-limit N] [--trials N] [--prepare-only]
 
 Builds digits-det small (2000/300/300) in --work, trains the tiny preset (aleatoric head + MC
-dropout) for --steps steps (default 3000) in chunks of --chunk (each chunk a usable checkpoint
+dropout; lr 0.003 and scale jitter 0.8-1.25 as bench/train_tiny.py) for --steps steps
+(default 4000) in chunks of --chunk (each chunk a usable checkpoint
 initialised from the previous one, with its own short warm-up and cosine schedule, so an
 interrupted run resumes), predicts val and test, then:
 
@@ -63,7 +64,9 @@ def bench_config(threads: int, steps: int) -> ExperimentConfig:
                 "device": "cpu",
                 "torch_threads": threads,
                 "amp": False,
-                "warmup_epochs": 0.05,
+                "warmup_epochs": 0.5,
+                "lr": 0.003,
+                "scale_jitter": [0.8, 1.25],
             },
             "predict": {"batch_size": 16},
         }
@@ -196,8 +199,8 @@ def threshold_report(val: Any, test: Any, trials: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--chunk", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--chunk", type=int, default=4000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pool-limit", type=int, default=None)
     ap.add_argument("--trials", type=int, default=1500)
