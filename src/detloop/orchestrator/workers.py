@@ -49,6 +49,7 @@ def _log_to_driver() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        log.propagate = False  # Ray's root handler would print every line twice
 
 
 class TrainWorker:
