@@ -10,15 +10,12 @@ normalised by the share covered) as mean ± std per strategy, and the wall time.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+from benchkit import REPO, local_env, write_result
 
 
 def main() -> None:
@@ -29,13 +26,7 @@ def main() -> None:
     parser.add_argument("--runs-root", type=Path, default=REPO / "runs" / "bench")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    for k, v in {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }.items():
-        os.environ.setdefault(k, v)
+    local_env()
     from detloop.config import load_config
     from detloop.data.digits import make_digits
     from detloop.orchestrator.cli import execute
@@ -93,8 +84,7 @@ def main() -> None:
     for s, v in out["auc_map"].items():  # type: ignore[union-attr]
         print(f"{s:>10}: AUC(mAP) {v['mean']:.4f} ± {v['std']:.4f}")
     print(f"wall time {wall:.0f} s")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "al_compare.json").write_text(json.dumps(out, indent=2))
+    write_result("al_compare", out)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ loop), so the figure is reported for iterations >= 1 and for all iterations.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+from benchkit import REPO, local_env, write_result
 
 
 def measure(run_dir: Path) -> dict[str, object]:
@@ -59,13 +56,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--strategy", default="entropy")
     args = parser.parse_args()
-    for k, v in {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }.items():
-        os.environ.setdefault(k, v)
+    local_env()
     run_dir = args.run
     if run_dir is None:
         from detloop.cli import main as cli
@@ -90,8 +81,7 @@ def main() -> None:
         cfg = load_config(REPO / "configs" / "demo.yaml", sets)
         run_dir = run_dir_for(cfg).path
     out = measure(run_dir)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "loop_overhead.json").write_text(json.dumps(out, indent=2))
+    write_result("loop_overhead", out)
 
 
 if __name__ == "__main__":

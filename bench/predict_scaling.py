@@ -7,24 +7,15 @@ warm-up shard on each. Target: speed-up >= 1.7x on the 2-core CI machine.
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+from benchkit import REPO, local_env, write_result
 
 
 def main() -> None:
-    for k, v in {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }.items():
-        os.environ.setdefault(k, v)
+    local_env()
     import ray
 
     from detloop.config import load_config
@@ -78,8 +69,7 @@ def main() -> None:
     out["speedup"] = out["workers_1_s"] / out["workers_2_s"]  # type: ignore[operator]
     out["target_speedup"] = 1.7
     print(f"speed-up 2 vs 1 workers: {out['speedup']:.2f}x (target >= 1.7x)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "predict_scaling.json").write_text(json.dumps(out, indent=2))
+    write_result("predict_scaling", out)
 
 
 if __name__ == "__main__":
