@@ -115,6 +115,10 @@ class Workers:
             ]
         return self._predictors
 
+    def start(self) -> None:
+        """Create every actor now; they start up while the driver does other work."""
+        _ = self.trainer, self.predictors
+
     def train(self, **kwargs: Any) -> dict[str, Any]:
         result: dict[str, Any] = ray.get(self.trainer.train.remote(**kwargs))
         return result

@@ -139,6 +139,8 @@ class ActiveLearningLoop:
         try:
             if not self.journal.is_completed(0, Phase.IMPORT):
                 self._run_phase(0, Phase.IMPORT)
+            if not self.journal.is_completed(self.n_iterations() - 1, Phase.LOG):
+                self.workers.start()  # actors boot while selection and labeling run
             for iteration, phase in self.plan():
                 if self.journal.is_completed(iteration, phase):
                     continue
