@@ -58,7 +58,6 @@ class ActiveLearningLoop:
         self.num_classes = self.categories.num_rows
         self._workers_factory = workers_factory
         self._workers: Any = None
-        self.compute: dict[int, dict[str, float]] = {}
         self.warmup = WarmupCache.for_run(run, cfg)
 
     # ---- plumbing --------------------------------------------------------------------------
@@ -92,9 +91,6 @@ class ActiveLearningLoop:
         marker.touch()
         logger.warning("fault injection: killing the driver at %s", point)
         os.kill(os.getpid(), signal.SIGKILL)
-
-    def _add_compute(self, iteration: int, phase: Phase, seconds: float) -> None:
-        self.compute.setdefault(iteration, {})[str(phase)] = seconds
 
     # ---- schedule --------------------------------------------------------------------------
     def budgets(self) -> list[int]:
@@ -273,7 +269,6 @@ class ActiveLearningLoop:
             val=val,
             init_weights=str(init) if init else None,
         )
-        self._add_compute(iteration, Phase.TRAIN, result["seconds"])
         if iteration == 0 and not self.human:
             self.warmup.store_checkpoint(ckpt)
         return {
@@ -308,21 +303,18 @@ class ActiveLearningLoop:
             iteration, iteration - 1, unlabeled, "predict", Phase.PREDICT
         )
         write_table(table, schema.PREDICTIONS, self.run.predictions_file(iteration))
-        self._add_compute(iteration, Phase.PREDICT, seconds)
         return {"compute": seconds, "detections": table.num_rows}
 
     def _phase_calibrate(self, iteration: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         info = steps.calibrate(self.run, self.cfg, iteration, self.seed(iteration, "calibrate"))
         seconds = time.perf_counter() - t0
-        self._add_compute(iteration, Phase.CALIBRATE, seconds)
         return {"compute": seconds, **info}
 
     def _phase_threshold(self, iteration: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         info = steps.threshold(self.run, self.cfg, iteration, self.seed(iteration, "threshold"))
         seconds = time.perf_counter() - t0
-        self._add_compute(iteration, Phase.THRESHOLD, seconds)
         return {"compute": seconds, **info}
 
     def _phase_evaluate(self, iteration: int) -> dict[str, Any]:
@@ -345,7 +337,6 @@ class ActiveLearningLoop:
         write_json(metrics, self.run.metrics_file(iteration))
         if iteration == 0 and not self.human:
             self.warmup.store_evaluation(self.run, iteration)
-        self._add_compute(iteration, Phase.EVALUATE, seconds)
         return {"compute": seconds, "map": metrics.get("map"), "map50": metrics.get("map50")}
 
     def _phase_log(self, iteration: int) -> dict[str, Any]:
