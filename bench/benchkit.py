@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from detloop.runtime_env import apply_local_env
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-LOCAL_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}
 
 
 def local_env() -> None:
     """Keep Ray on loopback without tokens or telemetry, and MLflow quiet."""
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_local_env()
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:

@@ -16,7 +16,6 @@ The environment variables that keep Ray and MLflow local and quiet are set for e
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,9 @@ import pytest
 from detloop.data.digits import digits_source, make_digits
 from detloop.data.importer import import_source
 from detloop.data.rundir import RunDir
+from detloop.runtime_env import apply_local_env
 
-for _key, _value in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}.items():
-    os.environ.setdefault(_key, _value)
+apply_local_env()
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from detloop.config import ConfigError
 from detloop.data.errors import DataError
+from detloop.runtime_env import apply_local_env
 
 # Modules that contribute verbs; each defines ``register(subparsers) -> None``.
 COMMAND_MODULES = (
@@ -26,14 +27,6 @@ COMMAND_MODULES = (
     "detloop.orchestrator.cli",
     "detloop.orchestrator.autolabel_cli",
 )
-
-# Ray and MLflow settings that keep a single machine on loopback, without tokens or telemetry.
-RUNTIME_ENV_DEFAULTS = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}
 
 
 class UsageError(Exception):
@@ -82,8 +75,7 @@ def _setup_logging(verbosity: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 1 failure, 2 user error)."""
-    for key, value in RUNTIME_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_local_env()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from detloop.cli import RUNTIME_ENV_DEFAULTS
 from detloop.config import ExperimentConfig
+from detloop.runtime_env import apply_local_env
 
 logger = logging.getLogger("detloop.demo")
 
@@ -41,8 +40,7 @@ def ensure_dataset(root: Path, size: str, seed: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for key, value in RUNTIME_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_local_env()
     parser = argparse.ArgumentParser(prog="python -m detloop.demo", description=__doc__)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     parser.add_argument("--strategies", default="random,entropy")

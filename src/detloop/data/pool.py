@@ -49,9 +49,13 @@ class PoolState:
             return pa.chunked_array([pa.array(np.ones(self.images.num_rows, dtype=bool))])
         return mask
 
+    def images_in(self, state: str | None = None, split: str | None = "pool") -> pa.Table:
+        """Rows of the images table in ``state`` (any when None) of ``split`` (any when None)."""
+        return self.images.filter(self._mask(state, split))
+
     def ids(self, state: str | None = None, split: str | None = "pool") -> list[str]:
         """Image ids in ``state`` (any when None) of ``split`` (any when None), sorted."""
-        ids = self.images.filter(self._mask(state, split))["image_id"].to_pylist()
+        ids = self.images_in(state, split)["image_id"].to_pylist()
         return sorted(ids)
 
     def counts(self, split: str | None = "pool") -> dict[str, int]:

@@ -17,14 +17,9 @@ import ray
 
 from detloop.config import ExperimentConfig, RayConfig, config_snapshot
 from detloop.orchestrator.workers import PredictWorker, ShardResult, TrainWorker
+from detloop.runtime_env import apply_local_env
 
 logger = logging.getLogger(__name__)
-
-RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 
 
 def _threads(num_cpus: float) -> int:
@@ -44,8 +39,7 @@ def ensure_ray(rc: RayConfig, loops: int = 1) -> None:
     CPUs may exceed physical cores); ``"auto"`` joins a ``ray start`` cluster or the cluster of
     a ``ray job submit`` driver.
     """
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_local_env()
     if ray.is_initialized():
         return
     if rc.address or os.environ.get("RAY_ADDRESS"):  # a cluster, or a `ray job submit` driver

@@ -187,11 +187,7 @@ class ActiveLearningLoop:
         if iteration == 0 and self.warmup.restore_selection(out):
             return {"warmup_cache": True}
         pool = PoolState.load(self.run)
-        unlabeled = pool.images.filter(
-            pc.and_(
-                pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "unlabeled")
-            )
-        )
+        unlabeled = pool.images_in("unlabeled")
         budget = self.budgets()[iteration]
         if iteration == 0:
             preds = schema.PREDICTIONS.empty()
@@ -251,11 +247,7 @@ class ActiveLearningLoop:
         if iteration == 0 and not self.human and self.warmup.restore_checkpoint(ckpt):
             return {"warmup_cache": True}
         pool = PoolState.load(self.run)
-        images = pool.images.filter(
-            pc.and_(
-                pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "labeled")
-            )
-        )
+        images = pool.images_in("labeled")
         init = self.cfg.model.weights
         if self.cfg.al.warm_start and iteration > 0:
             init = self.run.checkpoint(iteration - 1) / "model.pt"
@@ -295,10 +287,7 @@ class ActiveLearningLoop:
         )
 
     def _phase_predict(self, iteration: int) -> dict[str, Any]:
-        images = self.run.read_images()
-        unlabeled = images.filter(
-            pc.and_(pc.equal(images["split"], "pool"), pc.equal(images["state"], "unlabeled"))
-        )
+        unlabeled = PoolState(self.run.read_images(), schema.LABELS.empty()).images_in("unlabeled")
         table, seconds = self._predict(
             iteration, iteration - 1, unlabeled, "predict", Phase.PREDICT
         )
@@ -324,8 +313,7 @@ class ActiveLearningLoop:
             and self.warmup.restore_evaluation(self.run, iteration)
         ):
             return {"warmup_cache": True}
-        split = "val" if steps.has_split(self.run, "val") else "test"
-        images, gt = steps.split_tables(self.run, split)
+        split, images, gt = steps.eval_split(self.run)
         table, seconds = self._predict(
             iteration, iteration, images, f"evaluate_{split}", Phase.EVALUATE
         )

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from detloop.config import ExperimentConfig
 from detloop.data import schema
+from detloop.data.errors import DataError
 from detloop.data.io import read_json, read_table
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
@@ -50,6 +51,15 @@ def split_tables(run: RunDir, split: str) -> tuple[pa.Table, pa.Table]:
     gt = run.read_gt()
     gt = gt.filter(pc.is_in(gt["image_id"], value_set=images["image_id"].combine_chunks()))
     return images, gt
+
+
+def eval_split(run: RunDir) -> tuple[str, pa.Table, pa.Table]:
+    """The validation split (``val``, else ``test``) with its images and ground truth."""
+    for split in ("val", "test"):
+        if has_split(run, split):
+            images, gt = split_tables(run, split)
+            return split, images, gt
+    raise DataError(str(run.images_file), None, "split", "the run has no val or test images")
 
 
 # ---- budgets, pruning, selection ---------------------------------------------------------------
@@ -116,7 +126,7 @@ def min_score(cfg: ExperimentConfig, run: RunDir, iteration: int) -> float:
     if cfg.predict.min_score is None and val_file is not None and val_file.exists():
         from detloop.learners.evaluate import match_reference
 
-        _, gt = split_tables(run, "val" if has_split(run, "val") else "test")
+        _, _, gt = eval_split(run)
         preds = read_table(schema.PREDICTIONS, val_file)
         avg = mean_matched_score(preds, match_reference(preds, gt))
     return min_score_for(cfg, avg)
@@ -205,9 +215,7 @@ def iteration_metrics(
 ) -> dict[str, float]:
     """The numbers logged for an iteration: model quality, label counts, phase durations."""
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    labeled = pool.images.filter(
-        pc.and_(pc.equal(pool.images["split"], "pool"), pc.equal(pool.images["state"], "labeled"))
-    )
+    labeled = pool.images_in("labeled")
     n_pool = count_pool(pool.images)
     out["labeled_images"] = float(labeled.num_rows)
     out["labeled_fraction"] = labeled.num_rows / n_pool if n_pool else 0.0

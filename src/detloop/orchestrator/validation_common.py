@@ -19,6 +19,7 @@ from detloop.data.errors import DataError
 from detloop.data.io import read_json, read_table, write_json, write_table
 from detloop.data.rundir import RunDir
 from detloop.learners.calibration import STATE_JSON, CalibrationSet, calibration_pairs
+from detloop.orchestrator.steps import eval_split
 
 logger = logging.getLogger(__name__)
 DECODE_METHODS = ("l-norm", "n-flow", "sample", "falsedec")
@@ -49,17 +50,6 @@ def resolve_model(run: RunDir, iteration: int | None, checkpoint: Path | None) -
     if not (ckpt / "metadata.json").exists():
         raise DataError(str(ckpt), None, None, f"iteration {iteration} has no checkpoint")
     return ModelRef(iteration, ckpt)
-
-
-def eval_split(run: RunDir) -> tuple[str, pa.Table, pa.Table]:
-    """The validation split (``val``, else ``test``) with its images and ground truth."""
-    from detloop.orchestrator.steps import has_split, split_tables
-
-    for split in ("val", "test"):
-        if has_split(run, split):
-            images, gt = split_tables(run, split)
-            return split, images, gt
-    raise DataError(str(run.images_file), None, "split", "the run has no val or test images")
 
 
 def categories_table(run: RunDir, n_classes: int) -> pa.Table:
