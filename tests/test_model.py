@@ -24,6 +24,7 @@ from detloop.learners.model import (
     TY,
     UncertainEfficientDet,
     build_model,
+    flatten_levels,
     parse_image_size,
     resolve_spec,
     sigma_squared,
@@ -138,6 +139,33 @@ def test_head_mode_single_backbone_call_and_equals_naive_loop() -> None:
                 assert torch.allclose(box_v[lv][sl], box_t[lv], atol=1e-5)
     # different samples do differ (dropout is active)
     assert not torch.allclose(cls_v[0][0:2], cls_v[0][2:4])
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_sample_flat_equals_flattened_head_maps(
+    repeats: int, channels_last: bool, chunk: int | None
+) -> None:
+    """The shared-prefix, block-written head path equals a naive loop of masked head calls
+    (which runs the first layer and its depthwise conv on every sample)."""
+    model = tiny(mc_classheadrate=0.3, mc_boxheadrate=0.3, box_class_repeats=repeats)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    samples = 4
+    with torch.no_grad():
+        feats = model.features(x.contiguous(memory_format=fmt))
+        masks = model.head_masks(samples * 2, torch.Generator().manual_seed(5))
+        cls, mu, s = model.sample_flat(feats, masks, samples, chunk)
+        for t in range(samples):
+            sl = slice(2 * t, 2 * t + 2)
+            cls_maps, box_maps = model.heads(feats, (masks[0][:, :, sl], masks[1][:, :, sl]))
+            mu_t, s_t = split_box_maps(model, box_maps)
+            assert s is not None and s_t is not None
+            assert torch.allclose(cls[sl], flatten_levels(cls_maps, 3), atol=1e-5)
+            assert torch.allclose(mu[sl], mu_t, atol=1e-5)
+            assert torch.allclose(s[sl], s_t, atol=1e-5)
 
 
 def test_full_mode_runs_dropout_in_backbone_blocks() -> None:

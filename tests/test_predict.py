@@ -92,6 +92,20 @@ def test_seeded_and_independent_of_batching(images: pa.Table) -> None:
     assert p.seconds > 0
 
 
+def test_rate_zero_mc_prediction_equals_the_deterministic_one(images: pa.Table) -> None:
+    """Head-only MC at rate 0 through the whole inference path: every sample is the
+    deterministic pass, so boxes, scores and logits agree and every MC std is exactly 0."""
+    mc = predictor(mc_classheadrate=0.0, mc_boxheadrate=0.0)
+    det = predictor("lossatt")
+    det.model.load_state_dict(mc.model.state_dict())
+    a, b = mc.predict(images, seed=0, batch_size=4), det.predict(images, seed=0, batch_size=4)
+    assert a.num_rows == b.num_rows > 0
+    for name in ("score", "x1", "y1", "x2", "y2", "al_x1", "entropy"):
+        np.testing.assert_allclose(col(a, name), col(b, name), rtol=1e-5, atol=1e-5)
+    for name in (*schema.MC_COLS, "mc_class"):
+        assert float(np.abs(col(a, name)).max()) == 0.0, name
+
+
 @pytest.mark.parametrize("nms", ["hard", "gaussian"])
 def test_kept_rows_carry_their_anchor_uncertainties(images: pa.Table, nms: str) -> None:
     """Gather identity (§3 a): every kept row equals the pre-NMS values of its own anchor."""

@@ -83,6 +83,8 @@ class ModelConfig(Section):
     mc_boxheadrate: float = Field(0.05, ge=0, lt=1)
     mc_dropoutrate: float = Field(0.05, ge=0, lt=1)
     mc_dropoutsamp: int = Field(10, ge=1)
+    # NHWC tensors: oneDNN's depthwise and pointwise convs run ~2x faster on CPUs
+    channels_last: bool = True
 
 
 class TrainConfig(Section):

@@ -36,3 +36,8 @@ def resolve_device(
             )
         return torch.device(name)
     raise ValueError(f"unknown device {name!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The memory format of images and conv weights (``model.channels_last``)."""
+    return torch.channels_last if channels_last else torch.contiguous_format

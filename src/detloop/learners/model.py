@@ -13,6 +13,7 @@ effdet's order (t_y, t_x, t_h, t_w); code indexes them by the names below.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,18 +262,54 @@ class UncertainEfficientDet(nn.Module):
         feats: list[Tensor],
         masks: tuple[Tensor, Tensor] | None = None,
         samples: int = 1,
+        chunk: int | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Class and box heads; ``masks`` from :meth:`head_masks` apply channel dropout.
 
         With ``samples`` T > 1 the features are those of B images and the outputs are [T·B, ...]
-        (sample-major): the first conv+BN+act layer sees identical inputs in every sample, so it
-        runs once on B and its output is repeated T times before the first mask.
+        (sample-major). Work identical in every sample runs once on B: the first conv+BN+act
+        layer and the depthwise conv after it (a channel mask commutes with a depthwise conv);
+        the rest runs on at most ``chunk`` samples at a time (on CPUs one huge batch falls out
+        of cache).
         """
         cls_masks, box_masks = masks if masks is not None else (None, None)
         return (
-            _run_head(self.class_net, feats, cls_masks, samples),
-            _run_head(self.box_net, feats, box_masks, samples),
+            _run_head(self.class_net, feats, cls_masks, samples, chunk),
+            _run_head(self.box_net, feats, box_masks, samples, chunk),
         )
+
+    def sample_flat(
+        self, feats: list[Tensor], masks: tuple[Tensor, Tensor], samples: int, chunk: int | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Head-mode MC straight into the flat layout of :func:`flatten_levels` and
+        :func:`split_box_maps`: class logits [T·B, N, C], box means and uncertainty parameters
+        [T·B, N, 4] (None without LA). Each block of every level is written once, without the
+        concatenations of :meth:`heads` (the T-fold outputs are the largest tensors of a
+        prediction)."""
+        a = self.num_anchors
+        sizes = [f.shape[2] * f.shape[3] * a for f in feats]
+        total, rows_all = sum(sizes), samples * feats[0].shape[0]
+        outs: dict[str, Tensor] = {}
+
+        def block(key: str, rows: slice, start: int, value: Tensor) -> None:
+            """value [n, H, W, A·k] → outs[key][rows, start : start + H·W·A] ([n, H·W·A, k])."""
+            n, h, w, ak = value.shape
+            if key not in outs:
+                outs[key] = value.new_empty(rows_all, total, ak // a)
+            dest = outs[key][rows, start : start + h * w * a]
+            dest.view(n, h, w, a, ak // a).copy_(value.view(n, h, w, a, ak // a))
+
+        start = 0
+        for level, x in enumerate(feats):
+            for rows, out in _sampled_chunks(self.class_net, level, x, masks[0], samples, chunk):
+                block("cls", rows, start, out.permute(0, 2, 3, 1))
+            for rows, out in _sampled_chunks(self.box_net, level, x, masks[1], samples, chunk):
+                nhwc = out.permute(0, 2, 3, 1)
+                block("mu", rows, start, nhwc[..., : 4 * a])
+                if self.spec.loss_attenuation:
+                    block("s", rows, start, nhwc[..., 4 * a :])
+            start += sizes[level]
+        return outs["cls"], outs["mu"], outs.get("s")
 
     def forward(
         self, x: Tensor, generator: torch.Generator | None = None
@@ -289,7 +326,7 @@ class UncertainEfficientDet(nn.Module):
         return self.heads(feats, masks)
 
     def sample(
-        self, x: Tensor, samples: int, generator: torch.Generator
+        self, x: Tensor, samples: int, generator: torch.Generator, chunk: int | None = None
     ) -> tuple[list[Tensor], list[Tensor]]:
         """T stochastic passes stacked along the batch as [T·B, ...] (sample-major).
 
@@ -299,43 +336,110 @@ class UncertainEfficientDet(nn.Module):
         if self.spec.mc_mode == "full":
             return self.forward(x.repeat(samples, 1, 1, 1), generator)
         masks = self.head_masks(samples * x.shape[0], generator)
-        return self.heads(self.features(x), masks, samples)
+        return self.heads(self.features(x), masks, samples, chunk)
 
 
-def _layer(head: HeadNet, rep: int, level: int, x: Tensor) -> Tensor:
-    """conv → BN → act of one head layer; in eval mode BN is folded into the pointwise conv."""
-    conv, bn = head.conv_rep[rep], head.bn_rep[rep][level]
+def _bn(head: HeadNet, rep: int, level: int) -> nn.BatchNorm2d:
+    bn = head.bn_rep[rep][level]
     bn = bn[0] if isinstance(bn, nn.Sequential) else bn
+    assert isinstance(bn, nn.BatchNorm2d)
+    return bn
+
+
+def _separable(conv: nn.Module) -> bool:
+    """A depthwise conv without bias leads ``conv``: it commutes with a channel mask."""
+    return isinstance(conv, SeparableConv2d) and conv.conv_dw.bias is None
+
+
+def _layer(head: HeadNet, rep: int, level: int, x: Tensor, dw_done: bool = False) -> Tensor:
+    """conv → BN → act of one head layer; in eval mode BN is folded into the pointwise conv.
+
+    ``dw_done``: ``x`` already went through this layer's depthwise conv.
+    """
+    conv, bn = head.conv_rep[rep], _bn(head, rep, level)
     if head.training or not isinstance(conv, SeparableConv2d):
+        assert not dw_done
         out: Tensor = head.act(bn(conv(x)))
         return out
-    assert isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None
-    assert bn.running_mean is not None and bn.weight is not None and bn.bias is not None
+    assert bn.running_var is not None and bn.running_mean is not None
+    assert bn.weight is not None and bn.bias is not None
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     pw = conv.conv_pw
     bias = pw.bias if pw.bias is not None else torch.zeros_like(bn.running_mean)
     weight = pw.weight * scale.view(-1, 1, 1, 1)
     fused = (bias - bn.running_mean) * scale + bn.bias
-    out = head.act(F.conv2d(conv.conv_dw(x), weight.to(x.dtype), fused.to(x.dtype)))
+    x = x if dw_done else conv.conv_dw(x)
+    out = head.act(F.conv2d(x, weight.to(x.dtype), fused.to(x.dtype)))
     return out
 
 
+def _predict(head: HeadNet, x: Tensor, dw_done: bool = False) -> Tensor:
+    if not dw_done:
+        out: Tensor = head.predict(x)
+        return out
+    return head.predict.conv_pw(x)  # type: ignore[no-any-return]
+
+
+def _masked(x: Tensor, mask: Tensor, samples: int) -> Tensor:
+    """[B, C, H, W] times masks [T·B, C, 1, 1] (sample-major) → [T·B, C, H, W], channels-last.
+
+    One broadcast multiply; the copies of ``x`` are never materialised unmasked.
+    """
+    b, c, h, w = x.shape
+    nhwc = x.permute(0, 2, 3, 1).unsqueeze(0)  # [1, B, H, W, C]
+    m = mask.to(x.device, x.dtype).reshape(samples, b, 1, 1, c)
+    return (nhwc * m).reshape(samples * b, h, w, c).permute(0, 3, 1, 2)
+
+
 def _run_head(
-    head: HeadNet, feats: list[Tensor], masks: Tensor | None, samples: int = 1
+    head: HeadNet,
+    feats: list[Tensor],
+    masks: Tensor | None,
+    samples: int = 1,
+    chunk: int | None = None,
 ) -> list[Tensor]:
     """effdet's ``HeadNet._forward`` with a mask after each conv+BN+act layer."""
+    if samples > 1:
+        assert masks is not None
+        return [
+            torch.cat([out for _, out in _sampled_chunks(head, level, x, masks, samples, chunk)])
+            for level, x in enumerate(feats)
+        ]
     outputs = []
     inplace = not torch.is_grad_enabled()
     for level, x in enumerate(feats):
         for rep in range(len(head.conv_rep)):
             x = _layer(head, rep, level, x)
-            if rep == 0 and samples > 1:
-                x = x.repeat(samples, 1, 1, 1)
             if masks is not None:
                 mask = masks[rep, level].to(x.device, x.dtype)
                 x = x.mul_(mask) if inplace else x * mask
         outputs.append(head.predict(x))
     return outputs
+
+
+def _sampled_chunks(
+    head: HeadNet, level: int, x: Tensor, masks: Tensor, samples: int, chunk: int | None
+) -> Iterator[tuple[slice, Tensor]]:
+    """One level of a head for T samples, as (rows of [T·B], output) per chunk of samples.
+
+    ``masks`` [R, L, T·B, C, 1, 1] (sample-major). The first conv+BN+act layer sees the same
+    input in every sample and runs once on B, and so does the depthwise conv after it:
+    dw(x ⊙ m) = dw(x) ⊙ m for a per-channel mask m.
+    """
+    b, reps, chunk = x.shape[0], len(head.conv_rep), chunk or samples
+    x = _layer(head, 0, level, x)
+    after = head.conv_rep[1] if reps > 1 else head.predict
+    factor = not head.training and _separable(after)
+    if factor:
+        x = after.conv_dw(x)
+    for t0 in range(0, samples, chunk):
+        rows = slice(t0 * b, min(samples, t0 + chunk) * b)
+        y = _masked(x, masks[0, level, rows], rows.stop // b - t0)
+        for rep in range(1, reps):
+            y = _layer(head, rep, level, y, dw_done=factor and rep == 1)
+            mask = masks[rep, level, rows].to(y.device, y.dtype)
+            y = y.mul_(mask) if not torch.is_grad_enabled() else y * mask
+        yield rows, _predict(head, y, dw_done=factor and reps == 1)
 
 
 def flatten_levels(maps: list[Tensor], per_anchor: int) -> Tensor:

@@ -28,7 +28,7 @@ from detloop.data import schema
 from detloop.data.dataset import DetectionDataset, collate
 from detloop.learners import checkpoint as ckpt
 from detloop.learners.decode import decode_boxes
-from detloop.learners.device import resolve_device
+from detloop.learners.device import memory_format, resolve_device
 from detloop.learners.loss import make_anchors
 from detloop.learners.model import (
     TH,
@@ -72,7 +72,8 @@ class Predictor:
         self, model: UncertainEfficientDet, cfg: ExperimentConfig, device: str | None = None
     ) -> None:
         self.device = resolve_device(device or cfg.train.device)
-        self.model = model.to(self.device).eval()
+        self.memory_format = memory_format(cfg.model.channels_last)
+        self.model = model.to(self.device).to(memory_format=self.memory_format).eval()
         self.cfg = cfg
         self.anchors_xyxy = make_anchors(model.spec).boxes[:, [1, 0, 3, 2]].to(self.device)
         self.seconds = 0.0
@@ -138,27 +139,25 @@ class Predictor:
         """Raw outputs [T, B, N, ...]: class logits, box means and uncertainty parameters s
         (head order)."""
         model, samples = self.model, self.mc_samples
-        x = images.to(self.device)
+        x = images.to(self.device, memory_format=self.memory_format)
         autocast = (
             torch.autocast("cuda")
             if self.device.type == "cuda"
             else torch.autocast("cpu", enabled=False)
         )
         with autocast:
-            if samples == 1:
-                parts = [self._flat(*model(x))]
-            elif model.spec.mc_mode == "full":
+            if samples > 1 and model.spec.mc_mode == "head":
+                chunk = max(1, self.cfg.predict.mc_head_batch // x.shape[0])
+                masks = self._image_masks(image_ids, seed)
+                cls, mu, s = model.sample_flat(model.features(x), masks, samples, chunk)
+            elif samples > 1:
                 gen = torch.Generator(device=self.device).manual_seed(
                     _image_seed(seed, image_ids[0])
                 )
-                parts = [self._flat(*model.sample(x, samples, gen))]
+                cls, mu, s = self._flat(*model.sample(x, samples, gen))
             else:
-                parts = self._head_samples(model.features(x), self._image_masks(image_ids, seed))
+                cls, mu, s = self._flat(*model(x))
         b = x.shape[0]
-        cls = torch.cat([p[0] for p in parts])
-        mu = torch.cat([p[1] for p in parts])
-        s_parts = [p[2] for p in parts if p[2] is not None]
-        s = torch.cat(s_parts) if s_parts else None
         return {
             "cls": cls.reshape(samples, b, *cls.shape[1:]),
             "mu": mu.reshape(samples, b, -1, 4),
@@ -170,20 +169,6 @@ class Predictor:
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         mu, s = split_box_maps(self.model, box_maps)
         return flatten_levels(cls_maps, self.model.spec.num_classes), mu, s
-
-    def _head_samples(
-        self, feats: list[Tensor], masks: tuple[Tensor, Tensor]
-    ) -> list[tuple[Tensor, Tensor, Tensor | None]]:
-        """Heads on the T samples in chunks of at most ``predict.mc_head_batch`` image-samples
-        (on CPUs one huge batch falls out of cache); sample-major, masks unchanged."""
-        b, samples = feats[0].shape[0], self.mc_samples
-        per = max(1, self.cfg.predict.mc_head_batch // b)
-        parts = []
-        for t0 in range(0, samples, per):
-            sl = slice(t0 * b, min(samples, t0 + per) * b)
-            chunk = (masks[0][:, :, sl], masks[1][:, :, sl])
-            parts.append(self._flat(*self.model.heads(feats, chunk, min(samples, t0 + per) - t0)))
-        return parts
 
     def decode_inputs(
         self, out: dict[str, Tensor | None], b: int, idx: Tensor

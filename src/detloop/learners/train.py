@@ -30,7 +30,7 @@ from detloop.config import ExperimentConfig, TrainConfig
 from detloop.data.dataset import Augment, DetectionDataset, collate
 from detloop.data.errors import DataError
 from detloop.learners import checkpoint as ckpt
-from detloop.learners.device import resolve_device
+from detloop.learners.device import memory_format, resolve_device
 from detloop.learners.loss import (
     LossSettings,
     detection_loss,
@@ -160,12 +160,14 @@ def train_model(
     weights = init_weights or cfg.model.weights
     if weights is not None:
         ckpt.load_weights(model, Path(weights), cfg.model.weights_kind)
-    model.to(dev)
+    fmt = memory_format(cfg.model.channels_last)
+    model.to(dev).to(memory_format=fmt)
     loop = LoopState(
         model=model,
         optimizer=make_optimizer(model, tcfg),
         scaler=torch.amp.GradScaler("cuda", enabled=tcfg.amp and dev.type == "cuda"),
         generator=torch.Generator(device=dev).manual_seed(seed),
+        memory_format=fmt,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -353,7 +355,8 @@ def _step(
     ).to(dev)
     autocast = torch.autocast("cuda") if loop.scaler.is_enabled() else nullcontext()
     with autocast:
-        cls_maps, box_maps = model(batch["image"].to(dev), generator=loop.generator)
+        images = batch["image"].to(dev, memory_format=loop.memory_format)
+        cls_maps, box_maps = model(images, generator=loop.generator)
     mu, s = split_box_maps(model, box_maps)
     cls = flatten_levels(cls_maps, model.spec.num_classes)
     loss, l_cls, l_box = detection_loss(cls, mu, s, targets, sizes, settings)

@@ -47,6 +47,7 @@ class LoopState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     generator: torch.Generator
+    memory_format: torch.memory_format = torch.contiguous_format  # of the input images
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
