@@ -11,6 +11,7 @@ from detloop.config import ConfigError, ModelConfig
 from detloop.learners.loss import (
     LossSettings,
     Targets,
+    box_monitors,
     detection_loss,
     la_level_loss,
     level_sizes,
@@ -255,3 +256,30 @@ def test_zero_loss_weight_image_contributes_nothing() -> None:
     assert set(box_mode.weight[0].unique().tolist()) == {3.0}
     empty = label_batch(labeler, boxes[:1], torch.tensor([[-1]]), weights[:1], empty_weight=0.5)
     assert float(empty.weight.min()) == 0.5 and int(empty.num_pos[0]) == 0
+
+
+# ---- training monitors (§1.2) ----------------------------------------------------------------
+@pytest.mark.parametrize("la", [True, False])
+def test_box_monitors_equal_a_loop_over_positive_anchors(la: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    b, n = 2, 50
+    mu, box = torch.randn(b, n, 4, generator=gen), torch.randn(b, n, 4, generator=gen)
+    s = torch.randn(b, n, 4, generator=gen)
+    cls = torch.randint(-2, 3, (b, n), generator=gen)
+    weight = (torch.rand(b, n, generator=gen) > 0.2).float()
+    targets = Targets(cls, box, weight, torch.ones(b))
+    settings = LossSettings(0.25, 1.5, 100.0, "MSE", 0.1, "reference", la, "logvar", 0.01, 1024.0)
+    rmse, sig_mean, sig_std = box_monitors(mu, s, targets, settings)
+    errs, sigmas = [], []
+    for i in range(b):
+        for j in range(n):
+            if cls[i, j] >= 0 and weight[i, j] > 0:
+                errs += [float(mu[i, j, k] - box[i, j, k]) ** 2 for k in range(4)]
+                sigmas += [math.exp(0.5 * float(s[i, j, k])) for k in range(4)]
+    assert rmse == pytest.approx(math.sqrt(sum(errs) / len(errs)), rel=1e-5)
+    if la:
+        mean = sum(sigmas) / len(sigmas)
+        std = math.sqrt(sum((x - mean) ** 2 for x in sigmas) / len(sigmas))
+        assert sig_mean == pytest.approx(mean, rel=1e-5) and sig_std == pytest.approx(std, rel=1e-4)
+    else:
+        assert math.isnan(sig_mean) and math.isnan(sig_std)

@@ -51,6 +51,8 @@ def test_few_steps_reduce_the_loss(pool: tuple[pa.Table, pa.Table], tmp_path: Pa
     )
     losses = [h["loss"] for h in result.history]
     assert result.steps == 12 and len(losses) == 3
+    for h in result.history:  # §1.2 monitors, default setup has loss attenuation
+        assert h["box_rmse"] > 0 and h["sigma_mean"] > 0 and h["sigma_std"] >= 0
     assert losses[-1] < 0.7 * losses[0]
     meta = read_metadata(result.checkpoint)
     assert meta["steps"] == 12 and meta["num_classes"] == 10 and result.seconds > 0

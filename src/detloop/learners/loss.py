@@ -213,3 +213,24 @@ def detection_loss(
     stacked = torch.stack(levels)
     l_box = stacked.mean() if var is not None else stacked.sum()
     return l_cls + settings.w_box * l_box, l_cls, l_box
+
+
+@torch.no_grad()
+def box_monitors(
+    box_mu: Tensor, box_s: Tensor | None, targets: Targets, settings: LossSettings
+) -> tuple[float, float, float]:
+    """Training monitors of ALGORITHMS §1.2 over positive anchors: RMSE of the encoded box
+    means against their targets, and mean and std of σ (NaN without loss attenuation or
+    without positives)."""
+    pos = (targets.cls >= 0) & (targets.weight > 0)
+    if not bool(pos.any()):
+        return float("nan"), float("nan"), float("nan")
+    err = box_mu.float()[pos] - targets.box.float()[pos]
+    rmse = float(err.square().mean().sqrt())
+    if box_s is None or not settings.loss_attenuation:
+        return rmse, float("nan"), float("nan")
+    var = sigma_squared(
+        box_s.float()[pos], settings.sigma_param, settings.clip_min, settings.clip_max
+    )
+    sigma = var.sqrt()
+    return rmse, float(sigma.mean()), float(sigma.std(unbiased=False))

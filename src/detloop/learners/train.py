@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from detloop.learners import checkpoint as ckpt
 from detloop.learners.device import memory_format, resolve_device
 from detloop.learners.loss import (
     LossSettings,
+    box_monitors,
     detection_loss,
     label_batch,
     level_sizes,
@@ -280,7 +282,7 @@ def _run(
             loader = DataLoader(
                 data, batch_size=bs, sampler=order, collate_fn=collate, num_workers=tcfg.num_workers
             )
-            parts: list[tuple[float, float, float]] = []
+            parts: list[tuple[float, ...]] = []
             for batch in loader:
                 t0 = time.perf_counter()
                 parts.append(_step(loop, batch, labeler, sizes, settings, tcfg, total, warmup, dev))
@@ -313,20 +315,21 @@ def _run(
         bar.close()
 
 
+_STEP_VALUES = ("loss", "cls_loss", "box_loss", "box_rmse", "sigma_mean", "sigma_std")
+
+
 def _record(
-    loop: LoopState, parts: list[tuple[float, float, float]], epoch: int, lr: float
+    loop: LoopState, parts: list[tuple[float, ...]], epoch: int, lr: float
 ) -> dict[str, float]:
-    arr = np.array(parts, dtype=np.float64).reshape(-1, 3)
-    mean = arr.mean(0) if len(arr) else np.full(3, np.nan)
-    return {
-        "step": float(loop.step),
-        "epoch": float(epoch),
-        "loss": float(mean[0]),
-        "cls_loss": float(mean[1]),
-        "box_loss": float(mean[2]),
-        "lr": float(lr),
-        "seconds": float(loop.seconds),
-    }
+    """One epoch of the training history: step means of the losses and monitors (§1.2)."""
+    arr = np.array(parts, dtype=np.float64).reshape(-1, len(_STEP_VALUES))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN monitors: no LA head
+        mean = np.nanmean(arr, 0) if len(arr) else np.full(len(_STEP_VALUES), np.nan)
+    record = {"step": float(loop.step), "epoch": float(epoch)}
+    record.update({k: float(v) for k, v in zip(_STEP_VALUES, mean, strict=True) if v == v})
+    record.update({"lr": float(lr), "seconds": float(loop.seconds)})
+    return record
 
 
 def _step(
@@ -339,8 +342,8 @@ def _step(
     total: int,
     warmup: int,
     dev: torch.device,
-) -> tuple[float, float, float]:
-    """One optimisation step; returns (loss, class loss, box loss)."""
+) -> tuple[float, ...]:
+    """One optimisation step; returns the values named by ``_STEP_VALUES``."""
     model = loop.model
     lr = lr_at(loop.step, total, warmup, tcfg.lr or 0.0, tcfg.warmup_lr)
     for group in loop.optimizer.param_groups:
@@ -360,17 +363,18 @@ def _step(
     mu, s = split_box_maps(model, box_maps)
     cls = flatten_levels(cls_maps, model.spec.num_classes)
     loss, l_cls, l_box = detection_loss(cls, mu, s, targets, sizes, settings)
+    monitors = box_monitors(mu, s, targets, settings)
     loop.optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
         log.warning("non-finite loss at step %d; update skipped", loop.step)
-        return float("nan"), float("nan"), float("nan")
+        return (float("nan"),) * len(_STEP_VALUES)
     scaled: torch.Tensor = loop.scaler.scale(loss)
     scaled.backward()  # type: ignore[no-untyped-call]
     loop.scaler.unscale_(loop.optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
-    return float(loss.detach()), float(l_cls.detach()), float(l_box.detach())
+    return (float(loss.detach()), float(l_cls.detach()), float(l_box.detach()), *monitors)
 
 
 def _early_stop(

@@ -267,6 +267,7 @@ class ActiveLearningLoop:
             "compute": result["seconds"],
             "steps": result["steps"],
             "loss": result["final_loss"],
+            **result.get("monitors", {}),
         }
 
     def _predict(
@@ -331,8 +332,12 @@ class ActiveLearningLoop:
         metrics = read_json(self.run.metrics_file(iteration))
         pool = PoolState.load(self.run)
         numbers = steps.iteration_metrics(metrics, pool, self.journal, iteration, self.budgets())
-        for h in self.journal.history:  # calibration ECEs and thresholding figures, when computed
-            if h["iteration"] == iteration and h["phase"] in (Phase.CALIBRATE, Phase.THRESHOLD):
+        for h in self.journal.history:  # training monitors, calibration ECEs, thresholding figures
+            if h["iteration"] == iteration and h["phase"] in (
+                Phase.TRAIN,
+                Phase.CALIBRATE,
+                Phase.THRESHOLD,
+            ):
                 numbers.update(
                     {
                         f"{h['phase']}_{k}": float(v)
