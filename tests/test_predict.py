@@ -172,9 +172,13 @@ def test_from_state_and_from_checkpoint_agree(images: pa.Table, tmp_path: Path) 
     assert r.predict(images, seed=0).equals(table)
 
 
-def test_full_mc_mode_predicts(images: pa.Table) -> None:
-    table = predictor(mc_mode="full", mc_dropoutsamp=3).predict(images.slice(0, 2), seed=0)
+def test_full_mc_mode_predicts_independent_of_batching(images: pa.Table) -> None:
+    p = predictor(mc_mode="full", mc_dropoutsamp=3)
+    table = p.predict(images.slice(0, 3), seed=0, batch_size=3)
     assert table.num_rows > 0 and (col(table, "mc_x1") > 0).all()
+    single = pa.concat_tables(p.predict(images.slice(i, 1), seed=0) for i in range(3))
+    for name in ("score", "x1", "mc_x1", "mc_class"):  # masks are drawn per image
+        np.testing.assert_allclose(col(single, name), col(table, name), rtol=1e-4, atol=1e-4)
 
 
 def test_head_mode_runs_the_backbone_once_per_batch(images: pa.Table) -> None:

@@ -151,10 +151,7 @@ class Predictor:
                 masks = self._image_masks(image_ids, seed)
                 cls, mu, s = model.sample_flat(model.features(x), masks, samples, chunk)
             elif samples > 1:
-                gen = torch.Generator(device=self.device).manual_seed(
-                    _image_seed(seed, image_ids[0])
-                )
-                cls, mu, s = self._flat(*model.sample(x, samples, gen))
+                cls, mu, s = self._full_samples(x, image_ids, seed)
             else:
                 cls, mu, s = self._flat(*model(x))
         b = x.shape[0]
@@ -163,6 +160,22 @@ class Predictor:
             "mu": mu.reshape(samples, b, -1, 4),
             "s": None if s is None else s.reshape(samples, b, -1, 4),
         }
+
+    def _full_samples(
+        self, x: Tensor, image_ids: list[str], seed: int
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`full` MC: T passes of each image with masks from its own seed (results do not
+        depend on batching), stacked sample-major as [T·B, N, ...]."""
+        parts = []
+        for b, image_id in enumerate(image_ids):
+            gen = torch.Generator(device=self.device).manual_seed(_image_seed(seed, image_id))
+            parts.append(self._flat(*self.model.sample(x[b : b + 1], self.mc_samples, gen)))
+
+        def stack(k: int) -> Tensor:  # per image [T, N, k] → [T, B, N, k] → [T·B, N, k]
+            t = torch.stack([p[k] for p in parts], dim=1)  # type: ignore[misc]
+            return t.flatten(0, 1)
+
+        return stack(0), stack(1), stack(2) if parts[0][2] is not None else None
 
     def _flat(
         self, cls_maps: list[Tensor], box_maps: list[Tensor]
