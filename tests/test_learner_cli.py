@@ -68,6 +68,12 @@ def test_train_predict_render_evaluate(
     assert main(["evaluate", str(config), "--run", run, "--iteration", "0"]) == 0
     metrics = read_json(digits_tiny_run.metrics_file(0))["evaluate_val"]
     assert 0.0 <= metrics["map50"] <= 1.0 and "ap/7" in metrics
+    eval_dir = digits_tiny_run.eval_dir(0)
+    curves = read_json(eval_dir / "val_curves.json")
+    assert curves["ap_vs_iou"]["ap"][9] == pytest.approx(metrics["map50"], abs=1e-9)
+    assert len(curves["confusion"]["matrix"]) == 11 and "7" in curves["roc"]["per_class"]
+    for name in ("ap_vs_iou", "confusion", "roc"):
+        assert (eval_dir / f"val_{name}.png").stat().st_size > 0
 
 
 def test_user_errors_exit_2(digits_tiny_run: RunDir, config: Path, tmp_path: Path) -> None:

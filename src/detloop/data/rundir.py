@@ -9,7 +9,7 @@ Layout (ARCHITECTURE §8)::
         run.json
         pool/{images,labels,gt,categories}.parquet
         iter_0003/{checkpoint/,predictions.parquet,val_predictions.parquet,selection.parquet,
-                   calibration/,thresholds.json,metrics.json}
+                   calibration/,eval/,thresholds.json,metrics.json}
         exports/
 """
 
@@ -141,6 +141,10 @@ class RunDir:
 
     def calibration_dir(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "calibration"
+
+    def eval_dir(self, iteration: int) -> Path:
+        """Evaluation curves of ``detloop evaluate`` (JSON and PNG per split)."""
+        return self.iteration_dir(iteration) / "eval"
 
     def thresholds_file(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "thresholds.json"

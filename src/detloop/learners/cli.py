@@ -1,7 +1,7 @@
 """Verbs ``train``, ``predict`` and ``evaluate`` (ARCHITECTURE §8): one model, one run directory.
 
 ``detloop train|predict|evaluate CONFIG --run RUN_DIR [--iteration N | --checkpoint PATH]``;
-outputs go into the run directory (checkpoint, predictions tables, metrics.json).
+outputs go into the run directory (checkpoint, predictions tables, metrics.json, eval/ curves).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, help="predictions file (default: in the run directory)")
     p.add_argument("--render", type=Path, metavar="DIR", help="also draw the detections to PNGs")
     p.set_defaults(func=cmd_predict)
-    p = sub.add_parser("evaluate", help="COCO mAP and per-class AP of a checkpoint on a split")
+    p = sub.add_parser("evaluate", help="COCO mAP, per-class AP and curves of a checkpoint")
     _common(p)
     p.add_argument("--split", choices=list(schema.SPLITS), default="val")
     p.set_defaults(func=cmd_evaluate)
@@ -219,7 +219,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     table = load_predictor(ckpt, cfg, run).predict(images, seed=cfg.seed, progress=True)
     write_table(table, schema.PREDICTIONS, _predictions_path(run, iteration, args.split))
-    metrics = evaluate_predictions(table, gt, images, run.read_categories())
+    categories = run.read_categories()
+    metrics = evaluate_predictions(table, gt, images, categories)
     path = run.metrics_file(iteration)
     stored = read_json(path) if path.exists() else {}
     stored = stored if isinstance(stored, dict) else {}
@@ -230,4 +231,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key, value in sorted(metrics.items()):
         if key.startswith("ap/"):
             _out(f"{key:>8}: {value:.4f}")  # nan: class without ground truth
+    _write_curves(run, iteration, args.split, (table, gt, images, categories))
     return 0
+
+
+def _write_curves(
+    run: RunDir, iteration: int, split: str, tables: tuple[pa.Table, pa.Table, pa.Table, pa.Table]
+) -> None:
+    """Extra curves of §4 (AP vs IoU, confusion, P/R/F1, ROC, mIoU): JSON and PNGs in eval/."""
+    from detloop.learners.eval_curves import curves_report
+    from detloop.reports.eval_plots import write_eval_plots
+
+    report = curves_report(*tables)
+    out = run.eval_dir(iteration)
+    write_json(report, out / f"{split}_curves.json")
+    plots = write_eval_plots(report, out, prefix=f"{split}_")
+    _out(f"curves: {split}_curves.json and {len(plots)} plots in {out}")
