@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from detloop.data.errors import DataError
 from detloop.data.schema import COORDS
 from detloop.learners.evaluate import (
-    _coco_api,
+    coco_api,
     coco_datasets,
     iou_matrix,
     match_reference,
@@ -72,7 +72,7 @@ def ap_vs_iou(
     if thrs.size == 0 or np.any((thrs <= 0) | (thrs > 1)):
         raise ValueError(f"IoU thresholds must be a non-empty list in (0, 1], got {thrs}")
     gt_dict, dt_dict = coco_datasets(predictions, gt, images, categories)
-    evaluator = COCOeval(_coco_api(gt_dict), _coco_api(dt_dict), "bbox")
+    evaluator = COCOeval(coco_api(gt_dict), coco_api(dt_dict), "bbox")
     evaluator.params.iouThrs = thrs
     evaluator.params.areaRng = [[0.0, 1e5**2]]  # "all" only: the other ranges are not reported
     evaluator.params.areaRngLbl = ["all"]

@@ -247,7 +247,7 @@ def _image_index(df: pd.DataFrame, index: dict[str, int], table: str) -> list[in
     return [index[i] for i in df["image_id"]]
 
 
-def _coco_api(dataset: dict[str, Any]) -> Any:
+def coco_api(dataset: dict[str, Any]) -> Any:
     from pycocotools.coco import COCO
 
     api = COCO()
@@ -312,7 +312,7 @@ def coco_map(
     from pycocotools.cocoeval import COCOeval
 
     gt_dict, dt_dict = coco_datasets(predictions, gt, images, categories)
-    evaluator = COCOeval(_coco_api(gt_dict), _coco_api(dt_dict), "bbox")
+    evaluator = COCOeval(coco_api(gt_dict), coco_api(dt_dict), "bbox")
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
