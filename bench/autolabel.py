@@ -1,7 +1,8 @@
 """Auto-labeling on digits-det: the uncertainty rule (§8) against a plain score threshold.
 
 Usage: python bench/autolabel.py [--work DIR] [--steps N] [--chunk K] [--threads 2]
-                                 [--trials N] [--budgets 0.5,0.7,...]
+                                 [--trials N] [--budgets 0.5,0.7,...] [--eval-images N]
+                                 [--uncertainties ENTALBOX,ENTALBOXSCORE] [--fd-scope all]
 
 Uses the model, data and predictions of ``bench/calibration.py`` (same --work, trained when
 absent). Calibrators and thresholds are fitted on val; the test split plays the new frames.
@@ -12,6 +13,11 @@ threshold, auto-labels the same number of images, those whose lowest detection s
 counts as correct only if those labels have no error at IoU 0.5 (background false positives
 and missed objects included). Prints the image-level precision of both rules at equal share of
 images auto-labeled, as a curve over b; writes bench/results/autolabel.json (+ .png).
+
+Each uncertainty set of ``--uncertainties`` is a rule of its own: ``ENTALBOX`` is the
+reference's (entropy + relative aleatoric std); ``ENTALBOXSCORE`` adds ``score_gap`` = 1 − score
+to the combination Optuna weighs (each single uncertainty is enqueued, so the score alone is one
+of its candidates). ``--eval-images`` as in ``bench/calibration.py``.
 """
 
 from __future__ import annotations
@@ -26,9 +32,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling bench/calibration.py
-from calibration import DEFAULT_WORK, RESULTS, predictions, prepare, split_tables
+from calibration import DEFAULT_WORK, RESULTS, eval_run, predictions, prepare, split_tables
 from detloop.config import ExperimentConfig
-from detloop.data.rundir import RunDir
 from detloop.learners.calibration import calibration_pairs, fit_calibration_set
 from detloop.orchestrator.validation_common import (
     jsonable,
@@ -56,9 +61,11 @@ def precision(err: pd.DataFrame, ids: list[str]) -> dict[str, float]:
     }
 
 
-def fit_thresholds(b: float, rows_val: pd.DataFrame, trials: int) -> Any:
-    th = CostSensitiveThresholder("ENTALBOX", budget=b, calibrated=True, seed=0,
-                                  n_trials=trials, patience=min(trials, 300))  # fmt: skip
+def fit_thresholds(b: float, rows_val: pd.DataFrame, trials: int, uncertainties: str,
+                   fd_scope: str) -> Any:  # fmt: skip
+    th = CostSensitiveThresholder(uncertainties, budget=b, calibrated=True, seed=0,
+                                  n_trials=trials, patience=min(trials, 300),
+                                  fd_scope=fd_scope)  # fmt: skip
     return th.fit(rows_val).result()
 
 
@@ -77,22 +84,32 @@ def evaluate_rules(res: Any, b: float, test: pd.DataFrame, gt: pd.DataFrame, ids
     }  # fmt: skip
 
 
+def score_curve(dets: pd.DataFrame, err: pd.DataFrame, ids: list[str]) -> dict[str, list[float]]:
+    """The score rule at every share (n = 1..N images auto-labeled)."""
+    order = score_rule(dets, ids, len(ids))
+    ok = err.set_index("image_id").loc[order, "error_free"].to_numpy(float)
+    n = np.arange(1, len(ids) + 1)
+    return {"share": (n / len(ids)).tolist(), "image_precision": (np.cumsum(ok) / n).tolist()}
+
+
 def plot(runs: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5 * len(runs), 4))
     for k, (name, run) in enumerate(runs.items()):
         ax = fig.add_subplot(1, len(runs), k + 1)
-        rows = run["curve"]
-        share = [r["share_auto_labeled"] for r in rows]
-        for key, label in (("uncertainty_rule", "uncertainty rule"), ("score_rule", "score rule")):
-            ax.plot(share, [r[key]["image_precision"] for r in rows], "o-", label=label)
-        for r in rows:
-            xy = (r["share_auto_labeled"], r["uncertainty_rule"]["image_precision"])
-            ax.annotate(f"b={r['b']}", xy, fontsize=6)
+        sc = run["score_rule_curve"]
+        ax.plot(sc["share"], sc["image_precision"], "-", color="0.4", label="score rule")
+        for unc, rows in run["curves"].items():
+            share = [r["share_auto_labeled"] for r in rows]
+            ax.plot(share, [r["uncertainty_rule"]["image_precision"] for r in rows], "o-",
+                    label=f"{unc} rule")  # fmt: skip
+            for r in rows:
+                xy = (r["share_auto_labeled"], r["uncertainty_rule"]["image_precision"])
+                ax.annotate(f"{r['b']}", xy, fontsize=6)
         ax.set(xlabel="share of images auto-labeled", ylabel="image-level precision",
-               title=f"min_score {run['min_score']} ({name})")  # fmt: skip
-        ax.legend()
+               title=f"min_score {run['min_score']:.2f} ({name})", ylim=(0, 1))  # fmt: skip
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -106,36 +123,51 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=1500)
     ap.add_argument("--budgets", default="0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.99")
     ap.add_argument("--min-scores", default="0.3,0.5", help="configured min_score values too")
+    ap.add_argument("--eval-images", type=int, default=None)
+    ap.add_argument("--uncertainties", default="ENTALBOX,ENTALBOXSCORE")
+    ap.add_argument("--fd-scope", default="all", choices=["matched", "all"])
     ap.add_argument("--out", type=Path, default=RESULTS / "autolabel.json")
     args = ap.parse_args()
     ckpt = prepare(args.work, args.steps, args.chunk, args.threads, None)
-    val = predictions(args.work, ckpt, "val", args.threads)
-    test = predictions(args.work, ckpt, "test", args.threads)
+    run = eval_run(args.work, args.eval_images)
+    val = predictions(args.work, ckpt, "val", args.threads, run)
+    test = predictions(args.work, ckpt, "test", args.threads, run)
     cal = fit_calibration_set(calibration_pairs(*val), "iso_percls", "iso_perclscoo")
     vdf = cal.transform(val[0]).drop_columns(["logits", "mc_class_vec"]).to_pandas()
     tdf = cal.transform(test[0]).drop_columns(["logits", "mc_class_vec"]).to_pandas()
     min_score = min_score_for(ExperimentConfig(), mean_matched_score(*val))
-    _, gt = split_tables(RunDir(args.work / "run"), "test")
+    test_images, gt = split_tables(run, "test")
     gt_df = gt.to_pandas()
-    ids = sorted(split_tables(RunDir(args.work / "run"), "test")[0]["image_id"].to_pylist())
     gt_df = gt_df[gt_df["iscrowd"] == 0]
-    rows_val = threshold_rows(vdf, val[1].to_pandas(), "matched")
-    fits = {
-        float(b): fit_thresholds(float(b), rows_val, args.trials) for b in args.budgets.split(",")
-    }
+    ids = sorted(test_images["image_id"].to_pylist())
     settings = {"validation mean score (§3)": min_score}
     settings |= {f"configured {m}": float(m) for m in args.min_scores.split(",") if m}
-    result: dict[str, Any] = {"checkpoint": ckpt.name, "n_test_images": len(ids), "runs": {}}
+    result: dict[str, Any] = {
+        "checkpoint": ckpt.name, "eval_run": run.path.name, "n_test_images": len(ids),
+        "fd_scope": args.fd_scope, "trials": args.trials, "runs": {},
+    }  # fmt: skip
     for name, ms in settings.items():
-        curve = [evaluate_rules(res, b, tdf, gt_df, ids, ms) for b, res in fits.items()]
-        everything = precision(image_errors(tdf[tdf["score"] > ms], gt_df, ids), ids)
-        result["runs"][name] = {"min_score": ms, "all_images_precision": everything, "curve": curve}
-        print(f"\nmin_score {ms} ({name}); precision with every image auto-labeled: {everything}")
-        print(f"{'b':>5} {'share':>6} {'uncert. prec':>12} {'score prec':>10}")
-        for r in curve:
-            print(f"{r['b']:5.2f} {r['share_auto_labeled']:6.3f} "
-                  f"{r['uncertainty_rule']['image_precision']:12.3f} "
-                  f"{r['score_rule']['image_precision']:10.3f}")  # fmt: skip
+        rows_val = threshold_rows(vdf, val[1].to_pandas(), args.fd_scope, min_score=ms)
+        kept = tdf[tdf["score"] > ms]
+        errors = image_errors(kept, gt_df, ids)
+        curves = {}
+        for unc in (u for u in args.uncertainties.split(",") if u):
+            fits = [fit_thresholds(float(b), rows_val, args.trials, unc, args.fd_scope)
+                    for b in args.budgets.split(",")]  # fmt: skip
+            curves[unc] = [
+                evaluate_rules(res, res.thr_fpr_tpr, tdf, gt_df, ids, ms) for res in fits
+            ]
+        result["runs"][name] = {
+            "min_score": ms, "all_images_precision": precision(errors, ids),
+            "score_rule_curve": score_curve(kept, errors, ids), "curves": curves,
+        }  # fmt: skip
+        print(f"\nmin_score {ms:.3f} ({name}); every image auto-labeled: {precision(errors, ids)}")
+        for unc, curve in curves.items():
+            print(f"{unc}: {'b':>5} {'share':>6} {'uncert. prec':>12} {'score prec':>10}")
+            for r in curve:
+                print(f"{'':{len(unc)}}  {r['b']:5.2f} {r['share_auto_labeled']:6.3f} "
+                      f"{r['uncertainty_rule']['image_precision']:12.3f} "
+                      f"{r['score_rule']['image_precision']:10.3f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(jsonable(result), indent=2, default=str) + "\n")
     plot(result["runs"], args.out.with_suffix(".png"))

@@ -2,6 +2,7 @@
 
 Usage: python bench/calibration.py [--work DIR] [--steps N] [--chunk K] [--threads 2]
                                    [--pool-limit N] [--trials N] [--prepare-only]
+                                   [--eval-images N]
 
 Builds digits-det small (2000/300/300) in --work, trains the tiny preset (aleatoric head + MC
 dropout; lr 0.003 and scale jitter 0.8-1.25 as bench/train_tiny.py) for --steps steps
@@ -15,6 +16,10 @@ interrupted run resumes), predicts val and test, then:
 * cost-sensitive thresholding on val (b = 0.95, FD@CD): FD@CD(0.95) and AUROC of the optimised
   ENTALBOX combination and of each single uncertainty, on val and, with the val weights and
   thresholds, on test.
+
+``--eval-images N`` evaluates on N fresh val and N fresh test canvases instead of the 300 of
+digits-det small: drawn with the same seed from the same held-out digits (never in the pool), so
+only the sampling noise of the figures shrinks.
 
 Writes bench/results/calibration.json. ``bench/autolabel.py`` reuses the same work directory.
 """
@@ -112,16 +117,35 @@ def split_tables(run: RunDir, split: str) -> tuple[pa.Table, pa.Table]:
     )
 
 
-def predictions(work: Path, ckpt: Path, split: str, threads: int) -> tuple[pa.Table, pa.Table]:
+def eval_run(work: Path, n: int | None) -> RunDir:
+    """The run holding the val and test splits: the training run's (300 each), or one with ``n``
+    val and ``n`` test canvases of the same held-out digits (same seed)."""
+    if not n:
+        return RunDir(work / "run")
+    run = RunDir(work / f"run_eval{n}")
+    if not run.images_file.exists():
+        data = work / f"digits_eval{n}"
+        if not (data / "test.json").exists():
+            make_digits(data, "small", seed=0, counts=(1, n, n))
+        for split in ("val", "test"):
+            source, images = digits_source(data, split)
+            import_source(run, "coco", source, split, images=images, decode=False)
+    return run
+
+
+def predictions(
+    work: Path, ckpt: Path, split: str, threads: int, run: RunDir | None = None
+) -> tuple[pa.Table, pa.Table]:
     """Predictions and reference matches of a split (cached next to the checkpoint)."""
     import torch
 
     from detloop.learners.evaluate import match_reference
     from detloop.learners.predict import Predictor
 
-    run = RunDir(work / "run")
+    run = run or RunDir(work / "run")
     images, gt = split_tables(run, split)
-    path = work / f"{ckpt.name}_{split}_predictions.parquet"
+    tag = "" if run.path.name == "run" else f"_{run.path.name}"
+    path = work / f"{ckpt.name}{tag}_{split}_predictions.parquet"
     if not path.exists():
         torch.set_num_threads(threads)
         preds = Predictor.from_checkpoint(ckpt, bench_config(threads, 1)).predict(images, seed=0)
@@ -205,19 +229,24 @@ def main() -> None:
     ap.add_argument("--pool-limit", type=int, default=None)
     ap.add_argument("--trials", type=int, default=1500)
     ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--eval-images", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "calibration.json")
     args = ap.parse_args()
     ckpt = prepare(args.work, args.steps, args.chunk, args.threads, args.pool_limit)
     if args.prepare_only:
         return
-    val = predictions(args.work, ckpt, "val", args.threads)
-    test = predictions(args.work, ckpt, "test", args.threads)
+    run = eval_run(args.work, args.eval_images)
+    val = predictions(args.work, ckpt, "val", args.threads, run)
+    test = predictions(args.work, ckpt, "test", args.threads, run)
     val_pairs, test_pairs = calibration_pairs(*val), calibration_pairs(*test)
     calib, cal = calibration_report(val_pairs, test_pairs)
     frames = {k: (cal.transform(p).drop_columns(["logits", "mc_class_vec"]).to_pandas(),
                   m.to_pandas()) for k, (p, m) in {"val": val, "test": test}.items()}  # fmt: skip
     thresholding = threshold_report(frames["val"], frames["test"], args.trials)
-    result = {"checkpoint": ckpt.name, "calibration": calib, "thresholding": thresholding}
+    result = {"checkpoint": ckpt.name, "eval_run": run.path.name,
+              "n_val_images": split_tables(run, "val")[0].num_rows,
+              "n_test_images": split_tables(run, "test")[0].num_rows,
+              "calibration": calib, "thresholding": thresholding}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(jsonable(result), indent=2, default=str) + "\n")
     print(json.dumps(jsonable(result), indent=2, default=str))

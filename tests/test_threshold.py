@@ -22,6 +22,7 @@ from detloop.selectors.threshold import (
     roc_auc,
     roc_curves,
     threshold_rows,
+    uncertainty_values,
 )
 from detloop.selectors.threshold_metrics import jsd
 
@@ -79,8 +80,16 @@ def test_jsd_of_gaussians_equals_scipy() -> None:
 def test_parse_uncertainties() -> None:
     assert parse_uncertainties("ENTALBOX") == ["entropy", "albox_rel"]
     assert parse_uncertainties(["mc_class", "mcbox_rel"]) == ["mc_class", "mcbox_rel"]
+    assert parse_uncertainties("ENTALBOXSCORE") == ["entropy", "albox_rel", "score_gap"]
     with pytest.raises(ValueError, match="position 3"):
         parse_uncertainties("ENTXX")
+
+
+def test_score_gap_is_one_minus_score_calibrated_or_not() -> None:
+    df = pd.DataFrame({"score": [0.9, 0.25, 1.0]})
+    for calibrated in (True, False):
+        u = uncertainty_values(df, "score_gap", calibrated)
+        np.testing.assert_allclose(u, [0.1, 0.75, 0.0])
 
 
 def synthetic_rows(n: int = 400, seed: int = 0) -> pd.DataFrame:

@@ -25,8 +25,16 @@ from detloop.selectors.threshold_metrics import FloatArray
 
 logger = logging.getLogger(__name__)
 
-UNCERTAINTIES = ("entropy", "albox_rel", "mcbox_rel", "mc_class")
-ALIASES = {"ENT": "entropy", "ALBOX": "albox_rel", "MCBOX": "mcbox_rel", "MCCLS": "mc_class"}
+# The reference's four, plus ``score_gap`` = 1 − score (detloop extension, token ``SCORE``): the
+# detector's own doubt that the box is an object at all, which none of the four measures.
+UNCERTAINTIES = ("entropy", "albox_rel", "mcbox_rel", "mc_class", "score_gap")
+ALIASES = {
+    "ENT": "entropy",
+    "ALBOX": "albox_rel",
+    "MCBOX": "mcbox_rel",
+    "MCCLS": "mc_class",
+    "SCORE": "score_gap",
+}
 DEFAULT_IOU_THRS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 
 
@@ -62,9 +70,12 @@ def _col(df: pd.DataFrame, name: str, calibrated: bool) -> FloatArray:
 
 
 def uncertainty_values(df: pd.DataFrame, name: str, calibrated: bool) -> FloatArray:
-    """One registered uncertainty per row; ``*box_rel`` = mean_k σ_k / size_k (§0 rel())."""
+    """One registered uncertainty per row; ``*box_rel`` = mean_k σ_k / size_k (§0 rel());
+    ``score_gap`` = 1 − score (no calibrated twin: the score is used as predicted)."""
     if name in ("entropy", "mc_class"):
         return _col(df, name, calibrated)
+    if name == "score_gap":
+        return 1.0 - _col(df, "score", False)
     if name not in ("albox_rel", "mcbox_rel"):
         raise ValueError(f"unknown uncertainty {name!r}; one of {UNCERTAINTIES}")
     prefix = name[:2]
