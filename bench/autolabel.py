@@ -9,10 +9,15 @@ absent). Calibrators and thresholds are fitted on val; the test split plays the 
 For each budget b: the uncertainty rule auto-labels the test images whose every detection
 above ``min_score`` has u < δ̄(b); the baseline a user would otherwise use, a plain score
 threshold, auto-labels the same number of images, those whose lowest detection score above
-``min_score`` is highest. Both label an image with its detections above ``min_score``; an image
-counts as correct only if those labels have no error at IoU 0.5 (background false positives
-and missed objects included). Prints the image-level precision of both rules at equal share of
-images auto-labeled, as a curve over b; writes bench/results/autolabel.json (+ .png).
+``min_score`` is highest. Both label an image with its detections above ``min_score``. Two
+image-level precisions at IoU 0.5, both printed and plotted:
+
+* ``labels`` (the issue's definition): an image is correct when every auto-label is right —
+  no mislocalised, misclassified, duplicate or background false positive;
+* ``strict``: in addition no object of the image is missed (a missed object is an error too).
+
+Prints both rules at equal share of images auto-labeled, as a curve over b; writes
+bench/results/autolabel.json (+ .png).
 
 Each uncertainty set of ``--uncertainties`` is a rule of its own: ``ENTALBOX`` is the
 reference's (entropy + relative aleatoric std); ``ENTALBOXSCORE`` adds ``score_gap`` = 1 − score
@@ -52,20 +57,27 @@ def score_rule(dets: pd.DataFrame, ids: list[str], n: int) -> list[str]:
     return order[:n]
 
 
+DEFINITIONS = {"labels": "image_precision", "strict": "image_precision_strict"}
+
+
+def correct(err: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per image: correct under each definition of the module docstring."""
+    return {"image_precision": err["fp"] == 0, "image_precision_strict": err["error_free"]}
+
+
 def precision(err: pd.DataFrame, ids: list[str]) -> dict[str, float]:
     e = err[err["image_id"].isin(ids)]
     tp, fp = int(e["tp"].sum()), int(e["fp"].sum())
-    return {
-        "image_precision": float(e["error_free"].mean()) if len(e) else float("nan"),
-        "label_precision": tp / (tp + fp) if tp + fp else float("nan"),
-    }
+    out = {k: float(v.mean()) if len(e) else float("nan") for k, v in correct(e).items()}
+    out["label_precision"] = tp / (tp + fp) if tp + fp else float("nan")
+    return out
 
 
 def fit_thresholds(b: float, rows_val: pd.DataFrame, trials: int, uncertainties: str,
-                   fd_scope: str) -> Any:  # fmt: skip
+                   fd_scope: str, iou_thrs: list[float]) -> Any:  # fmt: skip
     th = CostSensitiveThresholder(uncertainties, budget=b, calibrated=True, seed=0,
                                   n_trials=trials, patience=min(trials, 300),
-                                  fd_scope=fd_scope)  # fmt: skip
+                                  fd_scope=fd_scope, iou_thrs=iou_thrs)  # fmt: skip
     return th.fit(rows_val).result()
 
 
@@ -87,29 +99,33 @@ def evaluate_rules(res: Any, b: float, test: pd.DataFrame, gt: pd.DataFrame, ids
 def score_curve(dets: pd.DataFrame, err: pd.DataFrame, ids: list[str]) -> dict[str, list[float]]:
     """The score rule at every share (n = 1..N images auto-labeled)."""
     order = score_rule(dets, ids, len(ids))
-    ok = err.set_index("image_id").loc[order, "error_free"].to_numpy(float)
     n = np.arange(1, len(ids) + 1)
-    return {"share": (n / len(ids)).tolist(), "image_precision": (np.cumsum(ok) / n).tolist()}
+    out = {"share": (n / len(ids)).tolist()}
+    for key, ok in correct(err.set_index("image_id").loc[order]).items():
+        out[key] = (np.cumsum(ok.to_numpy(float)) / n).tolist()
+    return out
 
 
 def plot(runs: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5 * len(runs), 4))
-    for k, (name, run) in enumerate(runs.items()):
-        ax = fig.add_subplot(1, len(runs), k + 1)
-        sc = run["score_rule_curve"]
-        ax.plot(sc["share"], sc["image_precision"], "-", color="0.4", label="score rule")
-        for unc, rows in run["curves"].items():
-            share = [r["share_auto_labeled"] for r in rows]
-            ax.plot(share, [r["uncertainty_rule"]["image_precision"] for r in rows], "o-",
-                    label=f"{unc} rule")  # fmt: skip
-            for r in rows:
-                xy = (r["share_auto_labeled"], r["uncertainty_rule"]["image_precision"])
-                ax.annotate(f"{r['b']}", xy, fontsize=6)
-        ax.set(xlabel="share of images auto-labeled", ylabel="image-level precision",
-               title=f"min_score {run['min_score']:.2f} ({name})", ylim=(0, 1))  # fmt: skip
-        ax.legend(fontsize=7)
+    fig = Figure(figsize=(5 * len(runs), 4 * len(DEFINITIONS)))
+    for row, (definition, key) in enumerate(DEFINITIONS.items()):
+        for k, (name, run) in enumerate(runs.items()):
+            ax = fig.add_subplot(len(DEFINITIONS), len(runs), row * len(runs) + k + 1)
+            sc = run["score_rule_curve"]
+            ax.plot(sc["share"], sc[key], "-", color="0.4", label="score rule")
+            for unc, rows in run["curves"].items():
+                share = [r["share_auto_labeled"] for r in rows]
+                ax.plot(share, [r["uncertainty_rule"][key] for r in rows], "o-",
+                        label=f"{unc} rule")  # fmt: skip
+                for r in rows:
+                    xy = (r["share_auto_labeled"], r["uncertainty_rule"][key])
+                    ax.annotate(f"{r['b']}", xy, fontsize=6)
+            ax.set(xlabel="share of images auto-labeled",
+                   ylabel=f"image-level precision ({definition})",
+                   title=f"min_score {run['min_score']:.2f} ({name})", ylim=(0, 1))  # fmt: skip
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -126,8 +142,10 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=None)
     ap.add_argument("--uncertainties", default="ENTALBOX,ENTALBOXSCORE")
     ap.add_argument("--fd-scope", default="all", choices=["matched", "all"])
+    ap.add_argument("--iou-thrs", default="0.5,0.55,0.6,0.65,0.7,0.75", help="thr_iou_thrs")
     ap.add_argument("--out", type=Path, default=RESULTS / "autolabel.json")
     args = ap.parse_args()
+    iou_thrs = [float(t) for t in args.iou_thrs.split(",")]
     ckpt = prepare(args.work, args.steps, args.chunk, args.threads, None)
     run = eval_run(args.work, args.eval_images)
     val = predictions(args.work, ckpt, "val", args.threads, run)
@@ -144,7 +162,7 @@ def main() -> None:
     settings |= {f"configured {m}": float(m) for m in args.min_scores.split(",") if m}
     result: dict[str, Any] = {
         "checkpoint": ckpt.name, "eval_run": run.path.name, "n_test_images": len(ids),
-        "fd_scope": args.fd_scope, "trials": args.trials, "runs": {},
+        "fd_scope": args.fd_scope, "thr_iou_thrs": iou_thrs, "trials": args.trials, "runs": {},
     }  # fmt: skip
     for name, ms in settings.items():
         rows_val = threshold_rows(vdf, val[1].to_pandas(), args.fd_scope, min_score=ms)
@@ -152,7 +170,7 @@ def main() -> None:
         errors = image_errors(kept, gt_df, ids)
         curves = {}
         for unc in (u for u in args.uncertainties.split(",") if u):
-            fits = [fit_thresholds(float(b), rows_val, args.trials, unc, args.fd_scope)
+            fits = [fit_thresholds(float(b), rows_val, args.trials, unc, args.fd_scope, iou_thrs)
                     for b in args.budgets.split(",")]  # fmt: skip
             curves[unc] = [
                 evaluate_rules(res, res.thr_fpr_tpr, tdf, gt_df, ids, ms) for res in fits
@@ -163,11 +181,15 @@ def main() -> None:
         }  # fmt: skip
         print(f"\nmin_score {ms:.3f} ({name}); every image auto-labeled: {precision(errors, ids)}")
         for unc, curve in curves.items():
-            print(f"{unc}: {'b':>5} {'share':>6} {'uncert. prec':>12} {'score prec':>10}")
+            print(f"{unc}: {'b':>5} {'share':>6} | labels: uncert. / score | "
+                  "strict: uncert. / score")  # fmt: skip
             for r in curve:
-                print(f"{'':{len(unc)}}  {r['b']:5.2f} {r['share_auto_labeled']:6.3f} "
-                      f"{r['uncertainty_rule']['image_precision']:12.3f} "
-                      f"{r['score_rule']['image_precision']:10.3f}")  # fmt: skip
+                u, sc = r["uncertainty_rule"], r["score_rule"]
+                print(f"{'':{len(unc)}}  {r['b']:5.2f} {r['share_auto_labeled']:6.3f} | "
+                      f"{u['image_precision']:.3f} / {sc['image_precision']:.3f}"
+                      f"{' (+)' if u['image_precision'] > sc['image_precision'] else ''} | "
+                      f"{u['image_precision_strict']:.3f} / "
+                      f"{sc['image_precision_strict']:.3f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(jsonable(result), indent=2, default=str) + "\n")
     plot(result["runs"], args.out.with_suffix(".png"))
