@@ -87,6 +87,13 @@ def test_strategy_names_are_validated() -> None:
     assert build_config({"al": {"strategy": "perc_calib_norm_albox"}}).al.strategy
 
 
+def test_threshold_uncertainties_are_validated() -> None:
+    problems = _problems({"thresholding": {"thr_sel_uncert": "ENTALBOXSCOR"}})
+    assert "position 8" in problems["thresholding.thr_sel_uncert"]
+    cfg = build_config({"thresholding": {"thr_sel_uncert": "ENTALBOXSCORE"}})
+    assert cfg.thresholding.thr_sel_uncert == "ENTALBOXSCORE"
+
+
 def test_overrides_are_parsed_as_yaml_and_validated() -> None:
     assert parse_override("train.epochs=5") == ("train.epochs", 5)
     assert parse_override("al.al_budgets=[10, 20]") == ("al.al_budgets", [10, 20])

@@ -423,9 +423,11 @@ def _external_checks() -> list[tuple[str, Any]]:
     except ImportError:  # pragma: no cover - selectors not built yet
         return checks
     from detloop.selectors.pseudo import parse_pseudo_strategy
+    from detloop.selectors.uncertainty_names import parse_uncertainties
 
     checks.append(("al.strategy", parse_strategy))
     checks.append(("ssl.selection_strategy", parse_pseudo_strategy))
+    checks.append(("thresholding.thr_sel_uncert", parse_uncertainties))
     return checks
 
 

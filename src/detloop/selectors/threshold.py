@@ -18,13 +18,10 @@ import numpy as np
 import pandas as pd
 
 from detloop.selectors.threshold_data import (
-    ALIASES,
     DEFAULT_IOU_THRS,
-    UNCERTAINTIES,
     ThresholdResult,
     finite_or_none,
     load_thresholds,
-    parse_uncertainties,
     threshold_rows,
     uncertainty_matrix,
     uncertainty_values,
@@ -38,6 +35,7 @@ from detloop.selectors.threshold_metrics import (
     roc_auc,
     roc_curves,
 )
+from detloop.selectors.uncertainty_names import ALIASES, UNCERTAINTIES, parse_uncertainties
 
 __all__ = [
     "ALIASES",

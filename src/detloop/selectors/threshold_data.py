@@ -8,7 +8,6 @@ threshold rows built from the matches and predictions, and ``ThresholdResult``: 
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -22,44 +21,11 @@ from detloop.data.errors import DataError
 from detloop.data.io import write_json
 from detloop.data.schema import COORDS
 from detloop.selectors.threshold_metrics import FloatArray
+from detloop.selectors.uncertainty_names import UNCERTAINTIES
 
 logger = logging.getLogger(__name__)
 
-# The reference's four, plus ``score_gap`` = 1 − score (detloop extension, token ``SCORE``): the
-# detector's own doubt that the box is an object at all, which none of the four measures.
-UNCERTAINTIES = ("entropy", "albox_rel", "mcbox_rel", "mc_class", "score_gap")
-ALIASES = {
-    "ENT": "entropy",
-    "ALBOX": "albox_rel",
-    "MCBOX": "mcbox_rel",
-    "MCCLS": "mc_class",
-    "SCORE": "score_gap",
-}
 DEFAULT_IOU_THRS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
-
-
-def parse_uncertainties(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """``ENTALBOX`` (alias tokens, longest match) or a list of registered names."""
-    if isinstance(spec, str) and spec in UNCERTAINTIES:
-        return [spec]
-    if not isinstance(spec, str):
-        names = list(spec)
-        bad = [n for n in names if n not in UNCERTAINTIES]
-        if bad:
-            close = difflib.get_close_matches(bad[0], UNCERTAINTIES, n=2)
-            raise ValueError(f"unknown uncertainty {bad[0]!r}; one of {UNCERTAINTIES} ({close})")
-        return names
-    out, pos = [], 0
-    while pos < len(spec):
-        hit = max((a for a in ALIASES if spec.startswith(a, pos)), key=len, default=None)
-        if hit is None:
-            raise ValueError(
-                f"thr_sel_uncert {spec!r}: unknown token at position {pos} ({spec[pos:]!r}); "
-                f"tokens are {', '.join(ALIASES)}, e.g. ENTALBOX"
-            )
-        out.append(ALIASES[hit])
-        pos += len(hit)
-    return out
 
 
 def _col(df: pd.DataFrame, name: str, calibrated: bool) -> FloatArray:
