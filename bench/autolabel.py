@@ -81,7 +81,7 @@ def fit_thresholds(b: float, rows_val: pd.DataFrame, trials: int, uncertainties:
     return th.fit(rows_val).result()
 
 
-def evaluate_rules(res: Any, b: float, test: pd.DataFrame, gt: pd.DataFrame, ids: list[str],
+def evaluate_rules(res: Any, test: pd.DataFrame, gt: pd.DataFrame, ids: list[str],
                    min_score: float) -> dict[str, Any]:  # fmt: skip
     """Both rules at the share the uncertainty rule reaches with budget ``b``."""
     dec = decide(test, ids, res, min_score)
@@ -89,7 +89,7 @@ def evaluate_rules(res: Any, b: float, test: pd.DataFrame, gt: pd.DataFrame, ids
     auto = dec.ids("auto_labeled")
     base = score_rule(dec.detections, ids, len(auto))
     return {
-        "b": b, "delta_mean": res.threshold_mean, "weights": res.weights,
+        "b": res.thr_fpr_tpr, "delta_mean": res.threshold_mean, "weights": res.weights,
         "share_auto_labeled": len(auto) / len(ids), "n_auto_labeled": len(auto),
         "uncertainty_rule": precision(err, auto), "score_rule": precision(err, base),
         "fd_at_cd_val": res.metrics["combination"]["metric"],
@@ -172,9 +172,7 @@ def main() -> None:
         for unc in (u for u in args.uncertainties.split(",") if u):
             fits = [fit_thresholds(float(b), rows_val, args.trials, unc, args.fd_scope, iou_thrs)
                     for b in args.budgets.split(",")]  # fmt: skip
-            curves[unc] = [
-                evaluate_rules(res, res.thr_fpr_tpr, tdf, gt_df, ids, ms) for res in fits
-            ]
+            curves[unc] = [evaluate_rules(res, tdf, gt_df, ids, ms) for res in fits]
         result["runs"][name] = {
             "min_score": ms, "all_images_precision": precision(errors, ids),
             "score_rule_curve": score_curve(kept, errors, ids), "curves": curves,

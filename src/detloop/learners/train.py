@@ -49,6 +49,7 @@ from detloop.learners.model import (
 from detloop.learners.train_state import LoopState, last_loss, resume, run_fingerprint, save_partial
 
 log = logging.getLogger(__name__)
+MONITORS = ("box_rmse", "sigma_mean", "sigma_std")  # training monitors of ALGORITHMS §1.2
 
 # Training defaults of a preset, used where the config does not set the field explicitly.
 PRESET_TRAIN: dict[str, dict[str, Any]] = {
@@ -74,6 +75,12 @@ class TrainResult:
     final_loss: float
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def monitors(self) -> dict[str, float]:
+        """The last epoch's §1.2 monitors (box RMSE, σ mean and std; absent when undefined)."""
+        last = self.history[-1] if self.history else {}
+        return {k: last[k] for k in MONITORS if k in last}
 
 
 def effective_train_config(cfg: ExperimentConfig) -> TrainConfig:
@@ -315,7 +322,7 @@ def _run(
         bar.close()
 
 
-_STEP_VALUES = ("loss", "cls_loss", "box_loss", "box_rmse", "sigma_mean", "sigma_std")
+_STEP_VALUES = ("loss", "cls_loss", "box_loss", *MONITORS)
 
 
 def _record(

@@ -94,11 +94,7 @@ class TrainWorker:
             "checkpoint": str(result.checkpoint),
             "steps": int(result.steps),
             "final_loss": float(result.final_loss),
-            "monitors": {  # last epoch's box RMSE and σ statistics (ALGORITHMS §1.2)
-                k: v
-                for k, v in (result.history[-1] if result.history else {}).items()
-                if k in ("box_rmse", "sigma_mean", "sigma_std")
-            },
+            "monitors": result.monitors,
             "seconds": time.perf_counter() - t0,
         }
 
