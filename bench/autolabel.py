@@ -3,6 +3,7 @@
 Usage: python bench/autolabel.py [--work DIR] [--steps N] [--chunk K] [--threads 2]
                                  [--trials N] [--budgets 0.5,0.7,...] [--eval-images N]
                                  [--uncertainties ENTALBOX,ENTALBOXSCORE] [--fd-scope all]
+                                 [--units detection,image]
 
 Uses the model, data and predictions of ``bench/calibration.py`` (same --work, trained when
 absent). Calibrators and thresholds are fitted on val; the test split plays the new frames.
@@ -19,10 +20,13 @@ image-level precisions at IoU 0.5, both printed and plotted:
 Prints both rules at equal share of images auto-labeled, as a curve over b; writes
 bench/results/autolabel.json (+ .png).
 
-Each uncertainty set of ``--uncertainties`` is a rule of its own: ``ENTALBOX`` is the
-reference's (entropy + relative aleatoric std); ``ENTALBOXSCORE`` adds ``score_gap`` = 1 − score
-to the combination Optuna weighs (each single uncertainty is enqueued, so the score alone is one
-of its candidates). ``--eval-images`` as in ``bench/calibration.py``.
+Each (uncertainty set, unit) pair is a rule of its own. ``--units``: ``detection`` optimises the
+weights for the detection-level FD@CD(b) of §7, ``image`` (``thresholding.thr_unit: image``) for
+the same budget counted in images, each with the largest u of its detections above
+``min_score`` and correct only when all of them are: the unit the rule of §8 decides on.
+Uncertainty sets: ``ENTALBOX`` is the reference's (entropy + relative aleatoric std);
+``ENTALBOXSCORE`` adds ``score_gap`` = 1 − score to the combination Optuna weighs (each single
+uncertainty is enqueued, so the score alone is one of its candidates). ``--eval-images`` as in ``bench/calibration.py``.
 """
 
 from __future__ import annotations
@@ -74,10 +78,12 @@ def precision(err: pd.DataFrame, ids: list[str]) -> dict[str, float]:
 
 
 def fit_thresholds(b: float, rows_val: pd.DataFrame, trials: int, uncertainties: str,
-                   fd_scope: str, iou_thrs: list[float]) -> Any:  # fmt: skip
+                   fd_scope: str, iou_thrs: list[float], unit: str,
+                   min_score: float) -> Any:  # fmt: skip
     th = CostSensitiveThresholder(uncertainties, budget=b, calibrated=True, seed=0,
                                   n_trials=trials, patience=min(trials, 300),
-                                  fd_scope=fd_scope, iou_thrs=iou_thrs)  # fmt: skip
+                                  fd_scope=fd_scope, iou_thrs=iou_thrs, unit=unit,
+                                  min_score=min_score)  # fmt: skip
     return th.fit(rows_val).result()
 
 
@@ -142,6 +148,7 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=None)
     ap.add_argument("--uncertainties", default="ENTALBOX,ENTALBOXSCORE")
     ap.add_argument("--fd-scope", default="all", choices=["matched", "all"])
+    ap.add_argument("--units", default="detection,image", help="thr_unit values to compare")
     ap.add_argument("--iou-thrs", default="0.5,0.55,0.6,0.65,0.7,0.75", help="thr_iou_thrs")
     ap.add_argument("--out", type=Path, default=RESULTS / "autolabel.json")
     args = ap.parse_args()
@@ -169,10 +176,12 @@ def main() -> None:
         kept = tdf[tdf["score"] > ms]
         errors = image_errors(kept, gt_df, ids)
         curves = {}
-        for unc in (u for u in args.uncertainties.split(",") if u):
-            fits = [fit_thresholds(float(b), rows_val, args.trials, unc, args.fd_scope, iou_thrs)
-                    for b in args.budgets.split(",")]  # fmt: skip
-            curves[unc] = [evaluate_rules(res, tdf, gt_df, ids, ms) for res in fits]
+        for unit in (u for u in args.units.split(",") if u):
+            for unc in (u for u in args.uncertainties.split(",") if u):
+                fits = [fit_thresholds(float(b), rows_val, args.trials, unc, args.fd_scope,
+                                       iou_thrs, unit, ms)
+                        for b in args.budgets.split(",")]  # fmt: skip
+                curves[f"{unc}/{unit}"] = [evaluate_rules(r, tdf, gt_df, ids, ms) for r in fits]
         result["runs"][name] = {
             "min_score": ms, "all_images_precision": precision(errors, ids),
             "score_rule_curve": score_curve(kept, errors, ids), "curves": curves,

@@ -53,11 +53,11 @@ def main() -> None:
             REPO / "configs" / "demo.yaml",
             [f"runs_root={tmp}", f"ray.predict_workers={n}", "ray.predict_num_cpus=1"],
         )
-        workers = Workers(c, n_cls)
+        workers = Workers(c)
         warm = [(i, images.slice(i * 4, 4), 0) for i in range(n)]
-        workers.predict("w", weights, warm, lambda r: None)  # actors started, model built
+        workers.predict("w", weights, n_cls, warm, lambda r: None)  # actors started, model built
         t0 = time.perf_counter()
-        workers.predict("w", weights, shards, lambda r: None)
+        workers.predict("w", weights, n_cls, shards, lambda r: None)
         wall = time.perf_counter() - t0
         workers.shutdown()
         out[f"workers_{n}_s"] = wall

@@ -227,3 +227,131 @@ def test_json_is_read_by_combo_scores_and_pseudo_labels(tmp_path: Path) -> None:
     ours = load_thresholds(tmp_path / "t.json").combine(table.to_pandas())
     np.testing.assert_allclose(combo_values(DetColumns(table), doc), ours, rtol=1e-6)
     assert _threshold_mean(doc) == pytest.approx(res.delta_mean)
+
+
+# ---- thr_unit: image (detloop extension) --------------------------------------------------
+def image_rows(n_images: int = 150, seed: int = 0) -> pd.DataFrame:
+    """1–4 detections per image; an image is wrong when one detection is (IoU < 0.5).
+
+    ``al`` marks wrong detections only weakly, entropy is noise; the image's largest σ decides.
+    """
+    rng = np.random.default_rng(seed)
+    per = rng.integers(1, 5, n_images)
+    img = np.repeat(np.arange(n_images), per)
+    n = len(img)
+    wrong = rng.random(n) < 0.1
+    size = rng.uniform(10, 40, n)
+    rel = np.where(wrong, rng.uniform(0.05, 0.3, n), rng.uniform(0.0, 0.12, n))
+    df = pd.DataFrame({
+        "image_id": [f"im{k:03d}" for k in img], "det_id": np.arange(n),
+        "class_id": 0, "gt_class": 0, "tps_class": True,
+        "score": rng.uniform(0.2, 1.0, n), "iou": np.where(wrong, 0.3, 0.9),
+        "x1": 0.0, "y1": 0.0, "x2": size, "y2": size, "entropy_cal": rng.uniform(0, 1, n),
+    })  # fmt: skip
+    for c in ("x1", "y1", "x2", "y2"):
+        df[f"al_{c}_cal"] = rel * size
+    return df.sample(frac=1.0, random_state=seed).reset_index(drop=True)  # images interleaved
+
+
+def test_image_reduction_equals_groupby() -> None:
+    from detloop.selectors.threshold import ImageReduction
+
+    rows = image_rows()
+    red = ImageReduction.of(rows["image_id"].to_numpy())
+    u = rows["entropy_cal"].to_numpy()
+    cd = np.stack([rows["iou"].to_numpy() >= 0.5, rows["score"].to_numpy() > 0.5], axis=1)
+    g = rows.assign(u=u, a=cd[:, 0], b=cd[:, 1]).groupby("image_id")
+    np.testing.assert_array_equal(red.u(u), g["u"].max().to_numpy())
+    np.testing.assert_array_equal(red.cd(cd), np.stack([g["a"].all(), g["b"].all()], axis=1))
+    assert red.n_images == rows["image_id"].nunique()
+    empty = ImageReduction.of(np.array([], dtype=object))
+    assert empty.u(np.zeros(0)).shape == (0,) and empty.cd(np.zeros((0, 2), bool)).shape == (0, 2)
+
+
+def brute_force_image_fd_at_cd(rows: pd.DataFrame, w: np.ndarray, b: float) -> float:
+    """FD@CD(b) over images by trying every threshold: keep ≥ b of the correct images."""
+    u = uncertainty_values(rows, "entropy", True) * w[0]
+    u = u + uncertainty_values(rows, "albox_rel", True) * w[1]
+    per = rows.assign(u=u, ok=rows["iou"] >= 0.5).groupby("image_id")
+    per = per.agg(u=("u", "max"), ok=("ok", "all"))
+    good, bad = per.loc[per["ok"], "u"].to_numpy(), per.loc[~per["ok"], "u"].to_numpy()
+    best = 0.0
+    for delta in np.r_[np.inf, np.unique(per["u"])]:
+        if (good >= delta).sum() <= np.floor((1 - b) * len(good) + 1e-9):
+            best = max(best, 100.0 * float((bad >= delta).mean()))
+    return best
+
+
+def test_image_unit_matches_brute_force_and_section_8_rule() -> None:
+    """The image budget is what §8 decides on: at δ̄ the rule keeps ≥ b of the correct images."""
+    from detloop.selectors.autolabel import decide
+
+    rows = image_rows()
+    th = CostSensitiveThresholder("ENTALBOX", iou_thrs=[0.5], budget=0.9, unit="image",
+                                  n_trials=40, patience=40, seed=0).fit(rows)  # fmt: skip
+    res = th.result()
+    assert res.unit == "image" and th.report_["unit"] == "image"
+    metric = th.report_["combination"]["metric"]
+    assert metric == pytest.approx(brute_force_image_fd_at_cd(rows, th.weights_, 0.9))
+    for i, name in enumerate(th.names_):  # single uncertainties too, at the image level
+        one_hot = np.eye(2)[i]
+        single = th.report_["single"][name]["metric"]
+        assert single == pytest.approx(brute_force_image_fd_at_cd(rows, one_hot, 0.9))
+    assert metric >= max(s["metric"] for s in th.report_["single"].values())
+    dec = decide(rows, rows["image_id"].unique().tolist(), res, min_score=0.0)
+    ok = rows.groupby("image_id")["iou"].min() >= 0.5
+    auto = set(dec.ids("auto_labeled"))
+    kept = ok[ok].index.isin(list(auto)).mean()
+    assert kept >= 0.9
+    removed_bad = 100.0 * (~ok[~ok].index.isin(list(auto))).mean()
+    assert removed_bad == pytest.approx(metric)
+
+
+def test_image_unit_ignores_rows_at_or_below_min_score() -> None:
+    rows = image_rows(seed=2)
+    kw = {"iou_thrs": [0.5], "budget": 0.8, "unit": "image", "n_trials": 20, "seed": 0}
+    high = rows[rows["score"] > 0.5]
+    a = CostSensitiveThresholder("ENTALBOX", min_score=0.5, **kw).fit(rows)  # type: ignore[arg-type]
+    b = CostSensitiveThresholder("ENTALBOX", **kw).fit(high)  # type: ignore[arg-type]
+    assert a.weights_.tolist() == b.weights_.tolist() and a.thresholds_ == b.thresholds_
+
+
+def test_image_unit_differs_from_detection_unit_and_rejects_per_class() -> None:
+    rows = image_rows(seed=4)
+    kw = {"iou_thrs": [0.5], "budget": 0.9, "n_trials": 20, "seed": 0}
+    det = CostSensitiveThresholder("ENTALBOX", **kw).fit(rows)  # type: ignore[arg-type]
+    img = CostSensitiveThresholder("ENTALBOX", unit="image", **kw).fit(rows)  # type: ignore[arg-type]
+    n_det = (
+        det.report_["combination"]["per_iou"][0]["n_cd"]
+        + det.report_["combination"]["per_iou"][0]["n_fd"]
+    )
+    n_img = (
+        img.report_["combination"]["per_iou"][0]["n_cd"]
+        + img.report_["combination"]["per_iou"][0]["n_fd"]
+    )
+    assert n_det == len(rows) and n_img == rows["image_id"].nunique()
+    with pytest.raises(ValueError, match="per_cls"):
+        CostSensitiveThresholder(unit="image", per_cls=True).fit(rows)
+    with pytest.raises(ValueError, match="unit"):
+        CostSensitiveThresholder(unit="frame").fit(rows)
+
+
+def test_result_without_unit_loads_as_detection(tmp_path: Path) -> None:
+    rows = synthetic_rows(80)
+    res = CostSensitiveThresholder("ENTALBOX", n_trials=5, patience=5).fit(rows).result()
+    res.save(tmp_path / "t.json")
+    import json
+
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc["unit"] == "detection"
+    del doc["unit"]  # a file written before the key existed
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    assert load_thresholds(tmp_path / "old.json").unit == "detection"
+
+
+def test_config_rejects_per_class_with_image_unit() -> None:
+    from detloop.config import ConfigError, build_config
+
+    assert build_config({"thresholding": {"thr_unit": "image"}}).thresholding.thr_unit == "image"
+    with pytest.raises(ConfigError, match="per_cls"):
+        build_config({"thresholding": {"thr_unit": "image", "per_cls": True}})

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ModelPreset = Literal["tiny", "d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7"]
 UncertaintySetup = Literal["baseline", "lossatt", "mcdropout", "mcdropout_lossatt"]
@@ -156,9 +163,19 @@ class ThresholdingConfig(Section):
     thr_pick: Literal["last", "closest"] = "last"
     thr_interp: Literal["step", "linear"] = "step"
     per_cls: bool = False
+    # detloop extension: what the budget b counts. `detection` (§7, reference) or `image`: each
+    # image with the largest u of its detections above min_score, correct only when all of them
+    # are, i.e. the unit the auto-labeling rule (§8) decides on.
+    thr_unit: Literal["detection", "image"] = "detection"
     thr_seed: int | None = None
     match_mode: Literal["coco", "reference"] = "reference"
     assign_gt_box: Literal["IoU", "MSE", "index"] = "IoU"
+
+    @model_validator(mode="after")
+    def _per_class_needs_detections(self) -> ThresholdingConfig:
+        if self.per_cls and self.thr_unit == "image":
+            raise ValueError("per_cls weights need thr_unit: detection (an image has many classes)")
+        return self
 
 
 class ALConfig(Section):

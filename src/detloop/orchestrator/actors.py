@@ -72,10 +72,9 @@ def check_capacity(rc: RayConfig, loops: int = 1) -> None:
 class Workers:
     """One loop's actors: a train actor and a pool of predict actors, created lazily."""
 
-    def __init__(self, cfg: ExperimentConfig, num_classes: int) -> None:
+    def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
         self.rc = cfg.ray
-        self.num_classes = num_classes
         self._config = config_snapshot(cfg)
         self._trainer: Any = None
         self._predictors: list[Any] = []
@@ -104,8 +103,7 @@ class Workers:
             cls = ray.remote(**opts)(PredictWorker)
             threads = _threads(self.rc.predict_num_cpus)
             self._predictors = [
-                cls.remote(self._config, self.num_classes, threads)
-                for _ in range(self.rc.predict_workers)
+                cls.remote(self._config, threads) for _ in range(self.rc.predict_workers)
             ]
         return self._predictors
 
@@ -121,11 +119,12 @@ class Workers:
         self,
         key: str,
         weights: bytes,
+        num_classes: int,
         shards: list[tuple[int, pa.Table, int]],
         on_result: Callable[[ShardResult], None],
         fault_marker: Callable[[int], str | None] | None = None,
     ) -> float:
-        """Predict ``shards`` (id, images, seed) over the actor pool.
+        """Predict ``shards`` (id, images, seed) over the actor pool with a ``num_classes`` model.
 
         The weights go into the object store once; each finished shard is handed to
         ``on_result`` as it arrives (the loop persists it, so a crash loses at most the shards
@@ -143,7 +142,9 @@ class Workers:
         def submit(actor_idx: int) -> None:
             sid, table, seed = queue.pop(0)
             marker = fault_marker(sid) if fault_marker else None
-            ref = actors[actor_idx].predict_shard.remote(key, weights_ref, sid, table, seed, marker)
+            ref = actors[actor_idx].predict_shard.remote(
+                key, weights_ref, num_classes, sid, table, seed, marker
+            )
             pending[ref] = actor_idx
 
         for idx in range(min(len(actors), len(queue))):

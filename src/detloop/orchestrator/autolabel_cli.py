@@ -71,7 +71,7 @@ def ensure_thresholds(run: RunDir, cfg: ExperimentConfig, it: int, seed: int) ->
     t, c = cfg.thresholding, cfg.calibration
     want = {
         "thr_fpr_tpr": t.thr_fpr_tpr, "thr_cd": t.thr_cd, "fd_scope": t.fd_scope,
-        "thr_iou_thrs": [float(x) for x in t.thr_iou_thrs],
+        "unit": t.thr_unit, "thr_iou_thrs": [float(x) for x in t.thr_iou_thrs],
         "uncertainties": parse_uncertainties(t.thr_sel_uncert),
         "calibrated": c.calibrate_classification and c.calibrate_regression,
     }  # fmt: skip

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -46,7 +47,7 @@ class ActiveLearningLoop:
         run: RunDir,
         cfg: ExperimentConfig,
         callbacks: Sequence[LoopCallback] = (),
-        workers_factory: Callable[[ExperimentConfig, int], Any] | None = None,
+        workers_factory: Callable[[ExperimentConfig], Any] | None = None,
     ) -> None:
         self.run = run
         self.cfg = cfg
@@ -69,9 +70,9 @@ class ActiveLearningLoop:
 
                 ensure_ray(self.cfg.ray)
                 check_capacity(self.cfg.ray)
-                self._workers = Workers(self.cfg, self.num_classes)
+                self._workers = Workers(self.cfg)
             else:
-                self._workers = self._workers_factory(self.cfg, self.num_classes)
+                self._workers = self._workers_factory(self.cfg)
         return self._workers
 
     def seed(self, iteration: int, stage: str) -> int:
@@ -133,10 +134,7 @@ class ActiveLearningLoop:
             cb.on_start(self.run, self.journal.meta)
         self.journal.save()
         try:
-            if not self.journal.is_completed(0, Phase.IMPORT):
-                self._run_phase(0, Phase.IMPORT)
-            if not self.journal.is_completed(self.n_iterations() - 1, Phase.LOG):
-                self.workers.start()  # actors boot while selection and labeling run
+            self._import_and_start()
             for iteration, phase in self.plan():
                 if self.journal.is_completed(iteration, phase):
                     continue
@@ -157,6 +155,24 @@ class ActiveLearningLoop:
         for cb in self.callbacks:
             cb.on_end("FINISHED")
         return str(Phase.DONE)
+
+    def _import_and_start(self) -> None:
+        """Import the data (first run) while Ray and the actors start.
+
+        Starting Ray (~4 s) and booting the actors (each imports torch and the learner, ~5 s)
+        need nothing from the data, so they overlap the import in a thread beside it; the
+        actors then keep booting through warm-up selection and labeling.
+        """
+        imported = self.journal.is_completed(0, Phase.IMPORT)
+        if imported and self.journal.is_completed(self.n_iterations() - 1, Phase.LOG):
+            return  # finished: nothing left to compute
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="detloop-import") as pool:
+            job = None if imported else pool.submit(self._run_phase, 0, Phase.IMPORT)
+            try:
+                self.workers.start()
+            finally:
+                if job is not None:
+                    job.result()  # the import's error, if any, wins: it names the bad file
 
     def _run_phase(self, iteration: int, phase: Phase) -> None:
         logger.info("%s: iteration %d phase %s", self.run.name, iteration, phase)
@@ -280,6 +296,7 @@ class ActiveLearningLoop:
             self.workers,
             key=f"{self.run.path}:{model_iteration}",
             weights=weights,
+            num_classes=self.num_classes,
             images=images,
             iteration=iteration,
             stage=stage,

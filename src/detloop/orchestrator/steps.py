@@ -146,6 +146,7 @@ def predict_sharded(
     *,
     key: str,
     weights: bytes,
+    num_classes: int,
     images: pa.Table,
     iteration: int,
     stage: str,
@@ -184,7 +185,7 @@ def predict_sharded(
         if persisted[0] == 1 and on_first_shard is not None:
             on_first_shard()
 
-    seconds = workers.predict(key, weights, todo, persist, marker) if todo else 0.0
+    seconds = workers.predict(key, weights, num_classes, todo, persist, marker) if todo else 0.0
     parts = [
         read_table(schema.PREDICTIONS, run.shard_file(iteration, stage, sid))
         for sid in range(len(shards))

@@ -248,7 +248,8 @@ def threshold_model(
         t.thr_sel_uncert, t.thr_iou_thrs, t.thr_fpr_tpr, t.thr_cd, calibrated,
         seed=t.thr_seed if t.thr_seed is not None else seed, n_trials=t.n_trials,
         patience=t.patience, thr_pick=t.thr_pick, thr_interp=t.thr_interp, per_cls=t.per_cls,
-        fd_scope=t.fd_scope, calib_method_class=c.calib_method_class if calibrated else None,
+        fd_scope=t.fd_scope, unit=t.thr_unit, min_score=min_score,
+        calib_method_class=c.calib_method_class if calibrated else None,
         calib_method_box=c.calib_method_box if calibrated else None,
     ).fit(rows)  # fmt: skip
     result = th.result()

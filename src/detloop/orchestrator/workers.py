@@ -59,6 +59,7 @@ class TrainWorker:
         self.cfg: ExperimentConfig = build_config(config)
         _set_threads(torch_threads)
         _log_to_driver()
+        import detloop.learners.train  # noqa: F401 - pay the torch/effdet import while idle
 
     def train(
         self,
@@ -103,29 +104,30 @@ class PredictWorker:
     """Predicts shards of images with the model of the current iteration.
 
     The model is built once per ``key`` (one iteration's weights) and reused for every shard of
-    that key; the weights arrive through Ray's object store, not from disk.
+    that key; the weights arrive through Ray's object store, not from disk. Constructing a
+    worker imports torch and the learner (about 5 s), so an actor created early is ready when
+    its first shard arrives; it needs nothing from the data, which may still be importing.
     """
 
-    def __init__(
-        self, config: dict[str, Any], num_classes: int, torch_threads: int | None = None
-    ) -> None:
+    def __init__(self, config: dict[str, Any], torch_threads: int | None = None) -> None:
         self.cfg: ExperimentConfig = build_config(config)
-        self.num_classes = num_classes
         self._key: str | None = None
         self._predictor: Any = None
         _set_threads(torch_threads)
+        import detloop.learners.predict  # noqa: F401 - pay the torch/effdet import while idle
 
-    def _ensure(self, key: str, weights: bytes) -> None:
+    def _ensure(self, key: str, weights: bytes, num_classes: int) -> None:
         if key != self._key:
             from detloop.learners.predict import Predictor
 
-            self._predictor = Predictor.from_state(weights, self.cfg, self.num_classes)
+            self._predictor = Predictor.from_state(weights, self.cfg, num_classes)
             self._key = key
 
     def predict_shard(
         self,
         key: str,
         weights: bytes,
+        num_classes: int,
         shard: int,
         images: pa.Table,
         seed: int,
@@ -136,7 +138,7 @@ class PredictWorker:
         ``fault_marker`` (tests only): the first call that sees this path absent creates it and
         kills its own process half-way through the shard, as a crashed worker would.
         """
-        self._ensure(key, weights)
+        self._ensure(key, weights, num_classes)
         t0 = time.perf_counter()
         if fault_marker and not os.path.exists(fault_marker):
             half = images.slice(0, max(1, images.num_rows // 2))

@@ -11,7 +11,8 @@ never worse than the best single one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,9 @@ from detloop.selectors.threshold_data import (
     uncertainty_values,
 )
 from detloop.selectors.threshold_metrics import (
+    BoolArray,
     FloatArray,
+    IntArray,
     cd_labels,
     evaluate,
     objective,
@@ -41,7 +44,9 @@ __all__ = [
     "ALIASES",
     "DEFAULT_IOU_THRS",
     "UNCERTAINTIES",
+    "UNITS",
     "CostSensitiveThresholder",
+    "ImageReduction",
     "ThresholdResult",
     "load_thresholds",
     "operating_point",
@@ -55,21 +60,67 @@ __all__ = [
 ]
 
 
+UNITS = ("detection", "image")
+
+
+@dataclass(frozen=True)
+class ImageReduction:
+    """Rows → images as the auto-labeling rule (§8) sees them (``thr_unit: image``).
+
+    An image's u is the largest u of its detections (the rule sends it to review as soon as one
+    detection reaches δ̄), and it is correct at τ only when every one of its detections is CD_τ
+    (one false detection makes its auto-labels wrong). Images without rows are not in the
+    budget: the rule auto-labels them whatever the threshold.
+    """
+
+    order: IntArray
+    starts: IntArray
+
+    @classmethod
+    def of(cls, image_ids: Any) -> ImageReduction:
+        ids = np.asarray(image_ids, dtype=object)
+        order = np.argsort(ids.astype(str), kind="stable").astype(np.int64)
+        s = ids[order]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.zeros(0)
+        return cls(order, starts.astype(np.int64))
+
+    @property
+    def n_images(self) -> int:
+        return len(self.starts)
+
+    def u(self, u_rows: FloatArray) -> FloatArray:
+        if not len(self.starts):
+            return np.zeros(0)
+        return np.asarray(np.maximum.reduceat(np.asarray(u_rows)[self.order], self.starts))
+
+    def cd(self, is_cd_rows: BoolArray) -> BoolArray:
+        if not len(self.starts):
+            return np.zeros((0, np.asarray(is_cd_rows).shape[1]), bool)
+        rows = np.asarray(is_cd_rows, dtype=bool)[self.order]
+        return np.asarray(np.logical_and.reduceat(rows, self.starts, axis=0))
+
+
+def _identity(u: FloatArray) -> FloatArray:
+    return u
+
+
 def optimise_weights(
     u: FloatArray, is_cd: Any, b: float, thr_cd: bool, *, seed: int, n_trials: int = 1500,
     patience: int = 300, interp: str = "step",
+    reduce: Callable[[FloatArray], FloatArray] = _identity,
 ) -> tuple[FloatArray, float, int]:  # fmt: skip
-    """Minimise f(w) = mean_τ 100·error(u·w) over w ∈ [0, 1]^d with seeded Optuna TPE.
+    """Minimise f(w) = mean_τ 100·error(reduce(u·w)) over w ∈ [0, 1]^d with seeded Optuna TPE.
 
     The d one-hot weight vectors are enqueued first (ties keep the earliest trial), so the best
     single uncertainty is always a candidate. Stops after ``n_trials`` or ``patience`` trials
     without a new best. Returns the weights, their objective and the number of trials run.
+    ``reduce`` maps per-row u to the unit ``is_cd`` labels (``ImageReduction.u`` for images).
     """
     import optuna
 
     d = u.shape[1]
     if d == 1:
-        return np.ones(1), objective(u[:, 0], is_cd, b, thr_cd, interp), 1
+        return np.ones(1), objective(reduce(u[:, 0]), is_cd, b, thr_cd, interp), 1
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -84,7 +135,7 @@ def optimise_weights(
         while n < n_trials and since < patience:
             trial = study.ask(dist)
             w = np.array([trial.params[f"w{i}"] for i in range(d)])
-            f = objective(u @ w, is_cd, b, thr_cd, interp)
+            f = objective(reduce(u @ w), is_cd, b, thr_cd, interp)
             study.tell(trial, f)
             n += 1
             since += 1
@@ -116,7 +167,11 @@ class CostSensitiveThresholder:
         calibrated: read the ``*_cal`` columns.
         seed, n_trials, patience: the optimiser's settings.
         thr_pick, thr_interp: ``last``/``step`` (detloop) or ``closest``/``linear`` (compat).
-        per_cls: also fit one weight vector per class.
+        per_cls: also fit one weight vector per class (``unit="detection"`` only).
+        unit: ``detection`` (§7: the budget counts detections) or ``image`` (detloop extension:
+            the budget counts images, each with the largest u of its detections and correct
+            only when all of them are, which is what the auto-labeling rule of §8 decides on).
+        min_score: with ``unit="image"``, rows at or below it are ignored, as §8 ignores them.
         fd_scope, calib_method_class, calib_method_box: recorded in the result.
     """
 
@@ -134,6 +189,8 @@ class CostSensitiveThresholder:
         thr_interp: str = "step",
         per_cls: bool = False,
         fd_scope: str = "matched",
+        unit: str = "detection",
+        min_score: float | None = None,
         calib_method_class: str | None = None,
         calib_method_box: str | None = None,
     ) -> None:
@@ -149,6 +206,8 @@ class CostSensitiveThresholder:
         self.thr_interp = thr_interp
         self.per_cls = per_cls
         self.fd_scope = fd_scope
+        self.unit = unit
+        self.min_score = min_score
         self.calib_method_class = calib_method_class
         self.calib_method_box = calib_method_box
 
@@ -158,26 +217,47 @@ class CostSensitiveThresholder:
             self.thr_interp,
         )  # fmt: skip
 
-    def _optimise(self, u: FloatArray, is_cd: Any, seed: int) -> tuple[FloatArray, float, int]:
+    def _optimise(
+        self, u: FloatArray, is_cd: Any, seed: int,
+        reduce: Callable[[FloatArray], FloatArray] = _identity,
+    ) -> tuple[FloatArray, float, int]:  # fmt: skip
         return optimise_weights(
             u, is_cd, self.budget, self.thr_cd, seed=seed, n_trials=self.n_trials,
-            patience=self.patience, interp=self.thr_interp,
+            patience=self.patience, interp=self.thr_interp, reduce=reduce,
         )  # fmt: skip
+
+    def _check(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+        if self.unit == "image" and self.per_cls:
+            raise ValueError("per_cls weights need unit='detection' (an image has many classes)")
 
     def fit(self, rows: pd.DataFrame) -> CostSensitiveThresholder:
         """Fit on threshold rows (``threshold_rows`` output); returns ``self``."""
+        self._check()
         spec = self.uncertainties
         self.names_ = parse_uncertainties(spec if isinstance(spec, str) else list(spec))
+        if self.unit == "image" and self.min_score is not None:
+            rows = rows[rows["score"].to_numpy(np.float64) > self.min_score]
         u = uncertainty_matrix(rows, self.names_, self.calibrated)
         is_cd = cd_labels(
             rows["iou"].to_numpy(np.float64), rows["tps_class"].to_numpy(bool), list(self.iou_thrs)
         )
-        self.weights_, self.objective_, self.n_trials_ = self._optimise(u, is_cd, self.seed)
-        combo = self._eval(u @ self.weights_, is_cd)
+        reduce: Callable[[FloatArray], FloatArray] = _identity
+        unit_cd = is_cd
+        if self.unit == "image":
+            images = ImageReduction.of(rows["image_id"].to_numpy())
+            reduce, unit_cd = images.u, images.cd(is_cd)
+        self.weights_, self.objective_, self.n_trials_ = self._optimise(
+            u, unit_cd, self.seed, reduce
+        )
+        combo = self._eval(reduce(u @ self.weights_), unit_cd)
         self.thresholds_ = [float(p["delta"]) for p in combo["per_iou"]]
         self.report_: dict[str, Any] = {
-            "single": {n: self._eval(u[:, i], is_cd) for i, n in enumerate(self.names_)},
+            "unit": self.unit,
+            "single": {n: self._eval(reduce(u[:, i]), unit_cd) for i, n in enumerate(self.names_)},
             "combination": combo,
+            # per detection whatever the unit: which classes the combination serves well
             "per_class_table": self._class_table(rows, u @ self.weights_, is_cd),
         }
         self.per_class_ = self._fit_per_class(rows, u, is_cd) if self.per_cls else None
@@ -251,4 +331,5 @@ class CostSensitiveThresholder:
             objective=float(self.objective_),
             metrics=self.report_,
             per_class=self.per_class_,
+            unit=self.unit,
         )

@@ -108,6 +108,7 @@ class ThresholdResult:
     objective: float
     metrics: dict[str, Any] = field(default_factory=dict)
     per_class: dict[str, Any] | None = None
+    unit: str = "detection"  # what the budget counts (detloop extension; absent = detection)
 
     @property
     def delta_mean(self) -> float:
@@ -130,7 +131,8 @@ class ThresholdResult:
         except (OSError, ValueError) as exc:
             raise DataError(str(path), None, None, f"cannot read thresholds: {exc}") from exc
         names = set(cls.__dataclass_fields__)
-        missing = sorted(n for n in names if n not in doc and n not in ("metrics", "per_class"))
+        optional = ("metrics", "per_class", "unit")
+        missing = sorted(n for n in names if n not in doc and n not in optional)
         if missing:
             raise DataError(str(path), None, ",".join(missing), "missing thresholding keys")
         return cls(**{k: v for k, v in doc.items() if k in names})
