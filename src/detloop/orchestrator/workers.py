@@ -138,8 +138,8 @@ class PredictWorker:
         ``fault_marker`` (tests only): the first call that sees this path absent creates it and
         kills its own process half-way through the shard, as a crashed worker would.
         """
+        t0 = time.perf_counter()  # building this iteration's model is part of the work
         self._ensure(key, weights, num_classes)
-        t0 = time.perf_counter()
         if fault_marker and not os.path.exists(fault_marker):
             half = images.slice(0, max(1, images.num_rows // 2))
             self._predictor.predict(half, seed=seed)
