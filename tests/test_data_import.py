@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from detloop.data import schema
 from detloop.data.coco import parse_coco
 from detloop.data.digits import digits_source
+from detloop.data.errors import DataError
 from detloop.data.export import export_coco
 from detloop.data.importer import check_files, commit, decode_pass, import_source
 from detloop.data.pool import PoolState
@@ -118,3 +119,20 @@ def test_export_of_revealed_labels(
     ]
     assert counts["images"] == 5
     assert sorted(back["annotations"], key=lambda a: a["id"]) == expected
+
+
+def test_decoding_without_hashes_still_checks_images(digits_tiny: Path, tmp_path: Path) -> None:
+    """``hash_pool=False`` (a loop that never prunes): sizes checked, corrupt files caught."""
+    import shutil
+
+    source, images = digits_source(digits_tiny, "pool")
+    copy = tmp_path / "images"
+    shutil.copytree(images, copy)
+    run = RunDir(tmp_path / "run")
+    report = import_source(run, "coco", source, "pool", images=copy, hash_pool=False)
+    assert report.n_images == 64 and run.read_images()["phash"].null_count == 64
+    victim = sorted(copy.rglob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated
+    with pytest.raises(DataError, match="cannot decode"):
+        import_source(RunDir(tmp_path / "run2"), "coco", source, "pool", images=copy,
+                      hash_pool=False)  # fmt: skip

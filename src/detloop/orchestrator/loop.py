@@ -186,7 +186,8 @@ class ActiveLearningLoop:
     def _phase_import(self, iteration: int) -> dict[str, Any]:
         from detloop.orchestrator.runs import import_data
 
-        imported = import_data(self.run, self.cfg)
+        # a run's strategy is fixed, so pool hashes are needed only when it prunes
+        imported = import_data(self.run, self.cfg, hash_pool=self.spec.prune != "none")
         self.categories = self.run.read_categories()
         self.num_classes = self.categories.num_rows
         images = self.run.read_images()

@@ -84,8 +84,11 @@ def stored_config(run: RunDir) -> ExperimentConfig:
     return build_config(meta["config"], source=str(run.run_json))
 
 
-def import_data(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
-    """Import the config's data sources into the run, once (skipped when already imported)."""
+def import_data(run: RunDir, cfg: ExperimentConfig, hash_pool: bool = True) -> dict[str, Any]:
+    """Import the config's data sources into the run, once (skipped when already imported).
+
+    ``hash_pool``: perceptual hashes of the pool images, which only pruning reads.
+    """
     from detloop.data.importer import import_source
 
     images = run.read_images()
@@ -103,6 +106,7 @@ def import_data(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
             images=src.images,
             classes=cfg.data.classes,
             lenient=cfg.data.lenient,
+            hash_pool=hash_pool,
         )
         logger.info("%s", report.summary())
         out[split] = report.n_images
