@@ -173,21 +173,22 @@ def predict_sharded(
             return None
         return str(run.path / f".fault_worker_shard_{sid}")
 
-    persisted = [0]
+    arrived: dict[int, pa.Table] = {}  # this attempt's shards, validated when persisted
 
     def persist(result: Any) -> None:
         from detloop.data.io import write_table
 
-        write_table(
+        arrived[result.shard] = write_table(
             result.table, schema.PREDICTIONS, run.shard_file(iteration, stage, result.shard)
         )
-        persisted[0] += 1
-        if persisted[0] == 1 and on_first_shard is not None:
+        if len(arrived) == 1 and on_first_shard is not None:
             on_first_shard()
 
     seconds = workers.predict(key, weights, num_classes, todo, persist, marker) if todo else 0.0
-    parts = [
-        read_table(schema.PREDICTIONS, run.shard_file(iteration, stage, sid))
+    parts = [  # shards of an interrupted attempt come back from disk
+        arrived[sid]
+        if sid in arrived
+        else read_table(schema.PREDICTIONS, run.shard_file(iteration, stage, sid))
         for sid in range(len(shards))
     ]
     table = pa.concat_tables(parts) if parts else schema.PREDICTIONS.empty()
