@@ -26,7 +26,8 @@ the same budget counted in images, each with the largest u of its detections abo
 ``min_score`` and correct only when all of them are: the unit the rule of §8 decides on.
 Uncertainty sets: ``ENTALBOX`` is the reference's (entropy + relative aleatoric std);
 ``ENTALBOXSCORE`` adds ``score_gap`` = 1 − score to the combination Optuna weighs (each single
-uncertainty is enqueued, so the score alone is one of its candidates). ``--eval-images`` as in ``bench/calibration.py``.
+uncertainty is enqueued, so the score alone is one of its candidates). ``--eval-images`` as in
+``bench/calibration.py``.
 """
 
 from __future__ import annotations
