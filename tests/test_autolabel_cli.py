@@ -122,6 +122,12 @@ def test_validate_calibrate_threshold_autolabel(
     assert cli(*argv) == 0
     again = run.read_labels().to_pandas()
     assert (again["source"] == "auto").sum() == (labels["source"] == "auto").sum()
+    # thresholds fitted for another unit do not match the config: recomputed, image budget
+    assert cli(*argv, "--set", "thresholding.thr_unit=image") == 0
+    per_image = load_thresholds(run.thresholds_file(0))
+    assert per_image.unit == "image" and per_image.metrics["unit"] == "image"
+    n_images = per_image.metrics["combination"]["per_iou"][0]
+    assert n_images["n_cd"] + n_images["n_fd"] <= m["n_images"]  # one row per image at most
 
 
 def test_bad_input_exits_2(tmp_path: Path) -> None:
