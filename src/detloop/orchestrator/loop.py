@@ -192,7 +192,7 @@ class ActiveLearningLoop:
         from detloop.orchestrator.runs import import_data
 
         # a run's strategy is fixed, so pool hashes are needed only when it prunes
-        imported = import_data(self.run, self.cfg, hash_pool=self.spec.prune != "none")
+        imported = import_data(self.run, self.cfg, hash_pool=self.spec.prunes)
         self.categories = self.run.read_categories()
         self.num_classes = self.categories.num_rows
         images = self.run.read_images()

@@ -78,7 +78,7 @@ def prune_pool(
     cfg: ExperimentConfig, spec: StrategySpec, images: pa.Table, seed: int
 ) -> pa.Table | None:
     """Mark redundant pool images ``pruned`` when the strategy asks; None when it does not."""
-    if spec.prune == "none" or pc.any(pc.equal(images["state"], "pruned")).as_py():
+    if not spec.prunes or pc.any(pc.equal(images["state"], "pruned")).as_py():
         return None  # nothing to do, or already pruned by an interrupted attempt
     from detloop.selectors.prune import prune_pool as mark_pruned
 

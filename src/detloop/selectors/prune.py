@@ -224,7 +224,7 @@ def prune_pool(
     """
     idx = _candidates(images)
     n = len(idx)
-    if spec.prune == "none" or n == 0:
+    if not spec.prunes or n == 0:
         return PruneResult(images, n, n)
     removed, kept_by = _removed(images, idx, spec.prune_random, prune_thr, rng)
     rep = images["image_id"].take(pa.array(idx[kept_by])).to_pylist()

@@ -116,6 +116,11 @@ class StrategySpec:
         """The canonical strategy name."""
         return format_strategy(self)
 
+    @property
+    def prunes(self) -> bool:
+        """Whether the pool is pruned before iteration 0 (and so needs its image hashes)."""
+        return self.prune != "none"
+
 
 def _spec_problems(spec: StrategySpec) -> list[str]:
     problems = []
