@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from detloop.learners.decode import decode_boxes, plain_decode, sample_moments
+from detloop.learners.decode import (
+    LOG_SIZE_CLIP,
+    decode_boxes,
+    plain_decode,
+    sample_moments,
+)
 
 torch.set_num_threads(1)
 
@@ -187,9 +192,92 @@ def test_extreme_inputs_stay_finite(method: str) -> None:
     assert np.all(stds >= 0)
 
 
+METHODS = ["l-norm", "n-flow", "falsedec", "sample"]
+
+
+def _run_seeded(
+    method: str, anchors: np.ndarray, t: np.ndarray, v: np.ndarray | None, **kw: object
+) -> tuple[np.ndarray, np.ndarray]:
+    return run(method, anchors, t, v, generator=torch.Generator().manual_seed(0), **kw)
+
+
+def test_log_size_clip_is_torchvisions() -> None:
+    assert math.isclose(LOG_SIZE_CLIP, math.log(1000 / 16))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_size_above_the_clip_is_62_5_anchors(method: str) -> None:
+    """Hand case: a 16 x 32 anchor and log-size offsets far above the clip (v = 0): every
+    method decodes a box of exactly 1000 x 2000 px around the anchor centre."""
+    anchors = np.array([[0.0, 0.0, 16.0, 32.0]])  # centre (8, 16)
+    t = np.array([[0.0, 0.0, 10.0, 30.0]])
+    means, stds = _run_seeded(method, anchors, t, np.zeros_like(t))
+    np.testing.assert_allclose(means[0], [8 - 500, 16 - 1000, 8 + 500, 16 + 1000], rtol=1e-6)
+    if method != "falsedec":
+        assert np.all(stds == 0)
+
+
+@pytest.mark.parametrize("method", ["l-norm", "n-flow"])
+def test_lognormal_mean_shift_is_clipped_too(method: str) -> None:
+    """t_w + v_w/2 = 4 + 1 = 5 > clip: w = 1000 (not 16·e⁵); the size std stays the clipped
+    mean times sqrt(e^v − 1), so Var(x1) = v_x·w_a² + (1000² (e² − 1))/4."""
+    anchors = np.array([[0.0, 0.0, 16.0, 16.0]])
+    t = np.array([[0.0, 0.0, 4.0, 0.0]])
+    v = np.array([[0.01, 0.0, 2.0, 0.0]])
+    means, stds = run(method, anchors, t, v)
+    np.testing.assert_allclose(means[0, [0, 2]], [8 - 500, 8 + 500], rtol=1e-6)
+    expected = math.sqrt(0.01 * 16**2 + 1000**2 * math.expm1(2.0) / 4)
+    np.testing.assert_allclose(stds[0, [0, 2]], [expected, expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stds_above_the_cap_equal_the_cap(method: str) -> None:
+    """Hand case: variances far beyond any image (v_w = 200, v_x = 10⁶) give stds of exactly
+    ``std_cap``; the y corners of the same box (v = 0.01) stay below it and are unchanged."""
+    anchors = np.array([[0.0, 0.0, 64.0, 64.0], [0.0, 0.0, 64.0, 64.0]])
+    t = np.zeros((2, 4))
+    v = np.array([[0.0, 0.01, 200.0, 0.0], [1e6, 0.01, 0.0, 0.0]])
+    _, stds = _run_seeded(method, anchors, t, v, std_cap=300.0)
+    if method == "falsedec":  # variances decoded as boxes: d_w = e^200·64 clipped to 62.5·64
+        np.testing.assert_allclose(stds[0, 2], math.sqrt(32 + 62.5 * 64 / 2), rtol=1e-6)
+        assert stds[1, 2] == 300.0  # d_xc = 10⁶·64 + 32: sqrt(6.4e7) px above the cap
+        return
+    np.testing.assert_array_equal(stds[:, [0, 2]], 300.0)
+    if method != "sample":
+        np.testing.assert_allclose(stds[:, [1, 3]], 0.1 * 64, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["l-norm", "n-flow"])
+def test_below_the_bounds_results_equal_the_unbounded_formulas(method: str) -> None:
+    """Float64 in, float64 out: the bounded decoder equals §2.1 written out without any clamp
+    (to 1e-9) wherever the sizes and stds stay below the bounds."""
+    anchors, t, v = random_case(2000, seed=11, v_range=(0.0, 3.0), lead=(2,))
+    m, s = decode_boxes(torch.tensor(t), torch.tensor(v), torch.tensor(anchors), method)
+    assert m.dtype == torch.float64
+    ref_m, ref_s = lnorm_numpy(t, v, anchors)
+    assert ref_s.max() < 2**20
+    assert_corners_close(m.numpy(), ref_m, 1e-9)
+    np.testing.assert_allclose(s.numpy(), ref_s, rtol=1e-9)
+
+
+def test_every_mc_sample_is_clipped() -> None:
+    """[T, N, 4] input with one MC sample far above the clip: that slice decodes to the clipped
+    box, the others are untouched, and the sample std over T stays finite."""
+    anchors, t, v = random_case(20, seed=12, lead=(5,))
+    t[3, :, 2] = 300.0  # a sampled log-width that overflows float32 when exponentiated
+    means, stds = run("l-norm", anchors, t, v)
+    wa = anchors[:, 2] - anchors[:, 0]
+    np.testing.assert_allclose(means[3, :, 2] - means[3, :, 0], wa * 62.5, rtol=1e-5)
+    m0, _ = run("l-norm", anchors, t[0], v[0])
+    np.testing.assert_array_equal(means[0], m0)
+    assert np.isfinite(means.std(axis=0)).all() and np.isfinite(stds).all()
+
+
 def test_unknown_method_and_bad_shapes() -> None:
     t = torch.zeros(3, 4)
     with pytest.raises(ValueError, match="unknown decoding method"):
         decode_boxes(t, None, torch.zeros(3, 4), "exact")
     with pytest.raises(ValueError, match="anchors"):
         decode_boxes(t, None, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="std_cap"):
+        decode_boxes(t, None, torch.zeros(3, 4), std_cap=0.0)

@@ -87,6 +87,13 @@ def test_run_end_to_end(reference_run: RunDir, capsys: pytest.CaptureFixture[str
     assert [m.value for m in hist] == [sizes[0], sizes[0] + sizes[1]]
     for key in ("map", "map50", "labeled_fraction", "selected"):
         assert len(client.get_metric_history(runs[0].info.run_id, key)) == 2  # type: ignore[attr-defined]
+    # what the decoding bounds changed is logged per iteration, never silently (pool prediction
+    # from iteration 1, evaluation at every iteration)
+    for key in ("predict_capped_al_std", "predict_capped_mc_std", "predict_dropped_boxes"):
+        hist = client.get_metric_history(runs[0].info.run_id, key)  # type: ignore[attr-defined]
+        assert [m.step for m in hist] == [1] and hist[0].value >= 0
+    for key in ("evaluate_capped_al_std", "evaluate_dropped_boxes"):
+        assert len(client.get_metric_history(runs[0].info.run_id, key)) == 2  # type: ignore[attr-defined]
 
     capsys.readouterr()
     assert main(["status", str(run.path)]) == 0

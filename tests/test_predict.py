@@ -14,8 +14,8 @@ from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.learners.checkpoint import state_bytes
 from detloop.learners.decode import decode_boxes
-from detloop.learners.model import build_model
-from detloop.learners.predict import Predictor, _to_original
+from detloop.learners.model import TW, build_model
+from detloop.learners.predict import Predictor, PredictStats, _to_original
 from learner_data import digits_root, split_tables
 
 torch.set_num_threads(1)
@@ -113,7 +113,7 @@ def test_kept_rows_carry_their_anchor_uncertainties(images: pa.Table, nms: str) 
     p.cfg.predict.nms_method = nms
     batch = torch.stack([p_image(images, p, i) for i in range(2)])
     out = p.forward(batch, images.column("image_id").to_pylist()[:2], seed=0)
-    det = p._postprocess(out, 0, 1.0, seed=0)
+    det = p._postprocess(out, 0, 1.0, (1e4, 1e4), seed=0)
     # pre-NMS values of every anchor, computed independently of the NMS path
     t, v = p.decode_inputs(out, 0, torch.arange(p.anchors_xyxy.shape[0]))
     means, stds = decode_boxes(t, v, p.anchors_xyxy)
@@ -146,17 +146,18 @@ def test_doubling_the_image_doubles_boxes_and_stds(images: pa.Table) -> None:
     p = predictor()
     batch = torch.stack([p_image(images, p, 0)])
     out = p.forward(batch, ["x"], seed=0)
-    det = p._postprocess(out, 0, 1.0, seed=0)
+    det = p._postprocess(out, 0, 1.0, (1e4, 1e4), seed=0)
     a = _to_original(
-        {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in det.items()}, 1.0, 1e4, 1e4
+        {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in det.items()}, 1.0, (1e4, 1e4)
     )
     b = _to_original(
-        {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in det.items()}, 0.5, 2e4, 2e4
+        {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in det.items()}, 0.5, (2e4, 2e4)
     )
     for key in ("box", "al", "mc"):
         assert np.allclose(b[key], 2 * a[key], rtol=1e-6)
-    clipped = _to_original(dict(det), 1.0, 20.0, 20.0)
-    assert clipped["box"].max() <= 20.0 and np.array_equal(clipped["al"], det["al"])
+    small = p._postprocess(out, 0, 1.0, (20.0, 20.0), seed=0)  # stds capped at 20 px here
+    clipped = _to_original(dict(small), 1.0, (20.0, 20.0))
+    assert clipped["box"].max() <= 20.0 and np.array_equal(clipped["al"], small["al"])
 
 
 def test_from_state_and_from_checkpoint_agree(images: pa.Table, tmp_path: Path) -> None:
@@ -187,3 +188,46 @@ def test_head_mode_runs_the_backbone_once_per_batch(images: pa.Table) -> None:
     p.model.backbone.register_forward_hook(lambda *_: calls.append(1))
     p.predict(images, seed=0, batch_size=2)
     assert len(calls) == 2 and p.mc_samples == 10
+
+
+def test_degenerate_boxes_are_dropped_before_nms_and_counted() -> None:
+    """Hand case: two confident anchors, the higher-scoring one decoded to a box 2e-9 anchors
+    wide. With one output slot, the degenerate box would take it; dropped before NMS
+    (``min_box_size``), the real box is the detection and the drop is counted."""
+    p = predictor("lossatt")
+    p.cfg.predict.max_output_size = 1
+    anchors = p.anchors_xyxy
+    n, c = anchors.shape[0], p.model.spec.num_classes
+    centre = (anchors[:, :2] + anchors[:, 2:]) / 2
+    size = anchors[:, 2:] - anchors[:, :2]
+    inside = torch.nonzero((centre > 40).all(1) & (centre < 80).all(1) & (size < 40).all(1))
+    i, j = int(inside[0]), int(inside[-1])
+    cls = torch.full((1, 1, n, c), -20.0)
+    cls[0, 0, i, 3], cls[0, 0, j, 5] = 5.0, 4.0
+    mu = torch.zeros(1, 1, n, 4)
+    mu[0, 0, i, TW] = -20.0
+    out = {"cls": cls, "mu": mu, "s": torch.full((1, 1, n, 4), -10.0)}
+    det = p._postprocess(out, 0, 1.0, (128.0, 128.0), seed=0)
+    assert det["class_id"].tolist() == [5] and p.last_stats.dropped_boxes == 1
+    np.testing.assert_allclose(det["box"][0], anchors[j].numpy(), rtol=1e-3, atol=1e-2)
+    p.cfg.predict.min_box_size = 0.0
+    p.last_stats = PredictStats()
+    det = p._postprocess(out, 0, 1.0, (128.0, 128.0), seed=0)
+    assert det["class_id"].tolist() == [3] and p.last_stats.dropped_boxes == 0
+
+
+def test_stds_are_capped_at_the_larger_image_side_and_counted() -> None:
+    """σ² at the training bound σ_max² = 1024² for every anchor: every aleatoric std is capped
+    at the image's larger side (in original pixels after the letterbox scale) and counted."""
+    p = predictor("lossatt")
+    n, c = p.anchors_xyxy.shape[0], p.model.spec.num_classes
+    cls = torch.full((1, 1, n, c), -20.0)
+    cls[0, 0, :50, 0] = 3.0
+    out = {"cls": cls, "mu": torch.zeros(1, 1, n, 4), "s": torch.full((1, 1, n, 4), 50.0)}
+    det = p._postprocess(out, 0, 0.5, (256.0, 200.0), seed=0)
+    k = len(det["score"])
+    assert k > 0
+    assert p.last_stats.capped_al_std == 4 * k
+    np.testing.assert_allclose(det["al"], 0.5 * 256.0, rtol=1e-6)  # network pixels
+    orig = _to_original(dict(det), 0.5, (256.0, 200.0))
+    assert np.all(orig["al"] == 256.0)

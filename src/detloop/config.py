@@ -129,6 +129,9 @@ class PredictConfig(Section):
     sigma_nms: float = 0.5
     score_thresh: float = 0.001
     max_output_size: int = 100
+    # boxes narrower or lower than this (original pixels, after clipping to the image) are
+    # dropped before NMS (§3 step 5, torchvision's remove_small_boxes)
+    min_box_size: float = Field(1.0, ge=0)
     max_nms_inputs: int = 0
     min_score: float | None = None
     batch_size: int = Field(8, ge=1)

@@ -159,6 +159,10 @@ class RunDir:
     def shard_file(self, iteration: int, stage: str, shard: int) -> Path:
         return self.shard_dir(iteration, stage) / f"shard_{shard:05d}.parquet"
 
+    def shard_stats_file(self, iteration: int, stage: str, shard: int) -> Path:
+        """What the decoding bounds changed in a persisted shard (written beside it)."""
+        return self.shard_dir(iteration, stage) / f"shard_{shard:05d}.stats.json"
+
     def matches_file(self, iteration: int, split: str = "val") -> Path:
         return self.iteration_dir(iteration) / f"{split}_matches.parquet"
 

@@ -192,6 +192,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{table.num_rows} detections on {images.num_rows} images "
         f"in {predictor.seconds:.1f} s -> {path}"
     )
+    if any(predictor.stats.as_dict().values()):
+        _out(f"decoding bounds: {predictor.stats.describe()}")
     if args.render is not None:
         names = run.read_categories().column("name").to_pylist()
         min_score = cfg.predict.min_score if cfg.predict.min_score is not None else 0.4
@@ -217,7 +219,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{run.path}: split {args.split!r} has no ground truth to evaluate against"
         )
-    table = load_predictor(ckpt, cfg, run).predict(images, seed=cfg.seed, progress=True)
+    predictor = load_predictor(ckpt, cfg, run)
+    table = predictor.predict(images, seed=cfg.seed, progress=True)
+    predictor.log_stats(f"evaluate {args.split}")
     write_table(table, schema.PREDICTIONS, _predictions_path(run, iteration, args.split))
     categories = run.read_categories()
     metrics = evaluate_predictions(table, gt, images, categories)

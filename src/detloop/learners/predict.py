@@ -2,10 +2,13 @@
 uncertainty gathered by index → the predictions table.
 
 Per image: merge levels; drop anchors whose score sigmoid(max_c m_c) is below
-``score_thresh``; decode every remaining anchor of every MC sample at once (§2); reduce the T
-samples (§1.3); NMS returns kept indices; gather; divide by the letterbox scale; clip boxes
-(not stds) to the image. Head-mode MC masks are drawn per image from
-``(seed, crc32(image_id))``, so results do not depend on batching or sharding.
+``score_thresh``; decode every remaining anchor of every MC sample at once (§2, bounded: sizes
+clipped, corner stds capped at the image's larger side); reduce the T samples (§1.3); drop
+boxes that are degenerate in the image (narrower or lower than ``min_box_size`` original
+pixels after clipping); NMS returns kept indices; gather; divide by the letterbox scale; clip
+boxes (not stds) to the image. Capped stds and dropped boxes are counted (``PredictStats``),
+never silent. Head-mode MC masks are drawn per image from ``(seed, crc32(image_id))``, so
+results do not depend on batching or sharding.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from detloop.config import ExperimentConfig
+from detloop.console import Progress, progress_bar
 from detloop.data import schema
 from detloop.data.dataset import DetectionDataset, collate
 from detloop.learners import checkpoint as ckpt
@@ -45,6 +49,44 @@ from detloop.learners.nms import select_detections
 
 log = logging.getLogger(__name__)
 _XYWH = [TX, TY, TW, TH]  # head order → decode order (t_x, t_y, t_w, t_h)
+
+
+@dataclass
+class PredictStats:
+    """What the bounds of one prediction run changed, counted so that none of it is silent.
+
+    Attributes:
+        capped_al_std: aleatoric corner-std values of the table limited by the image bound
+            (any MC sample's std at the cap counts).
+        capped_mc_std: epistemic corner-std values limited by the image bound.
+        dropped_boxes: candidate boxes (score ≥ ``score_thresh``) dropped before NMS because
+            their width or height in the image is below ``min_box_size``.
+    """
+
+    capped_al_std: int = 0
+    capped_mc_std: int = 0
+    dropped_boxes: int = 0
+
+    def add(self, other: PredictStats) -> None:
+        self.capped_al_std += other.capped_al_std
+        self.capped_mc_std += other.capped_mc_std
+        self.dropped_boxes += other.dropped_boxes
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"{self.capped_al_std} aleatoric and {self.capped_mc_std} epistemic std values "
+            f"capped at the image's larger side, {self.dropped_boxes} degenerate boxes dropped"
+        )
+
+    @classmethod
+    def total(cls, parts: list[dict[str, int]]) -> PredictStats:
+        out = cls()
+        for part in parts:
+            out.add(cls(**part))
+        return out
 
 
 def sample_mean_std(x: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
@@ -77,6 +119,8 @@ class Predictor:
         self.cfg = cfg
         self.anchors_xyxy = make_anchors(model.spec).boxes[:, [1, 0, 3, 2]].to(self.device)
         self.seconds = 0.0
+        self.stats = PredictStats()  # every call so far
+        self.last_stats = PredictStats()  # the latest ``predict`` call
 
     @classmethod
     def from_checkpoint(
@@ -99,6 +143,11 @@ class Predictor:
         model.load_state_dict(ckpt.load_state_dict(state))
         return cls(model, cfg, device)
 
+    def log_stats(self, stage: str) -> None:
+        """Log what the decoding bounds changed over every call so far, when anything did."""
+        if any(self.stats.as_dict().values()):
+            log.info("%s: %s", stage, self.stats.describe())
+
     @property
     def mc_samples(self) -> int:
         return self.cfg.model.mc_dropoutsamp if self.model.spec.mc_dropout else 1
@@ -109,10 +158,12 @@ class Predictor:
         *,
         seed: int,
         batch_size: int | None = None,
-        progress: bool = False,
+        progress: Progress = None,
         root: Path | None = None,
     ) -> pa.Table:
-        """Predictions table (validated) for the ``images`` rows."""
+        """Predictions table (validated) for the ``images`` rows; what the bounds changed in
+        this call is in ``last_stats`` (and added to the predictor's running ``stats``)."""
+        self.last_stats = PredictStats()
         data = DetectionDataset(images, None, self.model.spec.image_size, root=root)
         loader = DataLoader(
             data, batch_size=batch_size or self.cfg.predict.batch_size, collate_fn=collate
@@ -120,18 +171,21 @@ class Predictor:
         widths = images.column("width").to_numpy()
         heights = images.column("height").to_numpy()
         rows: list[dict[str, Any]] = []
-        for batch in tqdm(loader, disable=not progress, desc="predict", unit="batch", leave=False):
+        # images/s; progress None is the process default: none, unless a predict worker set one
+        bar = progress_bar(progress, total=images.num_rows, desc="predict", unit="img")
+        for batch in loader:
             t0 = time.perf_counter()
             ids = [data.image_ids[i] for i in batch["index"].tolist()]
             outputs = self.forward(batch["image"], ids, seed)
             for b, index in enumerate(batch["index"].tolist()):
-                det = self._postprocess(outputs, b, float(batch["scale"][b]), seed)
-                det = _to_original(
-                    det, float(batch["scale"][b]), float(widths[index]), float(heights[index])
-                )
+                scale = float(batch["scale"][b])
+                size = (float(widths[index]), float(heights[index]))
+                det = _to_original(self._postprocess(outputs, b, scale, size, seed), scale, size)
                 det["image_id"] = ids[b]
                 rows.append(det)
             self.seconds += time.perf_counter() - t0
+            bar.update(len(ids))
+        bar.close()
         return build_table(rows, self.model.spec.loss_attenuation, self.model.spec.mc_dropout)
 
     @torch.no_grad()
@@ -213,9 +267,18 @@ class Predictor:
         return out[0], out[1]
 
     def _postprocess(
-        self, out: dict[str, Tensor | None], b: int, scale: float, seed: int
+        self,
+        out: dict[str, Tensor | None],
+        b: int,
+        scale: float,
+        size: tuple[float, float],
+        seed: int,
     ) -> dict[str, Any]:
-        """Detections of image ``b`` in network pixels, every column gathered by kept index."""
+        """Detections of image ``b`` in network pixels, every column gathered by kept index.
+
+        ``size`` is the original (width, height): its larger side, ``scale``·max(W, H) in
+        network pixels, caps every corner std (§2.1), and degenerate boxes are judged in it.
+        """
         pcfg = self.cfg.predict
         cls_all = out["cls"]
         assert cls_all is not None
@@ -227,6 +290,7 @@ class Predictor:
         idx = torch.nonzero(score_all >= pcfg.score_thresh).squeeze(1)
         t, v = self.decode_inputs(out, b, idx)
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        cap = max(size) * scale
         means, stds = decode_boxes(
             t,
             v,
@@ -234,12 +298,14 @@ class Predictor:
             method=pcfg.uncert_adjust_method,
             n_samples=pcfg.decode_nsamples,
             generator=gen,
+            std_cap=cap,
         )
         box = means.mean(0) if mc else means[0]
+        cand = torch.nonzero(_large_enough(box, scale, size, pcfg.min_box_size)).squeeze(1)
         keep, kept_scores = select_detections(
-            box,
-            score_all[idx],
-            class_all[idx],
+            box[cand],
+            score_all[idx][cand],
+            class_all[idx][cand],
             method=pcfg.nms_method,
             iou_threshold=pcfg.nms_iou,
             sigma=pcfg.sigma_nms,
@@ -247,9 +313,20 @@ class Predictor:
             score_thresh=pcfg.score_thresh,
         )
         order = torch.argsort(kept_scores, descending=True, stable=True)
-        keep, kept_scores = keep[order], kept_scores[order]
+        keep, kept_scores = cand[keep[order]], kept_scores[order]
         sel = idx[keep]  # kept anchors; every column below is gathered through them
         logits = m[sel]
+        stats = PredictStats(dropped_boxes=len(idx) - len(cand))
+        al = mc_std = None
+        if v is not None:
+            al = stds[:, keep].mean(0)
+            stats.capped_al_std = int((stds[:, keep] >= cap).any(0).sum())
+        if mc:
+            mc_std = sample_mean_std(means[:, keep])[1]
+            stats.capped_mc_std = int((mc_std >= cap).sum())
+            mc_std = mc_std.clamp(max=cap)
+        self.stats.add(stats)
+        self.last_stats.add(stats)
 
         def numpy(x: Tensor | None) -> np.ndarray | None:
             return None if x is None else x.detach().float().cpu().numpy().astype(np.float32)
@@ -258,27 +335,39 @@ class Predictor:
             "class_id": class_all[sel].cpu().numpy().astype(np.int32),
             "score": numpy(kept_scores),
             "box": numpy(box[keep]),
-            "al": numpy(stds[:, keep].mean(0)) if v is not None else None,
-            "mc": numpy(sample_mean_std(means[:, keep])[1]) if mc else None,
+            "al": numpy(al),
+            "mc": numpy(mc_std),
             "logits": numpy(logits),
             "mc_class_vec": numpy(sample_mean_std(z[:, sel].float())[1]) if mc else None,
             "entropy": numpy(entropy_bits(logits)),
         }
 
 
+def _large_enough(box: Tensor, scale: float, size: tuple[float, float], min_size: float) -> Tensor:
+    """Boxes (network pixels) whose width and height in the image, after mapping to original
+    pixels and clipping to [0, W]×[0, H], are at least ``min_size`` (``remove_small_boxes``)."""
+    width, height = size
+    x1, y1, x2, y2 = (box / scale).unbind(-1)
+    w = x2.clamp(0, width) - x1.clamp(0, width)
+    h = y2.clamp(0, height) - y1.clamp(0, height)
+    return (w >= min_size) & (h >= min_size)
+
+
 def _image_seed(seed: int, image_id: str) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(image_id.encode())]).generate_state(1)[0])
 
 
-def _to_original(det: dict[str, Any], scale: float, width: float, height: float) -> dict[str, Any]:
-    """Network pixels → original pixels: divide by s; clip boxes to the image, never stds."""
+def _to_original(det: dict[str, Any], scale: float, size: tuple[float, float]) -> dict[str, Any]:
+    """Network pixels → original pixels: divide by s; clip boxes to the image; stds (already
+    capped at the larger side) stay at most max(W, H) exactly after the division."""
+    width, height = size
     box = det["box"] / scale
     box[:, [0, 2]] = box[:, [0, 2]].clip(0, width)
     box[:, [1, 3]] = box[:, [1, 3]].clip(0, height)
     det["box"] = box.astype(np.float32)
     for key in ("al", "mc"):
         if det[key] is not None:
-            det[key] = (det[key] / scale).astype(np.float32)
+            det[key] = np.minimum(det[key] / scale, max(size)).astype(np.float32)
     return det
 
 

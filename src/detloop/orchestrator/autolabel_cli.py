@@ -101,7 +101,9 @@ def autolabel_frames(
     if thresholds.calibrated and cal is None:
         calibrate_model(run, cfg, it, it, seed, plots=False, toolbox=False)
         cal = load_calibration(run, it)
-    preds = Predictor.from_checkpoint(ref.checkpoint, cfg).predict(frames, seed=seed)
+    predictor = Predictor.from_checkpoint(ref.checkpoint, cfg)
+    preds = predictor.predict(frames, seed=seed)
+    predictor.log_stats("autolabel frames")
     preds = cal.transform(preds) if cal is not None else preds
     write_table(preds, schema.PREDICTIONS, run.predictions_file(it))
     min_score = _min_score(run, cfg, it)

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from detloop import console
 from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.data.io import read_json, read_table, write_json, write_table
@@ -27,6 +28,7 @@ from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
 from detloop.orchestrator import steps
 from detloop.orchestrator.journal import Journal, Phase, iteration_phases
+from detloop.orchestrator.progress import iteration_line, phase_line
 from detloop.orchestrator.tracking import LoopCallback
 from detloop.orchestrator.warmup import WarmupCache
 from detloop.seeding import derive_seed
@@ -180,7 +182,9 @@ class ActiveLearningLoop:
             self._run_phase(0, Phase.IMPORT)
 
     def _run_phase(self, iteration: int, phase: Phase) -> None:
-        logger.info("%s: iteration %d phase %s", self.run.name, iteration, phase)
+        # the number of iterations needs the budgets, known once the pool is imported
+        last = self.n_iterations() - 1 if "budget_sizes" in self.journal.meta else None
+        console.say(phase_line(self.run.name, iteration, last, str(phase)))
         self.journal.start(iteration, phase)
         handler = getattr(self, f"_phase_{phase.value}")
         info = handler(iteration) or {}
@@ -294,7 +298,7 @@ class ActiveLearningLoop:
 
     def _predict(
         self, iteration: int, model_iteration: int, images: pa.Table, stage: str, phase: Phase
-    ) -> tuple[pa.Table, float]:
+    ) -> tuple[pa.Table, float, dict[str, int]]:
         weights = (self.run.checkpoint(model_iteration) / "model.pt").read_bytes()
         return steps.predict_sharded(
             self.run,
@@ -312,11 +316,11 @@ class ActiveLearningLoop:
 
     def _phase_predict(self, iteration: int) -> dict[str, Any]:
         unlabeled = PoolState(self.run.read_images(), schema.LABELS.empty()).images_in("unlabeled")
-        table, seconds = self._predict(
+        table, seconds, stats = self._predict(
             iteration, iteration - 1, unlabeled, "predict", Phase.PREDICT
         )
         write_table(table, schema.PREDICTIONS, self.run.predictions_file(iteration))
-        return {"compute": seconds, "detections": table.num_rows}
+        return {"compute": seconds, "detections": table.num_rows, **stats}
 
     def _phase_calibrate(self, iteration: int) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -338,7 +342,7 @@ class ActiveLearningLoop:
         ):
             return {"warmup_cache": True}
         split, images, gt = steps.eval_split(self.run)
-        table, seconds = self._predict(
+        table, seconds, stats = self._predict(
             iteration, iteration, images, f"evaluate_{split}", Phase.EVALUATE
         )
         write_table(table, schema.PREDICTIONS, self.run.val_predictions_file(iteration))
@@ -349,7 +353,12 @@ class ActiveLearningLoop:
         write_json(metrics, self.run.metrics_file(iteration))
         if iteration == 0 and not self.human:
             self.warmup.store_evaluation(self.run, iteration)
-        return {"compute": seconds, "map": metrics.get("map"), "map50": metrics.get("map50")}
+        return {
+            "compute": seconds,
+            "map": metrics.get("map"),
+            "map50": metrics.get("map50"),
+            **stats,
+        }
 
     def _phase_log(self, iteration: int) -> dict[str, Any]:
         metrics = read_json(self.run.metrics_file(iteration))
@@ -370,6 +379,11 @@ class ActiveLearningLoop:
                         and not isinstance(v, bool)
                     }
                 )
+            if h["iteration"] == iteration and h["phase"] in (Phase.PREDICT, Phase.EVALUATE):
+                # what the decoding bounds changed, never silently (capped stds, dropped boxes)
+                numbers.update(
+                    {f"{h['phase']}_{k}": float(h[k]) for k in steps.PREDICT_STATS if k in h}
+                )
         times = self.journal.iteration_overhead(iteration)  # phases before this one
         numbers.update({f"iteration_{k}_s": v for k, v in times.items()})
         write_json({**metrics, **numbers}, self.run.metrics_file(iteration))
@@ -385,4 +399,5 @@ class ActiveLearningLoop:
         ]
         for cb in self.callbacks:
             cb.on_iteration(iteration, numbers, artifacts)
+        console.say(iteration_line(self.run.name, iteration, self.n_iterations() - 1, numbers))
         return {"logged": len(numbers)}

@@ -152,12 +152,14 @@ def predict_sharded(
     stage: str,
     seed: int,
     on_first_shard: Callable[[], None] | None = None,
-) -> tuple[pa.Table, float]:
+) -> tuple[pa.Table, float, dict[str, int]]:
     """Predict ``images`` shard by shard over the predict actors.
 
-    Finished shards are persisted under the iteration's shard directory as they arrive and
-    skipped on a resume; results are keyed by (iteration, image_id), so a retried shard
-    replaces rather than duplicates. Returns the merged, validated table and compute seconds.
+    Finished shards are persisted under the iteration's shard directory as they arrive (with
+    what the decoding bounds changed in them) and skipped on a resume; results are keyed by
+    (iteration, image_id), so a retried shard replaces rather than duplicates. Returns the
+    merged, validated table, compute seconds and the summed bound statistics (capped stds,
+    dropped degenerate boxes), which are logged when not zero.
     """
     shard_dir = run.shard_dir(iteration, stage)
     shards = shard_tables(images, cfg.ray.shard_size)
@@ -174,28 +176,46 @@ def predict_sharded(
         return str(run.path / f".fault_worker_shard_{sid}")
 
     arrived: dict[int, pa.Table] = {}  # this attempt's shards, validated when persisted
+    arrived_stats: dict[int, dict[str, int]] = {}
 
     def persist(result: Any) -> None:
-        from detloop.data.io import write_table
+        from detloop.data.io import write_json, write_table
 
+        # the statistics first: a shard file on disk always has its statistics beside it
+        write_json(result.stats, run.shard_stats_file(iteration, stage, result.shard))
         arrived[result.shard] = write_table(
             result.table, schema.PREDICTIONS, run.shard_file(iteration, stage, result.shard)
         )
+        arrived_stats[result.shard] = result.stats
         if len(arrived) == 1 and on_first_shard is not None:
             on_first_shard()
 
     seconds = workers.predict(key, weights, num_classes, todo, persist, marker) if todo else 0.0
-    parts = [  # shards of an interrupted attempt come back from disk
-        arrived[sid]
-        if sid in arrived
-        else read_table(schema.PREDICTIONS, run.shard_file(iteration, stage, sid))
-        for sid in range(len(shards))
-    ]
+    parts, stats = [], []
+    for sid in range(len(shards)):  # shards of an interrupted attempt come back from disk
+        if sid in arrived:
+            parts.append(arrived[sid])
+            stats.append(arrived_stats[sid])
+        else:
+            parts.append(read_table(schema.PREDICTIONS, run.shard_file(iteration, stage, sid)))
+            stats.append(read_json(run.shard_stats_file(iteration, stage, sid)))
     table = pa.concat_tables(parts) if parts else schema.PREDICTIONS.empty()
     table = table.sort_by([("image_id", "ascending"), ("det_id", "ascending")])
     table = schema.validate_table(table, schema.PREDICTIONS, file=stage)
     shutil.rmtree(shard_dir, ignore_errors=True)
-    return table, seconds
+    totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in PREDICT_STATS}
+    if any(totals.values()):
+        logger.info(
+            "%s: %d aleatoric and %d epistemic std values capped at the image's larger side, "
+            "%d degenerate boxes dropped before NMS",
+            stage,
+            *(totals[k] for k in PREDICT_STATS),
+        )
+    return table, seconds, totals
+
+
+#: What the decoding bounds changed in a prediction run (``learners.predict.PredictStats``).
+PREDICT_STATS: tuple[str, ...] = ("capped_al_std", "capped_mc_std", "dropped_boxes")
 
 
 # ---- evaluation and logging ---------------------------------------------------------------------

@@ -106,6 +106,7 @@ def validate_model(
         summaries[m] = out[2]
         if m == method:
             preds, matches = out[0], out[1]
+    predictor.log_stats(f"validate {split}")
     write_table(preds, schema.PREDICTIONS, run.val_predictions_file(ref.iteration))
     write_table(matches, schema.MATCHES, run.matches_file(ref.iteration))
     avg = mean_matched_score(preds, matches)

@@ -10,18 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from detloop.config import ExperimentConfig, build_config
+from detloop.console import quiet_dependency_warnings, set_process_default
 
 logger = logging.getLogger(__name__)
-# effdet scripts a few helpers with torch.jit, which torch now flags on every worker start.
-warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
 
 
 def _set_threads(n: int | None) -> None:
@@ -33,32 +31,55 @@ def _set_threads(n: int | None) -> None:
 
 @dataclass(frozen=True)
 class ShardResult:
-    """Predictions of one shard with the compute time spent on it."""
+    """Predictions of one shard with the compute time spent on it and what the decoding bounds
+    changed (``PredictStats`` as a dict: capped stds, dropped degenerate boxes)."""
 
     key: str
     shard: int
     table: pa.Table
     seconds: float
+    stats: dict[str, int] = field(default_factory=dict)
 
 
-def _log_to_driver() -> None:
-    """Show this actor's progress lines in the driver's output (Ray forwards stderr)."""
+def _log_to_driver(info: bool) -> None:
+    """Show this actor's log lines (warnings; info too when ``info``) in the driver's output
+    (Ray forwards stderr)."""
     log = logging.getLogger("detloop")
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
+        log.setLevel(logging.INFO if info else logging.WARNING)
         log.propagate = False  # Ray's root handler would print every line twice
 
 
-class TrainWorker:
-    """Trains one model per call; resumes from a partial checkpoint in ``out_dir``."""
+def _reporter(progress_key: str | None) -> Any:
+    """The worker's progress reporter (``orchestrator/progress.py``), or False for none."""
+    if not progress_key:
+        return False
+    from detloop.orchestrator.progress import KvReporter
 
-    def __init__(self, config: dict[str, Any], torch_threads: int | None = None) -> None:
+    return KvReporter(progress_key)
+
+
+class TrainWorker:
+    """Trains one model per call; resumes from a partial checkpoint in ``out_dir``.
+
+    ``progress_key``: where its training bar is published for the driver to draw (None: no
+    bar, and only warnings reach the driver's output).
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        torch_threads: int | None = None,
+        progress_key: str | None = None,
+    ) -> None:
+        quiet_dependency_warnings()  # an entry point: this is a new worker process
         self.cfg: ExperimentConfig = build_config(config)
         _set_threads(torch_threads)
-        _log_to_driver()
+        _log_to_driver(info=progress_key is not None)
+        self._progress = _reporter(progress_key)
         import detloop.learners.train  # noqa: F401 - pay the torch/effdet import while idle
 
     def train(
@@ -75,10 +96,6 @@ class TrainWorker:
         from detloop.learners.train import train_model
 
         t0 = time.perf_counter()
-
-        def on_epoch(epochs: int, _model: Any) -> None:
-            logger.info("training: %d epoch(s) done, %.0f s", epochs, time.perf_counter() - t0)
-
         result = train_model(
             self.cfg,
             images,
@@ -88,8 +105,7 @@ class TrainWorker:
             seed=seed,
             val=val,
             init_weights=Path(init_weights) if init_weights else None,
-            progress=False,
-            on_epoch=on_epoch,
+            progress=self._progress,
         )
         return {
             "checkpoint": str(result.checkpoint),
@@ -107,13 +123,23 @@ class PredictWorker:
     that key; the weights arrive through Ray's object store, not from disk. Constructing a
     worker imports torch and the learner (about 5 s), so an actor created early is ready when
     its first shard arrives; it needs nothing from the data, which may still be importing.
+
+    ``progress_key``: where the bar of each ``Predictor.predict`` call of this process is
+    published for the driver to draw (it becomes the process default; None: no bar).
     """
 
-    def __init__(self, config: dict[str, Any], torch_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        torch_threads: int | None = None,
+        progress_key: str | None = None,
+    ) -> None:
+        quiet_dependency_warnings()  # an entry point: this is a new worker process
         self.cfg: ExperimentConfig = build_config(config)
         self._key: str | None = None
         self._predictor: Any = None
         _set_threads(torch_threads)
+        set_process_default(_reporter(progress_key))
         import detloop.learners.predict  # noqa: F401 - pay the torch/effdet import while idle
 
     def _ensure(self, key: str, weights: bytes, num_classes: int) -> None:
@@ -147,4 +173,5 @@ class PredictWorker:
             logger.warning("fault injection: predict worker exits mid-shard %d", shard)
             os._exit(1)
         table = self._predictor.predict(images, seed=seed)
-        return ShardResult(key, shard, table, time.perf_counter() - t0)
+        stats = self._predictor.last_stats.as_dict()
+        return ShardResult(key, shard, table, time.perf_counter() - t0, stats)
