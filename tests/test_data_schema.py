@@ -201,3 +201,118 @@ def test_pool_state_transitions_return_new_states(tmp_path: Path) -> None:
     assert loaded.images.to_pylist() == examined.images.to_pylist()
     assert loaded.labels.to_pylist() == examined.labels.to_pylist()
     assert json.loads(json.dumps(loaded.counts()))["examine"] == 1
+
+
+# ---- finite float columns --------------------------------------------------------------------
+
+
+def _preds(n: int = 4) -> pa.Table:
+    from detloop.selectors.synthetic import predictions_from_rows
+
+    return predictions_from_rows([{"image_id": f"i{k}"} for k in range(n)], calibrated=True)
+
+
+def _set(table: pa.Table, name: str, values: Any, typ: pa.DataType | None = None) -> pa.Table:
+    column = values if isinstance(values, pa.ChunkedArray) else pa.array(values, typ)
+    return table.set_column(table.schema.get_field_index(name), name, column)
+
+
+def _problems(table: pa.Table, spec: schema.TableSpec) -> dict[str | None, DataError]:
+    with pytest.raises(DataError) as info:
+        schema.validate_table(table, spec, file="t.parquet")
+    return {p.column: p for p in info.value.problems}
+
+
+def test_every_float_column_of_predictions_must_be_finite() -> None:
+    floats = {f.name for f in (*schema.PREDICTIONS.schema, *schema.PREDICTIONS.optional)}
+    floats = {n for n in floats if n not in ("image_id", "det_id", "class_id", "cons_cls")}
+    assert set(schema.PREDICTIONS.finite) == floats
+    assert {"x1", "y1", "x2", "y2", "area", "weight"} == set(schema.LABELS.finite)
+    assert {"score", "u", "delta", "components"} == set(schema.SELECTION.finite)
+    with pytest.raises(ValueError, match="'state' is not a float column"):
+        schema.TableSpec("t", schema.IMAGES.schema, finite=("state",))
+
+
+def test_predictions_inf_and_nan_are_refused_with_column_and_count() -> None:
+    inf, nan = float("inf"), float("nan")
+    table = _set(_preds(), "mc_x1", [1.0, inf, nan, -inf], pa.float32())
+    table = _set(table, "entropy_cal", [0.5, 0.5, 0.5, nan], pa.float32())
+    problems = _problems(table, schema.PREDICTIONS)
+    assert set(problems) == {"mc_x1", "entropy_cal"}  # one problem per column, all at once
+    mc = problems["mc_x1"]
+    assert mc.row == 1 and mc.file == "t.parquet"
+    assert "3 non-finite values (inf/NaN): 1 NaN, 2 ±inf" in str(mc)
+    assert problems["entropy_cal"].row == 3
+    assert "1 non-finite value (inf/NaN): 1 NaN" in str(problems["entropy_cal"])
+
+
+@pytest.mark.parametrize("column", ["score", "x2", "entropy", "al_y2", "mc_class"])
+def test_one_nan_in_any_predictions_float_column_is_refused(column: str) -> None:
+    table = _set(_preds(), column, [0.1, 0.2, 0.3, float("nan")], pa.float32())
+    problems = _problems(table, schema.PREDICTIONS)
+    assert list(problems) == [column] and problems[column].row == 3
+
+
+def test_nulls_stay_allowed_in_nullable_uncertainty_columns() -> None:
+    table = _preds()
+    for name in ("entropy", "mc_class", *schema.AL_COLS, *schema.MC_COLS, "al_x1_cal"):
+        table = _set(table, name, [None, 1.0, None, 2.0], pa.float32())
+    out = schema.validate_table(table, schema.PREDICTIONS)
+    assert out["al_x1"].null_count == 2
+    # nulls where the field is required are still a null problem, not a finite one
+    table = _set(_preds(), "score", [0.5, None, 0.5, 0.5], pa.float32())
+    problems = _problems(table, schema.PREDICTIONS)
+    assert "null value in a required column" in str(problems["score"])
+
+
+def test_list_column_with_one_inf_element_is_refused() -> None:
+    typ = pa.list_(pa.float32())
+    table = _set(_preds(), "logits", [None, [1.0, 2.0], [], [3.0, float("-inf"), 4.0]], typ)
+    problem = _problems(table, schema.PREDICTIONS)["logits"]
+    assert problem.row == 3 and "1 non-finite value (inf/NaN): 1 ±inf" in str(problem)
+    # a null list over NaN child values is a null, not a NaN
+    values = pa.array([1.0, float("nan"), 2.0, 3.0, 4.0], pa.float32())
+    offsets = pa.array([0, 1, 2, 3, 5], pa.int32())
+    masked = pa.ListArray.from_arrays(offsets, values, mask=pa.array([False, True, False, False]))
+    out = schema.validate_table(_set(_preds(), "mc_class_vec", masked), schema.PREDICTIONS)
+    assert out["mc_class_vec"].null_count == 1
+
+
+def test_first_bad_row_counts_across_chunks() -> None:
+    chunks = pa.chunked_array(
+        [pa.array([1.0, 2.0], pa.float32()), pa.array([3.0, float("inf")], pa.float32())]
+    )
+    assert _problems(_set(_preds(), "al_x1", chunks), schema.PREDICTIONS)["al_x1"].row == 3
+    typ = pa.list_(pa.float32())
+    lists = pa.chunked_array(
+        [pa.array([[1.0], [2.0, 3.0]], typ), pa.array([[], [4.0, float("nan")]], typ)]
+    )
+    assert _problems(_set(_preds(), "logits", lists), schema.PREDICTIONS)["logits"].row == 3
+
+
+def test_float64_beyond_float32_range_is_named_as_such() -> None:
+    table = _set(_preds(), "al_y1", [1.0, 1e39, 2.0, 3.0], pa.float64())
+    problem = _problems(table, schema.PREDICTIONS)["al_y1"]
+    assert problem.row == 1 and "beyond the float32 range" in str(problem)
+    ok = _set(_preds(), "al_y1", [1.0, 3e38, 0.0, 1e-30], pa.float64())  # float32 extremes
+    assert schema.validate_table(ok, schema.PREDICTIONS)["al_y1"].null_count == 0
+
+
+def test_boxes_labels_selection_and_matches_are_finite() -> None:
+    gt = _gt(["a", "b"]).set_column(3, "x1", pa.array([1.0, float("nan")]))
+    assert _problems(gt, schema.GT)["x1"].row == 1
+    selection = pa.table(
+        {
+            "image_id": ["a", "b", "c"],
+            "iteration": pa.array([1, 1, 1], pa.int32()),
+            "strategy": ["entropy"] * 3,
+            "score": [0.5, None, 0.2],
+            "rank": pa.array([0, 2, 1], pa.int32()),
+            "selected": [True, False, False],
+            "n_det": pa.array([1, 0, 1], pa.int32()),
+            "components": pa.array([None, None, None], pa.list_(pa.float64())),
+        }
+    )
+    assert schema.validate_table(selection, schema.SELECTION)["score"].null_count == 1
+    nan_score = _set(selection, "score", [0.5, None, float("nan")], pa.float64())
+    assert _problems(nan_score, schema.SELECTION)["score"].row == 2

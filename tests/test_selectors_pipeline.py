@@ -8,9 +8,11 @@ import pyarrow.compute as pc
 import pytest
 
 from detloop.data import schema
+from detloop.selectors import pipeline
 from detloop.selectors.budgets import iteration_sizes, loop_budgets, rescale_budgets
+from detloop.selectors.columns import MIN_BOX_SIZE
 from detloop.selectors.pipeline import SelectContext, select
-from detloop.selectors.stages import aggregate, fuse, order_images, perc_weights
+from detloop.selectors.stages import aggregate, fuse, min_max, order_images, perc_weights, z_score
 from detloop.selectors.strategy import parse_strategy
 from detloop.selectors.synthetic import (
     image_ids,
@@ -239,3 +241,67 @@ def test_empty_predictions_and_empty_pool() -> None:
     assert select(empty, images.slice(0, 0), "entropy", 5, _ctx()).num_rows == 0
     with pytest.raises(ValueError, match="budget"):
         select(empty, images, "entropy", -1, _ctx())
+
+
+# ---- edge cases: defined results, never a non-finite score (issue 11) ---------------------------
+
+
+def test_constant_components_scale_to_exactly_zero() -> None:
+    # the float mean of three 0.1 is 0.1 + 1.4e-17: std > 0 would give z = -1 everywhere
+    comp = np.array([[0.0, 0.1, 3e38], [1.0, 0.1, 3e38], [2.0, 0.1, 3e38]])
+    np.testing.assert_array_equal(z_score(comp)[:, 1:], 0.0)
+    np.testing.assert_array_equal(min_max(comp)[:, 1:], 0.0)
+    np.testing.assert_allclose(fuse(comp, "sota"), z_score(comp[:, :1])[:, 0].clip(0.0))
+    one = np.array([[5.0, 1e-30, 3e38]])  # a single scored image is constant in every component
+    for fusion in ("sum", "highep_lowal", "sota"):
+        np.testing.assert_array_equal(fuse(one, fusion), [0.0])  # type: ignore[arg-type]
+    assert fuse(np.zeros((0, 3)), "sum").shape == (0,)
+
+
+def test_single_image_and_single_detection() -> None:
+    preds = predictions_from_rows([{"image_id": "a", "mc_x1": 7.0}])
+    for name in ("alluncert", "sota", "highep_lowal", "perc_nee_mean_entropy", "norm_mcbox"):
+        table = select(preds, _images(["a"]), name, 1, _ctx())
+        assert _selected(table) == ["a"] and np.isfinite(table["score"][0].as_py()), name
+    assert select(preds, _images(["a"]), "alluncert", 1, _ctx())["score"][0].as_py() == 0.0
+
+
+@pytest.mark.parametrize("name", ["entropy", "bottomk_entropy", "nee_entropy", "sota", "ental"])
+def test_all_equal_scores_rank_by_image_id(name: str) -> None:
+    ids = ["e", "b", "d", "a", "c", "f"]
+    preds = predictions_from_rows([{"image_id": i} for i in ids for _ in range(2)])
+    table = select(preds, _images(ids), name, 2, _ctx())
+    assert set(table["score"].to_pylist()) == {table["score"][0].as_py()}
+    if name.startswith("nee"):
+        # nee bins the (score, image_id) ascending order: with all scores equal its last bin
+        # holds the last ids; its picks come first, then the rest by image_id
+        assert _ranked(table) == ["e", "f", "a", "b", "c", "d"]
+    else:
+        assert _ranked(table) == sorted(ids) and _selected(table) == ["a", "b"]
+
+
+def test_zero_size_boxes_divide_by_the_size_floor() -> None:
+    rows = [
+        {"image_id": "a", "x2": 0.0, "y2": 0.0, "al_x1": 1.0},  # zero-size: std / MIN_BOX_SIZE
+        {"image_id": "b", "x2": 3e38, "y2": 3e38, "al_x1": 3e38},
+    ]
+    table = select(predictions_from_rows(rows), _images(["a", "b"]), "norm_albox", 2, _ctx())
+    scores = dict(zip(table["image_id"].to_pylist(), table["score"].to_pylist(), strict=True))
+    assert scores["a"] == pytest.approx(1.0 / MIN_BOX_SIZE)
+    assert np.isfinite(scores["b"]) and _ranked(table) == ["a", "b"]
+
+
+def test_a_non_finite_image_score_is_refused_with_the_strategy_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    preds = _entropy_rows({"a": [0.9], "b": [0.1], "c": [0.5]})
+    real = pipeline.aggregate
+
+    def broken(values: np.ndarray, codes: np.ndarray, n: int, how: str) -> np.ndarray:
+        out = real(values, codes, n, how)
+        out[:2] = [np.nan, np.inf]  # as min_max of an inf component once gave
+        return out
+
+    monkeypatch.setattr(pipeline, "aggregate", broken)
+    with pytest.raises(ValueError, match=r"'mean_entropy': 2 of 3 scored images got a non-finite"):
+        select(preds, _images(["a", "b", "c"]), "mean_entropy", 1, _ctx())

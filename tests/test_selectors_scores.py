@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from detloop.data import schema
-from detloop.selectors.columns import DetColumns, MissingColumnError
+from detloop.selectors.columns import DetColumns, MissingColumnError, NonFiniteColumnError
 from detloop.selectors.scores import (
     ScoreContext,
     get_score,
@@ -20,6 +20,7 @@ from detloop.selectors.synthetic import predictions_from_rows, synthetic_predict
 
 THRESHOLDS = {"uncertainties": ["entropy", "albox_rel"], "weights": [0.7, 0.3]}
 CONTRACT_SCORES = [*registered_scores(), "score", "al_x1", "entropy_cal", "mc_y2"]
+_UNCERTAIN = ("entropy", "mc_class", *schema.AL_COLS, *schema.MC_COLS)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +157,61 @@ def test_registry_listing_and_errors() -> None:
         get_score("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_score("entropy", description="again")(lambda c, x: c.get("entropy"))
+
+
+def _unvalidated(column: str, values: list[float]) -> pa.Table:
+    """A predictions table holding ``values`` in ``column``, as if read without the schema."""
+    preds = predictions_from_rows([{"image_id": f"i{k}"} for k in range(len(values))])
+    idx = preds.schema.get_field_index(column)
+    return preds.set_column(idx, column, pa.array(values, pa.float32()))
+
+
+def test_inf_is_refused_with_the_column_and_count() -> None:
+    inf = float("inf")
+    table = _unvalidated("mc_y1", [1.0, inf, 2.0, -inf, inf])
+    with pytest.raises(NonFiniteColumnError) as err:
+        get_score("mcbox").fn(DetColumns(table), _ctx())
+    assert (err.value.column, err.value.count, err.value.row) == ("mc_y1", 3, 1)
+    assert "'mc_y1' holds 3 infinite values (first at row 1)" in str(err.value)
+    # only the kept rows count; NaN (or null) stays a missing value
+    kept = DetColumns(table, rows=np.array([0, 2]))
+    np.testing.assert_allclose(kept.get("mc_y1"), [1.0, 2.0])
+    with pytest.raises(NonFiniteColumnError, match="1 infinite value "):
+        DetColumns(table, rows=np.array([0, 3])).get("mc_y1")
+    nan = _unvalidated("entropy", [0.1, float("nan")])
+    with pytest.raises(MissingColumnError, match="'entropy' is null or NaN at row 1"):
+        get_score("entropy").fn(DetColumns(nan), _ctx())
+
+
+def test_list_column_with_an_inf_element_is_refused() -> None:
+    preds = predictions_from_rows([{"image_id": "a"}, {"image_id": "b"}])
+    vec = pa.array([[1.0, 2.0], [0.5, float("inf")]], pa.list_(pa.float32()))
+    preds = preds.set_column(preds.schema.get_field_index("mc_class_vec"), "mc_class_vec", vec)
+    with pytest.raises(NonFiniteColumnError) as err:
+        get_score("mc_class_vec").fn(DetColumns(preds), _ctx())
+    assert (err.value.column, err.value.row) == ("mc_class_vec", 1)
+
+
+_BIG_WEIGHTS = {"uncertainties": ["entropy", "albox"], "weights": [1e3, 1e3]}
+
+
+def test_float32_extremes_stay_finite_in_every_score() -> None:
+    big = float(np.finfo(np.float32).max)
+    rows = [
+        {"image_id": "a", "x2": 0.0, "y2": 1e-30, **{c: big for c in _UNCERTAIN}},
+        {"image_id": "b", "x2": big, "y2": big, **{c: 1e-30 for c in _UNCERTAIN}},
+        {"image_id": "c", **{c: 0.0 for c in _UNCERTAIN}},
+    ]
+    cols = DetColumns(predictions_from_rows(rows, calibrated=True))
+    for name in CONTRACT_SCORES:
+        for norm in (False, True):
+            ctx = ScoreContext(thresholds=_BIG_WEIGHTS, norm=norm)
+            values = get_score(name).fn(cols.with_calib(name.endswith("_cal")), ctx)
+            assert np.isfinite(values).all(), (name, norm)
+
+
+def test_combo_refuses_non_finite_weights() -> None:
+    preds = predictions_from_rows([{"image_id": "a"}])
+    thr = {"uncertainties": ["entropy"], "weights": [float("nan")]}
+    with pytest.raises(ValueError, match="weights must be finite"):
+        get_score("combo").fn(DetColumns(preds), ScoreContext(thresholds=thr))

@@ -13,7 +13,7 @@ Never imports torch or Ray (tests/test_selectors_boundary.py checks it). Public 
 from __future__ import annotations
 
 from detloop.selectors.budgets import iteration_sizes, loop_budgets, rescale_budgets
-from detloop.selectors.columns import MissingColumnError
+from detloop.selectors.columns import MissingColumnError, NonFiniteColumnError
 from detloop.selectors.pipeline import SelectContext, select
 from detloop.selectors.prune import PruneResult, duplicate_mask, prune_ids, prune_pool
 from detloop.selectors.pseudo import (
@@ -29,6 +29,7 @@ from detloop.selectors.strategy import StrategyError, StrategySpec, format_strat
 
 __all__ = [
     "MissingColumnError",
+    "NonFiniteColumnError",
     "PruneResult",
     "PseudoSpec",
     "ScoreInfo",

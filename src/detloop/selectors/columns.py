@@ -8,7 +8,7 @@ Columns are converted once and cached; the table itself is never copied or filte
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +19,7 @@ from detloop.data.schema import COORDS
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.signedinteger[Any]]
+BoolArray = npt.NDArray[np.bool_]
 
 #: Box sizes are floored at this many pixels before dividing (degenerate, clipped boxes).
 MIN_BOX_SIZE: Final = 1e-6
@@ -32,6 +33,27 @@ class MissingColumnError(ValueError):
     def __init__(self, column: str, problem: str) -> None:
         self.column = column
         super().__init__(f"predictions column {column!r} {problem}")
+
+
+class NonFiniteColumnError(ValueError):
+    """A score reads a predictions column holding ±inf (validated tables never do).
+
+    Attributes:
+        column: the stored column.
+        count: how many kept rows hold ±inf.
+        row: the first such row of the table.
+    """
+
+    def __init__(self, column: str, count: int, row: int) -> None:
+        self.column = column
+        self.count = count
+        self.row = row
+        what = "value" if count == 1 else "values"
+        super().__init__(
+            f"predictions column {column!r} holds {count} infinite {what} (first at row {row}); "
+            "scores need finite values: validate the table (schema.validate_table) and fix "
+            "the predictions that produced it"
+        )
 
 
 def _to_numpy(col: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.generic]:
@@ -88,7 +110,8 @@ class DetColumns:
         List columns give the mean of each row's list.
 
         Raises:
-            MissingColumnError: the column is absent or holds a null in a kept row.
+            MissingColumnError: the column is absent or holds a null (or NaN) in a kept row.
+            NonFiniteColumnError: it holds ±inf in a kept row (a list: in any of its elements).
         """
         stored = self.resolve(name)
         if stored in self._raw:
@@ -103,15 +126,24 @@ class DetColumns:
             values = _to_numpy(col)
         if self.rows is not None:
             values = values[self.rows]
-        nan = np.isnan(values)
-        if nan.any():
-            bad = np.flatnonzero(nan)
-            row = int(bad[0] if self.rows is None else self.rows[bad[0]])
-            head = _HEADS.get(stored.split("_", 1)[0], "")
-            why = f"; was the model trained with {head}?" if head and col.null_count else ""
-            raise MissingColumnError(stored, f"is null or NaN at row {row}{why}")
+        finite = np.isfinite(values)
+        if not finite.all():
+            self._refuse(stored, values, finite, col.null_count > 0)
         self._raw[stored] = values
         return values
+
+    def _refuse(
+        self, stored: str, values: npt.NDArray[np.generic], finite: BoolArray, has_nulls: bool
+    ) -> NoReturn:
+        """Raise for the first null/NaN (missing) or, without one, for the ±inf values."""
+        nan = np.isnan(values)
+        bad = np.flatnonzero(nan if nan.any() else ~finite)
+        row = int(bad[0] if self.rows is None else self.rows[bad[0]])
+        if not nan.any():
+            raise NonFiniteColumnError(stored, len(bad), row)
+        head = _HEADS.get(stored.split("_", 1)[0], "")
+        why = f"; was the model trained with {head}?" if head and has_nulls else ""
+        raise MissingColumnError(stored, f"is null or NaN at row {row}{why}")
 
     def get(self, name: str) -> FloatArray:
         """Column ``name`` of the kept rows as float64 (see ``raw``)."""

@@ -65,9 +65,18 @@ class ImageScores:
 def _kept_rows(
     predictions: pa.Table, cands: pa.Array, min_score: float
 ) -> tuple[IntArray, IntArray]:
+    """Rows of candidate images with score > ``min_score``, and their image codes.
+
+    Raises:
+        MissingColumnError, NonFiniteColumnError: a candidate's row has a null, NaN or ±inf
+            detection score (NaN would drop the row silently, as ``NaN > min_score`` is false).
+    """
     codes = image_codes(predictions.column("image_id"), cands)
     det_score = np.asarray(predictions.column("score").to_numpy(), dtype=np.float32)
-    keep = (codes >= 0) & (det_score > np.float32(min_score))
+    is_cand = codes >= 0
+    if not np.isfinite(det_score).all():  # raises for a candidate's row, ignores the others
+        DetColumns(predictions, rows=np.flatnonzero(is_cand)).raw("score")
+    keep = is_cand & (det_score > np.float32(min_score))
     rows = np.flatnonzero(keep)
     return rows, codes[rows]
 
@@ -79,7 +88,14 @@ def score_images(
 
     ``random`` draws one uniform value per candidate (images without detections included, so
     the warm-up and the random baseline sample the whole pool); every other score leaves images
-    without a detection above ``min_score`` unscored (NaN), as does ``perc``.
+    without a detection above ``min_score`` unscored (NaN), as does ``perc`` (its class weight
+    is undefined there, even under ``random``). Every image with such a detection is scored,
+    and every scored image's score is finite: constant components scale to 0, a single image
+    or detection is a constant, and float32-range columns cannot overflow in float64.
+
+    Raises:
+        ValueError: a scored image got a non-finite score anyway (a bug, or a table that was
+            not validated): refused rather than ranked silently after every scored image.
     """
     info: ScoreInfo = get_score(spec.score)
     n = len(cands)
@@ -106,7 +122,20 @@ def score_images(
         weights = perc_weights(class_ids, codes, n)
         scored = scored & np.isfinite(weights)
         score = np.where(scored, score * weights, np.nan)
+    _check_finite(score, scored, spec)
     return ImageScores(score, scored, n_det, components)
+
+
+def _check_finite(score: FloatArray, scored: BoolArray, spec: StrategySpec) -> None:
+    """Refuse non-finite scores of scored images (``order_images`` would rank NaN last)."""
+    bad = scored & ~np.isfinite(score)
+    if bad.any():
+        n_bad = int(bad.sum())
+        raise ValueError(
+            f"strategy {format_strategy(spec)!r}: {n_bad} of {int(scored.sum())} scored images "
+            "got a non-finite score (inf/NaN); they would rank after every scored image and "
+            "never be selected. Validate the predictions table (schema.validate_table)."
+        )
 
 
 def _components_column(comp: FloatArray | None, scored: BoolArray, order: IntArray) -> pa.Array:
@@ -176,7 +205,9 @@ def select(
 
     Raises:
         StrategyError: bad strategy. MissingColumnError: a score's column is absent or null.
-        ValueError: negative budget, or ``combo`` without a thresholding result.
+        NonFiniteColumnError: a score's column holds ±inf (unvalidated table).
+        ValueError: negative budget, ``combo`` without a thresholding result, or a scored
+            image with a non-finite score.
     """
     spec = parse_strategy(spec)
     if budget < 0:

@@ -182,7 +182,7 @@ def combo_weights(thresholds: Mapping[str, Any] | None) -> list[tuple[str, float
     """(uncertainty, weight) pairs of a thresholding result, checked.
 
     Raises:
-        ValueError: no result, or unknown uncertainty names / mismatched weights.
+        ValueError: no result, or unknown uncertainty names / mismatched or non-finite weights.
     """
     if thresholds is None:
         raise ValueError("'combo' needs the thresholding result (§7): run threshold first")
@@ -196,6 +196,8 @@ def combo_weights(thresholds: Mapping[str, Any] | None) -> list[tuple[str, float
     unknown = [n for n in names if n not in _COMBO_TERMS]
     if unknown:
         raise ValueError(f"thresholding result: unknown uncertainties {unknown}")
+    if not all(np.isfinite(weights)):
+        raise ValueError(f"thresholding result: weights must be finite numbers, got {weights!r}")
     return list(zip(names, weights, strict=True))
 
 

@@ -116,7 +116,13 @@ def aggregate(values: FloatArray, codes: IntArray, n_images: int, how: str) -> F
 
 
 def min_max(x: FloatArray) -> FloatArray:
-    """Column-wise (x - min)/(max - min); a constant column maps to 0 (§0)."""
+    """Column-wise (x - min)/(max - min); a constant column maps to 0 (§0).
+
+    Results lie in [0, 1] for finite ``x`` (a single row is constant: 0). float32-range
+    inputs (|x| ≤ 3.4e38, or that divided by ``MIN_BOX_SIZE``) cannot overflow in float64.
+    """
+    if len(x) == 0:
+        return np.zeros_like(x, dtype=np.float64)
     lo, hi = x.min(axis=0), x.max(axis=0)
     span = hi - lo
     out: FloatArray = np.divide(
@@ -126,10 +132,18 @@ def min_max(x: FloatArray) -> FloatArray:
 
 
 def z_score(x: FloatArray) -> FloatArray:
-    """Column-wise (x - mean)/std (population std); a constant column maps to 0 (§0)."""
+    """Column-wise (x - mean)/std (population std); a constant column maps to 0 (§0).
+
+    "Constant" is decided exactly (max = min), not by ``std > 0``: the float mean of equal
+    values can be off by an ulp, which would give a tiny std and a spurious ±1 for every row.
+    |z| ≤ sqrt(n - 1), so a finite ``x`` gives finite scores.
+    """
+    if len(x) == 0:
+        return np.zeros_like(x, dtype=np.float64)
     std = x.std(axis=0)
+    varies = (x.max(axis=0) > x.min(axis=0)) & (std > 0)
     out: FloatArray = np.divide(
-        x - x.mean(axis=0), std, out=np.zeros_like(x, dtype=np.float64), where=std > 0
+        x - x.mean(axis=0), std, out=np.zeros_like(x, dtype=np.float64), where=varies
     )
     return out
 
@@ -205,8 +219,10 @@ def order_images(
     """Rank every candidate and mark the first ``budget`` as selected (§9.1, §9.4).
 
     Scored images come first (top-k: highest first; bottom-k: lowest first; nee: its picks
-    first, then the rest highest first); ties by image_id (the candidate index). Unscored
-    images follow in a seeded random order and fill the budget only when scored ones run out.
+    first, then the rest highest first); ties by image_id (the candidate index), so all-equal
+    scores rank by image_id. Unscored images follow in a seeded random order and fill the
+    budget only when scored ones run out. Scores of scored images must be finite (a NaN would
+    sort after every other score: ``score_images`` refuses to hand one over).
 
     Returns:
         (rank per candidate, selected mask).
