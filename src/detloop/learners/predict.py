@@ -283,13 +283,11 @@ class Predictor:
         cls_all = out["cls"]
         assert cls_all is not None
         z = cls_all[:, b]  # [T, N, C]
-        mc = z.shape[0] > 1
-        m = z.float().mean(0) if mc else z[0].float()
+        m = z.float().mean(0) if z.shape[0] > 1 else z[0].float()
         best, class_all = m.max(-1)
         score_all = torch.sigmoid(best)
         idx = torch.nonzero(score_all >= pcfg.score_thresh).squeeze(1)
         t, v = self.decode_inputs(out, b, idx)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
         cap = max(size) * scale
         means, stds = decode_boxes(
             t,
@@ -297,10 +295,10 @@ class Predictor:
             self.anchors_xyxy[idx],
             method=pcfg.uncert_adjust_method,
             n_samples=pcfg.decode_nsamples,
-            generator=gen,
+            generator=torch.Generator(device=self.device).manual_seed(seed),
             std_cap=cap,
         )
-        box = means.mean(0) if mc else means[0]
+        box = means.mean(0) if z.shape[0] > 1 else means[0]
         cand = torch.nonzero(_large_enough(box, scale, size, pcfg.min_box_size)).squeeze(1)
         keep, kept_scores = select_detections(
             box[cand],
@@ -313,34 +311,48 @@ class Predictor:
             score_thresh=pcfg.score_thresh,
         )
         order = torch.argsort(kept_scores, descending=True, stable=True)
-        keep, kept_scores = cand[keep[order]], kept_scores[order]
-        sel = idx[keep]  # kept anchors; every column below is gathered through them
-        logits = m[sel]
-        stats = PredictStats(dropped_boxes=len(idx) - len(cand))
+        keep = cand[keep[order]]  # into idx; every column is gathered through it
+        det = self._gather(
+            z, m, idx[keep], means[:, keep], stds[:, keep] if v is not None else None, cap
+        )
+        det["score"] = _numpy(kept_scores[order])
+        det["class_id"] = class_all[idx[keep]].cpu().numpy().astype(np.int32)
+        self._count(PredictStats(dropped_boxes=len(idx) - len(cand)))
+        return det
+
+    def _gather(
+        self, z: Tensor, m: Tensor, sel: Tensor, means: Tensor, stds: Tensor | None, cap: float
+    ) -> dict[str, Any]:
+        """Box, uncertainties and logits of the kept anchors ``sel`` (means/stds [T, K, 4]
+        already gathered); MC reductions of §1.3; capped values counted."""
+        mc = z.shape[0] > 1
+        stats = PredictStats()
         al = mc_std = None
-        if v is not None:
-            al = stds[:, keep].mean(0)
-            stats.capped_al_std = int((stds[:, keep] >= cap).any(0).sum())
+        if stds is not None:
+            al = stds.mean(0)
+            stats.capped_al_std = int((stds >= cap).any(0).sum())
         if mc:
-            mc_std = sample_mean_std(means[:, keep])[1]
+            mc_std = sample_mean_std(means)[1]
             stats.capped_mc_std = int((mc_std >= cap).sum())
             mc_std = mc_std.clamp(max=cap)
+        self._count(stats)
+        logits = m[sel]
+        return {
+            "box": _numpy(means.mean(0) if mc else means[0]),
+            "al": _numpy(al),
+            "mc": _numpy(mc_std),
+            "logits": _numpy(logits),
+            "mc_class_vec": _numpy(sample_mean_std(z[:, sel].float())[1]) if mc else None,
+            "entropy": _numpy(entropy_bits(logits)),
+        }
+
+    def _count(self, stats: PredictStats) -> None:
         self.stats.add(stats)
         self.last_stats.add(stats)
 
-        def numpy(x: Tensor | None) -> np.ndarray | None:
-            return None if x is None else x.detach().float().cpu().numpy().astype(np.float32)
 
-        return {
-            "class_id": class_all[sel].cpu().numpy().astype(np.int32),
-            "score": numpy(kept_scores),
-            "box": numpy(box[keep]),
-            "al": numpy(al),
-            "mc": numpy(mc_std),
-            "logits": numpy(logits),
-            "mc_class_vec": numpy(sample_mean_std(z[:, sel].float())[1]) if mc else None,
-            "entropy": numpy(entropy_bits(logits)),
-        }
+def _numpy(x: Tensor | None) -> np.ndarray | None:
+    return None if x is None else x.detach().float().cpu().numpy().astype(np.float32)
 
 
 def _large_enough(box: Tensor, scale: float, size: tuple[float, float], min_size: float) -> Tensor:

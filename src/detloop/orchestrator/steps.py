@@ -191,8 +191,23 @@ def predict_sharded(
             on_first_shard()
 
     seconds = workers.predict(key, weights, num_classes, todo, persist, marker) if todo else 0.0
+    table, totals = _merge_shards(run, iteration, stage, len(shards), arrived, arrived_stats)
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    return table, seconds, totals
+
+
+def _merge_shards(
+    run: RunDir,
+    iteration: int,
+    stage: str,
+    n_shards: int,
+    arrived: dict[int, pa.Table],
+    arrived_stats: dict[int, dict[str, int]],
+) -> tuple[pa.Table, dict[str, int]]:
+    """This attempt's shards from memory, an interrupted attempt's from disk: one validated
+    table in (image_id, det_id) order and the summed bound statistics (logged when not 0)."""
     parts, stats = [], []
-    for sid in range(len(shards)):  # shards of an interrupted attempt come back from disk
+    for sid in range(n_shards):
         if sid in arrived:
             parts.append(arrived[sid])
             stats.append(arrived_stats[sid])
@@ -202,7 +217,6 @@ def predict_sharded(
     table = pa.concat_tables(parts) if parts else schema.PREDICTIONS.empty()
     table = table.sort_by([("image_id", "ascending"), ("det_id", "ascending")])
     table = schema.validate_table(table, schema.PREDICTIONS, file=stage)
-    shutil.rmtree(shard_dir, ignore_errors=True)
     totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in PREDICT_STATS}
     if any(totals.values()):
         logger.info(
@@ -211,7 +225,7 @@ def predict_sharded(
             stage,
             *(totals[k] for k in PREDICT_STATS),
         )
-    return table, seconds, totals
+    return table, totals
 
 
 #: What the decoding bounds changed in a prediction run (``learners.predict.PredictStats``).
