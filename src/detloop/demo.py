@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from detloop import console
 from detloop.config import ExperimentConfig
 from detloop.runtime_env import apply_local_env
 
@@ -52,7 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("detloop").setLevel(logging.INFO)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    console.quiet_dependency_warnings()
+    with console.session(quiet=False):  # phase lines, worker bars, iteration lines as the CLI
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
 
     from detloop.config import ConfigError, load_config
     from detloop.data.errors import DataError

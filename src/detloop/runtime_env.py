@@ -13,6 +13,8 @@ LOCAL_ENV: Final = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # progress lines of concurrent loops (a grid) look alike; Ray must not merge them
+    "RAY_DEDUP_LOGS": "0",
 }
 
 

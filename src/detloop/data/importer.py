@@ -202,7 +202,8 @@ def commit(run: RunDir, parsed: Parsed, split: str, *, lenient: bool = False) ->
         categories_added=tuple(added),
         problems=tuple(p.error for p in problems),
     )
-    log.info("%s: %s", parsed.source, report.summary())
+    # not logged here: the caller shows the report (``detloop import`` prints it, the loop shows
+    # it as a progress line), and a log line too would show every import twice
     return report
 
 

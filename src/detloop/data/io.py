@@ -2,6 +2,9 @@
 
 Every write goes to a temporary file in the target's directory, is fsynced, then moved over
 the target with ``os.replace``; a failure at any point leaves the previous file untouched.
+Files are created like any ordinary file, mode 0666 less the process umask (0644 under the
+usual 022), so that teammates, an MLflow or labeling server running as another user, or a node
+with another uid can read a shared run directory; a private umask (077) keeps them private.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -34,18 +37,58 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_name(target: Path, suffix: str) -> Path:
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}{suffix}")
+
+
+def create_temp_file(target: str | os.PathLike[str]) -> Path:
+    """Create an empty, new file beside ``target`` under a unique hidden name.
+
+    Unlike ``tempfile.mkstemp`` (always 0600) the file gets mode 0666 less the umask, as
+    ``open(path, "w")`` would: the kernel applies the umask, so no process-wide umask is read
+    or changed (that would race with other threads).
+    """
+    target = Path(target)
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = _temp_name(target, ".tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no unused temporary name beside {target}")
+
+
+def create_temp_dir(target: str | os.PathLike[str]) -> Path:
+    """Create an empty, new directory beside ``target`` under a unique hidden name.
+
+    Mode 0777 less the umask, like ``mkdir`` (``tempfile.mkdtemp`` makes it 0700): for a
+    directory that is renamed into place, such as a checkpoint.
+    """
+    target = Path(target)
+    for _ in range(100):
+        tmp = _temp_name(target, ".tmpdir")
+        try:
+            os.mkdir(tmp, 0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no unused temporary name beside {target}")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success move it over ``target``.
 
     The caller writes the complete file to the yielded path. On an exception the temporary
-    file is removed and ``target`` is unchanged.
+    file is removed and ``target`` is unchanged. The file is created with mode 0666 less the
+    process umask (see the module docstring).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = create_temp_file(target)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:

@@ -11,13 +11,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from detloop.data.errors import DataError
+from detloop.data.io import create_temp_dir
 from detloop.learners.model import ModelSpec, UncertainEfficientDet
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def write_checkpoint(
     """Atomically (re)place ``directory`` with a checkpoint; returns ``directory``."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = create_temp_dir(directory)  # 0777 less the umask (mkdtemp: 0700, unreadable by others)
     try:
         torch.save(state_dict, tmp / MODEL_FILE)
         if train_state is not None:

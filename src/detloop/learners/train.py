@@ -25,9 +25,9 @@ import pyarrow as pa
 import torch
 from effdet.anchors import AnchorLabeler
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from detloop.config import ExperimentConfig, TrainConfig
+from detloop.console import Progress, progress_bar
 from detloop.data.dataset import Augment, DetectionDataset, collate
 from detloop.data.errors import DataError
 from detloop.learners import checkpoint as ckpt
@@ -126,7 +126,7 @@ def train_model(
     seed: int,
     val: tuple[pa.Table, pa.Table] | None = None,
     init_weights: Path | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     device: str | None = None,
     stop_at_step: int | None = None,
     root: Path | None = None,
@@ -144,7 +144,9 @@ def train_model(
         seed: seed of this training (data order, augmentation, dropout masks).
         val: (images, labels) for early stopping on val mAP50, when enabled.
         init_weights: local weights file or checkpoint (else ``cfg.model.weights``).
-        progress: show a progress bar.
+        progress: show a progress bar (steps, with the running loss of the epoch): True in
+            this process (nothing when ``DETLOOP_PROGRESS=off``), False for none, or a
+            ``detloop.console.Reporter`` that publishes it for another process to draw.
         device: overrides ``cfg.train.device``.
         stop_at_step: stop after this step, keeping the partial checkpoint (interruption).
         root: base directory of relative image paths.
@@ -253,7 +255,7 @@ def _run(
     partial_dir: Path,
     fingerprint: str,
     val: tuple[pa.Table, pa.Table] | None,
-    progress: bool,
+    progress: Progress,
     stop_at_step: int | None,
     root: Path | None,
     on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None,
@@ -278,9 +280,7 @@ def _run(
     total = _total_steps(tcfg, len(data))
     warmup = round(tcfg.warmup_epochs * per_epoch)
     loop.model.train()
-    bar = tqdm(
-        total=total, initial=loop.step, disable=not progress, desc="train", unit="step", leave=False
-    )
+    bar = progress_bar(progress, total=total, initial=loop.step, desc="train", unit="step")
     try:
         while loop.step < total:
             epoch, offset = divmod(loop.step, per_epoch)
@@ -295,6 +295,7 @@ def _run(
                 parts.append(_step(loop, batch, labeler, sizes, settings, tcfg, total, warmup, dev))
                 loop.seconds += time.perf_counter() - t0
                 loop.step += 1
+                bar.set_postfix_str(_running_loss(parts), refresh=False)
                 bar.update(1)
                 if loop.step >= total or (stop_at_step is not None and loop.step >= stop_at_step):
                     break
@@ -306,7 +307,6 @@ def _run(
                     lr_at(loop.step - 1, total, warmup, tcfg.lr or 0, tcfg.warmup_lr),
                 )
             )
-            bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
             done_epochs = loop.step // per_epoch if loop.step % per_epoch == 0 else None
             if done_epochs and on_epoch is not None:
                 on_epoch(done_epochs, loop.model)
@@ -323,6 +323,12 @@ def _run(
 
 
 _STEP_VALUES = ("loss", "cls_loss", "box_loss", *MONITORS)
+
+
+def _running_loss(parts: list[tuple[float, ...]], window: int = 50) -> str:
+    """The progress bar's postfix: the mean loss of this epoch's last ``window`` steps."""
+    losses = [p[0] for p in parts[-window:] if math.isfinite(p[0])]
+    return f"loss {sum(losses) / len(losses):.4f}" if losses else ""
 
 
 def _record(

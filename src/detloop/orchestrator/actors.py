@@ -15,7 +15,9 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from detloop import console
 from detloop.config import ExperimentConfig, RayConfig, config_snapshot
+from detloop.orchestrator.progress import ProgressBoard, forget, new_prefix
 from detloop.orchestrator.workers import PredictWorker, ShardResult, TrainWorker
 from detloop.runtime_env import apply_local_env
 
@@ -42,12 +44,16 @@ def ensure_ray(rc: RayConfig, loops: int = 1) -> None:
     apply_local_env()
     if ray.is_initialized():
         return
+    # Ray's own info lines ("Started a local Ray instance.") only when detloop's are shown (-v)
+    level = logging.INFO if logger.isEnabledFor(logging.INFO) else logging.WARNING
     if rc.address or os.environ.get("RAY_ADDRESS"):  # a cluster, or a `ray job submit` driver
-        ray.init(address=rc.address, log_to_driver=True)
+        ray.init(address=rc.address, log_to_driver=True, logging_level=level)
     else:
         need = math.ceil(loop_cpus(rc) * loops)
         num_cpus = max(rc.num_cpus or 0, need, os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=level
+        )
     logger.info("ray resources: %s", cluster_resources())
 
 
@@ -70,7 +76,12 @@ def check_capacity(rc: RayConfig, loops: int = 1) -> None:
 
 
 class Workers:
-    """One loop's actors: a train actor and a pool of predict actors, created lazily."""
+    """One loop's actors: a train actor and a pool of predict actors, created lazily.
+
+    When this process shows progress (``detloop.console.mode()``), each actor publishes its
+    bar under a key of this loop and the calls below draw them while they wait
+    (``orchestrator/progress.py``): one line for the trainer, one per predict actor.
+    """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -78,6 +89,12 @@ class Workers:
         self._config = config_snapshot(cfg)
         self._trainer: Any = None
         self._predictors: list[Any] = []
+        self._progress = console.mode()
+        self._prefix = new_prefix() if self._progress != "off" else None
+
+    def _key(self, role: str) -> str | None:
+        """The progress key of an actor (None: progress is off)."""
+        return f"{self._prefix}/{role}" if self._prefix else None
 
     def _options(self, num_cpus: float, num_gpus: float) -> dict[str, Any]:
         return {
@@ -93,7 +110,7 @@ class Workers:
             opts = self._options(self.rc.train_num_cpus, self.rc.train_num_gpus)
             cls = ray.remote(**opts)(TrainWorker)
             threads = self.cfg.train.torch_threads or _threads(self.rc.train_num_cpus)
-            self._trainer = cls.remote(self._config, threads)
+            self._trainer = cls.remote(self._config, threads, self._key("train"))
         return self._trainer
 
     @property
@@ -103,7 +120,8 @@ class Workers:
             cls = ray.remote(**opts)(PredictWorker)
             threads = _threads(self.rc.predict_num_cpus)
             self._predictors = [
-                cls.remote(self._config, threads) for _ in range(self.rc.predict_workers)
+                cls.remote(self._config, threads, self._key(f"predict{i}"))
+                for i in range(self.rc.predict_workers)
             ]
         return self._predictors
 
@@ -111,8 +129,14 @@ class Workers:
         """Create every actor now; they start up while the driver does other work."""
         _ = self.trainer, self.predictors
 
+    def _board(self, roles: dict[str, str], cumulative: bool = False) -> ProgressBoard:
+        """The progress lines of ``roles`` (role: label) while the driver waits on them."""
+        labels = {key: label for role, label in roles.items() if (key := self._key(role))}
+        return ProgressBoard(labels, mode=self._progress, cumulative=cumulative)
+
     def train(self, **kwargs: Any) -> dict[str, Any]:
-        result: dict[str, Any] = ray.get(self.trainer.train.remote(**kwargs))
+        with self._board({"train": "train"}):
+            result: dict[str, Any] = ray.get(self.trainer.train.remote(**kwargs))
         return result
 
     def predict(
@@ -138,26 +162,30 @@ class Workers:
         pending: dict[Any, int] = {}
         queue = list(shards)
         busy = [0.0] * len(actors)
+        roles = {f"predict{i}": f"predict (worker {i + 1})" for i in range(len(actors))}
+        board = self._board(roles, cumulative=True)
 
         def submit(actor_idx: int) -> None:
             sid, table, seed = queue.pop(0)
+            board.assign(self._key(f"predict{actor_idx}"), table.num_rows)
             marker = fault_marker(sid) if fault_marker else None
             ref = actors[actor_idx].predict_shard.remote(
                 key, weights_ref, num_classes, sid, table, seed, marker
             )
             pending[ref] = actor_idx
 
-        for idx in range(min(len(actors), len(queue))):
-            submit(idx)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            actor_idx = pending.pop(ref)
-            result: ShardResult = ray.get(ref)
-            busy[actor_idx] += result.seconds
-            on_result(result)
-            if queue:
-                submit(actor_idx)
+        with board:
+            for idx in range(min(len(actors), len(queue))):
+                submit(idx)
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                ref = done[0]
+                actor_idx = pending.pop(ref)
+                result: ShardResult = ray.get(ref)
+                busy[actor_idx] += result.seconds
+                on_result(result)
+                if queue:
+                    submit(actor_idx)
         return max(busy)
 
     def shutdown(self) -> None:
@@ -166,3 +194,5 @@ class Workers:
                 ray.kill(actor, no_restart=True)
         self._trainer = None
         self._predictors = []
+        if self._prefix:
+            forget(self._prefix)

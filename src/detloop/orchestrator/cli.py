@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from detloop import console
 from detloop.cli import UsageError, add_set_option
 from detloop.config import ExperimentConfig, config_to_dict, load_config
 from detloop.data.rundir import RunDir
@@ -68,7 +69,13 @@ def _print_config(cfg: ExperimentConfig) -> None:
 
 
 def execute(run: RunDir, cfg: ExperimentConfig) -> int:
-    """Run or resume the loop of ``run``; print the resume command if it fails."""
+    """Run or resume the loop of ``run``; print the resume command if it fails.
+
+    An entry point: it also runs in a Ray task for each loop of ``detloop grid``, a process
+    the CLI did not set up, so it sets up what a person sees there too (``detloop.console``).
+    """
+    console.quiet_dependency_warnings()
+    console.ensure_console()
     from detloop.orchestrator.loop import ActiveLearningLoop
     from detloop.orchestrator.runs import code_version, ray_job_id
     from detloop.orchestrator.tracking import LoopCallback, MlflowTracker
@@ -109,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from detloop.orchestrator.runs import create_run, stored_config
 
     run = create_run(cfg, fresh=args.fresh)
-    _out(f"run directory: {run.path}")
+    console.say("run directory: %s", run.path)
     return execute(run, stored_config(run))
 
 

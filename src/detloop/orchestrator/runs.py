@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detloop import __version__
+from detloop import __version__, console
 from detloop.config import ExperimentConfig, build_config, config_snapshot
 from detloop.data.rundir import RunDir, RunsRoot, al_run_name
 from detloop.selectors.strategy import format_strategy, parse_strategy
@@ -108,7 +108,7 @@ def import_data(run: RunDir, cfg: ExperimentConfig, hash_pool: bool = True) -> d
             lenient=cfg.data.lenient,
             hash_pool=hash_pool,
         )
-        logger.info("%s", report.summary())
+        console.say("%s | %s: %s", run.name, src.source, report.summary())
         out[split] = report.n_images
     return out
 
