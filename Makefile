@@ -33,6 +33,7 @@ lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # The figures the issues ask for; each script prints them and writes bench/results/*.json.
 # bench/al_compare.py (3 strategies x 3 seeds of AL) takes hours on 2 cores: run it by hand.

@@ -29,8 +29,8 @@ def main() -> None:
     local_env()
     from detloop.config import load_config
     from detloop.data.digits import make_digits
-    from detloop.orchestrator.cli import execute
-    from detloop.orchestrator.runs import create_run, stored_config
+    from detloop.orchestrator.engine.runs import create_run, stored_config
+    from detloop.orchestrator.loops.execute import execute
     from detloop.reports.al_curves import _auc, run_curve, write_report
 
     data = REPO / "data" / "digits-small-imb07"
@@ -54,7 +54,7 @@ def main() -> None:
             cfg = load_config(REPO / "configs" / "demo.yaml", sets)
             run = create_run(cfg)
             print(f"== {strategy} seed {seed}: {run.path}", flush=True)
-            if execute(run, stored_config(run)) != 0:
+            if execute(run, stored_config(run)).exit_code != 0:
                 raise SystemExit(f"loop failed: {run.path}")
             runs.append((strategy, seed, run))
     wall = time.perf_counter() - t0

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the sibling bench/calibration.
 from calibration import DEFAULT_WORK, RESULTS, eval_run, predictions, prepare, split_tables
 from detloop.config import ExperimentConfig
 from detloop.learners.calibration import calibration_pairs, fit_calibration_set
-from detloop.orchestrator.validation_common import (
+from detloop.orchestrator.evaluation.common import (
     jsonable,
     mean_matched_score,
     min_score_for,

@@ -50,8 +50,8 @@ from detloop.learners.calibration import (
     calibration_pairs,
     fit_calibration_set,
 )
-from detloop.orchestrator import uq_report
-from detloop.orchestrator.validation_common import jsonable
+from detloop.orchestrator.evaluation.common import jsonable
+from detloop.reports import uq_report
 
 RESULTS = Path(__file__).parent / "results"
 CLASS_KEYS = ("ece", "mce", "sce", "brier", "nll", "accuracy")

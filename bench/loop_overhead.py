@@ -23,7 +23,7 @@ from benchkit import REPO, local_env, write_result
 
 def measure(run_dir: Path) -> dict[str, object]:
     from detloop.data.rundir import RunDir
-    from detloop.orchestrator.journal import Journal
+    from detloop.orchestrator.engine.journal import Journal
 
     journal = Journal(RunDir(run_dir))
     iters = sorted({h["iteration"] for h in journal.history if h["phase"] == "log"})
@@ -75,10 +75,10 @@ def main() -> None:
     local_env()
     run_dir = args.run
     if run_dir is None:
-        from detloop.cli import main as cli
+        from detloop.cli.main import main as cli
         from detloop.config import load_config
         from detloop.demo import ensure_dataset
-        from detloop.orchestrator.runs import run_dir_for
+        from detloop.orchestrator.engine.runs import run_dir_for
 
         data = REPO / "data" / "digits-small"
         ensure_dataset(data, "small", seed=0)

@@ -23,8 +23,8 @@ def main() -> None:
     from detloop.data.rundir import RunDir
     from detloop.demo import ensure_dataset
     from detloop.learners.train import train_model
-    from detloop.orchestrator.actors import Workers
-    from detloop.orchestrator.steps import shard_tables
+    from detloop.orchestrator.engine.actors import Workers
+    from detloop.orchestrator.loops.steps import shard_tables
 
     data = REPO / "data" / "digits-small"
     ensure_dataset(data, "small", seed=0)

@@ -74,8 +74,8 @@ def worker_select(folder: Path, strategy: str, budget: int) -> dict[str, Any]:
 
 
 def worker_prune(n: int, thr: float) -> dict[str, Any]:
+    from detloop.data.synthetic import image_ids, synthetic_images
     from detloop.selectors.prune import prune_ids
-    from detloop.selectors.synthetic import image_ids, synthetic_images
 
     rng = np.random.default_rng(0)
     h = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
@@ -175,7 +175,7 @@ def check_subset(folder: Path) -> dict[str, Any]:
 
 
 def generate(folder: Path, n_images: int, n_dets: int) -> float:
-    from detloop.selectors.synthetic import synthetic_predictions
+    from detloop.data.synthetic import synthetic_predictions
 
     t0 = time.perf_counter()
     preds, images = synthetic_predictions(n_images, n_dets, np.random.default_rng(0))

@@ -14,7 +14,7 @@ import torch
 import yaml
 from pycocotools.coco import COCO
 
-from detloop.cli import main
+from detloop.cli.main import main
 from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.data.digits import digits_source
@@ -22,7 +22,7 @@ from detloop.data.importer import import_source
 from detloop.data.io import read_json, read_table
 from detloop.data.rundir import RunDir
 from detloop.learners.calibration import CalibrationSet
-from detloop.orchestrator.validation_common import log_artifacts
+from detloop.orchestrator.evaluation.common import log_artifacts
 from detloop.selectors.threshold import load_thresholds
 
 torch.set_num_threads(1)
@@ -167,7 +167,7 @@ def test_loop_hooks_calibrate_and_threshold_next_iteration(trained: tuple[Path, 
     """The AL loop's hooks: M(i−1)'s validation → calibration/ and thresholds.json of i."""
     from detloop.config import load_config
     from detloop.data.io import write_table
-    from detloop.orchestrator.steps import calibrate, threshold
+    from detloop.orchestrator.loops.steps import calibrate, threshold
 
     cfg_path, run = trained
     cfg = load_config(cfg_path)

@@ -15,8 +15,13 @@ import pytest
 
 from conftest import ci_overrides
 from detloop import console
-from detloop.cli import build_parser
-from detloop.orchestrator.progress import KvReporter, ProgressBoard, iteration_line, phase_line
+from detloop.cli.main import build_parser
+from detloop.orchestrator.engine.progress import (
+    KvReporter,
+    ProgressBoard,
+    iteration_line,
+    phase_line,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CI_CONFIG = REPO / "configs" / "ci.yaml"
@@ -298,7 +303,7 @@ def test_worker_bars_reach_the_driver_through_ray(
 ) -> None:
     import ray
 
-    from detloop.orchestrator.progress import forget, new_prefix
+    from detloop.orchestrator.engine.progress import forget, new_prefix
 
     def publish_from_a_worker(key: str, shards: list[int]) -> None:  # sent by value
         reporter = KvReporter(key)

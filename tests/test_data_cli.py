@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from detloop.cli import main
+from detloop.cli.main import main
 from detloop.data.rundir import RunDir
 
 DETLOOP = Path(sys.executable).parent / "detloop"

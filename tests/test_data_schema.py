@@ -207,7 +207,7 @@ def test_pool_state_transitions_return_new_states(tmp_path: Path) -> None:
 
 
 def _preds(n: int = 4) -> pa.Table:
-    from detloop.selectors.synthetic import predictions_from_rows
+    from detloop.data.synthetic import predictions_from_rows
 
     return predictions_from_rows([{"image_id": f"i{k}"} for k in range(n)], calibrated=True)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detloop.cli import main
+from detloop.cli.main import main
 from detloop.data import schema
 from detloop.data.io import read_json, read_table
 from detloop.data.rundir import RunDir

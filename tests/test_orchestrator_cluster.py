@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 
 from conftest import ci_overrides
-from detloop.cli import main
+from detloop.cli.main import main
 from detloop.data import schema
 from detloop.data.io import read_table
 from detloop.data.rundir import RunDir, RunsRoot

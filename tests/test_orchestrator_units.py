@@ -9,9 +9,9 @@ import pytest
 
 from detloop.config import build_config
 from detloop.data.rundir import RunDir, RunsRoot
-from detloop.orchestrator.journal import Journal, Phase, iteration_phases
-from detloop.orchestrator.runs import ray_job_id
-from detloop.orchestrator.tracking import MlflowTracker
+from detloop.orchestrator.engine.journal import Journal, Phase, iteration_phases
+from detloop.orchestrator.engine.runs import ray_job_id
+from detloop.orchestrator.engine.tracking import MlflowTracker
 from detloop.seeding import derive_seed, rng
 
 

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from detloop.cli import main
+from detloop.cli.main import main
 from detloop.data import schema
 from detloop.data.io import write_json, write_table
 from detloop.data.rundir import RunDir
-from detloop.selectors.synthetic import predictions_from_rows, synthetic_images
+from detloop.data.synthetic import predictions_from_rows, synthetic_images
 
 
 def test_strategies_lists_and_filters(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,18 +8,18 @@ import pyarrow.compute as pc
 import pytest
 
 from detloop.data import schema
+from detloop.data.synthetic import (
+    image_ids,
+    predictions_from_rows,
+    synthetic_images,
+    synthetic_predictions,
+)
 from detloop.selectors import pipeline
 from detloop.selectors.budgets import iteration_sizes, loop_budgets, rescale_budgets
 from detloop.selectors.columns import MIN_BOX_SIZE
 from detloop.selectors.pipeline import SelectContext, select
 from detloop.selectors.stages import aggregate, fuse, min_max, order_images, perc_weights, z_score
 from detloop.selectors.strategy import parse_strategy
-from detloop.selectors.synthetic import (
-    image_ids,
-    predictions_from_rows,
-    synthetic_images,
-    synthetic_predictions,
-)
 
 
 def _images(ids: list[str]) -> pa.Table:

@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 import pytest
 
 from detloop.data.errors import DataError
+from detloop.data.synthetic import image_ids, synthetic_images
 from detloop.selectors import prune
 from detloop.selectors.prune import (
     duplicate_mask,
@@ -18,7 +19,6 @@ from detloop.selectors.prune import (
     random_prune_mask,
 )
 from detloop.selectors.strategy import parse_strategy
-from detloop.selectors.synthetic import image_ids, synthetic_images
 
 
 def _hashes(n: int, seed: int = 0) -> np.ndarray:

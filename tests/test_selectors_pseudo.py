@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from detloop.data import schema
+from detloop.data.synthetic import predictions_from_rows, synthetic_predictions
 from detloop.selectors.pseudo import (
     PseudoSpec,
     parse_pseudo_strategy,
@@ -16,7 +17,6 @@ from detloop.selectors.pseudo import (
     select_pseudo_labels,
 )
 from detloop.selectors.strategy import StrategyError
-from detloop.selectors.synthetic import predictions_from_rows, synthetic_predictions
 
 
 def test_parse_selection_strategies() -> None:

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from detloop.data import schema
+from detloop.data.synthetic import predictions_from_rows, synthetic_predictions
 from detloop.selectors.columns import DetColumns, MissingColumnError, NonFiniteColumnError
 from detloop.selectors.scores import (
     ScoreContext,
@@ -16,7 +17,6 @@ from detloop.selectors.scores import (
     registered_scores,
 )
 from detloop.selectors.strategy import StrategyError
-from detloop.selectors.synthetic import predictions_from_rows, synthetic_predictions
 
 THRESHOLDS = {"uncertainties": ["entropy", "albox_rel"], "weights": [0.7, 0.3]}
 CONTRACT_SCORES = [*registered_scores(), "score", "al_x1", "entropy_cal", "mc_y2"]

@@ -81,17 +81,19 @@ def _main(args: argparse.Namespace) -> int:
 
 def _run(cfgs: list[ExperimentConfig], t_start: float) -> int:
     from detloop.data.rundir import RunsRoot
-    from detloop.orchestrator.cli import execute
-    from detloop.orchestrator.runs import create_run, stored_config
-    from detloop.reports.al_curves import write_report
+    from detloop.orchestrator.engine.runs import create_run, stored_config
+    from detloop.orchestrator.loops.execute import execute
+    from detloop.reports.al_curves import run_summary, write_report
 
     runs = []
     for cfg in cfgs:
         run = create_run(cfg)
         _say(f"\n== strategy {cfg.al.strategy}: {run.path}")
-        code = execute(run, stored_config(run))
-        if code != 0:
-            return code
+        outcome = execute(run, stored_config(run))
+        if outcome.exit_code != 0:
+            _say(f"demo: the run failed; continue it with\n  {outcome.resume_command}")
+            return outcome.exit_code
+        _say(run_summary(run))
         runs.append(run)
     root = RunsRoot(cfgs[0].runs_root)
     png, md = write_report(runs, root.experiment(cfgs[0].name))

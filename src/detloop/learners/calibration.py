@@ -31,22 +31,13 @@ from detloop.learners.calibration_core import (
     entropy_bits,
     fit_class_temperature,
     list_column,
+    set_float_column,
 )
 
 CLASS_BASE_METHODS = ("ts_all", "ts_percls", "iso_all", "iso_percls")
 CLASS_METHODS = (*CLASS_BASE_METHODS, *(f"unc_{m}" for m in CLASS_BASE_METHODS))
 STATE_JSON = "calibrators.json"
 STATE_NPZ = "calibrators.npz"
-
-
-def set_float_column(table: pa.Table, name: str, values: np.ndarray) -> pa.Table:
-    """Add or replace a float32 column; NaN becomes null."""
-    values = np.asarray(values, dtype=np.float32)
-    col = pa.array(values, type=pa.float32(), mask=~np.isfinite(values))
-    idx = table.schema.get_field_index(name)
-    if idx >= 0:
-        return table.set_column(idx, name, col)
-    return table.append_column(name, col)
 
 
 class ClassCalibrator:

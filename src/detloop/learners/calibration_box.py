@@ -22,6 +22,7 @@ from detloop.learners.calibration_core import (
     box_sizes,
     coord_matrix,
     fit_box_temperature,
+    set_float_column,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,8 +139,6 @@ class BoxCalibrator:
 
     def transform(self, table: pa.Table) -> pa.Table:
         """Fill ``<kind>_x1_cal .. <kind>_y2_cal`` of a predictions table (predicted class)."""
-        from detloop.learners.calibration import set_float_column
-
         df = table.select(["class_id", *COORDS, *(f"{self.kind}_{c}" for c in COORDS)]).to_pandas()
         cal = self.calibrate(
             coord_matrix(df, f"{self.kind}_"), df["class_id"].to_numpy(np.int64), box_sizes(df)

@@ -160,3 +160,13 @@ def entropy_bits(probs: np.ndarray) -> np.ndarray:
     """Row-wise Shannon entropy in bits."""
     p = np.clip(probs, 1e-30, 1.0)
     return np.asarray(-(probs * np.log2(p)).sum(axis=-1))
+
+
+def set_float_column(table: pa.Table, name: str, values: np.ndarray) -> pa.Table:
+    """Add or replace a float32 column; NaN becomes null."""
+    values = np.asarray(values, dtype=np.float32)
+    col = pa.array(values, type=pa.float32(), mask=~np.isfinite(values))
+    idx = table.schema.get_field_index(name)
+    if idx >= 0:
+        return table.set_column(idx, name, col)
+    return table.append_column(name, col)

@@ -6,14 +6,17 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from detloop import console
-from detloop.cli import UsageError, add_set_option
+from detloop.cli.common import UsageError, add_set_option
 from detloop.config import ExperimentConfig, config_to_dict, load_config
 from detloop.data.rundir import RunDir
+
+if TYPE_CHECKING:
+    from detloop.orchestrator.loops.execute import LoopOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -68,44 +71,15 @@ def _print_config(cfg: ExperimentConfig) -> None:
         _out(f"#   {line}")
 
 
-def execute(run: RunDir, cfg: ExperimentConfig) -> int:
-    """Run or resume the loop of ``run``; print the resume command if it fails.
-
-    An entry point: it also runs in a Ray task for each loop of ``detloop grid``, a process
-    the CLI did not set up, so it sets up what a person sees there too (``detloop.console``).
-    """
-    console.quiet_dependency_warnings()
-    console.ensure_console()
-    from detloop.orchestrator.loop import ActiveLearningLoop
-    from detloop.orchestrator.runs import code_version, ray_job_id
-    from detloop.orchestrator.tracking import LoopCallback, MlflowTracker
-    from detloop.selectors.strategy import format_strategy, parse_strategy
-
-    callbacks: list[LoopCallback] = []
-    if cfg.tracking.enabled:
-        tags = {
-            "strategy": format_strategy(parse_strategy(cfg.al.strategy)),
-            "dataset": str(cfg.data.pool.source.name) if cfg.data.pool else "",
-            "seed": str(cfg.seed),
-            "code_version": code_version(),
-            "ray_job_id": ray_job_id() or "",
-        }
-        callbacks.append(MlflowTracker(cfg, tags))
-    loop = ActiveLearningLoop(run, cfg, callbacks)
-    try:
-        status = loop.execute()
-    except Exception:
-        logger.exception("the loop failed")
-        print(  # noqa: T201
-            f"detloop: the run failed; continue it with\n  detloop resume {run.path}",
-            file=sys.stderr,
-        )
-        return 1
-    if status == "done":
+def _report_outcome(outcome: LoopOutcome) -> int:
+    """What a person reads when a loop stops: its results, or how to continue it."""
+    if outcome.status == "failed":
+        sys.stderr.write(f"detloop: the run failed; continue it with\n  {outcome.resume_command}\n")
+    elif outcome.status == "done":
         from detloop.reports.al_curves import run_summary
 
-        _out(run_summary(run))
-    return 0
+        _out(run_summary(outcome.run))
+    return outcome.exit_code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -113,11 +87,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_config(cfg)
         return 0
-    from detloop.orchestrator.runs import create_run, stored_config
+    from detloop.orchestrator.engine.runs import create_run, stored_config
+    from detloop.orchestrator.loops.execute import execute
 
     run = create_run(cfg, fresh=args.fresh)
     console.say("run directory: %s", run.path)
-    return execute(run, stored_config(run))
+    return _report_outcome(execute(run, stored_config(run)))
 
 
 def _run_dir(path: Path) -> RunDir:
@@ -128,15 +103,16 @@ def _run_dir(path: Path) -> RunDir:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from detloop.orchestrator.runs import stored_config
+    from detloop.orchestrator.engine.runs import stored_config
+    from detloop.orchestrator.loops.execute import execute
 
     run = _run_dir(args.run_dir)
-    return execute(run, stored_config(run))
+    return _report_outcome(execute(run, stored_config(run)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from detloop.data.pool import PoolState
-    from detloop.orchestrator.journal import Journal
+    from detloop.orchestrator.engine.journal import Journal
 
     run = _run_dir(args.run_dir)
     journal = Journal(run)
@@ -157,7 +133,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_import_labels(args: argparse.Namespace) -> int:
-    from detloop.orchestrator.human import import_labels
+    from detloop.orchestrator.loops.human import import_labels
 
     run = _run_dir(args.run_dir)
     n_images, n_boxes = import_labels(run, args.file)
@@ -169,7 +145,7 @@ def cmd_import_labels(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from detloop.orchestrator.grid import run_grid
+    from detloop.orchestrator.loops.grid import run_grid
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
@@ -178,7 +154,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if not strategies or not seeds:
         raise UsageError("--strategies and --seeds need at least one value each")
-    return run_grid(args.config, args.overrides, strategies, seeds)
+    outcomes = run_grid(args.config, args.overrides, strategies, seeds)
+    for outcome in outcomes:
+        _report_outcome(outcome)
+    return max((o.exit_code for o in outcomes), default=0)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -22,15 +22,15 @@ import pyarrow.compute as pc
 
 from detloop import console
 from detloop.config import ExperimentConfig
-from detloop.data import schema
+from detloop.data import schema, splits
 from detloop.data.io import read_json, read_table, write_json, write_table
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
-from detloop.orchestrator import steps
-from detloop.orchestrator.journal import Journal, Phase, iteration_phases
-from detloop.orchestrator.progress import iteration_line, phase_line
-from detloop.orchestrator.tracking import LoopCallback
-from detloop.orchestrator.warmup import WarmupCache
+from detloop.orchestrator.engine.journal import Journal, Phase, iteration_phases
+from detloop.orchestrator.engine.progress import iteration_line, phase_line
+from detloop.orchestrator.engine.tracking import LoopCallback
+from detloop.orchestrator.loops import steps
+from detloop.orchestrator.loops.warmup import WarmupCache
 from detloop.seeding import derive_seed
 from detloop.selectors.strategy import StrategySpec, parse_strategy
 
@@ -42,7 +42,7 @@ class WaitingForLabels(Exception):
 
 
 class ActiveLearningLoop:
-    """One AL run over a run directory that ``detloop.orchestrator.runs.create_run`` prepared."""
+    """One AL run over a run directory that ``engine.runs.create_run`` prepared."""
 
     def __init__(
         self,
@@ -68,7 +68,7 @@ class ActiveLearningLoop:
     def workers(self) -> Any:
         if self._workers is None:
             if self._workers_factory is None:
-                from detloop.orchestrator.actors import Workers, check_capacity, ensure_ray
+                from detloop.orchestrator.engine.actors import Workers, check_capacity, ensure_ray
 
                 ensure_ray(self.cfg.ray)
                 check_capacity(self.cfg.ray)
@@ -100,7 +100,7 @@ class ActiveLearningLoop:
         meta = self.journal.meta
         if "budget_sizes" not in meta:
             images = self.run.read_images()
-            n_pool = steps.count_pool(images)
+            n_pool = splits.count_pool(images)
             meta["budget_sizes"] = steps.budget_sizes(self.cfg, self.spec, images, n_pool)
             self.journal.save()
         sizes: list[int] = meta["budget_sizes"]
@@ -193,7 +193,7 @@ class ActiveLearningLoop:
 
     # ---- phases ----------------------------------------------------------------------------
     def _phase_import(self, iteration: int) -> dict[str, Any]:
-        from detloop.orchestrator.runs import import_data
+        from detloop.orchestrator.engine.runs import import_data
 
         # a run's strategy is fixed, so pool hashes are needed only when it prunes
         imported = import_data(self.run, self.cfg, hash_pool=self.spec.prunes)
@@ -205,7 +205,7 @@ class ActiveLearningLoop:
             self.run.write_images(pruned)
         return {
             "imported": imported,
-            "pool": steps.count_pool(pruned if pruned is not None else images),
+            "pool": splits.count_pool(pruned if pruned is not None else images),
         }
 
     def _phase_select(self, iteration: int) -> dict[str, Any]:
@@ -277,7 +277,7 @@ class ActiveLearningLoop:
         init = self.cfg.model.weights
         if self.cfg.al.warm_start and iteration > 0:
             init = self.run.checkpoint(iteration - 1) / "model.pt"
-        val = steps.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
+        val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
         result = self.workers.train(
             images=images,
             labels=pool.labels,
@@ -341,7 +341,7 @@ class ActiveLearningLoop:
             and self.warmup.restore_evaluation(self.run, iteration)
         ):
             return {"warmup_cache": True}
-        split, images, gt = steps.eval_split(self.run)
+        split, images, gt = splits.eval_split(self.run)
         table, seconds, stats = self._predict(
             iteration, iteration, images, f"evaluate_{split}", Phase.EVALUATE
         )

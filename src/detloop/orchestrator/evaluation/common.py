@@ -18,8 +18,8 @@ from detloop.data import schema
 from detloop.data.errors import DataError
 from detloop.data.io import read_json, read_table, write_json, write_table
 from detloop.data.rundir import RunDir
+from detloop.data.splits import eval_split
 from detloop.learners.calibration import STATE_JSON, CalibrationSet, calibration_pairs
-from detloop.orchestrator.steps import eval_split
 
 logger = logging.getLogger(__name__)
 DECODE_METHODS = ("l-norm", "n-flow", "sample", "falsedec")
@@ -126,33 +126,13 @@ def log_run_artifacts(run: RunDir, cfg: ExperimentConfig, paths: list[Path], sub
     """``log_artifacts`` with the run's MLflow run id (run.json) and the configured store."""
     if not cfg.tracking.enabled or not run.exists():
         return 0
-    from detloop.orchestrator.tracking import tracking_uri
+    from detloop.orchestrator.engine.tracking import tracking_uri
 
     run_id = run.read_meta().get("mlflow_run_id")
     return log_artifacts(run_id, tracking_uri(cfg), paths, sub)
 
 
 # ---- validation data -------------------------------------------------------------------------
-def load_validation(
-    run: RunDir, cfg: ExperimentConfig, model_iter: int, seed: int
-) -> tuple[pa.Table, pa.Table]:
-    """Validation predictions and matches of ``model_iter``'s model, computed when missing."""
-    from detloop.learners.evaluate import match_reference
-
-    preds_file = run.val_predictions_file(model_iter)
-    if not preds_file.exists():
-        from detloop.orchestrator.validation import validate_model
-
-        validate_model(run, cfg, resolve_model(run, model_iter, None), seed, compare=False)
-    preds = read_table(schema.PREDICTIONS, preds_file)
-    mfile = run.matches_file(model_iter)
-    if mfile.exists():
-        return preds, read_table(schema.MATCHES, mfile)
-    _, _, gt = eval_split(run)
-    matches = match_reference(preds, gt, assign=cfg.thresholding.assign_gt_box)
-    return preds, write_table(matches, schema.MATCHES, mfile)
-
-
 def load_calibration(run: RunDir, iteration: int) -> CalibrationSet | None:
     """The stored calibrators of ``iteration`` (loaded once), or None."""
     d = run.calibration_dir(iteration)
@@ -177,7 +157,6 @@ __all__ = [
     "eval_split",
     "jsonable",
     "load_calibration",
-    "load_validation",
     "log_artifacts",
     "log_run_artifacts",
     "mean_matched_score",

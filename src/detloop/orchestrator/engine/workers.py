@@ -57,7 +57,7 @@ def _reporter(progress_key: str | None) -> Any:
     """The worker's progress reporter (``orchestrator/progress.py``), or False for none."""
     if not progress_key:
         return False
-    from detloop.orchestrator.progress import KvReporter
+    from detloop.orchestrator.engine.progress import KvReporter
 
     return KvReporter(progress_key)
 

@@ -31,7 +31,7 @@ def stage_rng(seed: int, iteration: int, stage: str) -> np.random.Generator:
 
 
 def _usage(message: str) -> Exception:
-    from detloop.cli import UsageError
+    from detloop.cli.common import UsageError
 
     return UsageError(message)
 
@@ -123,7 +123,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_oss(args: argparse.Namespace) -> int:
     from detloop.config import load_config
-    from detloop.selectors.oss_run import run_oss, write_outputs
+    from detloop.orchestrator.evaluation.oss import run_oss, write_outputs
 
     cfg = load_config(args.config, args.overrides)
     root = RunsRoot(Path(cfg.runs_root))
@@ -154,7 +154,7 @@ def _clean(obj: Any) -> Any:
 
 def register(sub: Any) -> None:
     """Add the selector verbs to the ``detloop`` sub-command parser."""
-    from detloop.cli import add_set_option
+    from detloop.cli.common import add_set_option
 
     p = sub.add_parser("strategies", help="list AL scores and modifiers")
     p.add_argument("--filter", help="glob on names, e.g. '*box'")

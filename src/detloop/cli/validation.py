@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from detloop.config import ExperimentConfig, load_config
-from detloop.data.rundir import RunDir
+from detloop.cli.common import add_model_arguments, open_run
 
 VERBS = {
     "validate": "validation report: matches, runtime, mAP, uncertainty quality, decoding methods",
@@ -23,38 +21,13 @@ VERBS = {
 }
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """CONFIG, --run, --iteration | --checkpoint and --set."""
-    from detloop.cli import add_set_option
-
-    p.add_argument("config", type=Path, metavar="CONFIG", help="experiment YAML")
-    p.add_argument("--run", required=True, type=Path, metavar="RUN_DIR", help="run directory")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--iteration", type=int, metavar="N", help="model of iteration N (default: "
-                   "the latest checkpoint)")  # fmt: skip
-    g.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint directory")
-    add_set_option(p)
-
-
-def open_run(args: argparse.Namespace) -> tuple[ExperimentConfig, RunDir]:
-    """Load the config and check the run directory exists."""
-    from detloop.cli import UsageError
-
-    cfg = load_config(args.config, args.overrides)
-    if not Path(args.run).is_dir():
-        raise UsageError(f"run directory {args.run} does not exist (import data first)")
-    if args.iteration is not None and args.iteration < 0:
-        raise UsageError(f"--iteration must be >= 0, got {args.iteration}")
-    return cfg, RunDir(args.run)
-
-
 def _print(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from detloop.orchestrator.validation import validate_model
-    from detloop.orchestrator.validation_common import resolve_model
+    from detloop.orchestrator.evaluation.common import resolve_model
+    from detloop.orchestrator.evaluation.validation import validate_model
     from detloop.seeding import derive_seed
 
     cfg, run = open_run(args)
@@ -67,8 +40,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from detloop.orchestrator.validation import _headline, calibrate_model
-    from detloop.orchestrator.validation_common import resolve_model
+    from detloop.orchestrator.evaluation.common import resolve_model
+    from detloop.orchestrator.evaluation.validation import _headline, calibrate_model
     from detloop.seeding import derive_seed
 
     cfg, run = open_run(args)
@@ -79,8 +52,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_threshold(args: argparse.Namespace) -> int:
-    from detloop.orchestrator.validation import threshold_model
-    from detloop.orchestrator.validation_common import resolve_model
+    from detloop.orchestrator.evaluation.common import resolve_model
+    from detloop.orchestrator.evaluation.validation import threshold_model
     from detloop.seeding import derive_seed
 
     cfg, run = open_run(args)

@@ -21,22 +21,20 @@ import sys
 from collections.abc import Callable, Sequence
 
 from detloop import console
+from detloop.cli.common import UsageError
 from detloop.config import ConfigError
 from detloop.data.errors import DataError
 from detloop.runtime_env import apply_local_env
 
 # Modules that contribute verbs; each defines ``register(subparsers) -> None``.
 COMMAND_MODULES = (
-    "detloop.data.cli",
-    "detloop.learners.cli",
-    "detloop.selectors.cli",
-    "detloop.orchestrator.cli",
-    "detloop.orchestrator.autolabel_cli",
+    "detloop.cli.data",
+    "detloop.cli.learners",
+    "detloop.cli.selectors",
+    "detloop.cli.loops",
+    "detloop.cli.validation",
+    "detloop.cli.autolabel",
 )
-
-
-class UsageError(Exception):
-    """A user error detected by a command handler (bad argument combination, missing file)."""
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -78,18 +76,6 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=argparse.SUPPRESS,
         help="no progress and no info: only results, warnings and errors",
-    )
-
-
-def add_set_option(parser: argparse.ArgumentParser) -> None:
-    """The shared ``--set key=value`` option."""
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
     )
 
 

@@ -16,7 +16,7 @@ from detloop.data.errors import DataError
 from detloop.data.io import read_json, write_json
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
-from detloop.orchestrator.journal import Journal, Phase
+from detloop.orchestrator.engine.journal import Journal, Phase
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detloop.cli import UsageError, add_set_option
+from detloop.cli.common import UsageError, add_set_option
 from detloop.config import ExperimentConfig, load_config
 from detloop.data import schema
 from detloop.data.io import read_json, write_json, write_table

@@ -18,48 +18,14 @@ import pyarrow.compute as pc
 
 from detloop.config import ExperimentConfig
 from detloop.data import schema
-from detloop.data.errors import DataError
 from detloop.data.io import read_json, read_table
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
-from detloop.orchestrator.journal import Journal
+from detloop.data.splits import count_pool, eval_split
+from detloop.orchestrator.engine.journal import Journal
 from detloop.selectors.strategy import StrategySpec
 
 logger = logging.getLogger(__name__)
-
-
-def _pool_mask(images: pa.Table) -> pa.ChunkedArray:
-    return pc.and_(pc.equal(images["split"], "pool"), pc.not_equal(images["state"], "pruned"))
-
-
-def count_pool(images: pa.Table) -> int:
-    """Pool images that take part in the loop (pruned ones excluded)."""
-    return int(pc.sum(_pool_mask(images)).as_py() or 0)
-
-
-def has_split(run: RunDir, split: str) -> bool:
-    images = run.read_images()
-    return bool(pc.any(pc.equal(images["split"], split)).as_py())
-
-
-def split_tables(run: RunDir, split: str) -> tuple[pa.Table, pa.Table]:
-    """Images of ``split`` (quarantined ones excluded) and their ground truth."""
-    images = run.read_images()
-    images = images.filter(
-        pc.and_(pc.equal(images["split"], split), pc.not_equal(images["state"], "examine"))
-    )
-    gt = run.read_gt()
-    gt = gt.filter(pc.is_in(gt["image_id"], value_set=images["image_id"].combine_chunks()))
-    return images, gt
-
-
-def eval_split(run: RunDir) -> tuple[str, pa.Table, pa.Table]:
-    """The validation split (``val``, else ``test``) with its images and ground truth."""
-    for split in ("val", "test"):
-        if has_split(run, split):
-            images, gt = split_tables(run, split)
-            return split, images, gt
-    raise DataError(str(run.images_file), None, "split", "the run has no val or test images")
 
 
 # ---- budgets, pruning, selection ---------------------------------------------------------------
@@ -117,7 +83,7 @@ def min_score(cfg: ExperimentConfig, run: RunDir, iteration: int) -> float:
     """The consumer score floor (ALGORITHMS §3): ``al.min_score`` or ``predict.min_score`` when
     set; else the mean matched score of the latest validation (M(i-1) on val) floored to one
     decimal; else 0.4."""
-    from detloop.orchestrator.validation_common import mean_matched_score, min_score_for
+    from detloop.orchestrator.evaluation.common import mean_matched_score, min_score_for
 
     if cfg.al.min_score is not None:
         return cfg.al.min_score
@@ -264,14 +230,14 @@ def iteration_metrics(
 
 def calibrate(run: RunDir, cfg: ExperimentConfig, iteration: int, seed: int) -> dict[str, Any]:
     """Fit calibrators on M(i-1)'s validation predictions; add ``*_cal`` to the pool's."""
-    from detloop.orchestrator.validation import calibrate_iteration
+    from detloop.orchestrator.evaluation.validation import calibrate_iteration
 
     return dict(calibrate_iteration(run, cfg, iteration, seed))
 
 
 def threshold(run: RunDir, cfg: ExperimentConfig, iteration: int, seed: int) -> dict[str, Any]:
     """Cost-sensitive thresholds of M(i-1) on validation (for ``combo``)."""
-    from detloop.orchestrator.validation import threshold_iteration
+    from detloop.orchestrator.evaluation.validation import threshold_iteration
 
     return dict(threshold_iteration(run, cfg, iteration, seed))
 

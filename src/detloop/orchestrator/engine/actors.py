@@ -9,19 +9,21 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import ray
 
 from detloop import console
 from detloop.config import ExperimentConfig, RayConfig, config_snapshot
-from detloop.orchestrator.progress import ProgressBoard, forget, new_prefix
-from detloop.orchestrator.workers import PredictWorker, ShardResult, TrainWorker
+from detloop.orchestrator.engine.progress import ProgressBoard, forget, new_prefix
+from detloop.orchestrator.engine.workers import PredictWorker, ShardResult, TrainWorker
 from detloop.runtime_env import apply_local_env
 
 logger = logging.getLogger(__name__)
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 def _threads(num_cpus: float) -> int:
@@ -73,6 +75,14 @@ def check_capacity(rc: RayConfig, loops: int = 1) -> None:
             "(ray.train_num_cpus + ray.predict_workers * ray.predict_num_cpus each); "
             "lower those settings or add CPUs"
         )
+
+
+def coordinator_tasks(fn: Callable[[A], R], args: Sequence[A]) -> list[R]:
+    """Run ``fn`` on each argument as a Ray task that holds no CPU (it only waits on actors,
+    so coordinators never starve behind training actors) and is not retried (a loop resumes
+    from its journal instead); results in argument order."""
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    return list(ray.get([task.remote(a) for a in args]))
 
 
 class Workers:

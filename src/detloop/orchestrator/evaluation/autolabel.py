@@ -11,10 +11,7 @@ registers ``validate``, ``calibrate`` and ``threshold`` (``validation_cli``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +23,7 @@ from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.data.io import write_table
 from detloop.data.rundir import RunDir
-from detloop.orchestrator import validation_cli
-from detloop.orchestrator.validation_common import ModelRef
+from detloop.orchestrator.evaluation.common import ModelRef
 
 logger = logging.getLogger(__name__)
 REASON = "autolabel: uncertain detection"
@@ -65,7 +61,7 @@ def frame_images(
 
 def ensure_thresholds(run: RunDir, cfg: ExperimentConfig, it: int, seed: int) -> Any:
     """The thresholding result of iteration ``it`` matching the config (computed if needed)."""
-    from detloop.orchestrator.validation import threshold_model
+    from detloop.orchestrator.evaluation.validation import threshold_model
     from detloop.selectors.threshold import load_thresholds, parse_uncertainties
 
     t, c = cfg.thresholding, cfg.calibration
@@ -91,8 +87,8 @@ def autolabel_frames(
     """Decide, label and export the ``frames``; returns the report (also in metrics.json)."""
     from detloop.data.pool import PoolState
     from detloop.learners.predict import Predictor
-    from detloop.orchestrator.validation import calibrate_model
-    from detloop.orchestrator.validation_common import load_calibration, log_run_artifacts
+    from detloop.orchestrator.evaluation.common import load_calibration, log_run_artifacts
+    from detloop.orchestrator.evaluation.validation import calibrate_model
     from detloop.selectors import autolabel as al
 
     it = ref.iteration
@@ -125,7 +121,7 @@ def autolabel_frames(
     pool.save(run)
     exports = _export(run, cfg, decision, labels, it)
     report = _report(run, cfg, decision, pdf, ids, thresholds.calibrated)
-    from detloop.orchestrator.validation_common import update_metrics
+    from detloop.orchestrator.evaluation.common import update_metrics
 
     paths = [update_metrics(run, it, "autolabel", report), run.selection_file(it), *exports]
     log_run_artifacts(run, cfg, paths, f"iter_{it:04d}/autolabel")
@@ -134,7 +130,7 @@ def autolabel_frames(
 
 def _min_score(run: RunDir, cfg: ExperimentConfig, it: int) -> float:
     from detloop.data.io import read_table
-    from detloop.orchestrator.validation_common import mean_matched_score, min_score_for
+    from detloop.orchestrator.evaluation.common import mean_matched_score, min_score_for
 
     if cfg.predict.min_score is None and run.matches_file(it).exists():
         preds = read_table(schema.PREDICTIONS, run.val_predictions_file(it))
@@ -202,40 +198,3 @@ def _report(
     if len(gt):
         report["quality"] = al.quality_report(decision, gt, cfg.autolabel.quality_iou)
     return report
-
-
-def cmd_autolabel(args: argparse.Namespace) -> int:
-    from detloop.cli import UsageError
-    from detloop.orchestrator.validation_common import resolve_model
-    from detloop.seeding import derive_seed
-
-    cfg, run = validation_cli.open_run(args)
-    if not Path(args.images).is_dir():
-        raise UsageError(f"--images {args.images} is not a directory")
-    first = args.first if args.first is not None else cfg.autolabel.infer_first_frame
-    last = args.last if args.last is not None else cfg.autolabel.infer_last_frame
-    if first is not None and last is not None and last <= first:
-        raise UsageError(f"--last ({last}) must be greater than --first ({first})")
-    ref = resolve_model(run, args.iteration, args.checkpoint)
-    frames = frame_images(run, Path(args.images), first, last, cfg.data.lenient)
-    if frames.num_rows == 0:
-        raise UsageError(f"no images under {args.images} in frames [{first}, {last})")
-    report = autolabel_frames(run, cfg, ref, frames, derive_seed(cfg.seed, ref.iteration,
-                                                                 "autolabel"))  # fmt: skip
-    report.pop("rankings", None)
-    sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
-    return 0
-
-
-def register(sub: Any) -> None:
-    """``autolabel`` plus ``validate``, ``calibrate`` and ``threshold``."""
-    validation_cli.register(sub)
-    if "autolabel" in sub.choices:
-        return
-    text = "auto-label new frames; export uncertain ones for human review"
-    p = sub.add_parser("autolabel", help=text, description=text)
-    validation_cli.add_model_arguments(p)
-    p.add_argument("--images", required=True, type=Path, metavar="DIR", help="folder of frames")
-    p.add_argument("--first", type=int, metavar="N", help="first frame (sorted ids), inclusive")
-    p.add_argument("--last", type=int, metavar="M", help="last frame, exclusive")
-    p.set_defaults(func=cmd_autolabel)

@@ -9,7 +9,7 @@ Each step reads what the previous one wrote in the run directory (ARCHITECTURE �
 * ``threshold_model``: weights and per-IoU thresholds (``thresholds.json``) with plots.
 
 The AL loop calls ``calibrate_iteration`` / ``threshold_iteration`` (model M(i−1), outputs in
-iteration i). The verbs live in ``detloop.orchestrator.validation_cli``.
+iteration i). The verbs live in ``detloop.cli.validation``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from detloop.learners.calibration import (
     split_by_image,
 )
 from detloop.learners.uq_metrics import runtime_stats
-from detloop.orchestrator import uq_report
-from detloop.orchestrator.validation_common import (
+from detloop.orchestrator.evaluation.common import (
     DECODE_METHODS,
     ModelRef,
     apply_calibration,
@@ -41,12 +40,13 @@ from detloop.orchestrator.validation_common import (
     eval_split,
     jsonable,
     load_calibration,
-    load_validation,
     log_run_artifacts,
     mean_matched_score,
     min_score_for,
+    resolve_model,
     update_metrics,
 )
+from detloop.reports import uq_report
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def threshold_model(
     result.save(run.thresholds_file(out_iter))
     paths = [run.thresholds_file(out_iter)]
     if plots:
-        from detloop.orchestrator.threshold_report import write_threshold_plots
+        from detloop.reports.threshold_report import write_threshold_plots
 
         out_dir = run.iteration_dir(out_iter) / "thresholding"
         paths += write_threshold_plots(run, rows, th, out_dir, np.random.default_rng(seed),
@@ -278,3 +278,21 @@ def threshold_iteration(
 ) -> dict[str, Any]:
     """AL loop: thresholds of M(i−1) on validation, stored in iteration i."""
     return threshold_model(run, cfg, iteration - 1, iteration, seed, plots=False)
+
+
+def load_validation(
+    run: RunDir, cfg: ExperimentConfig, model_iter: int, seed: int
+) -> tuple[pa.Table, pa.Table]:
+    """Validation predictions and matches of ``model_iter``'s model, computed when missing."""
+    from detloop.learners.evaluate import match_reference
+
+    preds_file = run.val_predictions_file(model_iter)
+    if not preds_file.exists():
+        validate_model(run, cfg, resolve_model(run, model_iter, None), seed, compare=False)
+    preds = read_table(schema.PREDICTIONS, preds_file)
+    mfile = run.matches_file(model_iter)
+    if mfile.exists():
+        return preds, read_table(schema.MATCHES, mfile)
+    _, _, gt = eval_split(run)
+    matches = match_reference(preds, gt, assign=cfg.thresholding.assign_gt_box)
+    return preds, write_table(matches, schema.MATCHES, mfile)

@@ -1,0 +1,59 @@
+"""Run or resume the loop of a run directory: the one entry point every front end uses (the
+``run``/``resume``/``grid`` verbs, the grid's Ray tasks, the demo, the benches)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from detloop import console
+from detloop.config import ExperimentConfig
+from detloop.data.rundir import RunDir
+from detloop.orchestrator.engine.runs import code_version, ray_job_id
+from detloop.orchestrator.engine.tracking import LoopCallback, MlflowTracker
+from detloop.orchestrator.loops.active_learning import ActiveLearningLoop
+from detloop.selectors.strategy import format_strategy, parse_strategy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    """How a loop ended: ``done``, ``wait_for_labels`` or ``failed`` (resumable)."""
+
+    run: RunDir
+    status: str
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.status == "failed" else 0
+
+    @property
+    def resume_command(self) -> str:
+        return f"detloop resume {self.run.path}"
+
+
+def execute(run: RunDir, cfg: ExperimentConfig) -> LoopOutcome:
+    """Run or resume the loop of ``run``; a failure is logged and reported, never raised.
+
+    An entry point: it also runs in a Ray task for each loop of ``detloop grid``, a process
+    the CLI did not set up, so it sets up what a person sees there too (``detloop.console``).
+    """
+    console.quiet_dependency_warnings()
+    console.ensure_console()
+    callbacks: list[LoopCallback] = []
+    if cfg.tracking.enabled:
+        tags = {
+            "strategy": format_strategy(parse_strategy(cfg.al.strategy)),
+            "dataset": str(cfg.data.pool.source.name) if cfg.data.pool else "",
+            "seed": str(cfg.seed),
+            "code_version": code_version(),
+            "ray_job_id": ray_job_id() or "",
+        }
+        callbacks.append(MlflowTracker(cfg, tags))
+    loop = ActiveLearningLoop(run, cfg, callbacks)
+    try:
+        return LoopOutcome(run, loop.execute())
+    except Exception:
+        logger.exception("the loop of %s failed", run.path)
+        return LoopOutcome(run, "failed")

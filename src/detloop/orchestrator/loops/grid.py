@@ -1,0 +1,57 @@
+"""Experiment grids: strategies x seeds as concurrent loops on one Ray cluster.
+
+Each loop is a coordinator task with ``num_cpus=0`` (it only waits on its actors), so loops never
+starve behind training actors. Loops of one seed share the warm-up through the warm-up cache:
+the first computes iteration 0, the others wait for it and copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from detloop.config import ExperimentConfig, build_config, config_snapshot, load_config
+from detloop.data.rundir import RunDir
+from detloop.orchestrator.engine.actors import check_capacity, coordinator_tasks, ensure_ray
+from detloop.orchestrator.engine.runs import create_run, stored_config
+from detloop.orchestrator.engine.tracking import prepare_store
+from detloop.orchestrator.loops.execute import LoopOutcome, execute
+
+logger = logging.getLogger(__name__)
+
+
+def _loop_task(config: dict[str, Any]) -> tuple[str, str]:
+    """Run (or resume) one loop inside a Ray task; returns (run directory, final status)."""
+    cfg = build_config(config)
+    run = create_run(cfg)
+    outcome = execute(run, stored_config(run))
+    return str(run.path), outcome.status
+
+
+def grid_configs(
+    config: Path, overrides: list[str], strategies: list[str], seeds: list[int]
+) -> list[ExperimentConfig]:
+    """One validated config per (strategy, seed)."""
+    return [
+        load_config(config, [*overrides, f"al.strategy={s}", f"seed={seed}"])
+        for seed in seeds
+        for s in strategies
+    ]
+
+
+def run_grid(
+    config: Path, overrides: list[str], strategies: list[str], seeds: list[int]
+) -> list[LoopOutcome]:
+    """Run every (strategy, seed) loop concurrently; the outcome of each, in grid order."""
+    cfgs = grid_configs(config, overrides, strategies, seeds)
+    ensure_ray(cfgs[0].ray, loops=len(cfgs))
+    check_capacity(cfgs[0].ray, loops=len(cfgs))
+    prepare_store(cfgs[0])
+    results = coordinator_tasks(_loop_task, [config_snapshot(c) for c in cfgs])
+    outcomes = [LoopOutcome(RunDir(Path(path)), status) for path, status in results]
+    for cfg, outcome in zip(cfgs, outcomes, strict=True):
+        logger.info(
+            "%s seed %d: %s %s", cfg.al.strategy, cfg.seed, outcome.run.path, outcome.status
+        )
+    return outcomes
