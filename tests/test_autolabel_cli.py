@@ -7,7 +7,6 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -150,16 +149,21 @@ def test_log_artifacts_to_mlflow(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
     run_id = client.create_run(exp).info.run_id
-    (tmp_path / "a.json").write_text("{}")
-    (tmp_path / "d").mkdir()
+    (tmp_path / "a.json").write_text('{"k": 1}')
+    (tmp_path / "d/e").mkdir(parents=True)
     (tmp_path / "d/b.txt").write_text("b")
-    assert log_artifacts(None, uri, [tmp_path / "a.json"], "x") == 0
-    assert (
-        log_artifacts(run_id, uri, [tmp_path / "a.json", tmp_path / "d", tmp_path / "no"], "x") == 2
-    )
+    (tmp_path / "d/e/c.txt").write_text("c")
+    assert log_artifacts(None, uri, [tmp_path / "a.json"], "x") == 0  # no run: nothing logged
+    assert log_artifacts(run_id, None, [tmp_path / "a.json"], "x") == 0
+    assert client.list_artifacts(run_id) == []
+    paths = [tmp_path / "a.json", tmp_path / "d", tmp_path / "no"]
+    assert log_artifacts(run_id, uri, paths, "x") == 2  # the missing path is skipped
     names = sorted(a.path for a in client.list_artifacts(run_id, "x"))
     assert names == ["x/a.json", "x/d"]
-    assert np.isfinite(1.0)
+    # a directory goes up whole, under its own name; every file keeps its content
+    back = Path(client.download_artifacts(run_id, "x", str(tmp_path / "back")))
+    files = {p.relative_to(back).as_posix(): p.read_text() for p in back.rglob("*") if p.is_file()}
+    assert files == {"a.json": '{"k": 1}', "d/b.txt": "b", "d/e/c.txt": "c"}
 
 
 @pytest.mark.slow

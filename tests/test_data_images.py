@@ -38,6 +38,27 @@ def test_hash_is_64_bit_and_matches_imagehash(tmp_path: Path) -> None:
     assert 0 <= h < 2**64
     ref = imagehash.phash(img.convert("L").resize((512, 256)), hash_size=8)
     assert f"{h:016x}" == str(ref)
+    wavelet = imagehash.whash(img.convert("L").resize((512, 256)), hash_size=8)
+    assert f"{hash_image(img, 'w'):016x}" == str(wavelet) != str(ref)
+
+
+@pytest.mark.parametrize("method", ["p", "w"])
+def test_al_hash_method_chooses_the_stored_pool_hash(tmp_path: Path, method: str) -> None:
+    """``al.hash_method`` reaches the import: the pool's ``phash`` column holds that hash."""
+    from detloop.config import build_config
+    from detloop.data.rundir import RunDir
+    from detloop.orchestrator.engine.runs import import_data
+
+    saved = {f"pool/{k}": _save(tmp_path / "pool" / f"{k}.png", k) for k in range(3)}
+    cfg = build_config(
+        {"data": {"pool": {"format": "folder", "source": str(tmp_path / "pool")}}},
+        [f"al.hash_method={method}"],
+    )
+    run = RunDir(tmp_path / "run")
+    import_data(run, cfg)
+    images = run.read_images()
+    stored = dict(zip(images["image_id"].to_pylist(), images["phash"].to_pylist(), strict=True))
+    assert stored == {iid: hash_image(img, method) for iid, img in saved.items()}
 
 
 def test_near_duplicates_hash_close_and_others_far(tmp_path: Path) -> None:

@@ -104,12 +104,38 @@ def test_run_end_to_end(reference_run: RunDir, capsys: pytest.CaptureFixture[str
     assert (run.path / "report" / "al_curves.png").stat().st_size > 1000
 
 
-def test_rerun_resumes_and_selects_nothing_twice(reference_run: RunDir, digits_tiny: Path) -> None:
-    before = labeled_ids(reference_run)
-    root = reference_run.path.parents[1]
-    assert main(["run", str(CI_CONFIG), *ci_overrides(digits_tiny, root)]) == 0
-    assert labeled_ids(reference_run) == before
-    assert len(mlflow_runs(root)) == 1
+def test_rerun_resumes_and_selects_nothing_twice(
+    reference_run: RunDir, digits_tiny: Path, local_ray: str, tmp_path: Path
+) -> None:
+    """`detloop run` SIGKILLed mid-iteration — iteration 1's labels written, its images table
+    not yet — then the same command again: it resumes the run, labels nothing twice and ends
+    with the reference run's selections; a third `run` of the finished run changes nothing."""
+    args = ci_overrides(
+        digits_tiny, tmp_path, f"ray.address={local_ray}", "fault.kill_at=[1:label:mid]"
+    )
+    command = ["run", str(CI_CONFIG), *args]
+    killed = _driver(command, local_ray)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run = RunsRoot(tmp_path).run("ci", "entropy-s0")
+    assert (run.path / ".fault_1_label_mid").exists()
+    journal = run.read_meta()["journal"]
+    assert journal == {"iteration": 1, "phase": "label", "status": "started"}
+    assert labeled_ids(run) == selected_per_iteration(reference_run)[0]
+    rerun = _driver(command, local_ray)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert run.read_meta()["journal"]["phase"] == "done"
+    picks = selected_per_iteration(run)
+    assert picks == selected_per_iteration(reference_run)
+    flat = [i for p in picks for i in p]
+    assert len(flat) == len(set(flat)) and labeled_ids(run) == sorted(flat)
+    labels = run.read_labels()
+    keys = list(zip(labels["image_id"].to_pylist(), labels["box_id"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) == reference_run.read_labels().num_rows
+    assert len(mlflow_runs(tmp_path)) == 1
+    again = _driver(command, local_ray)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert selected_per_iteration(run) == picks and run.read_labels().equals(labels)
+    assert len(mlflow_runs(tmp_path)) == 1
 
 
 def test_predict_worker_killed_mid_shard(

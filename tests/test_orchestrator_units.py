@@ -10,8 +10,10 @@ import pytest
 from detloop.config import build_config
 from detloop.data.rundir import RunDir, RunsRoot
 from detloop.orchestrator.engine.journal import Journal, Phase, iteration_phases
+from detloop.orchestrator.engine.journaled import Handler, JournaledLoop, Paused, Step
 from detloop.orchestrator.engine.runs import ray_job_id
-from detloop.orchestrator.engine.tracking import MlflowTracker
+from detloop.orchestrator.engine.tracking import LoopCallback, MlflowTracker
+from detloop.orchestrator.engine.workers import TrainOutcome
 from detloop.seeding import derive_seed, rng
 
 
@@ -58,6 +60,96 @@ def test_iteration_overhead_uses_the_last_attempt_of_each_phase(tmp_path: Path) 
     o = j.iteration_overhead(1)
     assert o == {"wall": 17.0, "compute": 9.5, "overhead": 7.5}
     assert j.iteration_overhead(2) == {"wall": 0.0, "compute": 0.0, "overhead": 0.0}
+
+
+class _Workers:
+    """Workers that only count their lifecycle (the toy loop computes nothing)."""
+
+    def __init__(self) -> None:
+        self.started = self.stopped = 0
+
+    def start(self) -> None:
+        self.started += 1
+
+    def shutdown(self) -> None:
+        self.stopped += 1
+
+    def train(self, **kwargs: object) -> TrainOutcome:
+        raise NotImplementedError
+
+    def predict(self, *args: object, **kwargs: object) -> float:
+        raise NotImplementedError
+
+
+class _Calls(LoopCallback):
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def on_iteration(
+        self, iteration: int, metrics: dict[str, float], artifacts: list[Path]
+    ) -> None:
+        self.seen.append((iteration, metrics))
+
+    def on_end(self, status: str) -> None:
+        self.seen.append(status)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _Toy(JournaledLoop):
+    """The smallest loop on the base: two rounds of train → evaluate; ``pause`` makes round
+    1's evaluation wait for the outside world."""
+
+    pause = False
+
+    def plan(self) -> list[Step]:
+        return [Step(r, p) for r in range(2) for p in (Phase.TRAIN, Phase.EVALUATE)]
+
+    def handlers(self) -> dict[Phase, Handler]:
+        return {Phase.TRAIN: self._train, Phase.EVALUATE: self._evaluate}
+
+    def _train(self, r: int) -> dict[str, object]:
+        return {"seed": self.seed(r, "train")}
+
+    def _evaluate(self, r: int) -> None:
+        if r == 1 and self.pause:
+            raise Paused
+        self.notify_iteration(r, {"round": float(r)}, [])
+
+
+def _toy(run: RunDir, workers: _Workers, calls: _Calls, pause: bool = False) -> _Toy:
+    def kill(point: str) -> None:
+        raise _Killed(point)
+
+    cfg = build_config({"name": "x", "fault": {"kill_at": ["0:evaluate"]}})
+    loop = _Toy(run, cfg, [calls], workers_factory=lambda c: workers, fault_action=kill)
+    loop.pause = pause
+    return loop
+
+
+def test_journaled_loop_runs_its_plan_resumes_and_pauses(tmp_path: Path) -> None:
+    run, workers, calls = _run(tmp_path), _Workers(), _Calls()
+    with pytest.raises(_Killed, match="0:evaluate"):  # the fault fires once, at its point
+        _toy(run, workers, calls).execute()
+    assert (run.path / ".fault_0_evaluate").exists()
+    assert calls.seen == [(0, {"round": 0.0}), "FAILED"]
+    assert _toy(run, workers, calls, pause=True).execute() == "paused"
+    assert calls.seen[2:] == ["SCHEDULED"]
+    assert _toy(run, workers, calls).execute() == "done"
+    assert calls.seen[3:] == [(1, {"round": 1.0}), "FINISHED"]
+    assert (workers.started, workers.stopped) == (3, 3)
+    meta = Journal(run).meta
+    done = [(h["iteration"], h["phase"]) for h in meta["history"] if h["ended"]]
+    assert done == [(0, "train"), (0, "evaluate"), (1, "train"), (1, "evaluate"), (1, "done")]
+    assert meta["seeds"] == {f"{r}/train": derive_seed(0, r, "train") for r in (0, 1)}
+    assert [h["seed"] for h in meta["history"] if h["phase"] == "train"] == [
+        derive_seed(0, r, "train") for r in (0, 1)
+    ]
+    # a finished run starts no workers
+    assert _toy(run, workers, calls).execute() == "done" and workers.started == 3
+    assert _toy(run, workers, calls).resume_command == f"detloop resume {run.path}"
 
 
 def test_derived_seeds_depend_on_every_part() -> None:

@@ -231,3 +231,30 @@ def test_stds_are_capped_at_the_larger_image_side_and_counted() -> None:
     np.testing.assert_allclose(det["al"], 0.5 * 256.0, rtol=1e-6)  # network pixels
     orig = _to_original(dict(det), 0.5, (256.0, 200.0))
     assert np.all(orig["al"] == 256.0)
+
+
+def test_max_nms_inputs_keeps_the_top_scoring_anchors_before_decoding() -> None:
+    """Pre-NMS top-k (§3): six confident anchors of six classes (no suppression between them);
+    ``max_nms_inputs`` = 3 keeps the three best, and a degenerate box among the others is never
+    decoded, so it is not counted as dropped; 0 (the default) keeps all six."""
+    p = predictor("lossatt")
+    n, c = p.anchors_xyxy.shape[0], p.model.spec.num_classes
+    anchors = (torch.arange(6) * (n // 7)).tolist()
+    cls = torch.full((1, 1, n, c), -20.0)
+    for k, a in enumerate(anchors):
+        cls[0, 0, a, k] = 1.0 + k  # anchor k has class k and the k-th lowest score
+    mu = torch.zeros(1, 1, n, 4)
+    mu[0, 0, anchors[0], TW] = -20.0  # the lowest-scoring anchor decodes to a degenerate box
+    out = {"cls": cls, "mu": mu, "s": torch.full((1, 1, n, 4), -10.0)}
+    size = (1e4, 1e4)
+    assert p.cfg.predict.max_nms_inputs == 0
+    every = p._postprocess(out, 0, 1.0, size, seed=0)
+    assert sorted(every["class_id"].tolist()) == [1, 2, 3, 4, 5]
+    assert p.last_stats.dropped_boxes == 1
+    p.cfg.predict.max_nms_inputs = 3
+    p.last_stats = PredictStats()
+    top = p._postprocess(out, 0, 1.0, size, seed=0)
+    assert top["class_id"].tolist() == [5, 4, 3] and p.last_stats.dropped_boxes == 0
+    np.testing.assert_allclose(top["score"], every["score"][:3], rtol=1e-6)
+    p.cfg.predict.max_nms_inputs = 10  # more than the candidates: all of them
+    assert p._postprocess(out, 0, 1.0, size, seed=0)["class_id"].tolist() == [5, 4, 3, 2, 1]

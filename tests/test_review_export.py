@@ -15,13 +15,8 @@ import pyarrow as pa
 import pytest
 from pycocotools.coco import COCO
 
-from detloop.data.review_export import (
-    coco_document,
-    export_review,
-    label_studio_tasks,
-    write_coco,
-    write_label_studio,
-)
+from detloop.data.export import coco_document, write_coco
+from detloop.data.review_export import export_review, label_studio_tasks, write_label_studio
 from detloop.data.rundir import RunDir
 
 SCHEMA = json.loads((Path(__file__).parent / "fixtures/label_studio_tasks.schema.json").read_text())
@@ -42,7 +37,7 @@ def frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 
 def test_coco_loads_with_pycocotools_and_restores_category_ids(tmp_path: Path) -> None:
     images, boxes, cats = frames()
-    path = write_coco(images, boxes, cats, tmp_path / "review.coco.json")
+    path = write_coco(images, boxes, cats, tmp_path / "review.coco.json", policy="review")
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(path))
     assert sorted(coco.getCatIds()) == [3, 5, 9]
@@ -111,4 +106,4 @@ def test_export_review_from_run(tmp_path: Path) -> None:
     assert len(doc["images"]) == 1 and len(doc["annotations"]) == 1  # 0.6 < min_score
     assert [c["id"] for c in doc["categories"]] == [1]  # no categories table: class_id + 1
     jsonschema.validate(json.loads(out["label_studio"].read_text()), SCHEMA)
-    assert coco_document(images, boxes.iloc[:0], cats)["annotations"] == []
+    assert coco_document(images, boxes.iloc[:0], cats, policy="review")["annotations"] == []

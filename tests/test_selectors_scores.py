@@ -19,7 +19,15 @@ from detloop.selectors.scores import (
 from detloop.selectors.strategy import StrategyError
 
 THRESHOLDS = {"uncertainties": ["entropy", "albox_rel"], "weights": [0.7, 0.3]}
-CONTRACT_SCORES = [*registered_scores(), "score", "al_x1", "entropy_cal", "mc_y2"]
+#: Scores with one value per candidate image (``random``); every other one gives one per row.
+IMAGE_SCORES = [n for n in registered_scores() if get_score(n).kind == "image"]
+CONTRACT_SCORES = [
+    *(n for n in registered_scores() if n not in IMAGE_SCORES),
+    "score",
+    "al_x1",
+    "entropy_cal",
+    "mc_y2",
+]
 _UNCERTAIN = ("entropy", "mc_class", *schema.AL_COLS, *schema.MC_COLS)
 
 
@@ -47,6 +55,20 @@ def test_one_finite_value_per_row(name: str, table: pa.Table) -> None:
         assert (values.ndim == 2) == (info.kind == "vector")
         if info.kind == "vector":
             assert values.shape[1] == len(info.components)
+
+
+@pytest.mark.parametrize("name", IMAGE_SCORES)
+def test_image_scores_give_one_seeded_value_per_candidate(name: str, table: pa.Table) -> None:
+    def run(seed: int) -> np.ndarray:
+        ctx = ScoreContext(rng=np.random.default_rng(seed), n_images=13)
+        return get_score(name).fn(DetColumns(table), ctx)
+
+    a = run(7)
+    assert a.shape == (13,) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, run(7))
+    assert not np.array_equal(a, run(8))
+    with pytest.raises(ValueError, match="n_images"):
+        get_score(name).fn(DetColumns(table), _ctx())
 
 
 @pytest.mark.parametrize("name", CONTRACT_SCORES)

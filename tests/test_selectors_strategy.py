@@ -7,9 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from detloop.config import ConfigError, build_config
+from detloop.selectors.scores import registered_scores
 from detloop.selectors.strategy import (
     COLUMN_SCORES,
-    SCORE_NAMES,
     StrategyError,
     StrategySpec,
     explain,
@@ -101,7 +101,7 @@ def test_mapping_form() -> None:
         parse_strategy({"perc": True})
 
 
-_scores = st.sampled_from([*SCORE_NAMES, *COLUMN_SCORES])
+_scores = st.sampled_from([*registered_scores(), *COLUMN_SCORES])
 
 
 @st.composite
@@ -160,10 +160,33 @@ def test_invalid_spec_values() -> None:
         StrategySpec(score="nope")
 
 
+def _explained_stages(name: str) -> dict[str, str]:
+    """``explain``'s lines below the canonical name, as {stage: what it does}."""
+    lines = explain(parse_strategy(name))
+    assert lines[0] == f"canonical name: {format_strategy(parse_strategy(name))}"
+    stages = dict(line.split(": ", 1) for line in lines[1:])
+    assert len(stages) == len(lines) - 1  # one line per stage
+    return stages
+
+
 def test_explain_lists_enabled_stages() -> None:
-    lines = "\n".join(explain(parse_strategy("prune_perc_calib_nee_mean_entropy")))
-    for word in ("prune", "calibrated", "mean", "perc", "nee"):
-        assert word in lines
+    """Each modifier shows on its own stage's line, and a stage that is off has no line (or
+    says so): the words of the name alone, e.g. in the canonical name, prove nothing."""
+    on = _explained_stages("prune_perc_calib_nee_mean_entropy")
+    assert on["before the loop"].startswith("prune by perceptual-hash duplicates")
+    assert on["prepare"].startswith("calibrated")
+    assert on["score"].startswith("entropy")
+    assert on["aggregate per image"] == "mean"
+    assert on["class weights"].startswith("perc")
+    assert on["ordering"].startswith("nee")
+    off = _explained_stages("entropy")
+    assert "before the loop" not in off and "class weights" not in off
+    assert off["prepare"].startswith("uncalibrated") and "relative" not in off["prepare"]
+    assert off["aggregate per image"] == "max" and off["ordering"].startswith("top-k")
+    other = _explained_stages("full_prune_rand_norm_bottomk_albox")
+    assert other["before the loop"].startswith("full_prune randomly")
+    assert other["prepare"].endswith("box stds relative to box size")
+    assert other["score"].startswith("albox") and other["ordering"].startswith("bottom-k")
 
 
 def test_config_rejects_bad_strategy_with_suggestion() -> None:

@@ -8,13 +8,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from torch import Tensor
 
 from detloop.config import ExperimentConfig
 from detloop.data.errors import DataError
 from detloop.learners.checkpoint import load_state_dict, load_weights, read_metadata
 from detloop.learners.model import build_model
 from detloop.learners.predict import Predictor
-from detloop.learners.train import effective_train_config, lr_at, train_model
+from detloop.learners.train import TrainResult, effective_train_config, lr_at, train_model
+from detloop.learners.train_state import WeightEma
 from learner_data import digits_root, split_tables
 
 torch.set_num_threads(1)
@@ -127,17 +129,104 @@ def test_weights_files(pool: tuple[pa.Table, pa.Table], tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_early_stopping_on_val_map(pool: tuple[pa.Table, pa.Table], tmp_path: Path) -> None:
+def test_early_stopping_on_val_map(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scripted val mAP50 per epoch (one step each): 0.1, 0.3 (best), 0.2, 0.3 → with patience 2
+    training stops after epoch 4 of 6 and the checkpoint holds epoch 2's weights. Scores that
+    keep improving run all 6 epochs."""
+    from detloop.learners import evaluate_run
+
     images, labels = pool
     images = images.slice(0, 4)
     labels = labels.filter(pc.is_in(labels.column("image_id"), images.column("image_id")))
     cfg = config(epochs=6, batch_size=4, early_stopping=True, map_freq=1, patience=2)
-    result = train_model(
-        cfg, images, labels, 10, tmp_path / "es", seed=0, progress=False, val=(images, labels)
-    )
-    scores = [h["val_map50"] for h in result.history]
-    assert len(scores) == len(result.history) and 2 <= len(scores) <= 6
-    assert all(0.0 <= s <= 1.0 for s in scores)
+
+    def train(scores: list[float], out: str) -> tuple[TrainResult, dict[int, dict[str, Tensor]]]:
+        script = iter(scores)
+        monkeypatch.setattr(evaluate_run, "evaluate_model", lambda *a, **k: {"map50": next(script)})
+        seen: dict[int, dict[str, Tensor]] = {}
+
+        def keep(epoch: int, model: torch.nn.Module) -> None:
+            seen[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        result = train_model(
+            cfg, images, labels, 10, tmp_path / out, seed=0, progress=False,
+            val=(images, labels), on_epoch=keep,
+        )  # fmt: skip
+        return result, seen
+
+    stopped, seen = train([0.1, 0.3, 0.2, 0.3, 0.9, 0.9], "es")
+    assert stopped.steps == 4 and [h["val_map50"] for h in stopped.history] == [0.1, 0.3, 0.2, 0.3]
+    saved = load_state_dict(stopped.checkpoint)
+    assert all(torch.equal(saved[k], seen[2][k]) for k in saved)
+    assert not all(torch.equal(saved[k], seen[4][k]) for k in saved)
+    full, _ = train([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "all")
+    assert full.steps == 6 and len(full.history) == 6
+
+
+def test_weight_ema_on_a_hand_tensor() -> None:
+    """d_n = min(decay, (1 + n) / (10 + n)); shadow ← d_n·shadow + (1 − d_n)·w; counters copied."""
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    weight = model[0].weight
+    with torch.no_grad():
+        weight.fill_(0.0)
+    ema = WeightEma(model, decay=0.2)
+    assert [ema.rate(n) for n in (1, 2, 3)] == pytest.approx([2 / 11, 0.2, 0.2])
+    expected = 0.0
+    for n, value in enumerate([1.0, 2.0, -4.0], start=1):
+        with torch.no_grad():
+            weight.fill_(value)
+        model[1].num_batches_tracked += 1
+        ema.update(model)
+        d = min(0.2, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * value
+        assert ema.shadow["0.weight"].item() == pytest.approx(expected, rel=1e-6)
+        assert ema.shadow["1.num_batches_tracked"].item() == n
+    assert expected == pytest.approx(-2.847273, abs=1e-6)  # 0.818182 → 1.763636 → −2.847273
+    again = WeightEma(model, decay=0.2)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == 3 and torch.equal(again.shadow["0.weight"], ema.shadow["0.weight"])
+
+
+@pytest.mark.slow
+def test_moving_average_decay_saves_the_ema_and_resumes_it(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path
+) -> None:
+    """One step from known weights: the EMA checkpoint is d_1·initial + (1 − d_1)·trained for
+    every float tensor; an interrupted EMA run resumes to the same checkpoint."""
+    from detloop.learners.checkpoint import write_checkpoint
+
+    images, labels = pool
+    images = images.slice(0, 2)
+    labels = labels.filter(pc.is_in(labels.column("image_id"), images.column("image_id")))
+    init = build_model(config().model, 10)
+    write_checkpoint(tmp_path / "init", init.state_dict(), {"model_spec": init.spec.to_json()})
+    start = load_state_dict(tmp_path / "init")
+
+    def train(out: str, decay: float, steps: int = 1, stop: int | None = None) -> TrainResult:
+        cfg = config(max_steps=steps, batch_size=2, moving_average_decay=decay)
+        return train_model(
+            cfg, images, labels, 10, tmp_path / out, seed=0, progress=False,
+            init_weights=tmp_path / "init", stop_at_step=stop,
+        )  # fmt: skip
+
+    plain = load_state_dict(train("plain", 0.0).checkpoint)
+    ema = train("ema", 0.9)
+    averaged = load_state_dict(ema.checkpoint)
+    d1 = 2 / 11
+    assert read_metadata(ema.checkpoint)["moving_average_decay"] == 0.9
+    for k, v in averaged.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, d1 * start[k] + (1 - d1) * plain[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(v, plain[k])
+    assert not all(torch.equal(averaged[k], plain[k]) for k in plain)
+    whole = load_state_dict(train("whole", 0.9, steps=3).checkpoint)
+    part = train("part", 0.9, steps=3, stop=1)
+    assert part.checkpoint.name == "part.partial"
+    resumed = load_state_dict(train("part", 0.9, steps=3).checkpoint)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_out_of_range_class_is_a_data_error(

@@ -88,7 +88,7 @@ def _run(cfgs: list[ExperimentConfig], t_start: float) -> int:
     runs = []
     for cfg in cfgs:
         run = create_run(cfg)
-        _say(f"\n== strategy {cfg.al.strategy}: {run.path}")
+        _say(f"\n== strategy {cfg.al.strategy.name}: {run.path}")
         outcome = execute(run, stored_config(run))
         if outcome.exit_code != 0:
             _say(f"demo: the run failed; continue it with\n  {outcome.resume_command}")

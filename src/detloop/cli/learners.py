@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +17,10 @@ import pyarrow.compute as pc
 from detloop.cli.common import UsageError, add_set_option
 from detloop.config import ExperimentConfig, load_config
 from detloop.data import schema
+from detloop.data.ids import strip_extension
 from detloop.data.io import read_json, write_json, write_table
-from detloop.data.rundir import RunDir
+from detloop.data.min_score import resolve_min_score
+from detloop.data.rundir import RunDir, iteration_of
 
 if TYPE_CHECKING:
     from detloop.learners.predict import Predictor
@@ -126,8 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _checkpoint(args: argparse.Namespace, run: RunDir) -> tuple[Path, int]:
     if args.checkpoint is not None:
-        match = re.fullmatch(r"iter_(\d+)", args.checkpoint.resolve().parent.name)
-        return args.checkpoint, int(match.group(1)) if match else 0
+        return args.checkpoint, iteration_of(args.checkpoint) or 0
     if args.iteration is not None:
         path = run.checkpoint(args.iteration)
         if not path.exists():
@@ -136,7 +136,7 @@ def _checkpoint(args: argparse.Namespace, run: RunDir) -> tuple[Path, int]:
     latest = run.latest_checkpoint()
     if latest is None:
         raise UsageError(f"{run.path}: no checkpoint yet; run `detloop train` first")
-    return latest, int(latest.parent.name.split("_")[1])
+    return latest, iteration_of(latest) or 0
 
 
 def folder_images(folder: Path) -> pa.Table:
@@ -149,20 +149,12 @@ def folder_images(folder: Path) -> pa.Table:
     sizes = [header_size(f) for f in files]
     return pa.table(
         {
-            "image_id": [str(f.relative_to(folder).with_suffix("")) for f in files],
+            "image_id": [strip_extension(f.relative_to(folder).as_posix()) for f in files],
             "file": [str(f.resolve()) for f in files],
             "width": pa.array([s[0] for s in sizes], pa.int32()),
             "height": pa.array([s[1] for s in sizes], pa.int32()),
         }
     )
-
-
-def _predictions_path(run: RunDir, iteration: int, name: str) -> Path:
-    if name == "pool":
-        return run.predictions_file(iteration)
-    if name == "val":
-        return run.val_predictions_file(iteration)
-    return run.iteration_dir(iteration) / f"{name}_predictions.parquet"
 
 
 def load_predictor(ckpt: Path, cfg: ExperimentConfig, run: RunDir) -> Predictor:
@@ -186,7 +178,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         images = split_set(run, name)[0]
     predictor = load_predictor(ckpt, cfg, run)
     table = predictor.predict(images, seed=cfg.seed, progress=True)
-    path = args.out or _predictions_path(run, iteration, name)
+    path = args.out or run.split_predictions_file(iteration, name)
     write_table(table, schema.PREDICTIONS, path)
     _out(
         f"{table.num_rows} detections on {images.num_rows} images "
@@ -196,7 +188,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _out(f"decoding bounds: {predictor.stats.describe()}")
     if args.render is not None:
         names = run.read_categories().column("name").to_pylist()
-        min_score = cfg.predict.min_score if cfg.predict.min_score is not None else 0.4
+        min_score = resolve_min_score(cfg.predict.min_score)
         files = render_predictions(
             table,
             images,
@@ -222,7 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     predictor = load_predictor(ckpt, cfg, run)
     table = predictor.predict(images, seed=cfg.seed, progress=True)
     predictor.log_stats(f"evaluate {args.split}")
-    write_table(table, schema.PREDICTIONS, _predictions_path(run, iteration, args.split))
+    write_table(table, schema.PREDICTIONS, run.split_predictions_file(iteration, args.split))
     categories = run.read_categories()
     metrics = evaluate_predictions(table, gt, images, categories)
     path = run.metrics_file(iteration)
@@ -248,6 +240,6 @@ def _write_curves(
 
     report = curves_report(*tables)
     out = run.eval_dir(iteration)
-    write_json(report, out / f"{split}_curves.json")
+    write_json(report, run.curves_file(iteration, split))
     plots = write_eval_plots(report, out, prefix=f"{split}_")
     _out(f"curves: {split}_curves.json and {len(plots)} plots in {out}")

@@ -62,11 +62,11 @@ def register(sub: Any) -> None:
 
 
 def _print_config(cfg: ExperimentConfig) -> None:
-    from detloop.selectors.strategy import explain, format_strategy, parse_strategy
+    from detloop.selectors.strategy import explain
 
-    spec = parse_strategy(cfg.al.strategy)
+    spec = cfg.al.strategy
     _out(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
-    _out(f"# strategy: {format_strategy(spec)}")
+    _out(f"# strategy: {spec.name}")
     for line in explain(spec):
         _out(f"#   {line}")
 

@@ -48,13 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # area not built yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     for verb in sub.choices.values():  # `detloop -q run ...` and `detloop run -q ...` alike
         _add_output_options(verb)
     return parser

@@ -6,28 +6,20 @@ import argparse
 import fnmatch
 import math
 import sys
-import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from detloop import seeding
 from detloop.data import schema
 from detloop.data.errors import DataError
 from detloop.data.io import read_json, read_table, write_table
+from detloop.data.min_score import resolve_min_score
 from detloop.data.rundir import RunDir, RunsRoot
 from detloop.selectors.strategy import MODIFIERS, StrategyError, explain, parse_strategy
 
 
 def _out(line: str = "") -> None:
     sys.stdout.write(line + "\n")
-
-
-def stage_rng(seed: int, iteration: int, stage: str) -> np.random.Generator:
-    """The generator of one stage: SeedSequence([seed, iteration, crc32(stage)]) (ARCH §8)."""
-    return np.random.default_rng(
-        np.random.SeedSequence([seed, iteration, zlib.crc32(stage.encode())])
-    )
 
 
 def _usage(message: str) -> Exception:
@@ -77,21 +69,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_settings(run: RunDir) -> tuple[int, float | None]:
-    """(seed, min_score from the run's config) of a run, with defaults when unknown."""
+def _run_settings(run: RunDir) -> tuple[int, tuple[float | None, float | None]]:
+    """(seed, configured ``al.min_score`` and ``predict.min_score``) of a run's config, with
+    defaults when unknown."""
     if not run.exists():
-        return 0, None
+        return 0, (None, None)
     meta = run.read_meta()
     cfg = meta.get("config") or {}
-    min_score = (cfg.get("al") or {}).get("min_score") or (cfg.get("predict") or {}).get(
-        "min_score"
-    )
-    return int(meta.get("seed", cfg.get("seed", 0)) or 0), min_score
+    configured = ((cfg.get("al") or {}).get("min_score"),
+                  (cfg.get("predict") or {}).get("min_score"))  # fmt: skip
+    return int(meta.get("seed", cfg.get("seed", 0)) or 0), configured
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     from detloop.selectors.columns import MissingColumnError
-    from detloop.selectors.pipeline import DEFAULT_MIN_SCORE, SelectContext, select
+    from detloop.selectors.pipeline import SelectContext, select
 
     run = RunDir(args.run_dir)
     try:
@@ -101,11 +93,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     pred_file = run.predictions_file(args.iteration)
     if not pred_file.exists():
         raise DataError(str(pred_file), None, None, "no predictions for this iteration")
-    seed, run_min = _run_settings(run)
+    seed, configured = _run_settings(run)
     thr_file = run.thresholds_file(args.iteration)
     ctx = SelectContext(
-        min_score=next(v for v in (args.min_score, run_min, DEFAULT_MIN_SCORE) if v is not None),
-        rng=stage_rng(args.seed if args.seed is not None else seed, args.iteration, "select"),
+        min_score=resolve_min_score(args.min_score, *configured),
+        rng=seeding.rng(args.seed if args.seed is not None else seed, args.iteration, "select"),
         iteration=args.iteration,
         thresholds=read_json(thr_file) if thr_file.exists() else None,
     )
@@ -129,9 +121,9 @@ def cmd_oss(args: argparse.Namespace) -> int:
     root = RunsRoot(Path(cfg.runs_root))
     runs = [RunDir(p) for p in args.run] if args.run else root.runs_of(cfg.name)
     iterations = [int(x) for x in args.iterations.split(",") if x.strip()]
-    rng = stage_rng(42 if cfg.compat_seed else cfg.seed, 0, "oss")
+    rng = seeding.rng(42 if cfg.compat_seed else cfg.seed, 0, "oss")
     rows, summary = run_oss(runs, iterations, args.reference, args.formula, rng, args.n_resample)
-    out = Path(args.out) if args.out else root.experiment(cfg.name) / "oss"
+    out = Path(args.out) if args.out else root.oss_dir(cfg.name)
     write_outputs(rows, _clean(summary), out)
     for sid, s in summary["sets"].items():
         _out(f"{sid:<40} oss {s['oss']:.4f}  map {s['map']:.4f}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from detloop import seeding
 from detloop.data.errors import DataError
 from detloop.data.io import write_json
 
@@ -57,7 +57,7 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rng(seed: int, stage: str) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(stage.encode())]))
+    return seeding.rng(seed, None, stage)  # not an iteration's stage: entropy [seed, crc32(stage)]
 
 
 def split_digits(labels: np.ndarray, seed: int) -> dict[str, dict[int, np.ndarray]]:

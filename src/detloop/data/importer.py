@@ -31,9 +31,11 @@ from detloop.data import schema
 from detloop.data.coco import parse_coco
 from detloop.data.errors import DataError
 from detloop.data.folder import parse_folder
+from detloop.data.ids import image_id
 from detloop.data.images import HashMethod, decode_images, missing_files
 from detloop.data.io import write_table
 from detloop.data.kitti import parse_kitti
+from detloop.data.labels import next_box_id
 from detloop.data.merge import ImportReport, gt_rows, image_rows, merge_categories
 from detloop.data.parsed import Parsed, Problem
 from detloop.data.rundir import RunDir
@@ -41,11 +43,6 @@ from detloop.data.rundir import RunDir
 log = logging.getLogger(__name__)
 
 SourceFormat = Literal["coco", "kitti", "folder"]
-
-
-def _strip_extension(rel: str) -> str:
-    dot = rel.rfind(".")
-    return rel[:dot] if dot > rel.rfind("/") + 1 else rel
 
 
 def check_files(parsed: Parsed, split: str) -> None:
@@ -56,7 +53,7 @@ def check_files(parsed: Parsed, split: str) -> None:
     """
     root = str(parsed.images_root)
     parsed.files = [os.path.join(root, r) for r in parsed.rel]
-    parsed.image_ids = [f"{split}/{_strip_extension(r)}" for r in parsed.rel]
+    parsed.image_ids = [image_id(split, r) for r in parsed.rel]
     parsed.phash = [None] * parsed.n_images
     first: dict[str, int] = {}
     for i, iid in enumerate(parsed.image_ids):
@@ -186,7 +183,7 @@ def commit(run: RunDir, parsed: Parsed, split: str, *, lenient: bool = False) ->
     reasons = quarantine_reasons(problems)
     keep = np.ones(parsed.n_images, dtype=bool)
     keep[list(parsed.dropped)] = False
-    first_box = int(pc.max(gt["box_id"]).as_py() or 0) + 1 if gt.num_rows else 0
+    first_box = next_box_id(gt)
     new_images = schema.validate_table(image_rows(parsed, keep, split, reasons), schema.IMAGES)
     new_gt = schema.validate_table(gt_rows(parsed, keep, mapping, first_box), schema.GT)
     # gt rows whose image is not in the images table can only be left by an import that was
@@ -238,6 +235,7 @@ def import_source(
     lenient: bool = False,
     decode: bool = True,
     hash_pool: bool = True,
+    hash_method: HashMethod = "p",
     workers: int | None = None,
 ) -> ImportReport:
     """Import one split of a dataset into ``run`` (all passes; see the module docstring).
@@ -256,6 +254,7 @@ def import_source(
         hash_pool: compute the perceptual hash of pool images while decoding (for pruning;
             about 1.4 ms an image at 128 px, two thirds of the decoding pass); the loop skips it
             when its strategy never prunes.
+        hash_method: ``p`` DCT perceptual hash, ``w`` wavelet hash (``al.hash_method``, §9.5).
         workers: decoding processes (1: in this process).
 
     Raises:
@@ -271,5 +270,6 @@ def import_source(
     )
     check_files(parsed, split)
     if decode:
-        decode_pass(parsed, with_hash=hash_pool and split == "pool", workers=workers)
+        with_hash = hash_pool and split == "pool"
+        decode_pass(parsed, with_hash=with_hash, method=hash_method, workers=workers)
     return commit(run, parsed, split, lenient=lenient)

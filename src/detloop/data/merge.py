@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from detloop.data.errors import DataError
+from detloop.data.labels import box_rows
 from detloop.data.parsed import Parsed
 
 
@@ -122,30 +123,20 @@ def gt_rows(parsed: Parsed, keep: np.ndarray, mapping: np.ndarray, first_id: int
     """New gt rows: boxes of kept images, run class ids, box ids from ``first_id`` on."""
     img = np.asarray(parsed.box_image, dtype=np.int64)
     sel = keep[img] if len(img) else np.zeros(0, dtype=bool)
-    coords = np.asarray(parsed.box_coords, dtype=np.float64).reshape(-1, 4)[sel]
-    ids = np.asarray(parsed.image_ids, dtype=object)[img[sel]] if len(img) else []
-    n = int(sel.sum())
     cls = np.asarray(parsed.box_class, dtype=np.int64)[sel]
 
-    def col(values: list[int], dtype: type[np.generic]) -> np.ndarray:
+    def col(values: list[int] | list[float], dtype: type[np.generic]) -> np.ndarray:
         out: np.ndarray = np.asarray(values, dtype=dtype)[sel]
         return out
 
-    return pa.table(
-        {
-            "image_id": pa.array(list(ids), pa.string()),
-            "box_id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
-            "class_id": pa.array(mapping[cls].astype(np.int32) if n else np.zeros(0, np.int32)),
-            "x1": coords[:, 0],
-            "y1": coords[:, 1],
-            "x2": coords[:, 2],
-            "y2": coords[:, 3],
-            "area": pa.array(np.asarray(parsed.box_area, dtype=np.float64)[sel]),
-            "iscrowd": pa.array(col(parsed.box_iscrowd, np.int8)),
-            "occluded": pa.array(col(parsed.box_occluded, np.int8)),
-            "truncated": pa.array(col(parsed.box_truncated, np.int8)),
-            "source_id": pa.array(
-                [s for s, k in zip(parsed.box_source_id, sel, strict=True) if k], pa.int64()
-            ),
-        }
+    return box_rows(
+        [parsed.image_ids[i] for i in img[sel].tolist()],
+        np.asarray(parsed.box_coords, dtype=np.float64).reshape(-1, 4)[sel],
+        mapping[cls] if len(cls) else cls,
+        first_box_id=first_id,
+        area=col(parsed.box_area, np.float64),
+        iscrowd=col(parsed.box_iscrowd, np.int8),
+        occluded=col(parsed.box_occluded, np.int8),
+        truncated=col(parsed.box_truncated, np.int8),
+        source_id=[s for s, k in zip(parsed.box_source_id, sel, strict=True) if k],
     )

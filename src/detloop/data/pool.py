@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from detloop.data import schema
 from detloop.data.errors import DataError
+from detloop.data.labels import labels_from_boxes
 from detloop.data.rundir import RunDir
 
 
@@ -113,10 +114,25 @@ class PoolState:
         )
         return PoolState(self.images, labels)
 
-    def without_labels(self, source: str) -> PoolState:
-        """Drop every label row of ``source`` (e.g. pseudo-labels before re-labelling)."""
-        keep = pc.not_equal(self.labels["source"], source)
-        return PoolState(self.images, self.labels.filter(keep))
+    def without_labels(
+        self,
+        source: str,
+        *,
+        iteration: int | None = None,
+        image_ids: Iterable[str] | None = None,
+    ) -> PoolState:
+        """Drop the label rows of ``source`` (of ``iteration`` and of ``image_ids`` when given).
+
+        What a phase drops before it labels again, so that re-running it after an interruption
+        replaces its labels instead of doubling them: this iteration's oracle labels, the
+        auto-labels of the frames being auto-labeled, every pseudo-label.
+        """
+        drop = pc.equal(self.labels["source"], source)
+        if iteration is not None:
+            drop = pc.and_(drop, pc.equal(self.labels["iteration"], iteration))
+        if image_ids is not None:
+            drop = pc.and_(drop, pc.is_in(self.labels["image_id"], value_set=_as_set(image_ids)))
+        return PoolState(self.images, self.labels.filter(pc.invert(pc.fill_null(drop, False))))
 
     def reveal(self, gt: pa.Table, image_ids: Iterable[str], iteration: int) -> PoolState:
         """Simulated oracle: copy the ground truth of ``image_ids`` into the labels.
@@ -130,8 +146,5 @@ class PoolState:
             dup = self.labels.filter(already)["image_id"][0].as_py()
             raise DataError("labels", None, "image_id", f"image {dup!r} already has labels")
         rows = gt.filter(pc.is_in(gt["image_id"], value_set=ids))
-        n = rows.num_rows
-        rows = rows.append_column("source", pa.array(["oracle"] * n, pa.string()))
-        rows = rows.append_column("weight", pa.array(np.ones(n, dtype=np.float32)))
-        rows = rows.append_column("iteration", pa.array([iteration] * n, pa.int32()))
-        return self.with_labels(rows).with_state(ids.to_pylist(), "labeled", iteration)
+        labels = labels_from_boxes(rows, source="oracle", iteration=iteration)
+        return self.with_labels(labels).with_state(ids.to_pylist(), "labeled", iteration)

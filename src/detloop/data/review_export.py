@@ -3,13 +3,14 @@
 Both take the same inputs: an images frame (``image_id, file, width, height``), a boxes frame
 (``image_id, class_id, x1, y1, x2, y2`` in absolute pixels, optionally ``score`` and ``u``) and
 the categories frame (``class_id, name, source_id``), so the COCO export restores the original
-category ids. Label Studio boxes are in percent of the image, each carrying its score and
-uncertainty; the matching labeling-config XML is written beside the tasks.
+category ids. The COCO file is written by ``detloop.data.export.write_coco`` with the
+``review`` id policy (1-based positions, image files as stored). Label Studio boxes are in
+percent of the image, each carrying its score and uncertainty; the matching labeling-config XML
+is written beside the tasks.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,9 @@ from xml.sax.saxutils import quoteattr
 import pandas as pd
 import pyarrow as pa
 
+from detloop.data.export import finite_or_none, write_coco
 from detloop.data.io import atomic_open, write_json
+from detloop.data.min_score import DEFAULT_MIN_SCORE
 from detloop.data.rundir import RunDir
 from detloop.data.schema import COORDS
 
@@ -36,61 +39,6 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return [{str(k): v for k, v in r.items()} for r in df.to_dict(orient="records")]
 
 
-def _opt(value: Any) -> float | None:
-    if value is None:
-        return None
-    f = float(value)
-    return f if math.isfinite(f) else None
-
-
-def coco_document(
-    images: pd.DataFrame, boxes: pd.DataFrame, categories: pd.DataFrame
-) -> dict[str, Any]:
-    """A COCO detection dict; annotations carry ``score`` and ``uncertainty`` when known.
-
-    Image ids are 1-based positions in ``images`` (sorted by image_id); each image also keeps
-    its detloop id under ``detloop_id``.
-    """
-    cats = _category_ids(categories)
-    imgs = images.sort_values("image_id", kind="stable").reset_index(drop=True)
-    coco_id = {str(i): k + 1 for k, i in enumerate(imgs["image_id"])}
-    out_images = [
-        {
-            "id": coco_id[str(r["image_id"])],
-            "file_name": str(r["file"]),
-            "width": int(r["width"]),
-            "height": int(r["height"]),
-            "detloop_id": str(r["image_id"]),
-        }
-        for r in _records(imgs)
-    ]
-    annotations: list[dict[str, Any]] = []
-    for r in _records(boxes[boxes["image_id"].isin(list(coco_id))]):
-        x1, y1, x2, y2 = (float(r[c]) for c in COORDS)
-        ann: dict[str, Any] = {
-            "id": len(annotations) + 1,
-            "image_id": coco_id[str(r["image_id"])],
-            "category_id": cats[int(r["class_id"])][0],
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "area": (x2 - x1) * (y2 - y1),
-            "iscrowd": 0,
-        }
-        for key, col in (("score", "score"), ("uncertainty", "u")):
-            if _opt(r.get(col)) is not None:
-                ann[key] = _opt(r[col])
-        annotations.append(ann)
-    categories_out = [{"id": cid, "name": name} for _, (cid, name) in sorted(cats.items())]
-    return {"images": out_images, "annotations": annotations, "categories": categories_out}
-
-
-def write_coco(
-    images: pd.DataFrame, boxes: pd.DataFrame, categories: pd.DataFrame, path: Path
-) -> Path:
-    """Write ``coco_document`` atomically to ``path``."""
-    write_json(coco_document(images, boxes, categories), path)
-    return path
-
-
 def local_files_url(file: str, document_root: Path) -> str:
     """Label Studio local-files URL of ``file`` relative to ``document_root``
     (``LOCAL_FILES_DOCUMENT_ROOT``)."""
@@ -100,7 +48,7 @@ def local_files_url(file: str, document_root: Path) -> str:
 
 def _region(r: dict[str, Any], k: int, width: int, height: int, name: str) -> dict[str, Any]:
     x1, y1, x2, y2 = (float(r[c]) for c in COORDS)
-    score, u = _opt(r.get("score")), _opt(r.get("u"))
+    score, u = finite_or_none(r.get("score")), finite_or_none(r.get("u"))
     region: dict[str, Any] = {
         "id": f"det{int(r.get('det_id', k))}",
         "from_name": FROM_NAME,
@@ -213,7 +161,7 @@ def export_review(
     image_ids: Sequence[str],
     predictions: pa.Table | pd.DataFrame | None,
     out_stem: Path,
-    min_score: float = 0.4,
+    min_score: float = DEFAULT_MIN_SCORE,
     document_root: Path | None = None,
 ) -> dict[str, Path]:
     """Export ``image_ids`` for human review, pre-annotated with their predictions.
@@ -231,7 +179,7 @@ def export_review(
         keep = boxes["image_id"].isin(list(image_ids)) & (boxes["score"] > min_score)
         boxes = boxes[keep].drop(columns=["logits", "mc_class_vec"], errors="ignore")
     cats = run_categories(run, boxes["class_id"].tolist())
-    coco = write_coco(images, boxes, cats, Path(f"{out_stem}.coco.json"))
+    coco = write_coco(images, boxes, cats, Path(f"{out_stem}.coco.json"), policy="review")
     ls_json, ls_xml = write_label_studio(
         images, boxes, cats, Path(f"{out_stem}.label_studio.json"), document_root=document_root
     )

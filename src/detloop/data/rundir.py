@@ -9,8 +9,11 @@ Layout (ARCHITECTURE §8)::
         run.json
         pool/{images,labels,gt,categories}.parquet
         iter_0003/{checkpoint/,predictions.parquet,val_predictions.parquet,selection.parquet,
-                   calibration/,eval/,thresholds.json,metrics.json}
-        exports/
+                   calibration/,eval/,validation/,thresholding/,thresholds.json,metrics.json}
+        exports/                           review exports (queries, auto-labeling), COCO
+    <runs_root>/<name>/oss/                OSS analysis of the experiment's runs
+
+Nobody else builds these paths: code asks ``RunsRoot`` or ``RunDir`` for them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,19 @@ from detloop.data.errors import DataError
 from detloop.data.io import read_json, read_table, write_json, write_table
 
 _ITER_RE = re.compile(r"^iter_(\d{4,})$")
+CHECKPOINT_METADATA = "metadata.json"  # written last: a checkpoint is complete when it exists
+CHECKPOINT_WEIGHTS = "model.pt"
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a complete checkpoint directory (its metadata.json exists)."""
+    return (Path(path) / CHECKPOINT_METADATA).exists()
+
+
+def iteration_of(path: str | os.PathLike[str]) -> int | None:
+    """The iteration of a directory inside ``iter_NNNN/`` (e.g. a checkpoint), else None."""
+    match = _ITER_RE.match(Path(path).resolve().parent.name)
+    return int(match.group(1)) if match else None
 
 
 def al_run_name(strategy: str, seed: int) -> str:
@@ -63,6 +79,10 @@ class RunsRoot:
     def artifacts(self) -> Path:
         return self.path / "mlartifacts"
 
+    def experiment_artifacts(self, name: str) -> Path:
+        """MLflow artifact location of experiment ``name``."""
+        return self.artifacts / name
+
     def experiment(self, name: str) -> Path:
         return self.path / name
 
@@ -71,6 +91,18 @@ class RunsRoot:
 
     def run(self, name: str, run_name: str) -> RunDir:
         return RunDir(self.path / name / run_name)
+
+    def unused_run(self, name: str, run_name: str) -> RunDir:
+        """``run_name``, or the first of ``<run_name>-r2``, ``-r3``, ... without a run.json
+        (``--fresh``: start over beside the existing run)."""
+        run, n = self.run(name, run_name), 2
+        while run.exists():
+            run, n = self.run(name, f"{run_name}-r{n}"), n + 1
+        return run
+
+    def oss_dir(self, name: str) -> Path:
+        """Default output folder of ``detloop oss`` for experiment ``name``."""
+        return self.experiment(name) / "oss"
 
     def runs_of(self, name: str) -> list[RunDir]:
         """Every run directory of experiment ``name`` (those holding a run.json)."""
@@ -122,13 +154,35 @@ class RunDir:
     def exports(self) -> Path:
         return self.path / "exports"
 
-    def iteration_dir(self, iteration: int) -> Path:
+    def fault_marker(self, point: str) -> Path:
+        """Fault injection (tests): the file that records that ``point`` already fired."""
+        return self.path / f".fault_{point.replace(':', '_')}"
+
+    def import_staging_file(self, stem: str) -> Path:
+        """Where ``import-labels`` stages a normalised copy of the file it imports."""
+        return self.exports / f".import_{stem}.json"
+
+    @staticmethod
+    def iteration_name(iteration: int) -> str:
+        """``iter_NNNN``: an iteration's folder, and its MLflow artifact folder."""
         if iteration < 0:
             raise ValueError(f"iteration must be >= 0, got {iteration}")
-        return self.path / f"iter_{iteration:04d}"
+        return f"iter_{iteration:04d}"
+
+    def iteration_dir(self, iteration: int) -> Path:
+        return self.path / self.iteration_name(iteration)
+
+    def artifact_path(self, iteration: int, sub: str | None = None) -> str:
+        """The MLflow artifact folder of an iteration's outputs (mirrors ``iteration_dir``)."""
+        name = self.iteration_name(iteration)
+        return name if sub is None else f"{name}/{sub}"
 
     def checkpoint(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "checkpoint"
+
+    def weights_file(self, iteration: int) -> Path:
+        """The model weights inside the iteration's checkpoint."""
+        return self.checkpoint(iteration) / CHECKPOINT_WEIGHTS
 
     def predictions_file(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "predictions.parquet"
@@ -136,15 +190,40 @@ class RunDir:
     def val_predictions_file(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "val_predictions.parquet"
 
+    def split_predictions_file(self, iteration: int, split: str) -> Path:
+        """Predictions of ``split`` (pool and val: the files above; others ``<split>_...``)."""
+        if split == "pool":
+            return self.predictions_file(iteration)
+        if split == "val":
+            return self.val_predictions_file(iteration)
+        return self.iteration_dir(iteration) / f"{split}_predictions.parquet"
+
     def selection_file(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "selection.parquet"
 
     def calibration_dir(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "calibration"
 
+    def calibration_report_file(self, iteration: int) -> Path:
+        return self.calibration_dir(iteration) / "report.json"
+
+    def calibration_plots_dir(self, iteration: int) -> Path:
+        return self.calibration_dir(iteration) / "plots"
+
+    def validation_dir(self, iteration: int) -> Path:
+        """Plots of the validation report."""
+        return self.iteration_dir(iteration) / "validation"
+
+    def thresholding_dir(self, iteration: int) -> Path:
+        """Plots of the thresholding run."""
+        return self.iteration_dir(iteration) / "thresholding"
+
     def eval_dir(self, iteration: int) -> Path:
         """Evaluation curves of ``detloop evaluate`` (JSON and PNG per split)."""
         return self.iteration_dir(iteration) / "eval"
+
+    def curves_file(self, iteration: int, split: str) -> Path:
+        return self.eval_dir(iteration) / f"{split}_curves.json"
 
     def thresholds_file(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "thresholds.json"
@@ -177,9 +256,28 @@ class RunDir:
         """The checkpoint of the highest iteration that has a complete one."""
         for it in reversed(self.iterations()):
             ckpt = self.checkpoint(it)
-            if (ckpt / "metadata.json").exists():
+            if is_checkpoint(ckpt):
                 return ckpt
         return None
+
+    # ---- exports --------------------------------------------------------------------------
+    def query_stem(self, iteration: int) -> Path:
+        """Human labeling: ``<stem>.coco.json`` and Label Studio files of the queried images."""
+        return self.exports / f"query_{self.iteration_name(iteration)}"
+
+    def autolabel_stem(self, iteration: int) -> Path:
+        return self.exports / f"autolabel_{self.iteration_name(iteration)}"
+
+    def autolabel_coco_file(self, iteration: int) -> Path:
+        """COCO of the images auto-labeled in ``iteration``."""
+        return Path(f"{self.autolabel_stem(iteration)}_auto.coco.json")
+
+    def autolabel_examine_stem(self, iteration: int) -> Path:
+        """Review exports of the images auto-labeling sent to ``examine``."""
+        return Path(f"{self.autolabel_stem(iteration)}_examine")
+
+    def autolabel_renders_dir(self, iteration: int) -> Path:
+        return Path(f"{self.autolabel_stem(iteration)}_renders")
 
     # ---- run.json -------------------------------------------------------------------------
     def exists(self) -> bool:

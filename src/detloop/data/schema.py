@@ -335,6 +335,29 @@ def validate_table(table: pa.Table, spec: TableSpec, file: str = "<memory>") -> 
     Raises:
         DataError: naming the file, the first offending row (when one applies) and column.
     """
+    fields = _table_fields(table, spec, file)
+    problems: list[DataError] = []
+    columns = []
+    for f in fields:
+        original = table.column(f.name)
+        try:
+            col = original.cast(f.type, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            problems.append(
+                DataError(file, None, f.name, f"cannot be read as {f.type}: {exc}".strip())
+            )
+            continue
+        problems += _column_problems(col, original, f, spec, file)
+        columns.append(col)
+    if problems:
+        raise DataError.many(problems)
+    out = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    return with_metadata(out, spec)
+
+
+def _table_fields(table: pa.Table, spec: TableSpec, file: str) -> list[pa.Field]:
+    """The spec's fields of ``table``'s columns: required ones in spec order, then optional
+    ones present. Raises ``DataError`` for every missing required and every unknown column."""
     problems: list[DataError] = []
     present = set(table.column_names)
     fields: list[pa.Field] = []
@@ -344,48 +367,32 @@ def validate_table(table: pa.Table, spec: TableSpec, file: str = "<memory>") -> 
         else:
             fields.append(f)
     optional_names = {f.name for f in spec.optional}
-    for f in spec.optional:
-        if f.name in present:
-            fields.append(f)
+    fields += [f for f in spec.optional if f.name in present]
     for name in table.column_names:
         if spec.field_for(name) is None and name not in optional_names:
             problems.append(DataError(file, None, name, f"unknown column for table {spec.name!r}"))
     if problems:
         raise DataError.many(problems)
+    return fields
 
-    columns = []
-    finite = set(spec.finite)
-    for f in fields:
-        original = col = table.column(f.name)
-        try:
-            col = col.cast(f.type, safe=True)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            problems.append(
-                DataError(file, None, f.name, f"cannot be read as {f.type}: {exc}".strip())
-            )
-            continue
-        if not f.nullable and col.null_count:
-            row = _first_bad_row(col.is_null())
-            problems.append(DataError(file, row, f.name, "null value in a required column"))
-        allowed = spec.enums.get(f.name)
-        if allowed is not None and len(col):
-            bad = pc.invert(pc.fill_null(pc.is_in(col, value_set=pa.array(allowed)), True))
-            if pc.any(bad).as_py():
-                row = _first_bad_row(bad)
-                problems.append(
-                    DataError(
-                        file,
-                        row,
-                        f.name,
-                        f"value {col[row].as_py()!r} is not one of {', '.join(allowed)}",
-                    )
-                )
-        if f.name in finite:
-            problem = _non_finite_problem(col, original, f, file)
-            if problem is not None:
-                problems.append(problem)
-        columns.append(col)
-    if problems:
-        raise DataError.many(problems)
-    out = pa.Table.from_arrays(columns, schema=pa.schema(fields))
-    return with_metadata(out, spec)
+
+def _column_problems(
+    col: pa.ChunkedArray, original: pa.ChunkedArray, f: pa.Field, spec: TableSpec, file: str
+) -> list[DataError]:
+    """Nulls in a required column, values outside the column's enum, non-finite numbers."""
+    problems: list[DataError] = []
+    if not f.nullable and col.null_count:
+        row = _first_bad_row(col.is_null())
+        problems.append(DataError(file, row, f.name, "null value in a required column"))
+    allowed = spec.enums.get(f.name)
+    if allowed is not None and len(col):
+        bad = pc.invert(pc.fill_null(pc.is_in(col, value_set=pa.array(allowed)), True))
+        if pc.any(bad).as_py():
+            row = _first_bad_row(bad)
+            text = f"value {col[row].as_py()!r} is not one of {', '.join(allowed)}"
+            problems.append(DataError(file, row, f.name, text))
+    if f.name in spec.finite:
+        problem = _non_finite_problem(col, original, f, file)
+        if problem is not None:
+            problems.append(problem)
+    return problems

@@ -25,6 +25,7 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from detloop.data.errors import DataError
+from detloop.data.min_score import DEFAULT_MIN_SCORE
 from detloop.data.schema import COORDS, MATCHES, validate_table
 
 ASSIGN_MODES: Final = ("IoU", "MSE", "index")
@@ -366,7 +367,7 @@ def performance_summary(
 
 
 def background_false_positives(
-    predictions: pa.Table, gt: pa.Table, iou: float = 0.5, min_score: float = 0.4
+    predictions: pa.Table, gt: pa.Table, iou: float = 0.5, min_score: float = DEFAULT_MIN_SCORE
 ) -> int:
     """Detections with score > ``min_score`` that COCO matching at ``iou`` leaves unmatched.
 

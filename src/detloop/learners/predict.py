@@ -2,8 +2,9 @@
 uncertainty gathered by index → the predictions table.
 
 Per image: merge levels; drop anchors whose score sigmoid(max_c m_c) is below
-``score_thresh``; decode every remaining anchor of every MC sample at once (§2, bounded: sizes
-clipped, corner stds capped at the image's larger side); reduce the T samples (§1.3); drop
+``score_thresh`` and keep the ``max_nms_inputs`` highest-scoring (0: all); decode every
+remaining anchor of every MC sample at once (§2, bounded: sizes clipped, corner stds capped at
+the image's larger side); reduce the T samples (§1.3); drop
 boxes that are degenerate in the image (narrower or lower than ``min_box_size`` original
 pixels after clipping); NMS returns kept indices; gather; divide by the letterbox scale; clip
 boxes (not stds) to the image. Capped stds and dropped boxes are counted (``PredictStats``),
@@ -142,6 +143,13 @@ class Predictor:
         model = UncertainEfficientDet(resolve_spec(cfg.model, num_classes))
         model.load_state_dict(ckpt.load_state_dict(state))
         return cls(model, cfg, device)
+
+    def with_decoding(self, method: str) -> Predictor:
+        """This network decoding with ``method`` instead (the §2 comparison); shares the model,
+        counts its own time and statistics, and leaves this predictor as it is."""
+        predict = self.cfg.predict.model_copy(update={"uncert_adjust_method": method})
+        cfg = self.cfg.model_copy(update={"predict": predict})
+        return Predictor(self.model, cfg, str(self.device))
 
     def log_stats(self, stage: str) -> None:
         """Log what the decoding bounds changed over every call so far, when anything did."""
@@ -287,6 +295,7 @@ class Predictor:
         best, class_all = m.max(-1)
         score_all = torch.sigmoid(best)
         idx = torch.nonzero(score_all >= pcfg.score_thresh).squeeze(1)
+        idx = _top_anchors(idx, score_all[idx], pcfg.max_nms_inputs)
         t, v = self.decode_inputs(out, b, idx)
         cap = max(size) * scale
         means, stds = decode_boxes(
@@ -353,6 +362,15 @@ class Predictor:
 
 def _numpy(x: Tensor | None) -> np.ndarray | None:
     return None if x is None else x.detach().float().cpu().numpy().astype(np.float32)
+
+
+def _top_anchors(idx: Tensor, scores: Tensor, k: int) -> Tensor:
+    """The ``k`` highest-scoring of the anchors ``idx`` (ties: the lower anchor index), in anchor
+    order; all of them when ``k`` is 0 or not below their number (``max_nms_inputs``, §3)."""
+    if k <= 0 or len(idx) <= k:
+        return idx
+    best = torch.argsort(scores, descending=True, stable=True)[:k]
+    return idx[torch.sort(best).values]
 
 
 def _large_enough(box: Tensor, scale: float, size: tuple[float, float], min_size: float) -> Tensor:

@@ -1,19 +1,56 @@
-"""Draw detections with their localisation uncertainty: a translucent band of ±σ per edge."""
+"""Draw detections on their images: the one renderer of predictions and auto-labeling.
+
+Each box gets an outline and a text above it, in the colour and with the text its ``BoxStyle``
+gives; with ``draw_uncert`` its localisation uncertainty is a translucent band of ±σ per edge.
+``render_predictions`` colours by class and writes "name score"; auto-labeling colours by its
+verdict and writes u (``uncertainty_style``).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from detloop.data.errors import DataError
+from detloop.data.min_score import DEFAULT_MIN_SCORE
 
 log = logging.getLogger(__name__)
 
 _COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+RED, LIME = (255, 0, 0), (0, 255, 0)
+
+Color = tuple[int, int, int]
+#: A detection row (column name -> value) to its colour and text.
+BoxStyle = Callable[[Mapping[str, Any]], tuple[Color, str]]
+
+
+def class_style(class_names: list[str] | None = None) -> BoxStyle:
+    """A colour per class; the text is the class name (or id) and the score."""
+
+    def style(row: Mapping[str, Any]) -> tuple[Color, str]:
+        cls = int(row["class_id"])
+        name = class_names[cls] if class_names and cls < len(class_names) else str(cls)
+        return _COLORS[cls % len(_COLORS)], f"{name} {row['score']:.2f}"
+
+    return style
+
+
+def uncertainty_style(delta: float) -> BoxStyle:
+    """Red when u ≥ δ̄ (or u is unknown), green otherwise; the text is u."""
+
+    def style(row: Mapping[str, Any]) -> tuple[Color, str]:
+        u = row["u"]
+        return (RED if not u < delta else LIME), f"{u:.3f}"
+
+    return style
 
 
 def _edge_bands(box: np.ndarray, std: np.ndarray) -> list[tuple[float, float, float, float]]:
@@ -28,43 +65,88 @@ def _edge_bands(box: np.ndarray, std: np.ndarray) -> list[tuple[float, float, fl
     ]
 
 
-def render_image(
-    image: Image.Image,
-    dets: pa.Table,
-    class_names: list[str] | None = None,
-    draw_uncert: bool = True,
-) -> Image.Image:
-    """``image`` with the rows of ``dets`` (one image's predictions) drawn on it.
+def _band_std(row: Mapping[str, Any]) -> np.ndarray | None:
+    """The aleatoric std columns when present, else the epistemic ones, else None."""
+    for prefix in ("al_", "mc_"):
+        vals = [row.get(f"{prefix}{c}") for c in ("x1", "y1", "x2", "y2")]
+        if all(v is not None and v == v for v in vals):  # v == v: not NaN
+            return np.array(vals, dtype=float)
+    return None
 
-    The band uses the aleatoric std columns when present, else the epistemic ones.
-    """
+
+def _rows(dets: pa.Table | pd.DataFrame) -> list[dict[str, Any]]:
+    if isinstance(dets, pa.Table):
+        rows: list[dict[str, Any]] = dets.to_pylist()
+        return rows
+    return [{str(k): v for k, v in r.items()} for r in dets.to_dict(orient="records")]
+
+
+def draw_boxes(
+    image: Image.Image,
+    rows: Iterable[Mapping[str, Any]],
+    style: BoxStyle,
+    draw_uncert: bool,
+    text_dx: int = 1,
+) -> Image.Image:
+    """``image`` (RGB) with ``rows`` (one image's detections) drawn on it; each text starts
+    ``text_dx`` pixels right of its box's left edge, 10 above its top edge."""
     base = image.convert("RGBA")
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    d = dets.to_pydict()
-    for r in range(dets.num_rows):
-        cls = int(d["class_id"][r])
-        color = _COLORS[cls % len(_COLORS)]
-        box = np.array([d[c][r] for c in ("x1", "y1", "x2", "y2")], dtype=float)
-        std = _band_std(d, r)
+    for row in rows:
+        color, text = style(row)
+        box = np.array([row[c] for c in ("x1", "y1", "x2", "y2")], dtype=float)
+        std = _band_std(row)
         if draw_uncert and std is not None:
             for band in _edge_bands(box, std):
                 draw.rectangle(band, fill=(*color, 70))
         draw.rectangle(tuple(box), outline=(*color, 255), width=1)
-        name = class_names[cls] if class_names and cls < len(class_names) else str(cls)
-        draw.text(
-            (box[0] + 1, max(0.0, box[1] - 10)), f"{name} {d['score'][r]:.2f}", fill=(*color, 255)
-        )
+        draw.text((box[0] + text_dx, max(0.0, box[1] - 10)), text, fill=(*color, 255))
     return Image.alpha_composite(base, overlay).convert("RGB")
 
 
-def _band_std(d: dict[str, list[object]], r: int) -> np.ndarray | None:
-    for prefix in ("al_", "mc_"):
-        names = [f"{prefix}{c}" for c in ("x1", "y1", "x2", "y2")]
-        vals = [d[n][r] if n in d else None for n in names]
-        if all(v is not None for v in vals):
-            return np.array(vals, dtype=float)
-    return None
+def render_image(
+    image: Image.Image,
+    dets: pa.Table | pd.DataFrame,
+    class_names: list[str] | None = None,
+    draw_uncert: bool = True,
+) -> Image.Image:
+    """``image`` with the rows of ``dets`` (one image's predictions) drawn in class colours."""
+    return draw_boxes(image, _rows(dets), class_style(class_names), draw_uncert)
+
+
+def render_images(
+    images: Iterable[tuple[str, str]],
+    dets: pa.Table | pd.DataFrame,
+    out_dir: Path,
+    *,
+    style: BoxStyle,
+    draw_uncert: bool = False,
+    text_dx: int = 1,
+) -> list[Path]:
+    """One PNG per ``(image_id, file)`` of ``images`` with its rows of ``dets`` drawn
+    (``draw_boxes``).
+
+    File names are the image ids with ``/`` replaced by ``__``. Returns the written paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    for row in _rows(dets):
+        by_image.setdefault(str(row["image_id"]), []).append(row)
+    written = []
+    for image_id, file in images:
+        try:
+            with Image.open(file) as im:
+                image = im.convert("RGB")
+        except OSError as exc:
+            raise DataError(str(file), None, "file", f"cannot read image ({exc})") from None
+        path = out_dir / f"{str(image_id).replace('/', '__')}.png"
+        rows = by_image.get(str(image_id), [])
+        draw_boxes(image, rows, style, draw_uncert, text_dx).save(path)
+        written.append(path)
+    log.info("rendered %d images into %s", len(written), out_dir)
+    return written
 
 
 def render_predictions(
@@ -72,7 +154,7 @@ def render_predictions(
     images: pa.Table,
     out_dir: Path,
     *,
-    min_score: float = 0.4,
+    min_score: float = DEFAULT_MIN_SCORE,
     class_names: list[str] | None = None,
     draw_uncert: bool = True,
 ) -> list[Path]:
@@ -80,23 +162,10 @@ def render_predictions(
 
     File names are the image ids with ``/`` replaced by ``__``. Returns the written paths.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    import pyarrow.compute as pc
-
     kept = predictions.filter(pc.greater_equal(predictions.column("score"), min_score))
-    written = []
-    for image_id, file in zip(
+    pairs = zip(
         images.column("image_id").to_pylist(), images.column("file").to_pylist(), strict=True
-    ):
-        try:
-            with Image.open(file) as im:
-                image = im.convert("RGB")
-        except OSError as exc:
-            raise DataError(str(file), None, "file", f"cannot read image ({exc})") from None
-        dets = kept.filter(pc.equal(kept.column("image_id"), image_id))
-        path = out_dir / f"{str(image_id).replace('/', '__')}.png"
-        render_image(image, dets, class_names, draw_uncert).save(path)
-        written.append(path)
-    log.info("rendered %d images into %s", len(written), out_dir)
-    return written
+    )
+    return render_images(
+        pairs, kept, out_dir, style=class_style(class_names), draw_uncert=draw_uncert
+    )

@@ -1,10 +1,12 @@
 """Training: a plain torch loop (ALGORITHMS §1.5).
 
 SGD with momentum, linear warm-up then cosine decay to 0, gradient clipping, AMP on CUDA,
-h-flip and scale jitter, per-anchor loss weights. On the CPU a fixed seed gives the same
-losses bit for bit. Progress is checkpointed into ``<out_dir>.partial/`` (model, optimizer,
-RNG states, step) every ``save_freq`` epochs; a new call with the same run resumes from it.
-The finished model is written to ``out_dir`` (``model.pt`` + ``metadata.json``).
+h-flip and scale jitter, per-anchor loss weights, an optional EMA of the weights. On the CPU a
+fixed seed gives the same losses bit for bit. Progress is checkpointed into
+``<out_dir>.partial/`` (model, optimizer, RNG states, EMA, step) every ``save_freq`` epochs; a
+new call with the same run resumes from it. The finished model is written to ``out_dir``
+(``model.pt`` + ``metadata.json``): the best weights under early stopping, else the EMA's when
+``moving_average_decay`` > 0, else the trained ones.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from effdet.anchors import AnchorLabeler
 from torch.utils.data import DataLoader
 
 from detloop.config import ExperimentConfig, TrainConfig
-from detloop.console import Progress, progress_bar
+from detloop.console import Bar, Progress, progress_bar
 from detloop.data.dataset import Augment, DetectionDataset, collate
 from detloop.data.errors import DataError
 from detloop.learners import checkpoint as ckpt
@@ -41,12 +43,21 @@ from detloop.learners.loss import (
     make_anchors,
 )
 from detloop.learners.model import (
+    ModelSpec,
     UncertainEfficientDet,
     flatten_levels,
     resolve_spec,
     split_box_maps,
 )
-from detloop.learners.train_state import LoopState, last_loss, resume, run_fingerprint, save_partial
+from detloop.learners.train_state import (
+    LoopState,
+    WeightEma,
+    last_loss,
+    resume,
+    run_fingerprint,
+    save_partial,
+    saved_weights,
+)
 
 log = logging.getLogger(__name__)
 MONITORS = ("box_rmse", "sigma_mean", "sigma_std")  # training monitors of ALGORITHMS §1.2
@@ -116,6 +127,90 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return [int(i) for i in np.random.default_rng([seed, epoch, 7]).permutation(n)]
 
 
+@dataclass(frozen=True)
+class _Job:
+    """The fixed inputs of one ``train_model`` call, resolved (what every helper reads)."""
+
+    cfg: ExperimentConfig
+    tcfg: TrainConfig  # with the preset's defaults
+    seed: int
+    device: torch.device
+    out_dir: Path
+    fingerprint: str
+    val: tuple[pa.Table, pa.Table] | None = None
+    root: Path | None = None
+    stop_at_step: int | None = None
+    progress: Progress = True
+    on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.out_dir.with_name(self.out_dir.name + ".partial")
+
+    def stops_at(self, step: int) -> bool:
+        return self.stop_at_step is not None and step >= self.stop_at_step
+
+    def interrupted(self, step: int, total: int) -> bool:
+        """Stopped by ``stop_at_step`` before the end: the partial checkpoint is the result."""
+        return self.stops_at(step) and step < total
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Step counts of a training and its learning rate."""
+
+    batch_size: int
+    per_epoch: int
+    total: int
+    warmup: int
+
+    @classmethod
+    def of(cls, tcfg: TrainConfig, n_images: int) -> _Schedule:
+        per_epoch = max(1, math.ceil(n_images / tcfg.batch_size))
+        warmup = round(tcfg.warmup_epochs * per_epoch)
+        return cls(tcfg.batch_size, per_epoch, _total_steps(tcfg, n_images), warmup)
+
+    def lr(self, step: int, tcfg: TrainConfig) -> float:
+        return lr_at(step, self.total, self.warmup, tcfg.lr or 0.0, tcfg.warmup_lr)
+
+
+@dataclass(frozen=True)
+class _LossBench:
+    """Anchors, their labeler and the loss settings: from a batch to the detection loss."""
+
+    labeler: AnchorLabeler
+    sizes: list[int]
+    settings: LossSettings
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, spec: ModelSpec) -> _LossBench:
+        anchors = make_anchors(spec)
+        labeler = AnchorLabeler(anchors, spec.num_classes, match_threshold=0.5)
+        return cls(labeler, level_sizes(anchors), LossSettings.from_config(cfg.model, spec))
+
+    def losses(
+        self, loop: LoopState, batch: dict[str, torch.Tensor], job: _Job
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, ...]]:
+        """Total, class and box loss of ``batch`` and the §1.2 monitors."""
+        model, tcfg = loop.model, job.tcfg
+        targets = label_batch(
+            self.labeler,
+            batch["boxes"],
+            batch["classes"],
+            batch["weights"],
+            mode=tcfg.loss_weighting,
+            empty_weight=tcfg.empty_image_weight,
+        ).to(job.device)
+        autocast = torch.autocast("cuda") if loop.scaler.is_enabled() else nullcontext()
+        with autocast:
+            images = batch["image"].to(job.device, memory_format=loop.memory_format)
+            cls_maps, box_maps = model(images, generator=loop.generator)
+        mu, s = split_box_maps(model, box_maps)
+        cls = flatten_levels(cls_maps, model.spec.num_classes)
+        loss, l_cls, l_box = detection_loss(cls, mu, s, targets, self.sizes, self.settings)
+        return loss, l_cls, l_box, box_monitors(mu, s, targets, self.settings)
+
+
 def train_model(
     cfg: ExperimentConfig,
     images: pa.Table,
@@ -136,8 +231,7 @@ def train_model(
 
     Args:
         cfg: experiment config (``model`` and ``train`` sections are used).
-        images: rows of the images table to train on (``image_id``, ``file``, ``width``,
-            ``height``).
+        images: images-table rows to train on (``image_id``, ``file``, ``width``, ``height``).
         labels: their label rows (xyxy original pixels, 0-based ``class_id``, ``weight``).
         num_classes: C, from the run's categories.
         out_dir: checkpoint directory to write.
@@ -150,78 +244,82 @@ def train_model(
         device: overrides ``cfg.train.device``.
         stop_at_step: stop after this step, keeping the partial checkpoint (interruption).
         root: base directory of relative image paths.
-        on_epoch: called after every completed epoch with (epochs done, model) — for curves;
-            its time is not counted in ``seconds``.
+        on_epoch: called after each completed epoch with (epochs done, the model with the
+            weights a checkpoint would get), for curves; not counted in ``seconds``.
 
     Raises:
         DataError: missing weights file or unreadable image.
     """
-    out_dir = Path(out_dir)
     _check_labels(images, labels, num_classes)
-    partial_dir = out_dir.with_name(out_dir.name + ".partial")
     tcfg = effective_train_config(cfg)
+    job = _Job(
+        cfg,
+        tcfg,
+        seed,
+        resolve_device(device or tcfg.device),
+        Path(out_dir),
+        run_fingerprint(cfg, images, labels, seed, num_classes),
+        val=val,
+        root=root,
+        stop_at_step=stop_at_step,
+        progress=progress,
+        on_epoch=on_epoch,
+    )
+    loop = _new_loop(job, num_classes, init_weights)
+    if not _run(loop, job, images, labels):  # stopped at stop_at_step: the partial checkpoint
+        return TrainResult(job.partial_dir, loop.step, last_loss(loop), loop.seconds, loop.history)
+    return _finish(loop, job, num_classes)
+
+
+def _new_loop(job: _Job, num_classes: int, init_weights: Path | None) -> LoopState:
+    """A fresh model (seeded) with its initial weights, optimizer, scaler, generator, EMA."""
+    cfg, tcfg, dev = job.cfg, job.tcfg, job.device
     spec = resolve_spec(cfg.model, num_classes)
-    dev = resolve_device(device or tcfg.device)
     if tcfg.torch_threads:
         torch.set_num_threads(tcfg.torch_threads)
-    fingerprint = run_fingerprint(cfg, images, labels, seed, num_classes)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(job.seed)
         model = UncertainEfficientDet(spec)
     weights = init_weights or cfg.model.weights
     if weights is not None:
         ckpt.load_weights(model, Path(weights), cfg.model.weights_kind)
     fmt = memory_format(cfg.model.channels_last)
     model.to(dev).to(memory_format=fmt)
-    loop = LoopState(
+    decay = tcfg.moving_average_decay
+    return LoopState(
         model=model,
         optimizer=make_optimizer(model, tcfg),
         scaler=torch.amp.GradScaler("cuda", enabled=tcfg.amp and dev.type == "cuda"),
-        generator=torch.Generator(device=dev).manual_seed(seed),
+        generator=torch.Generator(device=dev).manual_seed(job.seed),
         memory_format=fmt,
+        ema=WeightEma(model, decay) if decay > 0 else None,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        resume(loop, partial_dir, fingerprint)
-        _run(
-            loop,
-            cfg,
-            tcfg,
-            images,
-            labels,
-            seed,
-            dev,
-            partial_dir,
-            fingerprint,
-            val,
-            progress,
-            stop_at_step,
-            root,
-            on_epoch,
-        )
-    if (
-        stop_at_step is not None
-        and loop.step >= stop_at_step
-        and loop.step < _total_steps(tcfg, images.num_rows)
-    ):
-        return TrainResult(partial_dir, loop.step, last_loss(loop), loop.seconds, loop.history)
+
+
+def _finish(loop: LoopState, job: _Job, num_classes: int) -> TrainResult:
+    """Write the checkpoint — the best early-stopping weights, else the EMA's, else the
+    trained ones — with its metadata, and drop the partial checkpoint."""
     if loop.best_state is not None:
-        model.load_state_dict(loop.best_state)
-    meta = {
-        "model_spec": spec.to_json(),
-        "model_config": cfg.model.model_dump(mode="json"),
+        loop.model.load_state_dict(loop.best_state)
+    elif loop.ema is not None:
+        loop.model.load_state_dict(loop.ema.shadow)
+    meta: dict[str, Any] = {
+        "model_spec": loop.model.spec.to_json(),
+        "model_config": job.cfg.model.model_dump(mode="json"),
         "num_classes": num_classes,
         "steps": loop.step,
-        "seed": seed,
-        "fingerprint": fingerprint,
+        "seed": job.seed,
+        "fingerprint": job.fingerprint,
         "final_loss": last_loss(loop),
         "seconds": loop.seconds,
         "history": loop.history,
     }
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ckpt.write_checkpoint(out_dir, state, meta)
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    return TrainResult(out_dir, loop.step, last_loss(loop), loop.seconds, loop.history)
+    if loop.ema is not None:
+        meta["moving_average_decay"] = loop.ema.decay
+    state = {k: v.detach().cpu() for k, v in loop.model.state_dict().items()}
+    ckpt.write_checkpoint(job.out_dir, state, meta)
+    shutil.rmtree(job.partial_dir, ignore_errors=True)
+    return TrainResult(job.out_dir, loop.step, last_loss(loop), loop.seconds, loop.history)
 
 
 def _check_labels(images: pa.Table, labels: pa.Table, num_classes: int) -> None:
@@ -244,82 +342,91 @@ def _total_steps(tcfg: TrainConfig, n_images: int) -> int:
     return min(total, tcfg.max_steps) if tcfg.max_steps else total
 
 
-def _run(
-    loop: LoopState,
-    cfg: ExperimentConfig,
-    tcfg: TrainConfig,
-    images: pa.Table,
-    labels: pa.Table,
-    seed: int,
-    dev: torch.device,
-    partial_dir: Path,
-    fingerprint: str,
-    val: tuple[pa.Table, pa.Table] | None,
-    progress: Progress,
-    stop_at_step: int | None,
-    root: Path | None,
-    on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None,
-) -> None:
+def _run(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> bool:
+    """Resume from the partial checkpoint, if any, and run epochs until the step budget, early
+    stop or ``stop_at_step``; False when stopped by ``stop_at_step`` before the end."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.seed + 1)
+        resume(loop, job.partial_dir, job.fingerprint)
+        _epochs(loop, job, images, labels)
+    return not job.interrupted(loop.step, _total_steps(job.tcfg, images.num_rows))
+
+
+def _epochs(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> None:
     """Run epochs from ``loop.step`` until the step budget, early stop or ``stop_at_step``."""
-    spec = loop.model.spec
-    anchors = make_anchors(spec)
-    labeler = AnchorLabeler(anchors, spec.num_classes, match_threshold=0.5)
-    sizes = level_sizes(anchors)
-    settings = LossSettings.from_config(cfg.model, spec)
-    augment = Augment(tcfg.hflip, (tcfg.scale_jitter[0], tcfg.scale_jitter[1]), seed)
+    tcfg = job.tcfg
+    jitter = (tcfg.scale_jitter[0], tcfg.scale_jitter[1])
     data = DetectionDataset(
         images,
         labels,
-        spec.image_size,
-        augment=augment,
+        loop.model.spec.image_size,
+        augment=Augment(tcfg.hflip, jitter, job.seed),
         max_instances=tcfg.max_instances,
-        root=root,
+        root=job.root,
     )
-    bs = tcfg.batch_size
-    per_epoch = max(1, math.ceil(len(data) / bs))
-    total = _total_steps(tcfg, len(data))
-    warmup = round(tcfg.warmup_epochs * per_epoch)
+    schedule = _Schedule.of(tcfg, len(data))
+    bench = _LossBench.of(job.cfg, loop.model.spec)
     loop.model.train()
-    bar = progress_bar(progress, total=total, initial=loop.step, desc="train", unit="step")
+    bar = progress_bar(
+        job.progress, total=schedule.total, initial=loop.step, desc="train", unit="step"
+    )
     try:
-        while loop.step < total:
-            epoch, offset = divmod(loop.step, per_epoch)
-            data.set_epoch(epoch)
-            order = _epoch_order(len(data), seed, epoch)[offset * bs :]
-            loader = DataLoader(
-                data, batch_size=bs, sampler=order, collate_fn=collate, num_workers=tcfg.num_workers
-            )
-            parts: list[tuple[float, ...]] = []
-            for batch in loader:
-                t0 = time.perf_counter()
-                parts.append(_step(loop, batch, labeler, sizes, settings, tcfg, total, warmup, dev))
-                loop.seconds += time.perf_counter() - t0
-                loop.step += 1
-                bar.set_postfix_str(_running_loss(parts), refresh=False)
-                bar.update(1)
-                if loop.step >= total or (stop_at_step is not None and loop.step >= stop_at_step):
-                    break
-            loop.history.append(
-                _record(
-                    loop,
-                    parts,
-                    epoch,
-                    lr_at(loop.step - 1, total, warmup, tcfg.lr or 0, tcfg.warmup_lr),
-                )
-            )
-            done_epochs = loop.step // per_epoch if loop.step % per_epoch == 0 else None
-            if done_epochs and on_epoch is not None:
-                on_epoch(done_epochs, loop.model)
-                loop.model.train()
-            if done_epochs and _early_stop(loop, cfg, tcfg, val, done_epochs, seed, root):
+        while loop.step < schedule.total:
+            epoch = loop.step // schedule.per_epoch
+            parts = _epoch(loop, job, data, schedule, bench, bar)
+            loop.history.append(_record(loop, parts, epoch, schedule.lr(loop.step - 1, tcfg)))
+            if _after_epoch(loop, job, schedule):
                 break
-            if stop_at_step is not None and loop.step >= stop_at_step and loop.step < total:
-                save_partial(loop, partial_dir, fingerprint)
-                break
-            if done_epochs and done_epochs % tcfg.save_freq == 0 and loop.step < total:
-                save_partial(loop, partial_dir, fingerprint)
     finally:
         bar.close()
+
+
+def _epoch(
+    loop: LoopState,
+    job: _Job,
+    data: DetectionDataset,
+    schedule: _Schedule,
+    bench: _LossBench,
+    bar: Bar,
+) -> list[tuple[float, ...]]:
+    """The steps of the current epoch from ``loop.step`` (a resumed run starts mid-epoch) to
+    its end, the step budget or ``stop_at_step``; the values of each step."""
+    epoch, offset = divmod(loop.step, schedule.per_epoch)
+    data.set_epoch(epoch)
+    bs = schedule.batch_size
+    order = _epoch_order(len(data), job.seed, epoch)[offset * bs :]
+    loader = DataLoader(
+        data, batch_size=bs, sampler=order, collate_fn=collate, num_workers=job.tcfg.num_workers
+    )
+    parts: list[tuple[float, ...]] = []
+    for batch in loader:
+        t0 = time.perf_counter()
+        parts.append(_step(loop, batch, bench, job, schedule))
+        loop.seconds += time.perf_counter() - t0
+        loop.step += 1
+        bar.set_postfix_str(_running_loss(parts), refresh=False)
+        bar.update(1)
+        if loop.step >= schedule.total or job.stops_at(loop.step):
+            break
+    return parts
+
+
+def _after_epoch(loop: LoopState, job: _Job, schedule: _Schedule) -> bool:
+    """End-of-epoch work: the ``on_epoch`` callback, early stopping, partial checkpoints.
+    True when training stops here."""
+    done = loop.step // schedule.per_epoch if loop.step % schedule.per_epoch == 0 else None
+    if done and job.on_epoch is not None:
+        with saved_weights(loop) as model:
+            job.on_epoch(done, model)
+        loop.model.train()
+    if done and _early_stop(loop, job, done):
+        return True
+    if job.interrupted(loop.step, schedule.total):
+        save_partial(loop, job.partial_dir, job.fingerprint)
+        return True
+    if done and done % job.tcfg.save_freq == 0 and loop.step < schedule.total:
+        save_partial(loop, job.partial_dir, job.fingerprint)
+    return False
 
 
 _STEP_VALUES = ("loss", "cls_loss", "box_loss", *MONITORS)
@@ -348,35 +455,14 @@ def _record(
 def _step(
     loop: LoopState,
     batch: dict[str, torch.Tensor],
-    labeler: AnchorLabeler,
-    sizes: list[int],
-    settings: LossSettings,
-    tcfg: TrainConfig,
-    total: int,
-    warmup: int,
-    dev: torch.device,
+    bench: _LossBench,
+    job: _Job,
+    schedule: _Schedule,
 ) -> tuple[float, ...]:
-    """One optimisation step; returns the values named by ``_STEP_VALUES``."""
-    model = loop.model
-    lr = lr_at(loop.step, total, warmup, tcfg.lr or 0.0, tcfg.warmup_lr)
+    """One optimisation step (and EMA update); returns the values named by ``_STEP_VALUES``."""
     for group in loop.optimizer.param_groups:
-        group["lr"] = lr
-    targets = label_batch(
-        labeler,
-        batch["boxes"],
-        batch["classes"],
-        batch["weights"],
-        mode=tcfg.loss_weighting,
-        empty_weight=tcfg.empty_image_weight,
-    ).to(dev)
-    autocast = torch.autocast("cuda") if loop.scaler.is_enabled() else nullcontext()
-    with autocast:
-        images = batch["image"].to(dev, memory_format=loop.memory_format)
-        cls_maps, box_maps = model(images, generator=loop.generator)
-    mu, s = split_box_maps(model, box_maps)
-    cls = flatten_levels(cls_maps, model.spec.num_classes)
-    loss, l_cls, l_box = detection_loss(cls, mu, s, targets, sizes, settings)
-    monitors = box_monitors(mu, s, targets, settings)
+        group["lr"] = schedule.lr(loop.step, job.tcfg)
+    loss, l_cls, l_box, monitors = bench.losses(loop, batch, job)
     loop.optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
         log.warning("non-finite loss at step %d; update skipped", loop.step)
@@ -384,32 +470,32 @@ def _step(
     scaled: torch.Tensor = loop.scaler.scale(loss)
     scaled.backward()  # type: ignore[no-untyped-call]
     loop.scaler.unscale_(loop.optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_(loop.model.parameters(), job.tcfg.grad_clip)
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
+    if loop.ema is not None:
+        loop.ema.update(loop.model)
     return (float(loss.detach()), float(l_cls.detach()), float(l_box.detach()), *monitors)
 
 
-def _early_stop(
-    loop: LoopState,
-    cfg: ExperimentConfig,
-    tcfg: TrainConfig,
-    val: tuple[pa.Table, pa.Table] | None,
-    epochs_done: int,
-    seed: int,
-    root: Path | None,
-) -> bool:
-    """Evaluate val mAP50 every ``map_freq`` epochs; True when patience is exhausted."""
-    if not tcfg.early_stopping or val is None or epochs_done % tcfg.map_freq:
+def _early_stop(loop: LoopState, job: _Job, epochs_done: int) -> bool:
+    """Evaluate val mAP50 (of the weights a checkpoint would get) every ``map_freq`` epochs;
+    keep the best weights; True when ``patience`` evaluations in a row did not improve."""
+    tcfg = job.tcfg
+    if not tcfg.early_stopping or job.val is None or epochs_done % tcfg.map_freq:
         return False
     from detloop.learners.evaluate_run import evaluate_model  # heavy, only when used
 
-    score = evaluate_model(loop.model, cfg, val[0], val[1], seed=seed, root=root)["map50"]
+    images, labels = job.val
+    with saved_weights(loop) as model:
+        score = evaluate_model(model, job.cfg, images, labels, seed=job.seed, root=job.root)
+        better = score["map50"] > loop.best_map
+        if better:
+            loop.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     loop.model.train()
-    loop.history[-1]["val_map50"] = float(score)
-    if score > loop.best_map:
-        loop.best_map, loop.bad_evals = float(score), 0
-        loop.best_state = {k: v.detach().cpu().clone() for k, v in loop.model.state_dict().items()}
+    loop.history[-1]["val_map50"] = float(score["map50"])
+    if better:
+        loop.best_map, loop.bad_evals = float(score["map50"]), 0
         return False
     loop.bad_evals += 1
     return loop.bad_evals >= tcfg.patience

@@ -1,8 +1,8 @@
 """The resumable state of a training run and its partial checkpoints.
 
 A partial checkpoint (``<out_dir>.partial/``) holds the weights, the optimizer, AMP scaler and
-RNG states, the step and the history, plus a fingerprint of the run (config, seed, data) so
-that only the same run resumes from it.
+RNG states, the weight EMA, the step and the history, plus a fingerprint of the run (config,
+seed, data) so that only the same run resumes from it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,46 @@ def run_fingerprint(
     return h.hexdigest()[:16]
 
 
+class WeightEma:
+    """Exponential moving average of a model's weights (``moving_average_decay``, §1.5).
+
+    Every floating-point entry of the state dict (parameters and BatchNorm statistics) is
+    averaged; the others (BatchNorm's batch counters) are copied. Update n (1 for the first)
+    uses d_n = min(decay, (1 + n) / (10 + n)), as TF's ``ExponentialMovingAverage`` with
+    ``num_updates`` in the reference EfficientDet, so a short run is not dominated by its
+    initial weights: ``shadow ← d_n·shadow + (1 − d_n)·weights``.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def rate(self, n: int) -> float:
+        """The decay d_n of update ``n``."""
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Fold the model's current weights into the average (after an optimiser step)."""
+        self.updates += 1
+        d = self.rate(self.updates)
+        for key, value in model.state_dict().items():
+            avg = self.shadow[key]
+            if avg.is_floating_point():
+                avg.mul_(d).add_(value.detach(), alpha=1.0 - d)
+            else:
+                avg.copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        for key, value in state["shadow"].items():
+            self.shadow[key].copy_(value)
+
+
 @dataclass
 class LoopState:
     """The mutable state of one training run (what a partial checkpoint holds)."""
@@ -54,6 +96,7 @@ class LoopState:
     best_map: float = -1.0
     bad_evals: int = 0
     best_state: dict[str, torch.Tensor] | None = None
+    ema: WeightEma | None = None
 
     def state(self) -> dict[str, Any]:
         return {
@@ -67,6 +110,7 @@ class LoopState:
             "best_map": self.best_map,
             "bad_evals": self.bad_evals,
             "best_state": self.best_state,
+            "ema": None if self.ema is None else self.ema.state_dict(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -76,6 +120,23 @@ class LoopState:
         torch.set_rng_state(state["torch_rng"])
         for key in ("step", "history", "seconds", "best_map", "bad_evals", "best_state"):
             setattr(self, key, state[key])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+@contextmanager
+def saved_weights(loop: LoopState) -> Iterator[UncertainEfficientDet]:
+    """The model holding the weights its checkpoint would get (the EMA's when on) for the
+    duration of the block; the trained weights are put back after it."""
+    if loop.ema is None:
+        yield loop.model
+        return
+    trained = {k: v.detach().clone() for k, v in loop.model.state_dict().items()}
+    loop.model.load_state_dict(loop.ema.shadow)
+    try:
+        yield loop.model
+    finally:
+        loop.model.load_state_dict(trained)
 
 
 def last_loss(loop: LoopState) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from detloop.data import schema
+from detloop.data.min_score import DEFAULT_MIN_SCORE
 from detloop.selectors.columns import DetColumns, FloatArray, IntArray
 from detloop.selectors.scores import ScoreContext, ScoreInfo, get_score
 from detloop.selectors.stages import (
@@ -30,9 +31,6 @@ from detloop.selectors.stages import (
 from detloop.selectors.strategy import StrategySpec, format_strategy, parse_strategy
 
 log = logging.getLogger(__name__)
-
-#: min_score when neither the config nor a validation run gives one (§3).
-DEFAULT_MIN_SCORE = 0.4
 
 
 @dataclass(frozen=True)
@@ -103,8 +101,8 @@ def score_images(
     n_det = np.bincount(codes, minlength=n).astype(np.int64)
     components: FloatArray | None = None
     cols = DetColumns(predictions, calib=spec.calib, rows=rows)
-    if info.kind == "random":
-        score = ctx.rng.random(n)
+    if info.kind == "image":  # one value per candidate, images without detections included
+        score = info.fn(cols, ScoreContext(rng=ctx.rng, n_images=n))
         scored = np.ones(n, dtype=bool)
     else:
         sctx = ScoreContext(rng=ctx.rng, thresholds=ctx.thresholds, norm=spec.norm)

@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 
 from detloop.data import schema
 from detloop.selectors.columns import DetColumns, FloatArray
-from detloop.selectors.scores import combo_values
+from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
 from detloop.selectors.stages import min_max
-from detloop.selectors.strategy import COLUMN_SCORES, StrategyError, did_you_mean
+from detloop.selectors.vocabulary import COLUMN_SCORES, StrategyError, did_you_mean
 
 EPS: Final = 1e-12
 PSEUDO_SCORES: Final = ("score", "combo", "alluncert", "epuncert", "ental")
@@ -90,17 +90,13 @@ def _certainty_and_keep(
         assert thresholds is not None  # combo_values raised otherwise
         delta = _threshold_mean(thresholds)
         return 1.0 - u / delta if delta > 0 else nan, u, (score > tau32) & (u < delta)
-    if spec.score in ("alluncert", "epuncert", "ental"):
-        parts: list[FloatArray]
-        if spec.score == "alluncert":
-            parts = [cols.box_std("mc", True), cols.box_std("al", True), cols.get("mc_class")]
-        elif spec.score == "epuncert":
-            parts = [cols.box_std("mc", True), cols.get("mc_class")]
-        else:
-            parts = [cols.box_std("al", True), cols.get("entropy")]
-        certainty = _inverse_certainty(np.mean(np.stack(parts, axis=1), axis=1))
+    info = get_score(spec.score) if spec.score in registered_scores() else None
+    if info is not None and info.kind == "vector":
+        # the AL score's own components (relative box stds, class uncertainty), averaged
+        components = info.fn(cols, ScoreContext())
+        certainty = _inverse_certainty(components.mean(axis=1))
         keep = score > tau32
-        if spec.score == "alluncert":
+        if spec.score == "alluncert":  # the reference also thresholds alluncert's certainty
             keep &= certainty > tau
         return certainty, nan, keep
     value = cols.get(spec.score)  # `score` or any predictions column, filtered like the score

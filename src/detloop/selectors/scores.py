@@ -17,10 +17,10 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from detloop.data.schema import AL_COLS, MC_COLS
-from detloop.selectors.columns import DetColumns, FloatArray, IntArray
-from detloop.selectors.strategy import COLUMN_SCORES, StrategyError
+from detloop.selectors.columns import DetColumns, FloatArray
+from detloop.selectors.vocabulary import COLUMN_SCORES, StrategyError
 
-ScoreKind = Literal["scalar", "vector", "random"]
+ScoreKind = Literal["scalar", "vector", "image"]
 Fusion = Literal["none", "sum", "highep_lowal", "sota"]
 
 
@@ -32,14 +32,13 @@ class ScoreContext:
         rng: generator for ``random``.
         thresholds: the thresholding result (§7.4 JSON) for ``combo``.
         norm: box stds relative to box size (``norm``) for ``albox``/``mcbox``.
-        image_codes: per kept row, the index of its image among sorted image ids (``random``);
-            computed from the table when absent.
+        n_images: the number of candidate images, for ``image`` scores (one value per image).
     """
 
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     thresholds: Mapping[str, Any] | None = None
     norm: bool = False
-    image_codes: IntArray | None = None
+    n_images: int | None = None
 
 
 ScoreFn = Callable[[DetColumns, ScoreContext], FloatArray]
@@ -47,7 +46,18 @@ ScoreFn = Callable[[DetColumns, ScoreContext], FloatArray]
 
 @dataclass(frozen=True)
 class ScoreInfo:
-    """A registered score and its metadata."""
+    """A registered score and its metadata.
+
+    Attributes:
+        kind: ``scalar`` (one value per detection), ``vector`` (components per detection,
+            fused per image by ``fusion``) or ``image`` (one value per candidate image, images
+            without detections included: ``random``).
+        columns: the predictions columns it reads.
+        higher_is_uncertain: whether a larger value means a less certain detection (top-k
+            then queries the most uncertain images).
+        needs_thresholds: it reads the thresholding result (§7), which the loop must compute.
+        needs_calibration: it reads calibrated columns whatever the ``calib`` modifier says.
+    """
 
     name: str
     fn: ScoreFn
@@ -57,6 +67,8 @@ class ScoreInfo:
     description: str
     components: tuple[str, ...] = ()
     fusion: Fusion = "none"
+    needs_thresholds: bool = False
+    needs_calibration: bool = False
 
 
 _REGISTRY: dict[str, ScoreInfo] = {}
@@ -71,6 +83,8 @@ def register_score(
     higher_is_uncertain: bool = True,
     components: tuple[str, ...] = (),
     fusion: Fusion = "none",
+    needs_thresholds: bool = False,
+    needs_calibration: bool = False,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator adding ``fn`` to the registry under ``name``."""
 
@@ -78,7 +92,16 @@ def register_score(
         if name in _REGISTRY:
             raise ValueError(f"score {name!r} is already registered")
         _REGISTRY[name] = ScoreInfo(
-            name, fn, kind, columns, higher_is_uncertain, description, components, fusion
+            name,
+            fn,
+            kind,
+            columns,
+            higher_is_uncertain,
+            description,
+            components,
+            fusion,
+            needs_thresholds,
+            needs_calibration,
         )
         return fn
 
@@ -124,15 +147,13 @@ def get_score(name: str) -> ScoreInfo:
 
 @register_score(
     "random",
-    kind="random",
-    columns=("image_id",),
-    description="seeded uniform value per image (all detections of an image share it)",
+    kind="image",
+    description="seeded uniform value per candidate image (images without detections too)",
 )
 def _random(cols: DetColumns, ctx: ScoreContext) -> FloatArray:
-    codes = ctx.image_codes if ctx.image_codes is not None else cols.image_codes()
-    n_images = int(codes.max()) + 1 if len(codes) else 0
-    per_image = ctx.rng.random(n_images)
-    out: FloatArray = per_image[codes]
+    if ctx.n_images is None:
+        raise ValueError("'random' scores images: the context needs n_images")
+    out: FloatArray = ctx.rng.random(ctx.n_images)
     return out
 
 
@@ -221,6 +242,8 @@ def combo_values(cols: DetColumns, thresholds: Mapping[str, Any] | None) -> Floa
     "combo",
     columns=("entropy", *AL_COLS),
     description="w1*entropy + w2*rel(al) with the weights of the thresholding result (§7)",
+    needs_thresholds=True,
+    needs_calibration=True,
 )
 def _combo(cols: DetColumns, ctx: ScoreContext) -> FloatArray:
     return combo_values(cols, ctx.thresholds)

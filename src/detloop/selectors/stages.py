@@ -9,6 +9,8 @@ much shorter run arrays. No pandas groupby, nothing quadratic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
@@ -148,24 +150,56 @@ def z_score(x: FloatArray) -> FloatArray:
     return out
 
 
-def fuse(components: FloatArray, fusion: Fusion) -> FloatArray:
-    """Fuse per-image component vectors (rows: scored images) into one score (§9.4).
+FusionFn = Callable[[FloatArray], FloatArray]
+_FUSIONS: dict[str, FusionFn] = {}
 
-    ``sum``: Σ of min-max-scaled components. ``highep_lowal`` on (rel(mc), rel(al), mc_class):
-    (mcbox + mcclass) - albox after min-max scaling. ``sota``: max over z-scored components.
-    """
+
+def register_fusion(name: str) -> Callable[[FusionFn], FusionFn]:
+    """Decorator adding a fusion rule (per-image component rows → one score) under ``name``."""
+
+    def deco(fn: FusionFn) -> FusionFn:
+        if name in _FUSIONS:
+            raise ValueError(f"fusion {name!r} is already registered")
+        _FUSIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def registered_fusions() -> tuple[str, ...]:
+    return tuple(_FUSIONS)
+
+
+@register_fusion("sum")
+def _fuse_sum(components: FloatArray) -> FloatArray:
+    """Σ of min-max-scaled components."""
+    out: FloatArray = min_max(components).sum(axis=1)
+    return out
+
+
+@register_fusion("highep_lowal")
+def _fuse_highep_lowal(components: FloatArray) -> FloatArray:
+    """On (rel(mc), rel(al), mc_class): (mcbox + mcclass) - albox after min-max scaling."""
+    s = min_max(components)
+    out: FloatArray = s[:, 0] + s[:, 2] - s[:, 1]
+    return out
+
+
+@register_fusion("sota")
+def _fuse_sota(components: FloatArray) -> FloatArray:
+    """Max over z-scored components (Choi et al. 2021)."""
+    out: FloatArray = z_score(components).max(axis=1)
+    return out
+
+
+def fuse(components: FloatArray, fusion: Fusion) -> FloatArray:
+    """Fuse per-image component vectors (rows: scored images) into one score (§9.4) with the
+    registered rule ``fusion``."""
+    if fusion not in _FUSIONS:
+        raise ValueError(f"no fusion rule {fusion!r} for vector scores")
     if len(components) == 0:
         return np.zeros(0)
-    if fusion == "sum":
-        out: FloatArray = min_max(components).sum(axis=1)
-    elif fusion == "highep_lowal":
-        s = min_max(components)
-        out = s[:, 0] + s[:, 2] - s[:, 1]
-    elif fusion == "sota":
-        out = z_score(components).max(axis=1)
-    else:
-        raise ValueError(f"no fusion rule {fusion!r} for vector scores")
-    return out
+    return _FUSIONS[fusion](components)
 
 
 def perc_weights(class_ids: IntArray, codes: IntArray, n_images: int) -> FloatArray:
@@ -213,36 +247,75 @@ def _nee_pick(ascending: IntArray, n: int) -> IntArray:
     return chosen
 
 
+OrderFn = Callable[[FloatArray, IntArray, int], IntArray]
+_ORDERINGS: dict[str, OrderFn] = {}
+
+
+def register_ordering(name: str) -> Callable[[OrderFn], OrderFn]:
+    """Decorator adding an ordering ``fn(scores, scored_idx, budget) -> scored_idx ranked``."""
+
+    def deco(fn: OrderFn) -> OrderFn:
+        if name in _ORDERINGS:
+            raise ValueError(f"ordering {name!r} is already registered")
+        _ORDERINGS[name] = fn
+        return fn
+
+    return deco
+
+
+def registered_orderings() -> tuple[str, ...]:
+    return tuple(_ORDERINGS)
+
+
+def _descending(scores: FloatArray, idx: IntArray) -> IntArray:
+    out: IntArray = idx[np.argsort(-scores[idx], kind="stable")]
+    return out
+
+
+@register_ordering("topk")
+def _topk(scores: FloatArray, idx: IntArray, budget: int) -> IntArray:
+    """Highest first."""
+    return _descending(scores, idx)
+
+
+@register_ordering("bottomk")
+def _bottomk(scores: FloatArray, idx: IntArray, budget: int) -> IntArray:
+    """Lowest first."""
+    out: IntArray = idx[np.argsort(scores[idx], kind="stable")]
+    return out
+
+
+@register_ordering("nee")
+def _nee(scores: FloatArray, idx: IntArray, budget: int) -> IntArray:
+    """Its picks over 5 score bins first (highest first), then the rest highest first."""
+    desc = _descending(scores, idx)
+    if budget >= len(idx):
+        return desc
+    picks = _nee_pick(idx[np.argsort(scores[idx], kind="stable")], budget)
+    picks = picks[np.lexsort((picks, -scores[picks]))]
+    rest = desc[~np.isin(desc, picks)]
+    out: IntArray = np.concatenate((picks, rest))
+    return out
+
+
 def order_images(
     scores: FloatArray, scored: BoolArray, ordering: str, budget: int, rng: np.random.Generator
 ) -> tuple[IntArray, BoolArray]:
     """Rank every candidate and mark the first ``budget`` as selected (§9.1, §9.4).
 
-    Scored images come first (top-k: highest first; bottom-k: lowest first; nee: its picks
-    first, then the rest highest first); ties by image_id (the candidate index), so all-equal
-    scores rank by image_id. Unscored images follow in a seeded random order and fill the
-    budget only when scored ones run out. Scores of scored images must be finite (a NaN would
-    sort after every other score: ``score_images`` refuses to hand one over).
+    Scored images come first in the registered ``ordering`` (top-k: highest first; bottom-k:
+    lowest first; nee: its picks first, then the rest highest first); ties by image_id (the
+    candidate index), so all-equal scores rank by image_id. Unscored images follow in a seeded
+    random order and fill the budget only when scored ones run out. Scores of scored images
+    must be finite (a NaN would sort after every other score: ``score_images`` refuses to hand
+    one over).
 
     Returns:
         (rank per candidate, selected mask).
     """
-    idx = np.flatnonzero(scored)
-    desc = idx[np.argsort(-scores[idx], kind="stable")] if ordering != "bottomk" else idx
-    if ordering == "topk":
-        order = desc
-    elif ordering == "bottomk":
-        order = idx[np.argsort(scores[idx], kind="stable")]
-    elif ordering == "nee":
-        if budget >= len(idx):
-            order = desc
-        else:
-            picks = _nee_pick(idx[np.argsort(scores[idx], kind="stable")], budget)
-            picks = picks[np.lexsort((picks, -scores[picks]))]
-            rest = desc[~np.isin(desc, picks)]
-            order = np.concatenate((picks, rest))
-    else:
-        raise ValueError(f"ordering must be topk, bottomk or nee, not {ordering!r}")
+    if ordering not in _ORDERINGS:
+        raise ValueError(f"ordering must be one of {', '.join(_ORDERINGS)}, not {ordering!r}")
+    order = _ORDERINGS[ordering](scores, np.flatnonzero(scored), budget)
     unscored = rng.permutation(np.flatnonzero(~scored))
     full = np.concatenate((order, unscored)).astype(np.int64)
     rank = np.empty(len(scores), dtype=np.int64)

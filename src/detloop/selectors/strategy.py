@@ -11,41 +11,17 @@ registered score or a predictions column. Nothing downstream looks at the string
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final, Literal
 
-from detloop.data import schema
+from detloop.selectors.scores import ScoreInfo, get_score, registered_scores
+from detloop.selectors.stages import registered_orderings
+from detloop.selectors.vocabulary import COLUMN_SCORES, StrategyError, did_you_mean
 
 Prune = Literal["none", "prune", "full_prune"]
 Aggregation = Literal["max", "mean"]
 Ordering = Literal["topk", "bottomk", "nee"]
-
-#: Registered score names (per-detection scores and their combinations, §9.3).
-SCORE_NAMES: Final = (
-    "random",
-    "entropy",
-    "mcclass",
-    "albox",
-    "mcbox",
-    "combo",
-    "ental",
-    "alluncert",
-    "highep_lowal",
-    "epuncert",
-    "sota",
-)
-
-#: Predictions columns that may be named as a score directly (list columns are averaged).
-COLUMN_SCORES: Final = tuple(
-    name
-    for name in (
-        *schema.PREDICTIONS.schema.names,
-        *(f.name for f in schema.PREDICTIONS.optional),
-    )
-    if name not in ("image_id", "det_id", "class_id", "cons_cls")
-)
 
 #: Modifier tokens with a one-line description each (``detloop strategies`` prints them).
 MODIFIERS: Final = {
@@ -73,13 +49,11 @@ FOREIGN_TOKENS: Final = {
 
 _ORDER: Final = ("prune", "full_prune", "rand", "perc", "calib", "norm", "box", "bottomk", "nee")
 _ORDER_TAIL: Final = ("mean", "highep_lowal")
-_VOCAB: Final[list[str]] = sorted(
-    {*MODIFIERS, *SCORE_NAMES, *COLUMN_SCORES, *FOREIGN_TOKENS}, key=len
-)
 
 
-class StrategyError(ValueError):
-    """A strategy name that does not parse; the message names the token, position and fixes."""
+def _vocab() -> list[str]:
+    """Every word of the grammar, shortest first (registered scores as registered now)."""
+    return sorted({*MODIFIERS, *registered_scores(), *COLUMN_SCORES, *FOREIGN_TOKENS}, key=len)
 
 
 @dataclass(frozen=True)
@@ -87,7 +61,7 @@ class StrategySpec:
     """A parsed active-learning strategy.
 
     Attributes:
-        score: registered score name (``SCORE_NAMES``) or a predictions column.
+        score: registered score name (``registered_scores()``) or a predictions column.
         prune: redundancy pruning before the loop: ``none``, ``prune`` or ``full_prune``.
         prune_random: prune randomly instead of by perceptual hash (``rand``).
         perc: class-balancing weights.
@@ -117,6 +91,22 @@ class StrategySpec:
         return format_strategy(self)
 
     @property
+    def info(self) -> ScoreInfo:
+        """The score's registry entry: what it reads and what it needs."""
+        return get_score(self.score)
+
+    @property
+    def needs_thresholds(self) -> bool:
+        """Whether the loop must compute the thresholding result (§7) before selecting."""
+        return self.info.needs_thresholds
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the loop must calibrate before selecting (``calib``, or a score that reads
+        calibrated columns itself)."""
+        return self.calib or self.info.needs_calibration
+
+    @property
     def prunes(self) -> bool:
         """Whether the pool is pruned before iteration 0 (and so needs its image hashes)."""
         return self.prune != "none"
@@ -124,7 +114,7 @@ class StrategySpec:
 
 def _spec_problems(spec: StrategySpec) -> list[str]:
     problems = []
-    if spec.score not in SCORE_NAMES and spec.score not in COLUMN_SCORES:
+    if spec.score not in registered_scores() and spec.score not in COLUMN_SCORES:
         problems.append(f"unknown score {spec.score!r}{did_you_mean(spec.score, _scores())}")
     if spec.prune not in ("none", "prune", "full_prune"):
         problems.append(f"prune must be none, prune or full_prune, not {spec.prune!r}")
@@ -132,18 +122,15 @@ def _spec_problems(spec: StrategySpec) -> list[str]:
         problems.append("'rand' (random pruning) needs 'prune' or 'full_prune' before it")
     if spec.aggregation not in ("max", "mean"):
         problems.append(f"aggregation must be max or mean, not {spec.aggregation!r}")
-    if spec.ordering not in ("topk", "bottomk", "nee"):
-        problems.append(f"ordering must be topk, bottomk or nee, not {spec.ordering!r}")
+    if spec.ordering not in registered_orderings():
+        problems.append(
+            f"ordering must be one of {', '.join(registered_orderings())}, not {spec.ordering!r}"
+        )
     return problems
 
 
 def _scores() -> list[str]:
-    return [*SCORE_NAMES, *COLUMN_SCORES]
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    return [*registered_scores(), *COLUMN_SCORES]
 
 
 def format_strategy(spec: StrategySpec) -> str:
@@ -168,7 +155,7 @@ def format_strategy(spec: StrategySpec) -> str:
 
 def _next_token(rest: str) -> str | None:
     """The longest vocabulary word that ``rest`` starts with, followed by ``_`` or the end."""
-    for word in reversed(_VOCAB):
+    for word in reversed(_vocab()):
         if rest == word or rest.startswith(word + "_"):
             return word
     return None
@@ -184,8 +171,8 @@ def _tokenize(name: str) -> list[tuple[int, str]]:
             head = rest.split("_", 1)[0]
             raise StrategyError(
                 f"strategy {name!r}: unknown token {head!r} at position {len(tokens)}"
-                f"{did_you_mean(head, _VOCAB) or did_you_mean(rest, _VOCAB)}; "
-                f"valid scores: {', '.join(SCORE_NAMES)} or a predictions column; "
+                f"{did_you_mean(head, _vocab()) or did_you_mean(rest, _vocab())}; "
+                f"valid scores: {', '.join(registered_scores())} or a predictions column; "
                 f"modifiers: {', '.join(MODIFIERS)}"
             )
         tokens.append((len(tokens), word))
@@ -268,8 +255,8 @@ def _finish(
         return StrategySpec(score="highep_lowal", **values)
     if score is None:
         raise StrategyError(
-            f"strategy {name!r}: no score; end the name with one of {', '.join(SCORE_NAMES)} "
-            "or a predictions column"
+            f"strategy {name!r}: no score; end the name with one of "
+            f"{', '.join(registered_scores())} or a predictions column"
         )
     return StrategySpec(score=score[1], **values)
 
@@ -317,7 +304,9 @@ def explain(spec: StrategySpec) -> list[str]:
     cols = "calibrated *_cal columns" if spec.calib else "uncalibrated columns"
     box = "; box stds relative to box size" if spec.norm else ""
     lines.append(f"prepare: {cols}{box}")
-    lines.append(f"score: {spec.score}")
+    info = spec.info
+    direction = "higher = more uncertain" if info.higher_is_uncertain else "higher = more certain"
+    lines.append(f"score: {spec.score} ({info.description}; {direction})")
     lines.append(f"aggregate per image: {spec.aggregation}")
     if spec.perc:
         lines.append("class weights: perc (inverse predicted class frequency)")
@@ -328,3 +317,14 @@ def explain(spec: StrategySpec) -> list[str]:
     }
     lines.append(f"ordering: {order[spec.ordering]}; ties by image_id")
     return lines
+
+
+__all__ = [
+    "COLUMN_SCORES",
+    "MODIFIERS",
+    "StrategyError",
+    "StrategySpec",
+    "explain",
+    "format_strategy",
+    "parse_strategy",
+]

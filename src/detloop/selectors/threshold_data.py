@@ -19,6 +19,7 @@ import pandas as pd
 
 from detloop.data.errors import DataError
 from detloop.data.io import write_json
+from detloop.data.min_score import DEFAULT_MIN_SCORE
 from detloop.data.schema import COORDS
 from detloop.selectors.threshold_metrics import FloatArray
 from detloop.selectors.uncertainty_names import UNCERTAINTIES
@@ -64,7 +65,7 @@ def uncertainty_matrix(df: pd.DataFrame, names: list[str], calibrated: bool) -> 
 
 def threshold_rows(
     predictions: pd.DataFrame, matches: pd.DataFrame, fd_scope: str = "matched",
-    min_score: float = 0.4,
+    min_score: float = DEFAULT_MIN_SCORE,
 ) -> pd.DataFrame:  # fmt: skip
     """Rows of §7.1: GT-matched predictions (IoU > 0) with ``iou``, ``gt_class``, ``tps_class``;
     with ``fd_scope="all"`` also every prediction above ``min_score`` no GT selected (IoU 0)."""

@@ -18,7 +18,13 @@ import ray
 from detloop import console
 from detloop.config import ExperimentConfig, RayConfig, config_snapshot
 from detloop.orchestrator.engine.progress import ProgressBoard, forget, new_prefix
-from detloop.orchestrator.engine.workers import PredictWorker, ShardResult, TrainWorker
+from detloop.orchestrator.engine.workers import (
+    PredictWorker,
+    ShardResult,
+    TrainOutcome,
+    TrainWorker,
+)
+from detloop.orchestrator.engine.workers import Workers as WorkersProtocol
 from detloop.runtime_env import apply_local_env
 
 logger = logging.getLogger(__name__)
@@ -85,8 +91,9 @@ def coordinator_tasks(fn: Callable[[A], R], args: Sequence[A]) -> list[R]:
     return list(ray.get([task.remote(a) for a in args]))
 
 
-class Workers:
-    """One loop's actors: a train actor and a pool of predict actors, created lazily.
+class Workers(WorkersProtocol):
+    """One loop's actors: a train actor and a pool of predict actors, created lazily
+    (the ``engine.workers.Workers`` protocol on Ray).
 
     When this process shows progress (``detloop.console.mode()``), each actor publishes its
     bar under a key of this loop and the calls below draw them while they wait
@@ -144,9 +151,28 @@ class Workers:
         labels = {key: label for role, label in roles.items() if (key := self._key(role))}
         return ProgressBoard(labels, mode=self._progress, cumulative=cumulative)
 
-    def train(self, **kwargs: Any) -> dict[str, Any]:
+    def train(
+        self,
+        *,
+        images: pa.Table,
+        labels: pa.Table,
+        num_classes: int,
+        out_dir: str,
+        seed: int,
+        val: tuple[pa.Table, pa.Table] | None = None,
+        init_weights: str | None = None,
+    ) -> TrainOutcome:
         with self._board({"train": "train"}):
-            result: dict[str, Any] = ray.get(self.trainer.train.remote(**kwargs))
+            ref = self.trainer.train.remote(
+                images=images,
+                labels=labels,
+                num_classes=num_classes,
+                out_dir=out_dir,
+                seed=seed,
+                val=val,
+                init_weights=init_weights,
+            )
+            result: TrainOutcome = ray.get(ref)
         return result
 
     def predict(

@@ -13,7 +13,6 @@ from typing import Any
 from detloop import __version__, console
 from detloop.config import ExperimentConfig, build_config, config_snapshot
 from detloop.data.rundir import RunDir, RunsRoot, al_run_name
-from detloop.selectors.strategy import format_strategy, parse_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +38,9 @@ def code_version() -> str:
 
 def run_dir_for(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
     """``<runs_root>/<name>/<canonical strategy>-s<seed>``; ``fresh`` picks an unused sibling."""
-    name = al_run_name(format_strategy(parse_strategy(cfg.al.strategy)), cfg.seed)
+    name = al_run_name(cfg.al.strategy.name, cfg.seed)
     root = RunsRoot(cfg.runs_root)
-    run = root.run(cfg.name, name)
-    n = 2
-    while fresh and run.exists():
-        run = root.run(cfg.name, f"{name}-r{n}")
-        n += 1
-    return run
+    return root.unused_run(cfg.name, name) if fresh else root.run(cfg.name, name)
 
 
 def create_run(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
@@ -67,7 +61,7 @@ def create_run(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
             "kind": "al",
             "name": cfg.name,
             "run_name": run.name,
-            "strategy": format_strategy(parse_strategy(cfg.al.strategy)),
+            "strategy": cfg.al.strategy.name,
             "seed": cfg.seed,
             "code_version": code_version(),
             "created": time.time(),
@@ -107,6 +101,7 @@ def import_data(run: RunDir, cfg: ExperimentConfig, hash_pool: bool = True) -> d
             classes=cfg.data.classes,
             lenient=cfg.data.lenient,
             hash_pool=hash_pool,
+            hash_method=cfg.al.hash_method,
         )
         console.say("%s | %s: %s", run.name, src.source, report.summary())
         out[split] = report.n_images

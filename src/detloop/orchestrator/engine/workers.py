@@ -1,8 +1,11 @@
-"""Plain worker classes: what a Ray actor does, testable in-process without Ray.
+"""What a loop asks of its workers, and the plain worker classes that do it.
 
-``orchestrator/actors.py`` alone turns them into actors (``ray.remote(**resources)(cls)``).
-Each method delegates to ``detloop.learners`` and reports the compute seconds it spent, so the
-loop can tell orchestration overhead from work.
+``Workers`` is the contract between a loop and its compute: start, train, predict shards, shut
+down, with typed results (``TrainOutcome``, ``ShardResult``). ``engine/actors.py`` implements it
+with Ray actors built from the plain classes below (``ray.remote(**resources)(cls)``, the only
+place that does); tests implement it with in-process fakes. Each worker method delegates to
+``detloop.learners`` and reports the compute seconds it spent, so the loop can tell
+orchestration overhead from work.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -39,6 +43,59 @@ class ShardResult:
     table: pa.Table
     seconds: float
     stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What one training call produced: the checkpoint directory (``model.pt`` and
+    ``metadata.json``), optimizer steps, the last loss, the last epoch's monitors (box RMSE,
+    sigma mean and std; absent when undefined) and the compute seconds spent."""
+
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    monitors: dict[str, float] = field(default_factory=dict)
+
+
+class Workers(Protocol):
+    """What a loop needs from its compute (``engine/actors.py::Workers`` runs it on Ray)."""
+
+    def start(self) -> None:
+        """Start every worker now, so it boots while the driver does other work."""
+
+    def train(
+        self,
+        *,
+        images: pa.Table,
+        labels: pa.Table,
+        num_classes: int,
+        out_dir: str,
+        seed: int,
+        val: tuple[pa.Table, pa.Table] | None = None,
+        init_weights: str | None = None,
+    ) -> TrainOutcome:
+        """Train a ``num_classes`` model on ``images``/``labels`` into the checkpoint directory
+        ``out_dir`` (resuming a partial one there); ``val`` (images, gt) for early stopping."""
+        ...
+
+    def predict(
+        self,
+        key: str,
+        weights: bytes,
+        num_classes: int,
+        shards: list[tuple[int, pa.Table, int]],
+        on_result: Callable[[ShardResult], None],
+        fault_marker: Callable[[int], str | None] | None = None,
+    ) -> float:
+        """Predict ``shards`` (id, images, seed) with the model ``weights`` (the bytes of a
+        ``model.pt``; ``key`` names them, so a worker builds each model once), handing each
+        finished shard to ``on_result`` as it arrives; returns the compute makespan in seconds.
+        ``fault_marker`` (tests): the marker path that makes a shard's worker crash, once."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop every worker; a later call starts them again."""
 
 
 def _log_to_driver(info: bool) -> None:
@@ -91,8 +148,8 @@ class TrainWorker:
         seed: int,
         val: tuple[pa.Table, pa.Table] | None = None,
         init_weights: str | None = None,
-    ) -> dict[str, Any]:
-        """Train and return the result record (checkpoint path, steps, loss, compute seconds)."""
+    ) -> TrainOutcome:
+        """Train and return what it produced (checkpoint, steps, loss, monitors, seconds)."""
         from detloop.learners.train import train_model
 
         t0 = time.perf_counter()
@@ -107,13 +164,13 @@ class TrainWorker:
             init_weights=Path(init_weights) if init_weights else None,
             progress=self._progress,
         )
-        return {
-            "checkpoint": str(result.checkpoint),
-            "steps": int(result.steps),
-            "final_loss": float(result.final_loss),
-            "monitors": result.monitors,
-            "seconds": time.perf_counter() - t0,
-        }
+        return TrainOutcome(
+            checkpoint=Path(result.checkpoint),
+            steps=int(result.steps),
+            final_loss=float(result.final_loss),
+            seconds=time.perf_counter() - t0,
+            monitors={k: float(v) for k, v in result.monitors.items()},
+        )
 
 
 class PredictWorker:

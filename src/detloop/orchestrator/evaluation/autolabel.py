@@ -85,6 +85,7 @@ def autolabel_frames(
     run: RunDir, cfg: ExperimentConfig, ref: ModelRef, frames: pa.Table, seed: int
 ) -> dict[str, Any]:
     """Decide, label and export the ``frames``; returns the report (also in metrics.json)."""
+    from detloop.data.labels import next_box_id
     from detloop.data.pool import PoolState
     from detloop.learners.predict import Predictor
     from detloop.orchestrator.evaluation.common import load_calibration, log_run_artifacts
@@ -107,15 +108,8 @@ def autolabel_frames(
     ids = frames["image_id"].to_pylist()
     decision = al.decide(pdf, ids, thresholds, min_score, cfg.autolabel.empty_image)
     write_table(al.selection_table(decision, it), schema.SELECTION, run.selection_file(it))
-    pool = PoolState.load(run)
-    old = pc.and_(
-        pc.is_in(pool.labels["image_id"], value_set=pa.array(ids, pa.string())),
-        pc.equal(pool.labels["source"], "auto"),
-    )
-    keep = pc.invert(old)
-    pool = PoolState(pool.images, pool.labels.filter(keep))  # re-running replaces auto labels
-    start = int(pc.max(pool.labels["box_id"]).as_py() or 0) + 1 if pool.labels.num_rows else 0
-    labels = al.auto_label_table(decision, it, start)
+    pool = PoolState.load(run).without_labels("auto", image_ids=ids)  # a re-run replaces them
+    labels = al.auto_label_table(decision, it, next_box_id(pool.labels))
     pool = pool.with_labels(labels).with_state(decision.ids("auto_labeled"), "auto_labeled", it)
     pool = pool.with_state(decision.ids("examine"), "examine", it, reason=REASON)
     pool.save(run)
@@ -124,58 +118,50 @@ def autolabel_frames(
     from detloop.orchestrator.evaluation.common import update_metrics
 
     paths = [update_metrics(run, it, "autolabel", report), run.selection_file(it), *exports]
-    log_run_artifacts(run, cfg, paths, f"iter_{it:04d}/autolabel")
+    log_run_artifacts(run, cfg, paths, run.artifact_path(it, "autolabel"))
     return report
 
 
 def _min_score(run: RunDir, cfg: ExperimentConfig, it: int) -> float:
+    """``predict.min_score``, else from the stored validation of iteration ``it`` (§3)."""
     from detloop.data.io import read_table
-    from detloop.orchestrator.evaluation.common import mean_matched_score, min_score_for
+    from detloop.data.min_score import resolve_min_score
+    from detloop.orchestrator.evaluation.common import mean_matched_score
 
+    avg = None
     if cfg.predict.min_score is None and run.matches_file(it).exists():
         preds = read_table(schema.PREDICTIONS, run.val_predictions_file(it))
-        matches = read_table(schema.MATCHES, run.matches_file(it))
-        return min_score_for(cfg, mean_matched_score(preds, matches))
-    return min_score_for(cfg, None)
+        avg = mean_matched_score(preds, read_table(schema.MATCHES, run.matches_file(it)))
+    return resolve_min_score(cfg.predict.min_score, mean_matched=avg)
 
 
 def _export(
     run: RunDir, cfg: ExperimentConfig, decision: Any, labels: pa.Table, it: int
 ) -> list[Path]:
-    from detloop.data.review_export import export_review, run_categories, write_coco
+    from detloop.data.export import write_coco
+    from detloop.data.review_export import export_review, run_categories
+    from detloop.learners.render import render_images, uncertainty_style
 
-    stem = run.exports / f"autolabel_iter_{it:04d}"
     images = run.read_images().to_pandas()
     d = decision.detections
     cats = run_categories(run, d["class_id"].tolist() if len(d) else [])
     auto_ids = decision.ids("auto_labeled")
     auto_boxes = d[d["image_id"].isin(auto_ids)]
     paths = [write_coco(images[images["image_id"].isin(auto_ids)], auto_boxes, cats,
-                        Path(f"{stem}_auto.coco.json"))]  # fmt: skip
+                        run.autolabel_coco_file(it), policy="review")]  # fmt: skip
     out = export_review(run, image_ids=decision.ids("examine"), predictions=d,
-                        out_stem=Path(f"{stem}_examine"), min_score=decision.min_score)  # fmt: skip
+                        out_stem=run.autolabel_examine_stem(it),
+                        min_score=decision.min_score)  # fmt: skip
     paths += list(out.values())
     if cfg.autolabel.render:
-        paths.append(render(images, d, decision, Path(f"{stem}_renders")))
+        # PNG per examine image: boxes red when u ≥ δ̄, green otherwise, labelled with u
+        files = images.set_index("image_id")["file"].to_dict()
+        examine = [(i, files[i]) for i in decision.ids("examine")]
+        out_dir = run.autolabel_renders_dir(it)
+        style = uncertainty_style(decision.delta)
+        render_images(examine, d, out_dir, style=style, text_dx=0)
+        paths.append(out_dir)
     return paths
-
-
-def render(images: pd.DataFrame, dets: pd.DataFrame, decision: Any, out_dir: Path) -> Path:
-    """PNG per examine image: boxes red when u ≥ δ̄, green otherwise, labelled with u."""
-    from PIL import Image, ImageDraw
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = images.set_index("image_id")["file"].to_dict()
-    for image_id in decision.ids("examine"):
-        with Image.open(files[image_id]) as im:
-            canvas = im.convert("RGB")
-        draw = ImageDraw.Draw(canvas)
-        for r in dets[dets["image_id"] == image_id].itertuples(index=False):
-            color = "red" if not r.u < decision.delta else "lime"
-            draw.rectangle([r.x1, r.y1, r.x2, r.y2], outline=color)
-            draw.text((r.x1, max(0.0, r.y1 - 10)), f"{r.u:.3f}", fill=color)
-        canvas.save(out_dir / (image_id.replace("/", "__") + ".png"))
-    return out_dir
 
 
 def _report(

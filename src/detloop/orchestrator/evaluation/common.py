@@ -17,7 +17,7 @@ from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.data.errors import DataError
 from detloop.data.io import read_json, read_table, write_json, write_table
-from detloop.data.rundir import RunDir
+from detloop.data.rundir import RunDir, is_checkpoint, iteration_of
 from detloop.data.splits import eval_split
 from detloop.learners.calibration import STATE_JSON, CalibrationSet, calibration_pairs
 
@@ -36,7 +36,7 @@ class ModelRef:
 def resolve_model(run: RunDir, iteration: int | None, checkpoint: Path | None) -> ModelRef:
     """``--iteration N`` / ``--checkpoint PATH`` (default: the latest complete checkpoint)."""
     if checkpoint is not None:
-        if not (Path(checkpoint) / "metadata.json").exists():
+        if not is_checkpoint(checkpoint):
             raise DataError(str(checkpoint), None, None, "not a checkpoint (no metadata.json)")
         its = run.iterations()
         return ModelRef(iteration if iteration is not None else (its[-1] if its else 0), checkpoint)
@@ -45,9 +45,9 @@ def resolve_model(run: RunDir, iteration: int | None, checkpoint: Path | None) -
         if latest is None:
             raise DataError(str(run.path), None, None, "no trained checkpoint; train first or "
                             "pass --checkpoint PATH")  # fmt: skip
-        return ModelRef(int(latest.parent.name.removeprefix("iter_")), latest)
+        return ModelRef(iteration_of(latest) or 0, latest)
     ckpt = run.checkpoint(iteration)
-    if not (ckpt / "metadata.json").exists():
+    if not is_checkpoint(ckpt):
         raise DataError(str(ckpt), None, None, f"iteration {iteration} has no checkpoint")
     return ModelRef(iteration, ckpt)
 
@@ -66,16 +66,6 @@ def mean_matched_score(preds: pa.Table, matches: pa.Table) -> float | None:
     """Mean ``score`` of the predictions matched with IoU > 0 (§6.1)."""
     pairs = calibration_pairs(preds.select(["image_id", "det_id", "score"]), matches)
     return float(pairs["score"].mean()) if len(pairs) else None
-
-
-def min_score_for(cfg: ExperimentConfig, avg_score: float | None) -> float:
-    """The consumer score floor (§3): configured; else the mean matched score floored to one
-    decimal; else 0.4."""
-    if cfg.predict.min_score is not None:
-        return float(cfg.predict.min_score)
-    if avg_score is None or not math.isfinite(avg_score):
-        return 0.4
-    return math.floor(avg_score * 10 + 1e-9) / 10
 
 
 def update_metrics(run: RunDir, iteration: int, key: str, value: Any) -> Path:
@@ -160,7 +150,6 @@ __all__ = [
     "log_artifacts",
     "log_run_artifacts",
     "mean_matched_score",
-    "min_score_for",
     "resolve_model",
     "update_metrics",
 ]

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from detloop.config import ConfigError, ExperimentConfig
+from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.data.errors import DataError
 from detloop.data.io import read_table, write_json, write_table
+from detloop.data.min_score import resolve_min_score
 from detloop.data.rundir import RunDir
 from detloop.learners.calibration import (
     CalibrationSet,
@@ -42,7 +43,6 @@ from detloop.orchestrator.evaluation.common import (
     load_calibration,
     log_run_artifacts,
     mean_matched_score,
-    min_score_for,
     resolve_model,
     update_metrics,
 )
@@ -69,9 +69,9 @@ def _evaluate_decoding(
     from detloop.learners.evaluate import coco_map, match_reference, performance_summary
 
     images, gt, cats = data
-    predict = cfg.predict.model_copy(update={"uncert_adjust_method": method})
-    predictor.cfg = cfg.model_copy(update={"predict": predict})
-    preds, times = predict_timed(predictor, images, seed)
+    decoding = predictor.with_decoding(method)
+    preds, times = predict_timed(decoding, images, seed)
+    decoding.log_stats(f"validate ({method} decoding)")
     if cal is not None:
         preds = cal.transform(preds)
     matches = match_reference(preds, gt, assign=cfg.thresholding.assign_gt_box)
@@ -106,11 +106,10 @@ def validate_model(
         summaries[m] = out[2]
         if m == method:
             preds, matches = out[0], out[1]
-    predictor.log_stats(f"validate {split}")
     write_table(preds, schema.PREDICTIONS, run.val_predictions_file(ref.iteration))
     write_table(matches, schema.MATCHES, run.matches_file(ref.iteration))
     avg = mean_matched_score(preds, matches)
-    min_score = min_score_for(cfg, avg)
+    min_score = resolve_min_score(cfg.predict.min_score, mean_matched=avg)
     pairs = calibration_pairs(preds, matches)
     rng = np.random.default_rng(seed)
     report: dict[str, Any] = {
@@ -124,11 +123,11 @@ def validate_model(
         },
         "decoding": summaries,
     }  # fmt: skip
-    out_dir = run.iteration_dir(ref.iteration) / "validation"
+    out_dir = run.validation_dir(ref.iteration)
     written = uq_report.write_plots(pairs, cal, out_dir, rng) if plots and len(pairs) else []
     paths = [update_metrics(run, ref.iteration, "validation", report), *written]
     paths += [run.matches_file(ref.iteration), run.val_predictions_file(ref.iteration)]
-    log_run_artifacts(run, cfg, paths, f"iter_{ref.iteration:04d}/validation")
+    log_run_artifacts(run, cfg, paths, run.artifact_path(ref.iteration, "validation"))
     return report
 
 
@@ -196,10 +195,11 @@ def calibrate_model(
     paths = cal.save(cal_dir)
     apply_calibration(run.val_predictions_file(model_iter), cal)
     if plots and len(held):
-        paths += uq_report.write_plots(held_cal, cal80, cal_dir / "plots", rng, c.ece_bins)
-    write_json(jsonable(report), cal_dir / "report.json")
+        plots_dir = run.calibration_plots_dir(out_iter)
+        paths += uq_report.write_plots(held_cal, cal80, plots_dir, rng, c.ece_bins)
+    write_json(jsonable(report), run.calibration_report_file(out_iter))
     paths.append(update_metrics(run, out_iter, "calibration", _headline(report)))
-    log_run_artifacts(run, cfg, [cal_dir, run.metrics_file(out_iter)], f"iter_{out_iter:04d}")
+    log_run_artifacts(run, cfg, [cal_dir, run.metrics_file(out_iter)], run.artifact_path(out_iter))
     return report
 
 
@@ -232,15 +232,13 @@ def threshold_model(
     from detloop.selectors.threshold import CostSensitiveThresholder, threshold_rows
 
     t, c = cfg.thresholding, cfg.calibration
-    if t.optimizer != "optuna":
-        raise ConfigError("thresholding.optimizer", [("thresholding.optimizer",
-                          "only 'optuna' is available (HEBO is not installed)")])  # fmt: skip
     calibrated = c.calibrate_classification and c.calibrate_regression
     preds, matches = load_validation(run, cfg, model_iter, seed)
     if calibrated and "entropy_cal" not in preds.column_names:
         calibrate_model(run, cfg, model_iter, out_iter, seed, plots=False, toolbox=False)
         preds = read_table(schema.PREDICTIONS, run.val_predictions_file(model_iter))
-    min_score = min_score_for(cfg, mean_matched_score(preds, matches))
+    avg = mean_matched_score(preds, matches)
+    min_score = resolve_min_score(cfg.predict.min_score, mean_matched=avg)
     pdf = preds.drop_columns(["logits", "mc_class_vec"]).to_pandas()
     rows = threshold_rows(pdf, matches.to_pandas(), t.fd_scope, min_score)
     if len(rows) == 0:
@@ -259,7 +257,7 @@ def threshold_model(
     if plots:
         from detloop.reports.threshold_report import write_threshold_plots
 
-        out_dir = run.iteration_dir(out_iter) / "thresholding"
+        out_dir = run.thresholding_dir(out_iter)
         paths += write_threshold_plots(run, rows, th, out_dir, np.random.default_rng(seed),
                                        diagnostics)  # fmt: skip
     combo = result.metrics["combination"]
@@ -269,7 +267,7 @@ def threshold_model(
         "n_trials": result.n_trials, "min_score": min_score,
     }  # fmt: skip
     paths.append(update_metrics(run, out_iter, "thresholding", headline))
-    log_run_artifacts(run, cfg, paths, f"iter_{out_iter:04d}/thresholding")
+    log_run_artifacts(run, cfg, paths, run.artifact_path(out_iter, "thresholding"))
     return headline
 
 

@@ -1,20 +1,18 @@
-"""``ActiveLearningLoop``: the journaled state machine of one active-learning run.
+"""``ActiveLearningLoop``: the phases and the plan of one active-learning run.
 
 Iteration 0 is the warm-up (seeded random selection, model M0); iteration i >= 1 predicts the
 unlabeled pool with M(i-1), [calibrates, thresholds], selects n_i images, labels them (oracle
-or humans), trains M(i), evaluates it and logs. Every phase is journaled in ``run.json`` and is
-idempotent, so a run killed anywhere resumes where it was, selecting and labeling nothing twice.
-Heavy work runs in Ray actors (``Workers``); this class is plain Python in the driver.
+or humans), trains M(i), evaluates it and logs. The ``JournaledLoop`` base journals every phase
+in ``run.json``; the phases are idempotent, so a run killed anywhere resumes where it was,
+selecting and labeling nothing twice. Heavy work runs in the workers (Ray actors by default);
+this class is plain Python in the driver.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -26,74 +24,48 @@ from detloop.data import schema, splits
 from detloop.data.io import read_json, read_table, write_json, write_table
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
-from detloop.orchestrator.engine.journal import Journal, Phase, iteration_phases
-from detloop.orchestrator.engine.progress import iteration_line, phase_line
+from detloop.orchestrator.engine.journal import Phase, iteration_phases
+from detloop.orchestrator.engine.journaled import (
+    FaultAction,
+    Handler,
+    JournaledLoop,
+    Paused,
+    Step,
+    WorkersFactory,
+)
+from detloop.orchestrator.engine.progress import iteration_line
 from detloop.orchestrator.engine.tracking import LoopCallback
 from detloop.orchestrator.loops import steps
 from detloop.orchestrator.loops.warmup import WarmupCache
-from detloop.seeding import derive_seed
 from detloop.selectors.strategy import StrategySpec, parse_strategy
 
 logger = logging.getLogger(__name__)
 
 
-class WaitingForLabels(Exception):
+class WaitingForLabels(Paused):
     """The loop stopped in ``wait_for_labels``; ``detloop import-labels`` continues it."""
 
+    status = str(Phase.WAIT_FOR_LABELS)
 
-class ActiveLearningLoop:
-    """One AL run over a run directory that ``engine.runs.create_run`` prepared."""
+
+class ActiveLearningLoop(JournaledLoop):
+    """One AL run over a run directory that ``engine.runs.create_run`` prepared (arguments:
+    ``JournaledLoop``'s)."""
 
     def __init__(
         self,
         run: RunDir,
         cfg: ExperimentConfig,
         callbacks: Sequence[LoopCallback] = (),
-        workers_factory: Callable[[ExperimentConfig], Any] | None = None,
+        workers_factory: WorkersFactory | None = None,
+        fault_action: FaultAction | None = None,
     ) -> None:
-        self.run = run
-        self.cfg = cfg
-        self.callbacks = list(callbacks)
-        self.journal = Journal(run)
-        self.spec: StrategySpec = parse_strategy(cfg.al.strategy)
+        super().__init__(run, cfg, callbacks, workers_factory, fault_action)
+        self.spec: StrategySpec = cfg.al.strategy
         self.human = cfg.al.oracle == "human"
         self.categories = run.read_categories()
         self.num_classes = self.categories.num_rows
-        self._workers_factory = workers_factory
-        self._workers: Any = None
         self.warmup = WarmupCache.for_run(run, cfg)
-
-    # ---- plumbing --------------------------------------------------------------------------
-    @property
-    def workers(self) -> Any:
-        if self._workers is None:
-            if self._workers_factory is None:
-                from detloop.orchestrator.engine.actors import Workers, check_capacity, ensure_ray
-
-                ensure_ray(self.cfg.ray)
-                check_capacity(self.cfg.ray)
-                self._workers = Workers(self.cfg)
-            else:
-                self._workers = self._workers_factory(self.cfg)
-        return self._workers
-
-    def seed(self, iteration: int, stage: str) -> int:
-        value = derive_seed(self.cfg.seed, iteration, stage)
-        seeds = self.journal.meta.setdefault("seeds", {})
-        seeds[f"{iteration}/{stage}"] = value
-        return value
-
-    def _fault(self, iteration: int, phase: Phase, where: str) -> None:
-        """Fault injection (tests): SIGKILL this process once at a configured point."""
-        point = f"{iteration}:{phase}" + (":mid" if where == "mid" else "")
-        if point not in self.cfg.fault.kill_at:
-            return
-        marker = self.run.path / f".fault_{point.replace(':', '_')}"
-        if marker.exists():
-            return
-        marker.touch()
-        logger.warning("fault injection: killing the driver at %s", point)
-        os.kill(os.getpid(), signal.SIGKILL)
 
     # ---- schedule --------------------------------------------------------------------------
     def budgets(self) -> list[int]:
@@ -111,14 +83,14 @@ class ActiveLearningLoop:
         return min(k, self.cfg.al.iterations) if self.cfg.al.iterations else k
 
     def needs_calibration(self) -> bool:
-        return self.spec.calib or self.spec.score == "combo" or self.cfg.calibration.always
+        return self.spec.needs_calibration or self.cfg.calibration.always
 
     def needs_threshold(self) -> bool:
-        return self.spec.score == "combo"
+        return self.spec.needs_thresholds
 
-    def plan(self) -> list[tuple[int, Phase]]:
+    def plan(self) -> list[Step]:
         """Every (iteration, phase) after the import, in order."""
-        out: list[tuple[int, Phase]] = []
+        out: list[Step] = []
         for it in range(self.n_iterations()):
             for ph in iteration_phases(
                 it,
@@ -126,70 +98,34 @@ class ActiveLearningLoop:
                 threshold=self.needs_threshold(),
                 human=self.human,
             ):
-                out.append((it, ph))
+                out.append(Step(it, ph))
         return out
 
-    # ---- driver ----------------------------------------------------------------------------
-    def execute(self) -> str:
-        """Run (or resume) to the end; returns ``done`` or ``wait_for_labels``."""
-        try:
-            self._set_up()
-            for iteration, phase in self.plan():
-                if self.journal.is_completed(iteration, phase):
-                    continue
-                self._run_phase(iteration, phase)
-            self.journal.complete(self.n_iterations() - 1, Phase.DONE)
-        except WaitingForLabels:
-            for cb in self.callbacks:
-                cb.on_end("SCHEDULED")
-            return str(Phase.WAIT_FOR_LABELS)
-        except BaseException:
-            for cb in self.callbacks:
-                cb.on_end("FAILED")
-            raise
-        finally:
-            self.warmup.release()
-            if self._workers is not None:
-                self._workers.shutdown()
-        for cb in self.callbacks:
-            cb.on_end("FINISHED")
-        return str(Phase.DONE)
+    # ---- the base's hooks ------------------------------------------------------------------
+    def prologue(self) -> list[Step]:
+        """The import (and pruning): the budgets, hence the plan, need the imported pool."""
+        return [Step(0, Phase.IMPORT)]
 
-    def _set_up(self) -> None:
-        """Start-up work, side by side where it is independent.
+    def handlers(self) -> Mapping[Phase, Handler]:
+        return {
+            Phase.IMPORT: self._phase_import,
+            Phase.PREDICT: self._phase_predict,
+            Phase.CALIBRATE: self._phase_calibrate,
+            Phase.THRESHOLD: self._phase_threshold,
+            Phase.SELECT: self._phase_select,
+            Phase.LABEL: self._phase_label,
+            Phase.WAIT_FOR_LABELS: self._phase_wait_for_labels,
+            Phase.TRAIN: self._phase_train,
+            Phase.EVALUATE: self._phase_evaluate,
+            Phase.LOG: self._phase_log,
+        }
 
-        Starting Ray (~4 s) and booting the actors (each imports torch and the learner, ~5 s)
-        need nothing from the tracking store or the data, so they run in this thread (Ray wants
-        the main thread) while a helper thread starts the callbacks (MLflow: ~2 s of imports
-        on first use) and imports the data; the actors keep booting through warm-up selection
-        and labeling. Only the helper touches the journal until it is joined.
-        """
-        imported = self.journal.is_completed(0, Phase.IMPORT)
-        finished = imported and self.journal.is_completed(self.n_iterations() - 1, Phase.LOG)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="detloop-setup") as pool:
-            job = pool.submit(self._start_and_import, imported)
-            try:
-                if not finished:
-                    self.workers.start()
-            finally:
-                job.result()  # its error, if any, wins: it names the bad file or store
-
-    def _start_and_import(self, imported: bool) -> None:
-        for cb in self.callbacks:
-            cb.on_start(self.run, self.journal.meta)
-        self.journal.save()
-        if not imported:
-            self._run_phase(0, Phase.IMPORT)
-
-    def _run_phase(self, iteration: int, phase: Phase) -> None:
+    def last_iteration(self) -> int | None:
         # the number of iterations needs the budgets, known once the pool is imported
-        last = self.n_iterations() - 1 if "budget_sizes" in self.journal.meta else None
-        console.say(phase_line(self.run.name, iteration, last, str(phase)))
-        self.journal.start(iteration, phase)
-        handler = getattr(self, f"_phase_{phase.value}")
-        info = handler(iteration) or {}
-        self.journal.complete(iteration, phase, **info)
-        self._fault(iteration, phase, "end")
+        return self.n_iterations() - 1 if "budget_sizes" in self.journal.meta else None
+
+    def close(self) -> None:
+        self.warmup.release()
 
     # ---- phases ----------------------------------------------------------------------------
     def _phase_import(self, iteration: int) -> dict[str, Any]:
@@ -250,10 +186,7 @@ class ActiveLearningLoop:
             pool.save(self.run)
             return {"queried": len(ids)}
         # Idempotent: drop this iteration's oracle labels from an interrupted attempt first.
-        stale = pc.and_(
-            pc.equal(pool.labels["source"], "oracle"), pc.equal(pool.labels["iteration"], iteration)
-        )
-        pool = PoolState(pool.images, pool.labels.filter(pc.invert(pc.fill_null(stale, False))))
+        pool = pool.without_labels("oracle", iteration=iteration)
         pool = pool.reveal(self.run.read_gt(), ids, iteration)
         self.run.write_labels(pool.labels)
         self._fault(iteration, Phase.LABEL, "mid")
@@ -261,10 +194,14 @@ class ActiveLearningLoop:
         return {"labeled": len(ids), "boxes": pool.n_labeled_boxes()}
 
     def _phase_wait_for_labels(self, iteration: int) -> dict[str, Any]:
-        print(  # noqa: T201 - the one message a person must read to continue
-            f"waiting for labels of iteration {iteration}: label "
-            f"{self.run.exports / steps.query_name(iteration)}.json, then run\n"
-            f"  detloop import-labels {self.run.path} FILE\n  detloop resume {self.run.path}"
+        # a warning: the one message a person must read to continue (shown even with -q)
+        logger.warning(
+            "waiting for labels of iteration %d: label %s.json, then run\n"
+            "  detloop import-labels %s FILE\n  %s",
+            iteration,
+            self.run.exports / steps.query_name(iteration),
+            self.run.path,
+            self.resume_command,
         )
         raise WaitingForLabels
 
@@ -290,10 +227,10 @@ class ActiveLearningLoop:
         if iteration == 0 and not self.human:
             self.warmup.store_checkpoint(ckpt)
         return {
-            "compute": result["seconds"],
-            "steps": result["steps"],
-            "loss": result["final_loss"],
-            **result.get("monitors", {}),
+            "compute": result.seconds,
+            "steps": result.steps,
+            "loss": result.final_loss,
+            **result.monitors,
         }
 
     def _predict(
@@ -397,7 +334,6 @@ class ActiveLearningLoop:
             )
             if p.exists()
         ]
-        for cb in self.callbacks:
-            cb.on_iteration(iteration, numbers, artifacts)
+        self.notify_iteration(iteration, numbers, artifacts)
         console.say(iteration_line(self.run.name, iteration, self.n_iterations() - 1, numbers))
         return {"logged": len(numbers)}

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from detloop import console
 from detloop.config import ExperimentConfig
 from detloop.data.rundir import RunDir
+from detloop.orchestrator.engine.journaled import resume_command
 from detloop.orchestrator.engine.runs import code_version, ray_job_id
 from detloop.orchestrator.engine.tracking import LoopCallback, MlflowTracker
 from detloop.orchestrator.loops.active_learning import ActiveLearningLoop
-from detloop.selectors.strategy import format_strategy, parse_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class LoopOutcome:
 
     @property
     def resume_command(self) -> str:
-        return f"detloop resume {self.run.path}"
+        return resume_command(self.run)
 
 
 def execute(run: RunDir, cfg: ExperimentConfig) -> LoopOutcome:
@@ -44,7 +44,7 @@ def execute(run: RunDir, cfg: ExperimentConfig) -> LoopOutcome:
     callbacks: list[LoopCallback] = []
     if cfg.tracking.enabled:
         tags = {
-            "strategy": format_strategy(parse_strategy(cfg.al.strategy)),
+            "strategy": cfg.al.strategy.name,
             "dataset": str(cfg.data.pool.source.name) if cfg.data.pool else "",
             "seed": str(cfg.seed),
             "code_version": code_version(),

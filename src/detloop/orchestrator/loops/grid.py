@@ -52,6 +52,6 @@ def run_grid(
     outcomes = [LoopOutcome(RunDir(Path(path)), status) for path, status in results]
     for cfg, outcome in zip(cfgs, outcomes, strict=True):
         logger.info(
-            "%s seed %d: %s %s", cfg.al.strategy, cfg.seed, outcome.run.path, outcome.status
+            "%s seed %d: %s %s", cfg.al.strategy.name, cfg.seed, outcome.run.path, outcome.status
         )
     return outcomes

@@ -7,23 +7,36 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from detloop.data.coco import parse_coco
 from detloop.data.errors import DataError
+from detloop.data.ids import image_id, relative_name, strip_extension
 from detloop.data.io import read_json, write_json
+from detloop.data.labels import box_rows, labels_from_boxes, next_box_id
+from detloop.data.parsed import Parsed
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
 from detloop.orchestrator.engine.journal import Journal, Phase
 
 logger = logging.getLogger(__name__)
 
+#: The first box id of human labels when the run has none yet: far above imported box ids.
+FIRST_HUMAN_BOX_ID = 1_000_000_000
+
 
 def _stem(path: str) -> str:
-    base = posixpath.basename(path.replace("\\", "/"))
-    return base.rsplit(".", 1)[0] if "." in base else base
+    """The base name of ``path`` without its extension (``/`` or ``\\`` separated)."""
+    return strip_extension(posixpath.basename(path.replace("\\", "/")))
+
+
+def _candidates(item: dict[str, Any], by_id: set[str], by_stem: dict[str, list[str]]) -> list[str]:
+    """The queried images a COCO image item may be (see ``_match_images``)."""
+    if item.get("detloop_id") in by_id:
+        return [str(item["detloop_id"])]
+    name = str(item.get("file_name", ""))
+    exact = image_id("pool", name)
+    return [exact] if exact in by_id else by_stem.get(_stem(name), [])
 
 
 def _match_images(doc: dict[str, Any], queried: pa.Table, file: str) -> dict[int, str]:
@@ -38,25 +51,21 @@ def _match_images(doc: dict[str, Any], queried: pa.Table, file: str) -> dict[int
     by_stem: dict[str, list[str]] = {}
     for iid, f in zip(ids, queried["file"].to_pylist(), strict=True):
         by_stem.setdefault(_stem(f), []).append(iid)
-    out: dict[int, str] = {}
-    problems: list[DataError] = []
     items = doc.get("images")
     if not isinstance(items, list):
         raise DataError(file, None, "images", "a COCO file needs an 'images' list")
+    out: dict[int, str] = {}
+    problems: list[DataError] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             problems.append(DataError(file, i, "images", "an image must be an object"))
             continue
-        if item.get("detloop_id") in by_id:
-            out[i] = str(item["detloop_id"])
-            continue
-        name = str(item.get("file_name", ""))
-        exact = f"pool/{name.rsplit('.', 1)[0]}"
-        cands = [exact] if exact in by_id else by_stem.get(_stem(name), [])
+        cands = _candidates(item, by_id, by_stem)
         if len(cands) == 1:
             out[i] = cands[0]
         else:
             what = "is not one of the queried images" if not cands else "matches several images"
+            name = str(item.get("file_name", ""))
             problems.append(DataError(file, i, "images.file_name", f"{name!r} {what}"))
     if problems:
         raise DataError.many(problems)
@@ -67,12 +76,62 @@ def _normalised(
     doc: dict[str, Any], matched: dict[int, str], files: dict[str, str]
 ) -> dict[str, Any]:
     """The document with every file name replaced by the matched image's relative name."""
-    images = []
-    for i, item in enumerate(doc["images"]):
-        iid = matched[i]
-        ext = posixpath.splitext(files[iid])[1]
-        images.append({**item, "file_name": iid.split("/", 1)[1] + ext})
+    images = [
+        {**item, "file_name": relative_name(matched[i], files[matched[i]])}
+        for i, item in enumerate(doc["images"])
+    ]
     return {**doc, "images": images}
+
+
+def _waiting_iteration(run: RunDir, journal: Journal) -> int:
+    """The iteration whose ``wait_for_labels`` phase the run is in, else a DataError."""
+    pos = journal.position
+    if pos is None or pos.phase != Phase.WAIT_FOR_LABELS or pos.status != "started":
+        where = "not started" if pos is None else f"{pos.phase} ({pos.status})"
+        raise DataError(
+            str(run.run_json), None, "journal", f"the run is not waiting for labels: {where}"
+        )
+    return pos.iteration
+
+
+def _parse_labels(run: RunDir, file: Path, queried: pa.Table) -> Parsed:
+    """``file`` read as COCO against the run's categories, its images matched to ``queried``.
+
+    The file is staged with normalised file names (relative to the pool's images root) so the
+    COCO reader yields the queried images' ids; every problem is reported at once.
+    """
+    doc = read_json(file)
+    matched = _match_images(doc, queried, str(file))
+    files = dict(zip(queried["image_id"].to_pylist(), queried["file"].to_pylist(), strict=True))
+    staged = run.import_staging_file(file.stem)
+    write_json(_normalised(doc, matched, files), staged)
+    try:
+        parsed = parse_coco(staged, None, run.read_categories()["name"].to_pylist())
+    finally:
+        staged.unlink(missing_ok=True)
+    if parsed.problems:
+        raise DataError.many([p.error for p in parsed.problems])
+    parsed.image_ids = [image_id("pool", r) for r in parsed.rel]
+    missing = sorted(set(queried["image_id"].to_pylist()) - set(parsed.image_ids))
+    if missing:
+        raise DataError(str(file), None, "images", f"no labels for queried images {missing[:5]}")
+    return parsed
+
+
+def _oracle_labels(parsed: Parsed, pool: PoolState, iteration: int) -> pa.Table:
+    """The labels rows (source ``oracle``) of the boxes of ``parsed``, new box ids."""
+    boxes = box_rows(
+        [parsed.image_ids[i] for i in parsed.box_image],
+        parsed.box_coords,
+        parsed.box_class,
+        first_box_id=next_box_id(pool.labels, empty=FIRST_HUMAN_BOX_ID),
+        area=parsed.box_area,
+        iscrowd=parsed.box_iscrowd,
+        occluded=parsed.box_occluded,
+        truncated=parsed.box_truncated,
+        source_id=parsed.box_source_id,
+    )
+    return labels_from_boxes(boxes, source="oracle", iteration=iteration)
 
 
 def import_labels(run: RunDir, file: Path) -> tuple[int, int]:
@@ -86,64 +145,14 @@ def import_labels(run: RunDir, file: Path) -> tuple[int, int]:
         DataError: the run is not waiting, or the file has problems (all listed).
     """
     journal = Journal(run)
-    pos = journal.position
-    if pos is None or pos.phase != Phase.WAIT_FOR_LABELS or pos.status != "started":
-        where = "not started" if pos is None else f"{pos.phase} ({pos.status})"
-        raise DataError(
-            str(run.run_json), None, "journal", f"the run is not waiting for labels: {where}"
-        )
+    iteration = _waiting_iteration(run, journal)
     pool = PoolState.load(run)
-    queried = pool.images.filter(pc.equal(pool.images["state"], "queried"))
-    categories = run.read_categories()
-    matched = _match_images(read_json(file), queried, str(file))
-    files = dict(zip(queried["image_id"].to_pylist(), queried["file"].to_pylist(), strict=True))
-    staged = run.exports / f".import_{file.stem}.json"
-    write_json(_normalised(read_json(file), matched, files), staged)
-    try:
-        parsed = parse_coco(staged, None, categories["name"].to_pylist())
-    finally:
-        staged.unlink(missing_ok=True)
-    problems = [p.error for p in parsed.problems]
-    if problems:
-        raise DataError.many(problems)
-    ids = [f"pool/{posixpath.splitext(r)[0]}" for r in parsed.rel]
-    labeled = sorted(set(ids))
-    missing = sorted(set(queried["image_id"].to_pylist()) - set(labeled))
-    if missing:
-        raise DataError(str(file), None, "images", f"no labels for queried images {missing[:5]}")
-    boxes = np.asarray(parsed.box_coords, dtype=np.float64).reshape(-1, 4)
-    n = len(parsed.box_image)
-    labels = pa.table(
-        {
-            "image_id": pa.array([ids[i] for i in parsed.box_image], pa.string()),
-            "box_id": pa.array(np.arange(n, dtype=np.int64) + _next_box_id(pool)),
-            "class_id": pa.array(np.asarray(parsed.box_class, dtype=np.int32)),
-            "x1": boxes[:, 0],
-            "y1": boxes[:, 1],
-            "x2": boxes[:, 2],
-            "y2": boxes[:, 3],
-            "area": pa.array(np.asarray(parsed.box_area, dtype=np.float64)),
-            "iscrowd": pa.array(np.asarray(parsed.box_iscrowd, dtype=np.int8)),
-            "occluded": pa.array(np.asarray(parsed.box_occluded, dtype=np.int8)),
-            "truncated": pa.array(np.asarray(parsed.box_truncated, dtype=np.int8)),
-            "source_id": pa.array(parsed.box_source_id, pa.int64()),
-            "source": pa.array(["oracle"] * n, pa.string()),
-            "weight": pa.array(np.ones(n, dtype=np.float32)),
-            "iteration": pa.array([pos.iteration] * n, pa.int32()),
-        }
-    )
+    parsed = _parse_labels(run, file, pool.images_in("queried", split=None))
+    labels = _oracle_labels(parsed, pool, iteration)
+    labeled = sorted(set(parsed.image_ids))
     # Idempotent: labels of this iteration from an earlier, interrupted import are replaced.
-    stale = pc.and_(
-        pc.equal(pool.labels["source"], "oracle"), pc.equal(pool.labels["iteration"], pos.iteration)
-    )
-    pool = PoolState(pool.images, pool.labels.filter(pc.invert(pc.fill_null(stale, False))))
-    pool = pool.with_labels(labels).with_state(labeled, "labeled", pos.iteration)
-    pool.save(run)
-    journal.complete(pos.iteration, Phase.WAIT_FOR_LABELS, images=len(labeled), boxes=n)
+    pool = pool.without_labels("oracle", iteration=iteration).with_labels(labels)
+    pool.with_state(labeled, "labeled", iteration).save(run)
+    n = labels.num_rows
+    journal.complete(iteration, Phase.WAIT_FOR_LABELS, images=len(labeled), boxes=n)
     return len(labeled), n
-
-
-def _next_box_id(pool: PoolState) -> int:
-    if pool.labels.num_rows == 0:
-        return 1_000_000_000
-    return int(pc.max(pool.labels["box_id"]).as_py()) + 1

@@ -1,8 +1,8 @@
 """The work of each loop phase, as functions over the run directory and its tables.
 
-The loop (``loop.py``) decides *when*; these functions say *what*, delegating the methods to
-``detloop.selectors`` (selection, budgets, pruning), ``detloop.learners`` (evaluation,
-calibration) and the workers (training, prediction).
+The loop (``active_learning.py``) decides *when*; these functions say *what*, delegating the
+methods to ``detloop.selectors`` (selection, budgets, pruning), ``detloop.learners``
+(evaluation, calibration) and the workers (training, prediction).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
 from detloop.data.splits import count_pool, eval_split
 from detloop.orchestrator.engine.journal import Journal
+from detloop.orchestrator.engine.workers import ShardResult, Workers
 from detloop.selectors.strategy import StrategySpec
 
 logger = logging.getLogger(__name__)
@@ -80,22 +81,22 @@ def select(
 
 
 def min_score(cfg: ExperimentConfig, run: RunDir, iteration: int) -> float:
-    """The consumer score floor (ALGORITHMS §3): ``al.min_score`` or ``predict.min_score`` when
-    set; else the mean matched score of the latest validation (M(i-1) on val) floored to one
-    decimal; else 0.4."""
-    from detloop.orchestrator.evaluation.common import mean_matched_score, min_score_for
+    """The consumer score floor (ALGORITHMS §3, ``data.min_score``): ``al.min_score`` or
+    ``predict.min_score`` when set; else from the mean matched score of the latest validation
+    (M(i-1) on val); else the default."""
+    from detloop.data.min_score import resolve_min_score
+    from detloop.orchestrator.evaluation.common import mean_matched_score
 
-    if cfg.al.min_score is not None:
-        return cfg.al.min_score
+    configured = (cfg.al.min_score, cfg.predict.min_score)
     avg = None
     val_file = run.val_predictions_file(iteration - 1) if iteration > 0 else None
-    if cfg.predict.min_score is None and val_file is not None and val_file.exists():
+    if configured == (None, None) and val_file is not None and val_file.exists():
         from detloop.learners.evaluate import match_reference
 
         _, _, gt = eval_split(run)
         preds = read_table(schema.PREDICTIONS, val_file)
         avg = mean_matched_score(preds, match_reference(preds, gt))
-    return min_score_for(cfg, avg)
+    return resolve_min_score(*configured, mean_matched=avg)
 
 
 # ---- prediction ---------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def shard_tables(images: pa.Table, shard_size: int) -> list[pa.Table]:
 def predict_sharded(
     run: RunDir,
     cfg: ExperimentConfig,
-    workers: Any,
+    workers: Workers,
     *,
     key: str,
     weights: bytes,
@@ -119,7 +120,7 @@ def predict_sharded(
     seed: int,
     on_first_shard: Callable[[], None] | None = None,
 ) -> tuple[pa.Table, float, dict[str, int]]:
-    """Predict ``images`` shard by shard over the predict actors.
+    """Predict ``images`` shard by shard over the predict workers.
 
     Finished shards are persisted under the iteration's shard directory as they arrive (with
     what the decoding bounds changed in them) and skipped on a resume; results are keyed by
@@ -144,7 +145,7 @@ def predict_sharded(
     arrived: dict[int, pa.Table] = {}  # this attempt's shards, validated when persisted
     arrived_stats: dict[int, dict[str, int]] = {}
 
-    def persist(result: Any) -> None:
+    def persist(result: ShardResult) -> None:
         from detloop.data.io import write_json, write_table
 
         # the statistics first: a shard file on disk always has its statistics beside it
