@@ -482,7 +482,7 @@ def test_interrupted_at_each_step_resumes_to_the_same_run(
 
 
 def test_human_oracle_pauses_for_labels(
-    reference: Reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    reference: Reference, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With people as the oracle the loop exports the query and stops (``WaitingForLabels``),
     telling how to continue; a resume before the labels arrive stops there again."""
@@ -501,5 +501,7 @@ def test_human_oracle_pauses_for_labels(
     images = run.read_images()
     queried = images.filter(pc.equal(images["state"], "queried"))["image_id"].to_pylist()
     assert sorted(queried) == selections(reference.run)[0]
-    assert f"detloop resume {run.path}" in capsys.readouterr().out
+    waiting = [r for r in caplog.records if r.levelname == "WARNING" and "waiting" in r.message]
+    assert len(waiting) == 1 and f"detloop resume {run.path}" in waiting[0].getMessage()
+    assert f"{run.query_stem(0)}.json" in waiting[0].getMessage()
     assert TestLoop(run, cfg, workers).execute() == "wait_for_labels"

@@ -172,9 +172,10 @@ class RunDir:
     def iteration_dir(self, iteration: int) -> Path:
         return self.path / self.iteration_name(iteration)
 
-    def artifact_path(self, iteration: int, sub: str | None = None) -> str:
+    @staticmethod
+    def artifact_path(iteration: int, sub: str | None = None) -> str:
         """The MLflow artifact folder of an iteration's outputs (mirrors ``iteration_dir``)."""
-        name = self.iteration_name(iteration)
+        name = RunDir.iteration_name(iteration)
         return name if sub is None else f"{name}/{sub}"
 
     def checkpoint(self, iteration: int) -> Path:

@@ -152,7 +152,7 @@ class JournaledLoop:
         point = f"{iteration}:{phase}" + (":mid" if where == "mid" else "")
         if point not in self.cfg.fault.kill_at:
             return
-        marker = self.run.path / f".fault_{point.replace(':', '_')}"
+        marker = self.run.fault_marker(point)
         if marker.exists():
             return
         marker.touch()

@@ -119,10 +119,10 @@ class MlflowTracker(LoopCallback):
         for path in artifacts:
             if path.is_dir():
                 self.client.log_artifacts(
-                    self.run_id, str(path), f"iter_{iteration:04d}/{path.name}"
+                    self.run_id, str(path), RunDir.artifact_path(iteration, path.name)
                 )
             elif path.exists():
-                self.client.log_artifact(self.run_id, str(path), f"iter_{iteration:04d}")
+                self.client.log_artifact(self.run_id, str(path), RunDir.artifact_path(iteration))
 
     def on_end(self, status: str) -> None:
         if self.client is not None and self.run_id is not None:

@@ -199,7 +199,7 @@ class ActiveLearningLoop(JournaledLoop):
             "waiting for labels of iteration %d: label %s.json, then run\n"
             "  detloop import-labels %s FILE\n  %s",
             iteration,
-            self.run.exports / steps.query_name(iteration),
+            self.run.query_stem(iteration),
             self.run.path,
             self.resume_command,
         )
@@ -213,7 +213,7 @@ class ActiveLearningLoop(JournaledLoop):
         images = pool.images_in("labeled")
         init = self.cfg.model.weights
         if self.cfg.al.warm_start and iteration > 0:
-            init = self.run.checkpoint(iteration - 1) / "model.pt"
+            init = self.run.weights_file(iteration - 1)
         val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
         result = self.workers.train(
             images=images,
@@ -236,7 +236,7 @@ class ActiveLearningLoop(JournaledLoop):
     def _predict(
         self, iteration: int, model_iteration: int, images: pa.Table, stage: str, phase: Phase
     ) -> tuple[pa.Table, float, dict[str, int]]:
-        weights = (self.run.checkpoint(model_iteration) / "model.pt").read_bytes()
+        weights = self.run.weights_file(model_iteration).read_bytes()
         return steps.predict_sharded(
             self.run,
             self.cfg,

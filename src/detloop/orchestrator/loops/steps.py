@@ -140,7 +140,7 @@ def predict_sharded(
         """Fault injection (tests): the pool prediction's shard that kills its worker, once."""
         if stage != "predict" or fault.kill_worker_at_shard != sid:
             return None
-        return str(run.path / f".fault_worker_shard_{sid}")
+        return str(run.fault_marker(f"worker_shard_{sid}"))
 
     arrived: dict[int, pa.Table] = {}  # this attempt's shards, validated when persisted
     arrived_stats: dict[int, dict[str, int]] = {}
@@ -244,10 +244,6 @@ def threshold(run: RunDir, cfg: ExperimentConfig, iteration: int, seed: int) -> 
 
 
 # ---- human labeling -----------------------------------------------------------------------------
-def query_name(iteration: int) -> str:
-    return f"query_iter_{iteration:04d}"
-
-
 def export_query(run: RunDir, pool: PoolState, ids: list[str], iteration: int) -> None:
     """Export the queried images for people: COCO and Label Studio tasks."""
     from detloop.data.review_export import export_review
@@ -259,5 +255,5 @@ def export_query(run: RunDir, pool: PoolState, ids: list[str], iteration: int) -
         run,
         image_ids=ids,
         predictions=predictions,
-        out_stem=run.exports / query_name(iteration),
+        out_stem=run.query_stem(iteration),
     )
