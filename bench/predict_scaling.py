@@ -24,6 +24,7 @@ def main() -> None:
     from detloop.demo import ensure_dataset
     from detloop.learners.train import train_model
     from detloop.orchestrator.engine.actors import Workers
+    from detloop.orchestrator.engine.workers import PredictJob
     from detloop.orchestrator.loops.steps import shard_tables
 
     data = REPO / "data" / "digits-small"
@@ -55,9 +56,11 @@ def main() -> None:
         )
         workers = Workers(c)
         warm = [(i, images.slice(i * 4, 4), 0) for i in range(n)]
-        workers.predict("w", weights, n_cls, warm, lambda r: None)  # actors started, model built
+        workers.predict(
+            PredictJob("w", weights, n_cls, warm), lambda r: None
+        )  # actors started, model built
         t0 = time.perf_counter()
-        workers.predict("w", weights, n_cls, shards, lambda r: None)
+        workers.predict(PredictJob("w", weights, n_cls, shards), lambda r: None)
         wall = time.perf_counter() - t0
         workers.shutdown()
         out[f"workers_{n}_s"] = wall

@@ -39,7 +39,13 @@ from detloop.orchestrator.engine.journal import Phase
 from detloop.orchestrator.engine.journaled import Handler, Step
 from detloop.orchestrator.engine.runs import create_run, stored_config
 from detloop.orchestrator.engine.tracking import LoopCallback
-from detloop.orchestrator.engine.workers import ShardResult, TrainOutcome, Workers
+from detloop.orchestrator.engine.workers import (
+    PredictJob,
+    ShardResult,
+    TrainJob,
+    TrainOutcome,
+    Workers,
+)
 from detloop.orchestrator.loops.active_learning import ActiveLearningLoop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,19 +81,10 @@ class FakeWorkers:
     def shutdown(self) -> None:
         self.stopped += 1
 
-    def train(
-        self,
-        *,
-        images: pa.Table,
-        labels: pa.Table,
-        num_classes: int,
-        out_dir: str,
-        seed: int,
-        val: tuple[pa.Table, pa.Table] | None = None,
-        init_weights: str | None = None,
-    ) -> TrainOutcome:
+    def train(self, job: TrainJob) -> TrainOutcome:
         self.calls.append("train")
-        ckpt = Path(out_dir)
+        images, labels, num_classes, seed = job.images, job.labels, job.num_classes, job.seed
+        ckpt = Path(job.out_dir)
         ckpt.mkdir(parents=True, exist_ok=True)
         model = {
             "images": sorted(images["image_id"].to_pylist()),
@@ -146,20 +143,17 @@ class FakeWorkers:
 
     def predict(
         self,
-        key: str,
-        weights: bytes,
-        num_classes: int,
-        shards: list[tuple[int, pa.Table, int]],
+        job: PredictJob,
         on_result: Callable[[ShardResult], None],
         fault_marker: Callable[[int], str | None] | None = None,
     ) -> float:
         self.calls.append("predict")
-        digest = hashlib.sha256(weights).digest()
-        for sid, images, _seed in shards:
+        digest = hashlib.sha256(job.weights).digest()
+        for sid, images, _seed in job.shards:
             table = self._shard(digest, images["image_id"].to_pylist())
-            on_result(ShardResult(key, sid, table, 0.01, {"dropped_boxes": 0}))
+            on_result(ShardResult(job.key, sid, table, 0.01, {"dropped_boxes": 0}))
             self._maybe_fail("predict")
-        return 0.01 * len(shards)
+        return 0.01 * len(job.shards)
 
 
 def _conforms(workers: FakeWorkers) -> Workers:

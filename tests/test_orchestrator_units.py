@@ -13,7 +13,7 @@ from detloop.orchestrator.engine.journal import Journal, Phase, iteration_phases
 from detloop.orchestrator.engine.journaled import Handler, JournaledLoop, Paused, Step
 from detloop.orchestrator.engine.runs import ray_job_id
 from detloop.orchestrator.engine.tracking import LoopCallback, MlflowTracker
-from detloop.orchestrator.engine.workers import TrainOutcome
+from detloop.orchestrator.engine.workers import PredictJob, TrainJob, TrainOutcome
 from detloop.seeding import derive_seed, rng
 
 
@@ -74,10 +74,10 @@ class _Workers:
     def shutdown(self) -> None:
         self.stopped += 1
 
-    def train(self, **kwargs: object) -> TrainOutcome:
+    def train(self, job: TrainJob) -> TrainOutcome:
         raise NotImplementedError
 
-    def predict(self, *args: object, **kwargs: object) -> float:
+    def predict(self, job: PredictJob, *args: object, **kwargs: object) -> float:
         raise NotImplementedError
 
 

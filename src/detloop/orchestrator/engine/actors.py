@@ -12,15 +12,16 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import pyarrow as pa
 import ray
 
 from detloop import console
 from detloop.config import ExperimentConfig, RayConfig, config_snapshot
 from detloop.orchestrator.engine.progress import ProgressBoard, forget, new_prefix
 from detloop.orchestrator.engine.workers import (
+    PredictJob,
     PredictWorker,
     ShardResult,
+    TrainJob,
     TrainOutcome,
     TrainWorker,
 )
@@ -151,52 +152,31 @@ class Workers(WorkersProtocol):
         labels = {key: label for role, label in roles.items() if (key := self._key(role))}
         return ProgressBoard(labels, mode=self._progress, cumulative=cumulative)
 
-    def train(
-        self,
-        *,
-        images: pa.Table,
-        labels: pa.Table,
-        num_classes: int,
-        out_dir: str,
-        seed: int,
-        val: tuple[pa.Table, pa.Table] | None = None,
-        init_weights: str | None = None,
-    ) -> TrainOutcome:
+    def train(self, job: TrainJob) -> TrainOutcome:
         with self._board({"train": "train"}):
-            ref = self.trainer.train.remote(
-                images=images,
-                labels=labels,
-                num_classes=num_classes,
-                out_dir=out_dir,
-                seed=seed,
-                val=val,
-                init_weights=init_weights,
-            )
+            ref = self.trainer.train.remote(job)
             result: TrainOutcome = ray.get(ref)
         return result
 
     def predict(
         self,
-        key: str,
-        weights: bytes,
-        num_classes: int,
-        shards: list[tuple[int, pa.Table, int]],
+        job: PredictJob,
         on_result: Callable[[ShardResult], None],
         fault_marker: Callable[[int], str | None] | None = None,
     ) -> float:
-        """Predict ``shards`` (id, images, seed) over the actor pool with a ``num_classes`` model.
+        """Predict the job's shards over the actor pool.
 
         The weights go into the object store once; each finished shard is handed to
         ``on_result`` as it arrives (the loop persists it, so a crash loses at most the shards
         in flight). Returns the compute makespan: the largest per-actor sum of shard seconds
         (actors work in parallel, so their sums overlap in wall time).
         """
-        if not shards:
+        if not job.shards:
             return 0.0
-        weights_ref = ray.put(weights)
+        weights_ref = ray.put(job.weights)
         actors = self.predictors
         pending: dict[Any, int] = {}
-        queue = list(shards)
+        queue = list(job.shards)
         busy = [0.0] * len(actors)
         roles = {f"predict{i}": f"predict (worker {i + 1})" for i in range(len(actors))}
         board = self._board(roles, cumulative=True)
@@ -206,7 +186,7 @@ class Workers(WorkersProtocol):
             board.assign(self._key(f"predict{actor_idx}"), table.num_rows)
             marker = fault_marker(sid) if fault_marker else None
             ref = actors[actor_idx].predict_shard.remote(
-                key, weights_ref, num_classes, sid, table, seed, marker
+                job.key, weights_ref, job.num_classes, sid, table, seed, marker
             )
             pending[ref] = actor_idx
 

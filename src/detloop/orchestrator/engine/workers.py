@@ -46,6 +46,33 @@ class ShardResult:
 
 
 @dataclass(frozen=True)
+class TrainJob:
+    """One training: the labeled ``images`` and their ``labels``, a ``num_classes`` model, the
+    checkpoint directory ``out_dir`` (a partial checkpoint there is resumed), the seed, ``val``
+    (images, gt) for early stopping, and the weights to start from."""
+
+    images: pa.Table
+    labels: pa.Table
+    num_classes: int
+    out_dir: str
+    seed: int
+    val: tuple[pa.Table, pa.Table] | None = None
+    init_weights: str | None = None
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """One prediction: ``shards`` (id, images, seed) with the model ``weights`` (the bytes of a
+    ``model.pt``, ``num_classes`` classes); ``key`` names the weights, so that a worker builds
+    each model once."""
+
+    key: str
+    weights: bytes
+    num_classes: int
+    shards: list[tuple[int, pa.Table, int]]
+
+
+@dataclass(frozen=True)
 class TrainOutcome:
     """What one training call produced: the checkpoint directory (``model.pt`` and
     ``metadata.json``), optimizer steps, the last loss, the last epoch's monitors (box RMSE,
@@ -64,34 +91,19 @@ class Workers(Protocol):
     def start(self) -> None:
         """Start every worker now, so it boots while the driver does other work."""
 
-    def train(
-        self,
-        *,
-        images: pa.Table,
-        labels: pa.Table,
-        num_classes: int,
-        out_dir: str,
-        seed: int,
-        val: tuple[pa.Table, pa.Table] | None = None,
-        init_weights: str | None = None,
-    ) -> TrainOutcome:
-        """Train a ``num_classes`` model on ``images``/``labels`` into the checkpoint directory
-        ``out_dir`` (resuming a partial one there); ``val`` (images, gt) for early stopping."""
+    def train(self, job: TrainJob) -> TrainOutcome:
+        """Run ``job``: train its model into its checkpoint directory."""
         ...
 
     def predict(
         self,
-        key: str,
-        weights: bytes,
-        num_classes: int,
-        shards: list[tuple[int, pa.Table, int]],
+        job: PredictJob,
         on_result: Callable[[ShardResult], None],
         fault_marker: Callable[[int], str | None] | None = None,
     ) -> float:
-        """Predict ``shards`` (id, images, seed) with the model ``weights`` (the bytes of a
-        ``model.pt``; ``key`` names them, so a worker builds each model once), handing each
-        finished shard to ``on_result`` as it arrives; returns the compute makespan in seconds.
-        ``fault_marker`` (tests): the marker path that makes a shard's worker crash, once."""
+        """Run ``job``, handing each finished shard to ``on_result`` as it arrives; returns the
+        compute makespan in seconds. ``fault_marker`` (tests): the marker path that makes a
+        shard's worker crash, once."""
         ...
 
     def shutdown(self) -> None:
@@ -139,29 +151,20 @@ class TrainWorker:
         self._progress = _reporter(progress_key)
         import detloop.learners.train  # noqa: F401 - pay the torch/effdet import while idle
 
-    def train(
-        self,
-        images: pa.Table,
-        labels: pa.Table,
-        num_classes: int,
-        out_dir: str,
-        seed: int,
-        val: tuple[pa.Table, pa.Table] | None = None,
-        init_weights: str | None = None,
-    ) -> TrainOutcome:
+    def train(self, job: TrainJob) -> TrainOutcome:
         """Train and return what it produced (checkpoint, steps, loss, monitors, seconds)."""
         from detloop.learners.train import train_model
 
         t0 = time.perf_counter()
         result = train_model(
             self.cfg,
-            images,
-            labels,
-            num_classes,
-            Path(out_dir),
-            seed=seed,
-            val=val,
-            init_weights=Path(init_weights) if init_weights else None,
+            job.images,
+            job.labels,
+            job.num_classes,
+            Path(job.out_dir),
+            seed=job.seed,
+            val=job.val,
+            init_weights=Path(job.init_weights) if job.init_weights else None,
             progress=self._progress,
         )
         return TrainOutcome(

@@ -35,6 +35,7 @@ from detloop.orchestrator.engine.journaled import (
 )
 from detloop.orchestrator.engine.progress import iteration_line
 from detloop.orchestrator.engine.tracking import LoopCallback
+from detloop.orchestrator.engine.workers import TrainJob
 from detloop.orchestrator.loops import steps
 from detloop.orchestrator.loops.warmup import WarmupCache
 from detloop.selectors.strategy import StrategySpec, parse_strategy
@@ -215,7 +216,7 @@ class ActiveLearningLoop(JournaledLoop):
         if self.cfg.al.warm_start and iteration > 0:
             init = self.run.weights_file(iteration - 1)
         val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
-        result = self.workers.train(
+        job = TrainJob(
             images=images,
             labels=pool.labels,
             num_classes=self.num_classes,
@@ -224,6 +225,7 @@ class ActiveLearningLoop(JournaledLoop):
             val=val,
             init_weights=str(init) if init else None,
         )
+        result = self.workers.train(job)
         if iteration == 0 and not self.human:
             self.warmup.store_checkpoint(ckpt)
         return {

@@ -23,7 +23,7 @@ from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
 from detloop.data.splits import count_pool, eval_split
 from detloop.orchestrator.engine.journal import Journal
-from detloop.orchestrator.engine.workers import ShardResult, Workers
+from detloop.orchestrator.engine.workers import PredictJob, ShardResult, Workers
 from detloop.selectors.strategy import StrategySpec
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ def predict_sharded(
         if len(arrived) == 1 and on_first_shard is not None:
             on_first_shard()
 
-    seconds = workers.predict(key, weights, num_classes, todo, persist, marker) if todo else 0.0
+    job = PredictJob(key, weights, num_classes, todo)
+    seconds = workers.predict(job, persist, marker) if todo else 0.0
     table, totals = _merge_shards(run, iteration, stage, len(shards), arrived, arrived_stats)
     shutil.rmtree(shard_dir, ignore_errors=True)
     return table, seconds, totals
