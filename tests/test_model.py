@@ -283,3 +283,16 @@ def test_box_monitors_equal_a_loop_over_positive_anchors(la: bool) -> None:
         assert sig_mean == pytest.approx(mean, rel=1e-5) and sig_std == pytest.approx(std, rel=1e-4)
     else:
         assert math.isnan(sig_mean) and math.isnan(sig_std)
+
+
+def test_every_configurable_preset_is_defined_once() -> None:
+    """The config's preset names and the presets module agree, and each preset's training
+    defaults are real TrainConfig fields (one table, not two that drift apart)."""
+    from typing import get_args
+
+    from detloop.config import ModelPreset, TrainConfig
+    from detloop.learners.presets import PRESETS
+
+    assert set(PRESETS) == set(get_args(ModelPreset))
+    for preset in PRESETS.values():
+        assert set(preset.train) <= set(TrainConfig.model_fields)

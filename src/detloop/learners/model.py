@@ -25,22 +25,9 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from torch import Tensor, nn
 
 from detloop.config import ConfigError, ModelConfig
+from detloop.learners.presets import PRESETS
 
 TY, TX, TH, TW = 0, 1, 2, 3  # component order inside the box head (effdet's coder)
-PRESET_BASE = {
-    "tiny": "efficientdet_d0",
-    **{f"d{i}": f"tf_efficientdet_d{i}" for i in range(8)},
-}
-_TINY = {
-    "backbone": "mobilenetv3_small_100",
-    "fpn_channels": 32,
-    "fpn_cell_repeats": 1,
-    "box_class_repeats": 1,
-    "min_level": 3,
-    "max_level": 5,
-    "image_size": (128, 128),
-    "anchor_scale": 1.5,  # P3–P5 anchors of 12–76 px: digits-det objects are 16–48 px tall
-}
 _SETUPS = {  # uncertainty setup -> (loss attenuation, MC dropout)
     "baseline": (False, False),
     "lossatt": (True, False),
@@ -110,10 +97,8 @@ def resolve_spec(mcfg: ModelConfig, num_classes: int) -> ModelSpec:
     Raises:
         ConfigError: an image size the network cannot take.
     """
-    base = get_efficientdet_config(PRESET_BASE[mcfg.preset])
-    preset: dict[str, Any] = dict(_TINY) if mcfg.preset == "tiny" else {}
-    if mcfg.preset == "d0":
-        preset["image_size"] = (512, 1024)  # the reference's 1024x512
+    base = get_efficientdet_config(PRESETS[mcfg.preset].base)
+    preset: dict[str, Any] = dict(PRESETS[mcfg.preset].model)
     la, mc = _SETUPS[mcfg.uncertainty]
 
     def pick(name: str, fallback: Any) -> Any:
@@ -131,7 +116,7 @@ def resolve_spec(mcfg: ModelConfig, num_classes: int) -> ModelSpec:
         raise ConfigError("model", [("model.image_size", msg)])
     return ModelSpec(
         preset=mcfg.preset,
-        effdet_name=PRESET_BASE[mcfg.preset],
+        effdet_name=PRESETS[mcfg.preset].base,
         backbone=pick("backbone", base.backbone_name),
         image_size=size,
         fpn_channels=int(pick("fpn_channels", base.fpn_channels)),

@@ -49,6 +49,7 @@ from detloop.learners.model import (
     resolve_spec,
     split_box_maps,
 )
+from detloop.learners.presets import PRESETS
 from detloop.learners.train_state import (
     LoopState,
     WeightEma,
@@ -62,21 +63,8 @@ from detloop.learners.train_state import (
 log = logging.getLogger(__name__)
 MONITORS = ("box_rmse", "sigma_mean", "sigma_std")  # training monitors of ALGORITHMS §1.2
 
+
 # Training defaults of a preset, used where the config does not set the field explicitly.
-PRESET_TRAIN: dict[str, dict[str, Any]] = {
-    # CPU demo on digits-det, from random init: AdamW converges far faster than the reference's
-    # SGD; no flips (a mirrored digit is another glyph); mild scale jitter for 16–48 px objects.
-    "tiny": {
-        "optimizer": "adamw",
-        "lr": 0.003,
-        "warmup_lr": 0.0003,
-        "hflip": False,
-        "scale_jitter": (0.8, 1.25),
-        "batch_size": 8,
-    },
-}
-
-
 @dataclass
 class TrainResult:
     """What a training call produced."""
@@ -97,7 +85,7 @@ class TrainResult:
 def effective_train_config(cfg: ExperimentConfig) -> TrainConfig:
     """``cfg.train`` with the preset's defaults filled in where the user set nothing."""
     tcfg = cfg.train.model_copy()
-    for key, value in PRESET_TRAIN.get(cfg.model.preset, {}).items():
+    for key, value in PRESETS[cfg.model.preset].train.items():
         if key not in cfg.train.model_fields_set:
             setattr(tcfg, key, value)
     if tcfg.lr is None:
