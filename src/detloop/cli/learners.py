@@ -184,7 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{table.num_rows} detections on {images.num_rows} images "
         f"in {predictor.seconds:.1f} s -> {path}"
     )
-    if any(predictor.stats.as_dict().values()):
+    if predictor.stats:
         _out(f"decoding bounds: {predictor.stats.describe()}")
     if args.render is not None:
         names = run.read_categories().column("name").to_pylist()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,47 +46,10 @@ from detloop.learners.model import (
     split_box_maps,
 )
 from detloop.learners.nms import select_detections
+from detloop.learners.predict_stats import PredictStats
 
 log = logging.getLogger(__name__)
 _XYWH = [TX, TY, TW, TH]  # head order → decode order (t_x, t_y, t_w, t_h)
-
-
-@dataclass
-class PredictStats:
-    """What the bounds of one prediction run changed, counted so that none of it is silent.
-
-    Attributes:
-        capped_al_std: aleatoric corner-std values of the table limited by the image bound
-            (any MC sample's std at the cap counts).
-        capped_mc_std: epistemic corner-std values limited by the image bound.
-        dropped_boxes: candidate boxes (score ≥ ``score_thresh``) dropped before NMS because
-            their width or height in the image is below ``min_box_size``.
-    """
-
-    capped_al_std: int = 0
-    capped_mc_std: int = 0
-    dropped_boxes: int = 0
-
-    def add(self, other: PredictStats) -> None:
-        self.capped_al_std += other.capped_al_std
-        self.capped_mc_std += other.capped_mc_std
-        self.dropped_boxes += other.dropped_boxes
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        return (
-            f"{self.capped_al_std} aleatoric and {self.capped_mc_std} epistemic std values "
-            f"capped at the image's larger side, {self.dropped_boxes} degenerate boxes dropped"
-        )
-
-    @classmethod
-    def total(cls, parts: list[dict[str, int]]) -> PredictStats:
-        out = cls()
-        for part in parts:
-            out.add(cls(**part))
-        return out
 
 
 def sample_mean_std(x: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
@@ -153,7 +115,7 @@ class Predictor:
 
     def log_stats(self, stage: str) -> None:
         """Log what the decoding bounds changed over every call so far, when anything did."""
-        if any(self.stats.as_dict().values()):
+        if self.stats:
             log.info("%s: %s", stage, self.stats.describe())
 
     @property

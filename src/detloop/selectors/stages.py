@@ -10,6 +10,7 @@ much shorter run arrays. No pandas groupby, nothing quadratic.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -150,20 +151,28 @@ def z_score(x: FloatArray) -> FloatArray:
     return out
 
 
+F = TypeVar("F", bound=Callable[..., npt.NDArray[Any]])
+
+
+def _registrar(table: dict[str, F], kind: str) -> Callable[[str], Callable[[F], F]]:
+    """``@register(name)`` for one of the stage registries (fusions, orderings)."""
+
+    def register(name: str) -> Callable[[F], F]:
+        def deco(fn: F) -> F:
+            if name in table:
+                raise ValueError(f"{kind} {name!r} is already registered")
+            table[name] = fn
+            return fn
+
+        return deco
+
+    return register
+
+
 FusionFn = Callable[[FloatArray], FloatArray]
 _FUSIONS: dict[str, FusionFn] = {}
-
-
-def register_fusion(name: str) -> Callable[[FusionFn], FusionFn]:
-    """Decorator adding a fusion rule (per-image component rows → one score) under ``name``."""
-
-    def deco(fn: FusionFn) -> FusionFn:
-        if name in _FUSIONS:
-            raise ValueError(f"fusion {name!r} is already registered")
-        _FUSIONS[name] = fn
-        return fn
-
-    return deco
+#: Decorator adding a fusion rule (per-image component rows → one score) under a name.
+register_fusion = _registrar(_FUSIONS, "fusion")
 
 
 def registered_fusions() -> tuple[str, ...]:
@@ -249,18 +258,8 @@ def _nee_pick(ascending: IntArray, n: int) -> IntArray:
 
 OrderFn = Callable[[FloatArray, IntArray, int], IntArray]
 _ORDERINGS: dict[str, OrderFn] = {}
-
-
-def register_ordering(name: str) -> Callable[[OrderFn], OrderFn]:
-    """Decorator adding an ordering ``fn(scores, scored_idx, budget) -> scored_idx ranked``."""
-
-    def deco(fn: OrderFn) -> OrderFn:
-        if name in _ORDERINGS:
-            raise ValueError(f"ordering {name!r} is already registered")
-        _ORDERINGS[name] = fn
-        return fn
-
-    return deco
+#: Decorator adding an ordering ``fn(scores, scored_idx, budget) -> scored_idx ranked``.
+register_ordering = _registrar(_ORDERINGS, "ordering")
 
 
 def registered_orderings() -> tuple[str, ...]:

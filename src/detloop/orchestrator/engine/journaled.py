@@ -110,8 +110,13 @@ class JournaledLoop:
         self._workers_factory = workers_factory or _ray_workers
         self._workers: Workers | None = None
         self._fault_action = fault_action or _sigkill
+        self.set_up()
 
     # ---- what a subclass provides ---------------------------------------------------------
+    def set_up(self) -> None:
+        """The subclass's own state from ``run`` and ``cfg`` (called at the end of ``__init__``,
+        so subclasses keep the base constructor)."""
+
     def plan(self) -> list[Step]:
         """Every step after the prologue, in order (may read what the prologue produced)."""
         raise NotImplementedError

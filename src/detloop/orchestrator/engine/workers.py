@@ -131,12 +131,9 @@ def _reporter(progress_key: str | None) -> Any:
     return KvReporter(progress_key)
 
 
-class TrainWorker:
-    """Trains one model per call; resumes from a partial checkpoint in ``out_dir``.
-
-    ``progress_key``: where its training bar is published for the driver to draw (None: no
-    bar, and only warnings reach the driver's output).
-    """
+class _WorkerProcess:
+    """What every worker process does first: quiet the dependencies' warnings, build its
+    config and set torch's threads; ``_start`` then readies the worker's own part."""
 
     def __init__(
         self,
@@ -147,6 +144,20 @@ class TrainWorker:
         quiet_dependency_warnings()  # an entry point: this is a new worker process
         self.cfg: ExperimentConfig = build_config(config)
         _set_threads(torch_threads)
+        self._start(progress_key)
+
+    def _start(self, progress_key: str | None) -> None:
+        raise NotImplementedError
+
+
+class TrainWorker(_WorkerProcess):
+    """Trains one model per call; resumes from a partial checkpoint in ``out_dir``.
+
+    ``progress_key``: where its training bar is published for the driver to draw (None: no
+    bar, and only warnings reach the driver's output).
+    """
+
+    def _start(self, progress_key: str | None) -> None:
         _log_to_driver(info=progress_key is not None)
         self._progress = _reporter(progress_key)
         import detloop.learners.train  # noqa: F401 - pay the torch/effdet import while idle
@@ -176,7 +187,7 @@ class TrainWorker:
         )
 
 
-class PredictWorker:
+class PredictWorker(_WorkerProcess):
     """Predicts shards of images with the model of the current iteration.
 
     The model is built once per ``key`` (one iteration's weights) and reused for every shard of
@@ -188,17 +199,9 @@ class PredictWorker:
     published for the driver to draw (it becomes the process default; None: no bar).
     """
 
-    def __init__(
-        self,
-        config: dict[str, Any],
-        torch_threads: int | None = None,
-        progress_key: str | None = None,
-    ) -> None:
-        quiet_dependency_warnings()  # an entry point: this is a new worker process
-        self.cfg: ExperimentConfig = build_config(config)
+    def _start(self, progress_key: str | None) -> None:
         self._key: str | None = None
         self._predictor: Any = None
-        _set_threads(torch_threads)
         set_process_default(_reporter(progress_key))
         import detloop.learners.predict  # noqa: F401 - pay the torch/effdet import while idle
 

@@ -12,29 +12,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from detloop import console
-from detloop.config import ExperimentConfig
 from detloop.data import schema, splits
 from detloop.data.io import read_json, read_table, write_json, write_table
 from detloop.data.pool import PoolState
-from detloop.data.rundir import RunDir
+from detloop.learners.predict_stats import PredictStats
 from detloop.orchestrator.engine.journal import Phase, iteration_phases
 from detloop.orchestrator.engine.journaled import (
-    FaultAction,
     Handler,
     JournaledLoop,
     Paused,
     Step,
-    WorkersFactory,
 )
 from detloop.orchestrator.engine.progress import iteration_line
-from detloop.orchestrator.engine.tracking import LoopCallback
 from detloop.orchestrator.engine.workers import TrainJob
 from detloop.orchestrator.loops import steps
 from detloop.orchestrator.loops.warmup import WarmupCache
@@ -53,20 +49,12 @@ class ActiveLearningLoop(JournaledLoop):
     """One AL run over a run directory that ``engine.runs.create_run`` prepared (arguments:
     ``JournaledLoop``'s)."""
 
-    def __init__(
-        self,
-        run: RunDir,
-        cfg: ExperimentConfig,
-        callbacks: Sequence[LoopCallback] = (),
-        workers_factory: WorkersFactory | None = None,
-        fault_action: FaultAction | None = None,
-    ) -> None:
-        super().__init__(run, cfg, callbacks, workers_factory, fault_action)
-        self.spec: StrategySpec = cfg.al.strategy
-        self.human = cfg.al.oracle == "human"
-        self.categories = run.read_categories()
+    def set_up(self) -> None:
+        self.spec: StrategySpec = self.cfg.al.strategy
+        self.human = self.cfg.al.oracle == "human"
+        self.categories = self.run.read_categories()
         self.num_classes = self.categories.num_rows
-        self.warmup = WarmupCache.for_run(run, cfg)
+        self.warmup = WarmupCache.for_run(self.run, self.cfg)
 
     # ---- schedule --------------------------------------------------------------------------
     def budgets(self) -> list[int]:
@@ -321,7 +309,7 @@ class ActiveLearningLoop(JournaledLoop):
             if h["iteration"] == iteration and h["phase"] in (Phase.PREDICT, Phase.EVALUATE):
                 # what the decoding bounds changed, never silently (capped stds, dropped boxes)
                 numbers.update(
-                    {f"{h['phase']}_{k}": float(h[k]) for k in steps.PREDICT_STATS if k in h}
+                    {f"{h['phase']}_{k}": float(h[k]) for k in PredictStats.names() if k in h}
                 )
         times = self.journal.iteration_overhead(iteration)  # phases before this one
         numbers.update({f"iteration_{k}_s": v for k, v in times.items()})

@@ -22,6 +22,7 @@ from detloop.data.io import read_json, read_table
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
 from detloop.data.splits import count_pool, eval_split
+from detloop.learners.predict_stats import PredictStats
 from detloop.orchestrator.engine.journal import Journal
 from detloop.orchestrator.engine.workers import PredictJob, ShardResult, Workers
 from detloop.selectors.strategy import StrategySpec
@@ -185,19 +186,10 @@ def _merge_shards(
     table = pa.concat_tables(parts) if parts else schema.PREDICTIONS.empty()
     table = table.sort_by([("image_id", "ascending"), ("det_id", "ascending")])
     table = schema.validate_table(table, schema.PREDICTIONS, file=stage)
-    totals = {k: sum(int(s.get(k, 0)) for s in stats) for k in PREDICT_STATS}
-    if any(totals.values()):
-        logger.info(
-            "%s: %d aleatoric and %d epistemic std values capped at the image's larger side, "
-            "%d degenerate boxes dropped before NMS",
-            stage,
-            *(totals[k] for k in PREDICT_STATS),
-        )
-    return table, totals
-
-
-#: What the decoding bounds changed in a prediction run (``learners.predict.PredictStats``).
-PREDICT_STATS: tuple[str, ...] = ("capped_al_std", "capped_mc_std", "dropped_boxes")
+    totals = PredictStats.total(stats)
+    if totals:
+        logger.info("%s: %s", stage, totals.describe())
+    return table, totals.as_dict()
 
 
 # ---- evaluation and logging ---------------------------------------------------------------------
