@@ -283,19 +283,25 @@ class Predictor:
         )
         order = torch.argsort(kept_scores, descending=True, stable=True)
         keep = cand[keep[order]]  # into idx; every column is gathered through it
-        det = self._gather(
-            z, m, idx[keep], means[:, keep], stds[:, keep] if v is not None else None, cap
-        )
+        kept_stds = stds[:, keep] if v is not None else None
+        det = self._gather(z, m, idx[keep], box[keep], means[:, keep], kept_stds, cap)
         det["score"] = _numpy(kept_scores[order])
         det["class_id"] = class_all[idx[keep]].cpu().numpy().astype(np.int32)
         self._count(PredictStats(dropped_boxes=len(idx) - len(cand)))
         return det
 
     def _gather(
-        self, z: Tensor, m: Tensor, sel: Tensor, means: Tensor, stds: Tensor | None, cap: float
+        self,
+        z: Tensor,
+        m: Tensor,
+        sel: Tensor,
+        box: Tensor,
+        means: Tensor,
+        stds: Tensor | None,
+        cap: float,
     ) -> dict[str, Any]:
-        """Box, uncertainties and logits of the kept anchors ``sel`` (means/stds [T, K, 4]
-        already gathered); MC reductions of §1.3; capped values counted."""
+        """Box, uncertainties and logits of the kept anchors ``sel`` (box [K, 4] and per-sample
+        means/stds [T, K, 4] already gathered); MC reductions of §1.3; capped values counted."""
         mc = z.shape[0] > 1
         stats = PredictStats()
         al = mc_std = None
@@ -309,7 +315,7 @@ class Predictor:
         self._count(stats)
         logits = m[sel]
         return {
-            "box": _numpy(means.mean(0) if mc else means[0]),
+            "box": _numpy(box),
             "al": _numpy(al),
             "mc": _numpy(mc_std),
             "logits": _numpy(logits),

@@ -175,10 +175,6 @@ _FUSIONS: dict[str, FusionFn] = {}
 register_fusion = _registrar(_FUSIONS, "fusion")
 
 
-def registered_fusions() -> tuple[str, ...]:
-    return tuple(_FUSIONS)
-
-
 @register_fusion("sum")
 def _fuse_sum(components: FloatArray) -> FloatArray:
     """Σ of min-max-scaled components."""
