@@ -10,10 +10,14 @@ from detloop.data import schema
 from detloop.data.synthetic import predictions_from_rows, synthetic_predictions
 from detloop.selectors.pseudo import (
     PseudoSpec,
+    TeacherSpec,
+    cap_per_image,
     parse_pseudo_strategy,
+    parse_teacher_strategy,
     pls_scores,
     pls_select,
     pseudo_labels_table,
+    pseudo_quality,
     select_pseudo_labels,
 )
 from detloop.selectors.strategy import StrategyError
@@ -155,3 +159,72 @@ def test_combo_null_threshold_means_keep_everything_above_tau() -> None:
     thr = {"uncertainties": ["entropy"], "weights": [1.0], "threshold_mean": None}
     kept = select_pseudo_labels(predictions_from_rows(rows), "pseudoscore_combo", 0.4, thr)
     assert kept["image_id"].to_pylist() == ["a"] and kept["weight"].to_pylist() == [1.0]
+
+
+def test_pseudo_labels_table_weights_and_box_ids() -> None:
+    preds = predictions_from_rows(
+        [{"image_id": "a", "score": 0.9}, {"image_id": "b", "score": 0.8}]
+    )
+    kept = select_pseudo_labels(preds, "pseudoscore_score", tau=0.4)
+    labels = pseudo_labels_table(kept, iteration=3, first_box_id=100)
+    assert labels["box_id"].to_pylist() == [100, 101]
+    assert labels["iteration"].to_pylist() == [3, 3]
+    assert labels["weight"].to_pylist() == pytest.approx([0.9, 0.8])
+
+
+def test_cap_per_image_keeps_the_highest_scores() -> None:
+    preds = predictions_from_rows(
+        [{"image_id": "a", "score": s} for s in (0.5, 0.9, 0.7)] + [{"image_id": "b", "score": 0.6}]
+    )
+    kept = cap_per_image(select_pseudo_labels(preds, "score", tau=0.4), 2)
+    assert kept["image_id"].to_pylist() == ["a", "a", "b"]
+    assert sorted(kept["score"].to_pylist()) == pytest.approx([0.6, 0.7, 0.9])
+
+
+def _boxes(rows: list[tuple[str, int, float, float, float, float, float]]) -> pa.Table:
+    cols = list(zip(*rows, strict=True)) if rows else [[]] * 7
+    return pa.table(
+        {
+            "image_id": pa.array(cols[0], pa.string()),
+            "class_id": pa.array(cols[1], pa.int32()),
+            **{c: pa.array(v, pa.float64()) for c, v in zip(schema.COORDS, cols[2:6], strict=True)},
+            "score": pa.array(cols[6], pa.float64()),
+        }
+    )
+
+
+def test_pseudo_quality_by_hand() -> None:
+    gt = _boxes(
+        [
+            ("a", 0, 0, 0, 10, 10, 1.0),
+            ("a", 1, 20, 20, 30, 30, 1.0),
+            ("b", 0, 0, 0, 10, 10, 1.0),
+            ("z", 0, 0, 0, 10, 10, 1.0),  # not a candidate: ignored
+        ]
+    )
+    pseudo = _boxes(
+        [
+            ("a", 0, 0, 0, 10, 12, 0.9),  # IoU 10/12 ≥ 0.5, right class: hit
+            ("a", 0, 0, 0, 10, 11, 0.5),  # same gt already taken by the higher score: miss
+            ("a", 0, 20, 20, 30, 30, 0.8),  # right place, wrong class: miss
+            ("b", 0, 0, 0, 10, 30, 0.7),  # IoU 1/3: miss
+            ("c", 0, 0, 0, 5, 5, 0.6),  # image without gt: miss
+        ]
+    )
+    q = pseudo_quality(pseudo, gt, ["a", "b", "c"])
+    assert (q.n_pseudo, q.n_gt, q.matched) == (5, 3, 1)
+    assert q.precision == pytest.approx(1 / 5) and q.recall == pytest.approx(1 / 3)
+    empty = pseudo_quality(pseudo.slice(0, 0), gt, ["a"])
+    assert empty.recall == 0 and np.isnan(empty.precision)
+
+
+def test_teacher_strategy_tokens() -> None:
+    assert parse_teacher_strategy("") == TeacherSpec()
+    spec = parse_teacher_strategy("rcc_scale_curriculum_learning_aug_curr")
+    assert spec.rcc and spec.rcc_scale and spec.curriculum and spec.curriculum_aug
+    assert spec.curriculum_pseudo and not spec.imscore
+    assert parse_teacher_strategy(spec.name) == spec
+    with pytest.raises(StrategyError, match=r"'curriculm'.*'curriculum_learning'"):
+        parse_teacher_strategy("rcc_curriculm")
+    with pytest.raises(StrategyError, match="aug needs 'curriculum_learning'"):
+        parse_teacher_strategy("aug")

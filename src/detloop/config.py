@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from detloop.selectors.pseudo import PseudoSpec, TeacherSpec, parse_pseudo_strategy
+from detloop.selectors.pseudo import parse_teacher_strategy as _parse_teacher
 from detloop.selectors.strategy import StrategySpec, format_strategy, parse_strategy
 
 ModelPreset = Literal["tiny", "d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7"]
@@ -208,6 +210,9 @@ class ALConfig(Section):
     hash_method: Literal["p", "w"] = "p"  # pool image hash for pruning: DCT (p) or wavelet (w)
     warm_start: bool = False
     min_score: float | None = None
+    # train each iteration's model as an SSL student on the labeled set plus pseudo-labels
+    # chosen from the still-unlabeled pool by `ssl.selection_strategy` (M(i-1) the teacher)
+    ssl: bool = False
 
     @field_validator("al_budgets")
     @classmethod
@@ -219,24 +224,65 @@ class ALConfig(Section):
         return v
 
 
-class SSLConfig(Section):
-    """Semi-supervised learning (ALGORITHMS §11). Reserved: apart from the validation of
-    ``selection_strategy`` nothing reads these keys yet; their reader is the semi-supervised
-    loop of the next issue (a ``JournaledLoop`` beside the active-learning one). They are kept
-    so that configs written for it validate now."""
+def _parse_selection(value: Any) -> PseudoSpec:
+    return value if isinstance(value, PseudoSpec) else parse_pseudo_strategy(value)
 
-    portion_labeled: float = 10
+
+def _parse_teacher_strategy(value: Any) -> TeacherSpec:
+    return value if isinstance(value, TeacherSpec) else _parse_teacher(value)
+
+
+#: ``ssl.selection_strategy``: parsed once, here, into a ``PseudoSpec``; written back by name.
+Selection = Annotated[
+    PseudoSpec,
+    BeforeValidator(_parse_selection),
+    PlainSerializer(lambda spec: spec.name, return_type=str),
+]
+#: ``ssl.teacher_strategy``: the teacher's training options (§11.3, §11.4), a ``TeacherSpec``.
+TeacherStrategy = Annotated[
+    TeacherSpec,
+    BeforeValidator(_parse_teacher_strategy),
+    PlainSerializer(lambda spec: spec.name, return_type=str),
+]
+
+
+class SSLConfig(Section):
+    """Semi-supervised learning (ALGORITHMS §11): read by ``SemiSupervisedLoop`` (``loop: ssl``)
+    and, with ``al.ssl``, by the active-learning loop's training."""
+
+    portion_labeled: float = Field(10, gt=0, lt=100)  # % of the pool labeled
     ssl_split: Literal["random", "first_n"] = "random"
-    tau: float = 0.4
-    stac_lambda: float = 1.0
-    selection_strategy: str = "score"
-    teacher_strategy: str = ""
-    selftrain_rounds: int = 3
-    selftrain_epochs: int = 20
+    tau: float = Field(0.4, ge=0, le=1)  # δ_S
+    stac_lambda: float = Field(1.0, ge=0)  # λ, weight of the pseudo-labeled part of the loss
+    selection_strategy: Selection = Field(default_factory=lambda: parse_pseudo_strategy("score"))
+    teacher_strategy: TeacherStrategy = Field(default_factory=lambda: _parse_teacher(""))
+    # `stac`: offline teacher -> pseudo-labels -> student (§11.1); `ema`: an online mean teacher
+    # (burn-in = the teacher, then the EMA of the student labels each step's unlabeled images)
+    teacher: Literal["stac", "ema"] = "stac"
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    stac_randaug: bool = True  # strong, box-aware RandAugment of pseudo-labeled images
+    randaug_magnitude: float = Field(15.0, ge=0)
+    teacher_min_score: float = Field(0.1, ge=0, le=1)  # teacher predictions kept (§11.1)
+    max_per_image: int = Field(99, ge=1)  # pseudo-labels per image at most
+    student_epochs: int | None = Field(None, ge=1)  # None: train.epochs
+    selftrain_rounds: int = Field(3, ge=0)
+    selftrain_epochs: int = Field(20, ge=1)
     pseudo_weighting: Literal["once", "reference"] = "once"
     empty_image_weight: float = 1.0
     pls_top_k: float = 0.4
     pls_beta: float = 0.1
+
+    @field_validator("teacher_strategy")
+    @classmethod
+    def _blocks_available(cls, v: TeacherSpec) -> TeacherSpec:
+        # parsed (so misspellings are caught now), refused until the blocks exist: a run that
+        # silently trained plain STAC under an `rcc` name would report a false result
+        if v.blocks:
+            raise ValueError(
+                f"teacher_strategy {v.name!r}: the building blocks {', '.join(v.blocks)} "
+                "(ALGORITHMS §11.3-11.4) are not implemented yet; use '' (plain STAC)"
+            )
+        return v
 
 
 class AutolabelConfig(Section):
@@ -288,6 +334,8 @@ class ExperimentConfig(Section):
 
     name: str = "detloop"
     seed: int = 0
+    # which journaled loop `detloop run` runs: active learning or semi-supervised learning
+    loop: Literal["al", "ssl"] = "al"
     runs_root: Path = Path("runs")
     compat_seed: bool = False
     data: DataConfig = Field(default_factory=DataConfig)
@@ -461,10 +509,8 @@ def _external_checks() -> list[tuple[str, Any]]:
     one place where a whole experiment is validated before any work starts.
     """
     checks: list[tuple[str, Any]] = []
-    from detloop.selectors.pseudo import parse_pseudo_strategy
     from detloop.selectors.uncertainty_names import parse_uncertainties
 
-    checks.append(("ssl.selection_strategy", parse_pseudo_strategy))
     checks.append(("thresholding.thr_sel_uncert", parse_uncertainties))
     return checks
 

@@ -48,7 +48,12 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("grid", help="run strategies x seeds concurrently on one Ray cluster")
     p.add_argument("config", type=Path)
-    p.add_argument("--strategies", required=True, help="comma-separated strategy names")
+    p.add_argument(
+        "--strategies",
+        required=True,
+        help="comma-separated strategy names (AL query strategies; with `loop: ssl` the "
+        "pseudo-label selection strategies)",
+    )
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     add_set_option(p)
     p.set_defaults(func=cmd_grid)
@@ -62,13 +67,25 @@ def register(sub: Any) -> None:
 
 
 def _print_config(cfg: ExperimentConfig) -> None:
+    """The resolved config, then which loop runs and every strategy as it was parsed."""
     from detloop.selectors.strategy import explain
 
-    spec = cfg.al.strategy
     _out(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    if cfg.loop == "ssl":
+        ssl = cfg.ssl
+        _out("# loop: semi-supervised (SemiSupervisedLoop)")
+        _out(f"# selection strategy: {ssl.selection_strategy.name}")
+        _out(f"#   {ssl.selection_strategy}")
+        _out(f"# teacher strategy: {ssl.teacher_strategy.name or '(plain STAC)'}")
+        _out(f"# teacher: {ssl.teacher}; tau {ssl.tau}; lambda {ssl.stac_lambda}")
+        return
+    spec = cfg.al.strategy
+    _out("# loop: active learning (ActiveLearningLoop)" + (" with SSL" if cfg.al.ssl else ""))
     _out(f"# strategy: {spec.name}")
     for line in explain(spec):
         _out(f"#   {line}")
+    if cfg.al.ssl:
+        _out(f"# pseudo-label selection: {cfg.ssl.selection_strategy.name}")
 
 
 def _report_outcome(outcome: LoopOutcome) -> int:
@@ -77,8 +94,9 @@ def _report_outcome(outcome: LoopOutcome) -> int:
         sys.stderr.write(f"detloop: the run failed; continue it with\n  {outcome.resume_command}\n")
     elif outcome.status == "done":
         from detloop.reports.al_curves import run_summary
+        from detloop.reports.ssl_report import is_ssl_run, ssl_summary
 
-        _out(run_summary(outcome.run))
+        _out(ssl_summary(outcome.run) if is_ssl_run(outcome.run) else run_summary(outcome.run))
     return outcome.exit_code
 
 

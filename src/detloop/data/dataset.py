@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -25,13 +25,29 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+class StrongAugment(Protocol):
+    """A box-aware image augmentation (e.g. ``learners.box_augment.RandAugment``): the image,
+    its xyxy boxes in original pixels and a generator in; the image, the surviving boxes and
+    their indices out."""
+
+    def __call__(
+        self, image: Image.Image, boxes: np.ndarray, rng: np.random.Generator
+    ) -> tuple[Image.Image, np.ndarray, np.ndarray]: ...
+
+
 @dataclass(frozen=True)
 class Augment:
-    """Training augmentation; ``None`` in a dataset means none (prediction)."""
+    """Training augmentation; ``None`` in a dataset means none (prediction).
+
+    ``strong`` is applied first (before the flip and the scale jitter) to the images from
+    index ``strong_from`` of the dataset on: the pseudo-labeled part of an SSL student's data.
+    """
 
     hflip: bool = True
     scale_jitter: tuple[float, float] = (0.1, 2.0)
     seed: int = 0
+    strong: StrongAugment | None = None
+    strong_from: int = 0
 
 
 def _group_labels(labels: pa.Table | None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -117,6 +133,10 @@ class DetectionDataset(Dataset[dict[str, Any]]):
         offset = (0, 0)
         if self.augment is not None:
             rng = np.random.default_rng([self.augment.seed, self.epoch, index])
+            strong = self.augment.strong
+            if strong is not None and index >= self.augment.strong_from:
+                image, boxes, keep = strong(image, boxes, rng)
+                classes, weights = classes[keep], weights[keep]
             if self.augment.hflip and rng.random() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 boxes[:, [0, 2]] = w_in - boxes[:, [2, 0]]

@@ -67,7 +67,9 @@ class PoolState:
         return {s: found.get(s, 0) for s in schema.IMAGE_STATES}
 
     def n_labeled_boxes(self) -> int:
-        return int(self.labels.num_rows)
+        """Label rows that are not pseudo-labels (what people or the oracle gave)."""
+        pseudo = pc.fill_null(pc.equal(self.labels["source"], "pseudo"), False)
+        return int(self.labels.num_rows - (pc.sum(pseudo).as_py() or 0))
 
     # ---- transitions ----------------------------------------------------------------------
     def with_state(
@@ -141,7 +143,9 @@ class PoolState:
         and weight 1. Revealing an image twice is an error (no label is ever duplicated).
         """
         ids = _as_set(image_ids)
-        already = pc.is_in(self.labels["image_id"], value_set=ids)
+        # a pseudo-label (al.ssl) is not a label: the image may still be revealed
+        real = pc.invert(pc.fill_null(pc.equal(self.labels["source"], "pseudo"), False))
+        already = pc.and_(pc.is_in(self.labels["image_id"], value_set=ids), real)
         if pc.any(already).as_py():
             dup = self.labels.filter(already)["image_id"][0].as_py()
             raise DataError("labels", None, "image_id", f"image {dup!r} already has labels")

@@ -63,6 +63,12 @@ class Targets:
     weight: Tensor  # [B, N] loss weight per anchor
     num_pos: Tensor  # [B]
 
+    def slice(self, images: slice) -> Targets:
+        """The targets of the ``images`` of the batch (e.g. an SSL batch's pseudo part)."""
+        return Targets(
+            self.cls[images], self.box[images], self.weight[images], self.num_pos[images]
+        )
+
     def to(self, device: torch.device) -> Targets:
         return Targets(
             self.cls.to(device),

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from detloop.config import ExperimentConfig, TrainConfig
 from detloop.console import Bar, Progress, progress_bar
-from detloop.data.dataset import Augment, DetectionDataset, collate
+from detloop.data.dataset import Augment, DetectionDataset, StrongAugment, collate
 from detloop.data.errors import DataError
 from detloop.learners import checkpoint as ckpt
 from detloop.learners.device import memory_format, resolve_device
@@ -50,6 +50,7 @@ from detloop.learners.model import (
     split_box_maps,
 )
 from detloop.learners.presets import PRESETS
+from detloop.learners.streams import Streams
 from detloop.learners.train_state import (
     LoopState,
     WeightEma,
@@ -111,8 +112,13 @@ def lr_at(step: int, total: int, warmup: int, lr: float, warmup_lr: float) -> fl
     return 0.5 * lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return [int(i) for i in np.random.default_rng([seed, epoch, 7]).permutation(n)]
+def _strong_augment(cfg: ExperimentConfig) -> StrongAugment | None:
+    """The box-aware RandAugment of pseudo-labeled images (``ssl.stac_randaug``), or None."""
+    if not cfg.ssl.stac_randaug:
+        return None
+    from detloop.learners.box_augment import RandAugment
+
+    return RandAugment(magnitude=cfg.ssl.randaug_magnitude)
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,7 @@ class _Job:
     device: torch.device
     out_dir: Path
     fingerprint: str
+    streams: Streams
     val: tuple[pa.Table, pa.Table] | None = None
     root: Path | None = None
     stop_at_step: int | None = None
@@ -153,10 +160,12 @@ class _Schedule:
     warmup: int
 
     @classmethod
-    def of(cls, tcfg: TrainConfig, n_images: int) -> _Schedule:
-        per_epoch = max(1, math.ceil(n_images / tcfg.batch_size))
+    def of(cls, tcfg: TrainConfig, streams: Streams) -> _Schedule:
+        per_epoch = streams.steps_per_epoch
+        total = per_epoch * tcfg.epochs
+        total = min(total, tcfg.max_steps) if tcfg.max_steps else total
         warmup = round(tcfg.warmup_epochs * per_epoch)
-        return cls(tcfg.batch_size, per_epoch, _total_steps(tcfg, n_images), warmup)
+        return cls(streams.batch_size, per_epoch, total, warmup)
 
     def lr(self, step: int, tcfg: TrainConfig) -> float:
         return lr_at(step, self.total, self.warmup, tcfg.lr or 0.0, tcfg.warmup_lr)
@@ -178,8 +187,14 @@ class _LossBench:
 
     def losses(
         self, loop: LoopState, batch: dict[str, torch.Tensor], job: _Job
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, ...]]:
-        """Total, class and box loss of ``batch`` and the §1.2 monitors."""
+    ) -> tuple[torch.Tensor, tuple[float, ...]]:
+        """The loss to minimise for ``batch`` and the values ``_STEP_VALUES`` names.
+
+        One forward pass; with a pseudo-labeled part (indices ≥ n_l, after the labeled ones)
+        the loss is ā_l·L_l + λ·ā_u·L_u (ALGORITHMS §11.1): each image's anchors already carry
+        its weight a_i (``label_batch``), so ā = 1, or the sub-batch mean of a_i under the
+        compat ``ssl.pseudo_weighting: reference`` (weighting twice, as the reference did).
+        """
         model, tcfg = loop.model, job.tcfg
         targets = label_batch(
             self.labeler,
@@ -195,8 +210,37 @@ class _LossBench:
             cls_maps, box_maps = model(images, generator=loop.generator)
         mu, s = split_box_maps(model, box_maps)
         cls = flatten_levels(cls_maps, model.spec.num_classes)
-        loss, l_cls, l_box = detection_loss(cls, mu, s, targets, self.sizes, self.settings)
-        return loss, l_cls, l_box, box_monitors(mu, s, targets, self.settings)
+        monitors = box_monitors(mu, s, targets, self.settings)
+        n_l = int((batch["index"] < job.streams.n_labeled).sum())
+        if n_l == len(batch["index"]):
+            loss, l_cls, l_box = detection_loss(cls, mu, s, targets, self.sizes, self.settings)
+            values = (float(loss.detach()), float(l_cls.detach()), float(l_box.detach()))
+            return loss, (*values, *monitors, values[0], float("nan"), float("nan"))
+        parts = []
+        for part in (slice(0, n_l), slice(n_l, None)):
+            sub = targets.slice(part)
+            s_part = None if s is None else s[part]
+            parts.append(
+                detection_loss(cls[part], mu[part], s_part, sub, self.sizes, self.settings)
+            )
+        a_l, a_u = self._mean_weights(batch, n_l, job)
+        lam = job.cfg.ssl.stac_lambda
+        loss = a_l * parts[0][0] + lam * a_u * parts[1][0]
+        l_cls = a_l * parts[0][1] + lam * a_u * parts[1][1]
+        l_box = a_l * parts[0][2] + lam * a_u * parts[1][2]
+        n_pseudo = float((batch["classes"][n_l:] > -1).sum()) / max(1, len(batch["index"]) - n_l)
+        values = (float(loss.detach()), float(l_cls.detach()), float(l_box.detach()))
+        sup, unsup = float(parts[0][0].detach()), float(parts[1][0].detach())
+        return loss, (*values, *monitors, sup, unsup, n_pseudo)
+
+    @staticmethod
+    def _mean_weights(batch: dict[str, torch.Tensor], n_l: int, job: _Job) -> tuple[float, float]:
+        """(ā_l, ā_u): 1 and 1, or under ``pseudo_weighting: reference`` the mean image weight
+        a_i of each sub-batch (a_i: mean object weight, ``empty_image_weight`` without any)."""
+        if job.cfg.ssl.pseudo_weighting == "once":
+            return 1.0, 1.0
+        a = image_weights(batch["classes"], batch["weights"], job.tcfg.empty_image_weight)
+        return float(a[:n_l].mean()), float(a[n_l:].mean())
 
 
 def train_model(
@@ -214,6 +258,7 @@ def train_model(
     stop_at_step: int | None = None,
     root: Path | None = None,
     on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None,
+    pseudo: tuple[pa.Table, pa.Table] | None = None,
 ) -> TrainResult:
     """Train a detector on ``images``/``labels`` and write its checkpoint to ``out_dir``.
 
@@ -234,19 +279,29 @@ def train_model(
         root: base directory of relative image paths.
         on_epoch: called after each completed epoch with (epochs done, the model with the
             weights a checkpoint would get), for curves; not counted in ``seconds``.
+        pseudo: (images, pseudo-labels) of an SSL student's second stream: batches of L
+            labeled + U pseudo-labeled images (``learners.streams``), the latter strongly
+            augmented when ``ssl.stac_randaug``; loss ā_l·L_l + λ·ā_u·L_u (ALGORITHMS §11.1).
 
     Raises:
         DataError: missing weights file or unreadable image.
     """
     _check_labels(images, labels, num_classes)
     tcfg = effective_train_config(cfg)
+    n_pseudo = 0 if pseudo is None else pseudo[0].num_rows
+    if pseudo is not None:
+        _check_labels(pseudo[0], pseudo[1], num_classes, what="pseudo-labels")
+        images = pa.concat_tables([_image_rows(images), _image_rows(pseudo[0])])
+        labels = pa.concat_tables([_label_rows(labels), _label_rows(pseudo[1])])
+    streams = Streams.of(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo)
     job = _Job(
         cfg,
         tcfg,
         seed,
         resolve_device(device or tcfg.device),
         Path(out_dir),
-        run_fingerprint(cfg, images, labels, seed, num_classes),
+        run_fingerprint(cfg, images, labels, seed, num_classes, f"u{n_pseudo}" if n_pseudo else ""),
+        streams,
         val=val,
         root=root,
         stop_at_step=stop_at_step,
@@ -310,10 +365,12 @@ def _finish(loop: LoopState, job: _Job, num_classes: int) -> TrainResult:
     return TrainResult(job.out_dir, loop.step, last_loss(loop), loop.seconds, loop.history)
 
 
-def _check_labels(images: pa.Table, labels: pa.Table, num_classes: int) -> None:
+def _check_labels(
+    images: pa.Table, labels: pa.Table, num_classes: int, what: str = "labels"
+) -> None:
     """At least one image; class ids must index the C foreground classes."""
     if images.num_rows == 0:
-        raise DataError("images", None, None, "no images to train on")
+        raise DataError("images", None, None, f"no images to train on ({what})")
     if labels.num_rows == 0:
         return
     classes = labels.column("class_id").to_numpy()
@@ -321,13 +378,28 @@ def _check_labels(images: pa.Table, labels: pa.Table, num_classes: int) -> None:
     if len(bad):
         row = int(bad[0])
         msg = f"class_id {int(classes[row])} outside 0..{num_classes - 1} ({len(bad)} rows)"
-        raise DataError("labels", row, "class_id", msg)
+        raise DataError(what, row, "class_id", msg)
 
 
-def _total_steps(tcfg: TrainConfig, n_images: int) -> int:
-    per_epoch = max(1, math.ceil(n_images / tcfg.batch_size))
-    total = per_epoch * tcfg.epochs
-    return min(total, tcfg.max_steps) if tcfg.max_steps else total
+def _image_rows(images: pa.Table) -> pa.Table:
+    """The columns a training dataset reads, so that two images tables concatenate."""
+    return images.select(["image_id", "file", "width", "height"])
+
+
+def _label_rows(labels: pa.Table) -> pa.Table:
+    cols = ["image_id", "class_id", *("x1", "y1", "x2", "y2")]
+    table = labels.select(cols)
+    weight = labels["weight"] if "weight" in labels.column_names else np.ones(labels.num_rows)
+    return table.append_column("weight", pa.array(np.asarray(weight, np.float32)))
+
+
+def image_weights(classes: torch.Tensor, weights: torch.Tensor, empty: float) -> torch.Tensor:
+    """a_i per image of a padded batch: the mean weight of its objects (class > -1), or
+    ``empty`` for an image without any (ALGORITHMS §11.2; never NaN)."""
+    valid = (classes > -1).float()
+    count = valid.sum(1)
+    total = (weights.float() * valid).sum(1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, empty))
 
 
 def _run(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> bool:
@@ -337,22 +409,24 @@ def _run(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> bool
         torch.manual_seed(job.seed + 1)
         resume(loop, job.partial_dir, job.fingerprint)
         _epochs(loop, job, images, labels)
-    return not job.interrupted(loop.step, _total_steps(job.tcfg, images.num_rows))
+    return not job.interrupted(loop.step, _Schedule.of(job.tcfg, job.streams).total)
 
 
 def _epochs(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> None:
     """Run epochs from ``loop.step`` until the step budget, early stop or ``stop_at_step``."""
     tcfg = job.tcfg
     jitter = (tcfg.scale_jitter[0], tcfg.scale_jitter[1])
+    n_l = job.streams.n_labeled
+    strong = _strong_augment(job.cfg) if job.streams.n_pseudo else None
     data = DetectionDataset(
         images,
         labels,
         loop.model.spec.image_size,
-        augment=Augment(tcfg.hflip, jitter, job.seed),
+        augment=Augment(tcfg.hflip, jitter, job.seed, strong=strong, strong_from=n_l),
         max_instances=tcfg.max_instances,
         root=job.root,
     )
-    schedule = _Schedule.of(tcfg, len(data))
+    schedule = _Schedule.of(tcfg, job.streams)
     bench = _LossBench.of(job.cfg, loop.model.spec)
     loop.model.train()
     bar = progress_bar(
@@ -381,10 +455,9 @@ def _epoch(
     its end, the step budget or ``stop_at_step``; the values of each step."""
     epoch, offset = divmod(loop.step, schedule.per_epoch)
     data.set_epoch(epoch)
-    bs = schedule.batch_size
-    order = _epoch_order(len(data), job.seed, epoch)[offset * bs :]
+    batches = job.streams.epoch_batches(job.seed, epoch)[offset:]
     loader = DataLoader(
-        data, batch_size=bs, sampler=order, collate_fn=collate, num_workers=job.tcfg.num_workers
+        data, batch_sampler=batches, collate_fn=collate, num_workers=job.tcfg.num_workers
     )
     parts: list[tuple[float, ...]] = []
     for batch in loader:
@@ -417,7 +490,17 @@ def _after_epoch(loop: LoopState, job: _Job, schedule: _Schedule) -> bool:
     return False
 
 
-_STEP_VALUES = ("loss", "cls_loss", "box_loss", *MONITORS)
+#: per step: the loss, its class and box parts, the §1.2 monitors and, for an SSL student, the
+#: supervised and unsupervised losses and the pseudo-labels per pseudo-labeled image
+_STEP_VALUES = (
+    "loss",
+    "cls_loss",
+    "box_loss",
+    *MONITORS,
+    "sup_loss",
+    "unsup_loss",
+    "pseudo_per_image",
+)
 
 
 def _running_loss(parts: list[tuple[float, ...]], window: int = 50) -> str:
@@ -450,7 +533,7 @@ def _step(
     """One optimisation step (and EMA update); returns the values named by ``_STEP_VALUES``."""
     for group in loop.optimizer.param_groups:
         group["lr"] = schedule.lr(loop.step, job.tcfg)
-    loss, l_cls, l_box, monitors = bench.losses(loop, batch, job)
+    loss, values = bench.losses(loop, batch, job)
     loop.optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
         log.warning("non-finite loss at step %d; update skipped", loop.step)
@@ -463,7 +546,7 @@ def _step(
     loop.scaler.update()
     if loop.ema is not None:
         loop.ema.update(loop.model)
-    return (float(loss.detach()), float(l_cls.detach()), float(l_box.detach()), *monitors)
+    return values
 
 
 def _early_stop(loop: LoopState, job: _Job, epochs_done: int) -> bool:

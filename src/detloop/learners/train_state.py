@@ -27,16 +27,22 @@ log = logging.getLogger(__name__)
 
 
 def run_fingerprint(
-    cfg: ExperimentConfig, images: pa.Table, labels: pa.Table, seed: int, num_classes: int
+    cfg: ExperimentConfig,
+    images: pa.Table,
+    labels: pa.Table,
+    seed: int,
+    num_classes: int,
+    extra: str = "",
 ) -> str:
-    """A short hash identifying a training run: model and train config, seed, data."""
+    """A short hash identifying a training run: model and train config, seed, data (and
+    ``extra``, e.g. how many of the images are a pseudo-labeled stream)."""
     h = hashlib.sha256()
     h.update(
         json.dumps(
             [cfg.model.model_dump(mode="json"), cfg.train.model_dump(mode="json")], sort_keys=True
         ).encode()
     )
-    h.update(f"{seed}/{num_classes}/{labels.num_rows}".encode())
+    h.update(f"{seed}/{num_classes}/{labels.num_rows}{extra}".encode())
     h.update("\n".join(map(str, images.column("image_id").to_pylist())).encode())
     return h.hexdigest()[:16]
 

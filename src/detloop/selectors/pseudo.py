@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detloop.data import schema
+from detloop.data.labels import box_rows, labels_from_boxes
 from detloop.selectors.columns import DetColumns, FloatArray
 from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
 from detloop.selectors.stages import min_max
@@ -43,6 +44,89 @@ class PseudoSpec:
     def name(self) -> str:
         flags = [f for f in ("pseudoscore", "selftrain", "calib", "norm") if getattr(self, f)]
         return "_".join([*flags, self.score])
+
+    @property
+    def needs_thresholds(self) -> bool:
+        """``combo`` keeps u < δ̄ of the teacher's cost-sensitive thresholds (§7)."""
+        return self.score == "combo"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibrated columns (``calib``, or a ``*_cal`` column) need the teacher calibrated."""
+        return self.calib or self.score.endswith("_cal")
+
+
+#: ``teacher_strategy`` tokens (ALGORITHMS §11.3 RCC, §11.4 RCF) and the option each sets.
+TEACHER_TOKENS: Final = {
+    "rcc": "rcc",
+    "scale": "rcc_scale",
+    "manual_augmentations": "rcc_manual_augmentations",
+    "full_im": "rcc_full_im",
+    "curriculum_learning": "curriculum",
+    "aug": "curriculum_aug",
+    "imscore": "imscore",
+    "curr": "curriculum_pseudo",
+}
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A parsed ``teacher_strategy``: the SSL building blocks of the teacher's (and student's
+    labeled part's) training. Empty (the default) is plain STAC."""
+
+    rcc: bool = False
+    rcc_scale: bool = False
+    rcc_manual_augmentations: bool = False
+    rcc_full_im: bool = False
+    curriculum: bool = False
+    curriculum_aug: bool = False
+    imscore: bool = False
+    curriculum_pseudo: bool = False
+
+    @property
+    def name(self) -> str:
+        """Canonical form: the set tokens in ``TEACHER_TOKENS`` order ('' when none)."""
+        return "_".join(tok for tok, field in TEACHER_TOKENS.items() if getattr(self, field))
+
+    @property
+    def blocks(self) -> list[str]:
+        """The tokens that are set."""
+        return [tok for tok, field in TEACHER_TOKENS.items() if getattr(self, field)]
+
+
+def parse_teacher_strategy(name: str) -> TeacherSpec:
+    """Parse a ``teacher_strategy`` such as ``rcc_curriculum_learning_aug`` (any order; ``-``,
+    ``+`` or ``_`` between tokens).
+
+    Raises:
+        StrategyError: an unknown token (with close matches), or an option without its block
+            (``scale``/``manual_augmentations``/``full_im`` need ``rcc``, ``aug`` needs
+            ``curriculum_learning``).
+    """
+    rest = name.strip().replace("-", "_").replace("+", "_")
+    flags: dict[str, bool] = {}
+    # longest tokens first, so `curriculum_learning` is not read as `curr` + garbage
+    tokens = sorted(TEACHER_TOKENS, key=len, reverse=True)
+    while rest:
+        tok = next((t for t in tokens if rest == t or rest.startswith(t + "_")), None)
+        if tok is None:
+            bad = rest.split("_")[0]
+            raise StrategyError(
+                f"teacher strategy {name!r}: unknown token {bad!r}"
+                f"{did_you_mean(bad, list(TEACHER_TOKENS))}; valid: {', '.join(TEACHER_TOKENS)}"
+            )
+        flags[TEACHER_TOKENS[tok]] = True
+        rest = rest[len(tok) + 1 :]
+    spec = TeacherSpec(**flags)
+    needs = {"rcc_scale": "rcc", "rcc_manual_augmentations": "rcc", "rcc_full_im": "rcc"}
+    needs["curriculum_aug"] = "curriculum"
+    for option, block in needs.items():
+        if getattr(spec, option) and not getattr(spec, block):
+            raise StrategyError(
+                f"teacher strategy {name!r}: {option} needs "
+                f"{next(t for t, f in TEACHER_TOKENS.items() if f == block)!r}"
+            )
+    return spec
 
 
 def parse_pseudo_strategy(name: str) -> PseudoSpec:
@@ -157,27 +241,117 @@ def select_pseudo_labels(
     return out.append_column("weight", pa.array(np.nan_to_num(weight, nan=1.0), pa.float32()))
 
 
-def pseudo_labels_table(kept: pa.Table, iteration: int | None = None) -> pa.Table:
-    """``labels`` rows (source ``pseudo``) for the output of ``select_pseudo_labels``."""
-    n = kept.num_rows
-    x1, y1, x2, y2 = (np.asarray(kept[c].to_numpy(), dtype=np.float64) for c in schema.COORDS)
-    table = pa.table(
-        {
-            "image_id": kept["image_id"],
-            "box_id": kept["det_id"].cast(pa.int64()),
-            "class_id": kept["class_id"],
-            **{c: pa.array(v) for c, v in zip(schema.COORDS, (x1, y1, x2, y2), strict=True)},
-            "area": pa.array((x2 - x1) * (y2 - y1)),
-            "iscrowd": pa.array(np.zeros(n, np.int8)),
-            "occluded": pa.array(np.full(n, -1, np.int8)),
-            "truncated": pa.array(np.full(n, -1, np.int8)),
-            "source_id": pa.nulls(n, pa.int64()),
-            "source": pa.array(["pseudo"] * n, pa.string()),
-            "weight": kept["weight"],
-            "iteration": pa.array([iteration] * n, pa.int32()),
-        }
+def pseudo_labels_table(kept: pa.Table, iteration: int | None, first_box_id: int = 0) -> pa.Table:
+    """``labels`` rows (source ``pseudo``, their ``weight``, the round ``iteration``) for the
+    output of ``select_pseudo_labels``; box ids count up from ``first_box_id``."""
+    coords = np.stack([kept[c].to_numpy() for c in schema.COORDS], axis=1).astype(np.float64)
+    boxes = box_rows(
+        kept["image_id"].to_pylist(),
+        coords.reshape(-1, 4),
+        kept["class_id"].to_numpy(),
+        first_box_id=first_box_id,
     )
-    return schema.validate_table(table, schema.LABELS)
+    weight = kept["weight"].to_numpy() if kept.num_rows else None
+    return labels_from_boxes(boxes, source="pseudo", iteration=iteration, weight=weight)
+
+
+def cap_per_image(kept: pa.Table, max_per_image: int) -> pa.Table:
+    """At most ``max_per_image`` rows per image: the highest scores (ties by det_id)."""
+    if kept.num_rows == 0:
+        return kept
+    ordered = kept.sort_by(
+        [("image_id", "ascending"), ("score", "descending"), ("det_id", "ascending")]
+    )
+    ids = np.asarray(ordered["image_id"].to_numpy(zero_copy_only=False), dtype=object)
+    starts = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]
+    rank = np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
+    out = ordered.filter(pa.array(rank < max_per_image))
+    return out.sort_by([("image_id", "ascending"), ("det_id", "ascending")])
+
+
+@dataclass(frozen=True)
+class PseudoQuality:
+    """Pseudo-labels against the hidden ground truth of their candidate images (simulated
+    runs): precision = pseudo-labels matching a gt box of their class at IoU ≥ ``iou`` (each gt
+    matched once, greedily by descending score) / pseudo-labels; recall = matched gt boxes / gt
+    boxes of the candidate images."""
+
+    n_pseudo: int
+    n_gt: int
+    matched: int
+
+    @property
+    def precision(self) -> float:
+        return self.matched / self.n_pseudo if self.n_pseudo else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.matched / self.n_gt if self.n_gt else float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "pseudo_precision": self.precision,
+            "pseudo_recall": self.recall,
+            "pseudo_boxes": float(self.n_pseudo),
+            "pseudo_gt_boxes": float(self.n_gt),
+        }
+
+
+def _iou_matrix(a: FloatArray, b: FloatArray) -> FloatArray:
+    """IoU of every box of ``a`` [n, 4] with every box of ``b`` [m, 4] (xyxy)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def pseudo_quality(
+    pseudo: pa.Table, gt: pa.Table, candidate_ids: list[str], iou: float = 0.5
+) -> PseudoQuality:
+    """Precision and recall of ``pseudo`` (rows with image_id, class_id, x1..y2 and ``score``
+    when known) against ``gt`` over the images ``candidate_ids`` (see ``PseudoQuality``)."""
+    wanted = pa.array(sorted(set(candidate_ids)), pa.string())
+    gt = gt.filter(pc.is_in(gt["image_id"], value_set=wanted))
+    pseudo = pseudo.filter(pc.is_in(pseudo["image_id"], value_set=wanted))
+    score = "score" if "score" in pseudo.column_names else "weight"
+    matched = 0
+    gt_groups = _by_image(gt)
+    for image_id, (p_box, p_cls, p_score) in _by_image(pseudo, score).items():
+        if image_id not in gt_groups:
+            continue
+        g_box, g_cls, _ = gt_groups[image_id]
+        ious = _iou_matrix(p_box, g_box)
+        ious[p_cls[:, None] != g_cls[None, :]] = -1.0
+        free = np.ones(len(g_box), bool)
+        for k in np.argsort(-p_score, kind="stable"):
+            cand = np.where(free, ious[k], -1.0)
+            j = int(np.argmax(cand)) if len(cand) else -1
+            if j >= 0 and cand[j] >= iou:
+                free[j] = False
+                matched += 1
+    return PseudoQuality(pseudo.num_rows, gt.num_rows, matched)
+
+
+def _by_image(
+    table: pa.Table, score: str | None = None
+) -> dict[str, tuple[FloatArray, np.ndarray, FloatArray]]:
+    """Boxes, classes and scores of each image of a box table."""
+    ids = np.asarray(table["image_id"].to_numpy(zero_copy_only=False), dtype=object)
+    boxes = np.stack([table[c].to_numpy() for c in schema.COORDS], axis=1).astype(np.float64)
+    classes = np.asarray(table["class_id"].to_numpy(), dtype=np.int64)
+    scores = np.asarray(table[score].to_numpy(), dtype=np.float64) if score else np.ones(len(ids))
+    order = np.argsort(ids.astype(str), kind="stable")
+    uniq, starts = np.unique(ids[order].astype(str), return_index=True)
+    out: dict[str, tuple[FloatArray, np.ndarray, FloatArray]] = {}
+    ends = [*starts[1:], len(order)] if len(order) else []
+    for image_id, a, b in zip(uniq, starts, ends, strict=True):
+        m = order[a:b]
+        out[str(image_id)] = (boxes[m].reshape(-1, 4), classes[m], scores[m])
+    return out
 
 
 # ---- PLS (§11.7) -----------------------------------------------------------------------------

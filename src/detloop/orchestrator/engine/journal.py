@@ -20,6 +20,8 @@ class Phase(StrEnum):
     """Loop phases (ARCHITECTURE §8), distinct from image states."""
 
     IMPORT = "import"
+    SPLIT = "split"  # SSL: the labeled part of the pool (ALGORITHMS §11.1)
+    PSEUDO_LABEL = "pseudo_label"  # SSL: the teacher's detections kept as pseudo-labels
     TRAIN = "train"
     EVALUATE = "evaluate"
     PREDICT = "predict"

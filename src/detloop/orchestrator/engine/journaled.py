@@ -170,6 +170,17 @@ class JournaledLoop:
         for cb in self.callbacks:
             cb.on_iteration(iteration, metrics, artifacts)
 
+    def notify_series(self, name: str, points: list[tuple[int, float]]) -> None:
+        """Hand a metric over steps (e.g. a loss per epoch) to the callbacks."""
+        for cb in self.callbacks:
+            cb.on_series(name, points)
+
+    def warn(self, key: str, message: str) -> None:
+        """A health warning: a log line and a tag ``warning.<key>`` on the tracked run."""
+        logger.warning("%s: %s", self.run.name, message)
+        for cb in self.callbacks:
+            cb.on_tag(f"warning.{key}", message)
+
     @property
     def resume_command(self) -> str:
         return resume_command(self.run)

@@ -317,6 +317,12 @@ def iteration_line(run_name: str, iteration: int, last: int, numbers: Mapping[st
     loss = _num(numbers, "train_loss", ".4f")
     if loss is not None:
         parts.append(f"loss {loss}")
+    pseudo = _num(numbers, "pseudo_label_pseudo_labels", ".0f")
+    if pseudo is not None:  # SSL: the pseudo-labels and, simulated, their precision/recall
+        precision = _num(numbers, "pseudo_label_pseudo_precision", ".3f")
+        recall = _num(numbers, "pseudo_label_pseudo_recall", ".3f")
+        known = f" (precision {precision} recall {recall})" if precision and recall else ""
+        parts.append(f"pseudo-labels {pseudo}{known}")
     bounds = [  # what the decoding bounds changed (§2.1, §3), shown only when they did
         f"{int(value)} {label}"
         for key, label in (

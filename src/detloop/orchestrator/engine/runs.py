@@ -12,7 +12,7 @@ from typing import Any
 
 from detloop import __version__, console
 from detloop.config import ExperimentConfig, build_config, config_snapshot
-from detloop.data.rundir import RunDir, RunsRoot, al_run_name
+from detloop.data.rundir import RunDir, RunsRoot, al_run_name, ssl_run_name
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,21 @@ def code_version() -> str:
     return f"{__version__}+g{sha}" if sha else __version__
 
 
+def strategy_name(cfg: ExperimentConfig) -> str:
+    """The canonical strategy of the config's loop: the AL query strategy, or the SSL
+    pseudo-label selection strategy."""
+    if cfg.loop == "ssl":
+        return cfg.ssl.selection_strategy.name
+    return cfg.al.strategy.name
+
+
 def run_dir_for(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
-    """``<runs_root>/<name>/<canonical strategy>-s<seed>``; ``fresh`` picks an unused sibling."""
-    name = al_run_name(cfg.al.strategy.name, cfg.seed)
+    """``<runs_root>/<name>/<canonical strategy>-s<seed>`` (AL) or ``ssl-<selection>-s<seed>``;
+    ``fresh`` picks an unused sibling."""
+    if cfg.loop == "ssl":
+        name = ssl_run_name(strategy_name(cfg), cfg.seed)
+    else:
+        name = al_run_name(strategy_name(cfg), cfg.seed)
     root = RunsRoot(cfg.runs_root)
     return root.unused_run(cfg.name, name) if fresh else root.run(cfg.name, name)
 
@@ -58,10 +70,10 @@ def create_run(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_meta(
         {
-            "kind": "al",
+            "kind": cfg.loop,
             "name": cfg.name,
             "run_name": run.name,
-            "strategy": cfg.al.strategy.name,
+            "strategy": strategy_name(cfg),
             "seed": cfg.seed,
             "code_version": code_version(),
             "created": time.time(),

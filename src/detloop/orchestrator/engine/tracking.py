@@ -32,6 +32,12 @@ class LoopCallback:
     ) -> None:
         """An iteration completed its ``log`` phase."""
 
+    def on_series(self, name: str, points: list[tuple[int, float]]) -> None:
+        """A metric over steps (e.g. a loss per epoch of one training)."""
+
+    def on_tag(self, key: str, value: str) -> None:
+        """Something a person should see on the run (e.g. a health warning)."""
+
     def on_end(self, status: str) -> None:
         """The loop finished (``FINISHED``) or failed (``FAILED``)."""
 
@@ -123,6 +129,19 @@ class MlflowTracker(LoopCallback):
                 )
             elif path.exists():
                 self.client.log_artifact(self.run_id, str(path), RunDir.artifact_path(iteration))
+
+    def on_series(self, name: str, points: list[tuple[int, float]]) -> None:
+        from mlflow.entities import Metric
+
+        assert self.run_id is not None, "on_start was not called"
+        now = int(time.time() * 1000)
+        batch = [Metric(name, float(v), now, int(step)) for step, v in points]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def on_tag(self, key: str, value: str) -> None:
+        assert self.run_id is not None, "on_start was not called"
+        self.client.set_tag(self.run_id, key, value[:5000])
 
     def on_end(self, status: str) -> None:
         if self.client is not None and self.run_id is not None:

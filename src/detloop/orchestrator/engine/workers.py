@@ -58,6 +58,10 @@ class TrainJob:
     seed: int
     val: tuple[pa.Table, pa.Table] | None = None
     init_weights: str | None = None
+    # SSL student: (images, pseudo-labels) of the second stream, and the epochs when they
+    # differ from ``train.epochs`` (self-training rounds)
+    pseudo: tuple[pa.Table, pa.Table] | None = None
+    epochs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class TrainOutcome:
     final_loss: float
     seconds: float
     monitors: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 class Workers(Protocol):
@@ -167,8 +172,13 @@ class TrainWorker(_WorkerProcess):
         from detloop.learners.train import train_model
 
         t0 = time.perf_counter()
+        cfg = self.cfg
+        if job.epochs is not None:
+            cfg = cfg.model_copy(
+                update={"train": cfg.train.model_copy(update={"epochs": job.epochs})}
+            )
         result = train_model(
-            self.cfg,
+            cfg,
             job.images,
             job.labels,
             job.num_classes,
@@ -177,6 +187,7 @@ class TrainWorker(_WorkerProcess):
             val=job.val,
             init_weights=Path(job.init_weights) if job.init_weights else None,
             progress=self._progress,
+            pseudo=job.pseudo,
         )
         return TrainOutcome(
             checkpoint=Path(result.checkpoint),
@@ -184,6 +195,7 @@ class TrainWorker(_WorkerProcess):
             final_loss=float(result.final_loss),
             seconds=time.perf_counter() - t0,
             monitors={k: float(v) for k, v in result.monitors.items()},
+            history=list(result.history),
         )
 
 

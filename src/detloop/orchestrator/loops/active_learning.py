@@ -11,11 +11,9 @@ this class is plain Python in the driver.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from detloop import console
@@ -24,15 +22,11 @@ from detloop.data.io import read_json, read_table, write_json, write_table
 from detloop.data.pool import PoolState
 from detloop.learners.predict_stats import PredictStats
 from detloop.orchestrator.engine.journal import Phase, iteration_phases
-from detloop.orchestrator.engine.journaled import (
-    Handler,
-    JournaledLoop,
-    Paused,
-    Step,
-)
+from detloop.orchestrator.engine.journaled import Handler, Paused, Step
 from detloop.orchestrator.engine.progress import iteration_line
 from detloop.orchestrator.engine.workers import TrainJob
 from detloop.orchestrator.loops import steps
+from detloop.orchestrator.loops.model_phases import ModelLoop
 from detloop.orchestrator.loops.warmup import WarmupCache
 from detloop.selectors.strategy import StrategySpec, parse_strategy
 
@@ -45,16 +39,15 @@ class WaitingForLabels(Paused):
     status = str(Phase.WAIT_FOR_LABELS)
 
 
-class ActiveLearningLoop(JournaledLoop):
+class ActiveLearningLoop(ModelLoop):
     """One AL run over a run directory that ``engine.runs.create_run`` prepared (arguments:
     ``JournaledLoop``'s)."""
 
     def set_up(self) -> None:
+        super().set_up()
         self.spec: StrategySpec = self.cfg.al.strategy
         self.human = self.cfg.al.oracle == "human"
-        self.categories = self.run.read_categories()
-        self.num_classes = self.categories.num_rows
-        self.warmup = WarmupCache.for_run(self.run, self.cfg)
+        self.warmup = WarmupCache.for_run(self.run, self.cfg, {"budget": self.cfg.al.al_budgets[0]})
 
     # ---- schedule --------------------------------------------------------------------------
     def budgets(self) -> list[int]:
@@ -72,10 +65,12 @@ class ActiveLearningLoop(JournaledLoop):
         return min(k, self.cfg.al.iterations) if self.cfg.al.iterations else k
 
     def needs_calibration(self) -> bool:
-        return self.spec.needs_calibration or self.cfg.calibration.always
+        ssl = self.cfg.al.ssl and self.cfg.ssl.selection_strategy.needs_calibration
+        return self.spec.needs_calibration or ssl or self.cfg.calibration.always
 
     def needs_threshold(self) -> bool:
-        return self.spec.needs_thresholds
+        ssl = self.cfg.al.ssl and self.cfg.ssl.selection_strategy.needs_thresholds
+        return self.spec.needs_thresholds or ssl
 
     def plan(self) -> list[Step]:
         """Every (iteration, phase) after the import, in order."""
@@ -99,8 +94,8 @@ class ActiveLearningLoop(JournaledLoop):
         return {
             Phase.IMPORT: self._phase_import,
             Phase.PREDICT: self._phase_predict,
-            Phase.CALIBRATE: self._phase_calibrate,
-            Phase.THRESHOLD: self._phase_threshold,
+            Phase.CALIBRATE: self.phase_calibrate,
+            Phase.THRESHOLD: self.phase_threshold,
             Phase.SELECT: self._phase_select,
             Phase.LABEL: self._phase_label,
             Phase.WAIT_FOR_LABELS: self._phase_wait_for_labels,
@@ -122,8 +117,7 @@ class ActiveLearningLoop(JournaledLoop):
 
         # a run's strategy is fixed, so pool hashes are needed only when it prunes
         imported = import_data(self.run, self.cfg, hash_pool=self.spec.prunes)
-        self.categories = self.run.read_categories()
-        self.num_classes = self.categories.num_rows
+        self.refresh_categories()
         images = self.run.read_images()
         pruned = steps.prune_pool(self.cfg, self.spec, images, self.seed(0, "prune"))
         if pruned is not None:
@@ -204,62 +198,51 @@ class ActiveLearningLoop(JournaledLoop):
         if self.cfg.al.warm_start and iteration > 0:
             init = self.run.weights_file(iteration - 1)
         val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
+        pseudo, info = None, dict[str, Any]()
+        if self.cfg.al.ssl and iteration > 0:
+            pool, info = self._pseudo_labels(pool, iteration)
+            pseudo = steps.pseudo_stream(pool, iteration)
         job = TrainJob(
             images=images,
-            labels=pool.labels,
+            labels=steps.training_labels(pool.labels),
             num_classes=self.num_classes,
             out_dir=str(ckpt),
             seed=self.seed(iteration, "train"),
             val=val,
             init_weights=str(init) if init else None,
+            pseudo=pseudo,
         )
         result = self.workers.train(job)
         if iteration == 0 and not self.human:
             self.warmup.store_checkpoint(ckpt)
+        if pseudo is not None:
+            self.notify_history(f"student_it{iteration}", result.history)
         return {
             "compute": result.seconds,
             "steps": result.steps,
             "loss": result.final_loss,
             **result.monitors,
+            **info,
         }
 
-    def _predict(
-        self, iteration: int, model_iteration: int, images: pa.Table, stage: str, phase: Phase
-    ) -> tuple[pa.Table, float, dict[str, int]]:
-        weights = self.run.weights_file(model_iteration).read_bytes()
-        return steps.predict_sharded(
-            self.run,
-            self.cfg,
-            self.workers,
-            key=f"{self.run.path}:{model_iteration}",
-            weights=weights,
-            num_classes=self.num_classes,
-            images=images,
-            iteration=iteration,
-            stage=stage,
-            seed=self.seed(iteration, stage),
-            on_first_shard=lambda: self._fault(iteration, phase, "mid"),
-        )
+    def _pseudo_labels(self, pool: PoolState, iteration: int) -> tuple[PoolState, dict[str, Any]]:
+        """``al.ssl``: pseudo-labels on the images still unlabeled after this iteration's
+        labeling, from M(i-1)'s predictions of the pool, by ``ssl.selection_strategy``."""
+        preds = read_table(schema.PREDICTIONS, self.run.predictions_file(iteration))
+        candidates = pool.images_in("unlabeled")
+        pool, info = steps.pseudo_label(self.run, self.cfg, pool, preds, candidates, iteration)
+        pool.save(self.run)
+        if info["pseudo_labels"] == 0:
+            self.warn("no_pseudo_labels", f"iteration {iteration}: no pseudo-labels selected")
+        return pool, info
 
     def _phase_predict(self, iteration: int) -> dict[str, Any]:
         unlabeled = PoolState(self.run.read_images(), schema.LABELS.empty()).images_in("unlabeled")
-        table, seconds, stats = self._predict(
+        table, seconds, stats = self.predict(
             iteration, iteration - 1, unlabeled, "predict", Phase.PREDICT
         )
         write_table(table, schema.PREDICTIONS, self.run.predictions_file(iteration))
         return {"compute": seconds, "detections": table.num_rows, **stats}
-
-    def _phase_calibrate(self, iteration: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        info = steps.calibrate(self.run, self.cfg, iteration, self.seed(iteration, "calibrate"))
-        seconds = time.perf_counter() - t0
-        return {"compute": seconds, **info}
-
-    def _phase_threshold(self, iteration: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        info = steps.threshold(self.run, self.cfg, iteration, self.seed(iteration, "threshold"))
-        seconds = time.perf_counter() - t0
-        return {"compute": seconds, **info}
 
     def _phase_evaluate(self, iteration: int) -> dict[str, Any]:
         if (
@@ -268,44 +251,20 @@ class ActiveLearningLoop(JournaledLoop):
             and self.warmup.restore_evaluation(self.run, iteration)
         ):
             return {"warmup_cache": True}
-        split, images, gt = splits.eval_split(self.run)
-        table, seconds, stats = self._predict(
-            iteration, iteration, images, f"evaluate_{split}", Phase.EVALUATE
-        )
-        write_table(table, schema.PREDICTIONS, self.run.val_predictions_file(iteration))
-        t0 = time.perf_counter()
-        metrics = steps.evaluate(table, gt, images, self.categories)
-        seconds += time.perf_counter() - t0
-        metrics["eval_split"] = split
-        write_json(metrics, self.run.metrics_file(iteration))
+        info = self.evaluate(iteration)
         if iteration == 0 and not self.human:
             self.warmup.store_evaluation(self.run, iteration)
-        return {
-            "compute": seconds,
-            "map": metrics.get("map"),
-            "map50": metrics.get("map50"),
-            **stats,
-        }
+        return info
 
     def _phase_log(self, iteration: int) -> dict[str, Any]:
         metrics = read_json(self.run.metrics_file(iteration))
         pool = PoolState.load(self.run)
         numbers = steps.iteration_metrics(metrics, pool, self.journal, iteration, self.budgets())
-        for h in self.journal.history:  # training monitors, calibration ECEs, thresholding figures
-            if h["iteration"] == iteration and h["phase"] in (
-                Phase.TRAIN,
-                Phase.CALIBRATE,
-                Phase.THRESHOLD,
-            ):
-                numbers.update(
-                    {
-                        f"{h['phase']}_{k}": float(v)
-                        for k, v in h.items()
-                        if k not in ("iteration", "started", "ended", "seconds", "compute")
-                        and isinstance(v, int | float)
-                        and not isinstance(v, bool)
-                    }
-                )
+        # training monitors, calibration ECEs, thresholding figures
+        numbers.update(
+            self.journal_numbers(iteration, (Phase.TRAIN, Phase.CALIBRATE, Phase.THRESHOLD))
+        )
+        for h in self.journal.history:
             if h["iteration"] == iteration and h["phase"] in (Phase.PREDICT, Phase.EVALUATE):
                 # what the decoding bounds changed, never silently (capped stds, dropped boxes)
                 numbers.update(

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from detloop import console
 from detloop.config import ExperimentConfig
 from detloop.data.rundir import RunDir
-from detloop.orchestrator.engine.journaled import resume_command
-from detloop.orchestrator.engine.runs import code_version, ray_job_id
+from detloop.orchestrator.engine.journaled import JournaledLoop, resume_command
+from detloop.orchestrator.engine.runs import code_version, ray_job_id, strategy_name
 from detloop.orchestrator.engine.tracking import LoopCallback, MlflowTracker
 from detloop.orchestrator.loops.active_learning import ActiveLearningLoop
+from detloop.orchestrator.loops.semi_supervised import SemiSupervisedLoop
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ class LoopOutcome:
         return resume_command(self.run)
 
 
+def loop_class(cfg: ExperimentConfig) -> type[JournaledLoop]:
+    """The loop a config asks for (``loop: al`` or ``loop: ssl``)."""
+    return SemiSupervisedLoop if cfg.loop == "ssl" else ActiveLearningLoop
+
+
 def execute(run: RunDir, cfg: ExperimentConfig) -> LoopOutcome:
     """Run or resume the loop of ``run``; a failure is logged and reported, never raised.
 
@@ -44,14 +50,15 @@ def execute(run: RunDir, cfg: ExperimentConfig) -> LoopOutcome:
     callbacks: list[LoopCallback] = []
     if cfg.tracking.enabled:
         tags = {
-            "strategy": cfg.al.strategy.name,
+            "strategy": strategy_name(cfg),
+            "loop": cfg.loop,
             "dataset": str(cfg.data.pool.source.name) if cfg.data.pool else "",
             "seed": str(cfg.seed),
             "code_version": code_version(),
             "ray_job_id": ray_job_id() or "",
         }
         callbacks.append(MlflowTracker(cfg, tags))
-    loop = ActiveLearningLoop(run, cfg, callbacks)
+    loop = loop_class(cfg)(run, cfg, callbacks)
     try:
         return LoopOutcome(run, loop.execute())
     except Exception:

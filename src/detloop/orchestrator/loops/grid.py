@@ -1,8 +1,8 @@
 """Experiment grids: strategies x seeds as concurrent loops on one Ray cluster.
 
 Each loop is a coordinator task with ``num_cpus=0`` (it only waits on its actors), so loops never
-starve behind training actors. Loops of one seed share the warm-up through the warm-up cache:
-the first computes iteration 0, the others wait for it and copy.
+starve behind training actors. Loops of one seed share the warm-up (AL) or the teacher (SSL)
+through the warm-up cache: the first computes iteration 0, the others wait for it and copy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from detloop.config import ExperimentConfig, build_config, config_snapshot, load_config
 from detloop.data.rundir import RunDir
 from detloop.orchestrator.engine.actors import check_capacity, coordinator_tasks, ensure_ray
-from detloop.orchestrator.engine.runs import create_run, stored_config
+from detloop.orchestrator.engine.runs import create_run, stored_config, strategy_name
 from detloop.orchestrator.engine.tracking import prepare_store
 from detloop.orchestrator.loops.execute import LoopOutcome, execute
 
@@ -32,9 +32,13 @@ def _loop_task(config: dict[str, Any]) -> tuple[str, str]:
 def grid_configs(
     config: Path, overrides: list[str], strategies: list[str], seeds: list[int]
 ) -> list[ExperimentConfig]:
-    """One validated config per (strategy, seed)."""
+    """One validated config per (strategy, seed): the AL query strategy, or with ``loop: ssl``
+    the pseudo-label selection strategy."""
+    key = (
+        "ssl.selection_strategy" if load_config(config, overrides).loop == "ssl" else "al.strategy"
+    )
     return [
-        load_config(config, [*overrides, f"al.strategy={s}", f"seed={seed}"])
+        load_config(config, [*overrides, f"{key}={s}", f"seed={seed}"])
         for seed in seeds
         for s in strategies
     ]
@@ -52,6 +56,6 @@ def run_grid(
     outcomes = [LoopOutcome(RunDir(Path(path)), status) for path, status in results]
     for cfg, outcome in zip(cfgs, outcomes, strict=True):
         logger.info(
-            "%s seed %d: %s %s", cfg.al.strategy.name, cfg.seed, outcome.run.path, outcome.status
+            "%s seed %d: %s %s", strategy_name(cfg), cfg.seed, outcome.run.path, outcome.status
         )
     return outcomes

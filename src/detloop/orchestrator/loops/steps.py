@@ -250,3 +250,76 @@ def export_query(run: RunDir, pool: PoolState, ids: list[str], iteration: int) -
         predictions=predictions,
         out_stem=run.query_stem(iteration),
     )
+
+
+# ---- semi-supervised learning ---------------------------------------------------------------
+def training_labels(labels: pa.Table) -> pa.Table:
+    """The labels a model trains on as ground truth: every source but ``pseudo``."""
+    return labels.filter(pc.invert(pc.fill_null(pc.equal(labels["source"], "pseudo"), False)))
+
+
+def pseudo_rows(labels: pa.Table, iteration: int) -> pa.Table:
+    """The pseudo-labels made in ``iteration`` (round)."""
+    mask = pc.and_(pc.equal(labels["source"], "pseudo"), pc.equal(labels["iteration"], iteration))
+    return labels.filter(pc.fill_null(mask, False))
+
+
+def pseudo_stream(pool: PoolState, iteration: int) -> tuple[pa.Table, pa.Table] | None:
+    """(images, pseudo-labels) of the student's second stream for ``iteration``; None when
+    no image has a pseudo-label (images without a surviving detection are dropped, §11.1)."""
+    rows = pseudo_rows(pool.labels, iteration)
+    if rows.num_rows == 0:
+        return None
+    ids = pc.unique(rows["image_id"].combine_chunks())
+    images = pool.images.filter(pc.is_in(pool.images["image_id"], value_set=ids))
+    return images.sort_by("image_id"), rows
+
+
+def pseudo_label(
+    run: RunDir,
+    cfg: ExperimentConfig,
+    pool: PoolState,
+    predictions: pa.Table,
+    candidates: pa.Table,
+    iteration: int,
+) -> tuple[PoolState, dict[str, Any]]:
+    """Select the pseudo-labels of ``iteration`` from the teacher's ``predictions`` of the
+    ``candidates`` images (ALGORITHMS §11.1-11.2) and put them in the pool's labels (source
+    ``pseudo``; this iteration's earlier ones replaced, nothing else touched).
+
+    Returns the new pool state and the numbers: pseudo-labels, images with one, per image,
+    and — when the pool's ground truth is known (simulated runs) — their precision and recall
+    at IoU 0.5 against it.
+    """
+    from detloop.data.labels import next_box_id
+    from detloop.selectors.pseudo import (
+        cap_per_image,
+        pseudo_labels_table,
+        pseudo_quality,
+        select_pseudo_labels,
+    )
+
+    ssl = cfg.ssl
+    ids = candidates["image_id"].combine_chunks()
+    preds = predictions.filter(pc.is_in(predictions["image_id"], value_set=ids))
+    preds = preds.filter(pc.greater_equal(preds["score"], ssl.teacher_min_score))
+    thresholds = None
+    if run.thresholds_file(iteration).exists():
+        thresholds = read_json(run.thresholds_file(iteration))
+    kept = select_pseudo_labels(preds, ssl.selection_strategy, ssl.tau, thresholds)
+    kept = cap_per_image(kept, ssl.max_per_image)
+    pool = pool.without_labels("pseudo", iteration=iteration)
+    gt = run.read_gt()
+    first = next_box_id(pool.labels, gt)
+    pool = pool.with_labels(pseudo_labels_table(kept, iteration, first_box_id=first))
+    n_images = len(pc.unique(kept["image_id"])) if kept.num_rows else 0
+    info: dict[str, Any] = {
+        "candidates": candidates.num_rows,
+        "pseudo_labels": kept.num_rows,
+        "pseudo_images": n_images,
+        "pseudo_per_image": kept.num_rows / n_images if n_images else 0.0,
+    }
+    if pc.any(pc.is_in(gt["image_id"], value_set=ids)).as_py():
+        quality = pseudo_quality(kept, gt, ids.to_pylist())
+        info.update({k: v for k, v in quality.as_dict().items() if v == v})
+    return pool, info

@@ -1,8 +1,10 @@
 """The warm-up cache: iteration 0 (random selection, model M0, its evaluation) is shared by
-every strategy of one experiment and seed (ALGORITHMS §9.1).
+every strategy of one experiment and seed (ALGORITHMS §9.1) — and the SSL teacher (its labeled
+split, model and evaluation) by every selection strategy of one seed.
 
 The cache lives in ``<runs_root>/<name>/_warmup/<key>/``; the key hashes everything iteration 0
-depends on (pool, seed, first budget, model and training config). The first loop to arrive
+depends on (pool, seed, the loop's own ``ident`` — first AL budget, or the SSL split —, model
+and training config). The first loop to arrive
 takes a file lock and computes iteration 0, storing each output as it is produced and a
 ``complete`` marker last; loops that arrive meanwhile wait on the lock, then copy.
 """
@@ -27,8 +29,8 @@ logger = logging.getLogger(__name__)
 _EVAL_FILES = ("metrics.json", "val_predictions.parquet")
 
 
-def warmup_key(run: RunDir, cfg: ExperimentConfig) -> str:
-    """Hash of what iteration 0 depends on."""
+def warmup_key(run: RunDir, cfg: ExperimentConfig, ident: dict[str, Any]) -> str:
+    """Hash of what iteration 0 depends on (``ident``: what the loop's selection of it reads)."""
     images = run.read_images()
     pool = sorted(
         i
@@ -43,8 +45,8 @@ def warmup_key(run: RunDir, cfg: ExperimentConfig) -> str:
     h = hashlib.sha256()
     h.update("\n".join(pool).encode())
     ident = {
+        **ident,
         "seed": cfg.seed,
-        "budget": cfg.al.al_budgets[0],
         "model": cfg.model.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json"),
         "predict": cfg.predict.model_dump(mode="json"),
@@ -72,23 +74,26 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 class WarmupCache:
     """Per-run handle on the shared warm-up cache (disabled when ``path`` is None)."""
 
-    def __init__(self, path: Path | None, run: RunDir, cfg: ExperimentConfig) -> None:
+    def __init__(
+        self, path: Path | None, run: RunDir, cfg: ExperimentConfig, ident: dict[str, Any]
+    ) -> None:
         self.path = path
         self.run = run
         self.cfg = cfg
+        self.ident = ident
         self._lock: IO[Any] | None = None
 
     @classmethod
-    def for_run(cls, run: RunDir, cfg: ExperimentConfig) -> WarmupCache:
+    def for_run(cls, run: RunDir, cfg: ExperimentConfig, ident: dict[str, Any]) -> WarmupCache:
         if cfg.al.oracle == "human":  # iteration 0 depends on what people label
-            return cls(None, run, cfg)
-        return cls(RunsRoot(cfg.runs_root).warmup(cfg.name, "pending"), run, cfg)
+            return cls(None, run, cfg, ident)
+        return cls(RunsRoot(cfg.runs_root).warmup(cfg.name, "pending"), run, cfg, ident)
 
     def _dir(self) -> Path | None:
         if self.path is None:
             return None
         if self.path.name == "pending":
-            self.path = self.path.parent / warmup_key(self.run, self.cfg)
+            self.path = self.path.parent / warmup_key(self.run, self.cfg, self.ident)
         return self.path
 
     @property

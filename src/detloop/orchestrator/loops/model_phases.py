@@ -1,0 +1,117 @@
+"""``ModelLoop``: the phases every loop that trains detectors shares — predicting images with
+one of its models over the predict workers, evaluating a model, calibrating and thresholding it
+on validation. ``ActiveLearningLoop`` and ``SemiSupervisedLoop`` are built on it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from detloop.data import schema, splits
+from detloop.data.io import write_json, write_table
+from detloop.orchestrator.engine.journal import Phase
+from detloop.orchestrator.engine.journaled import JournaledLoop
+from detloop.orchestrator.loops import steps
+
+
+class ModelLoop(JournaledLoop):
+    """A journaled loop whose iteration i has a model ``run.checkpoint(i)``."""
+
+    def set_up(self) -> None:
+        self.categories = self.run.read_categories()
+        self.num_classes = self.categories.num_rows
+
+    def refresh_categories(self) -> None:
+        """Re-read the categories (after the import wrote them)."""
+        self.categories = self.run.read_categories()
+        self.num_classes = self.categories.num_rows
+
+    def predict(
+        self, iteration: int, model_iteration: int, images: pa.Table, stage: str, phase: Phase
+    ) -> tuple[pa.Table, float, dict[str, int]]:
+        """Predictions of ``images`` by model ``model_iteration``, sharded over the workers
+        (shards persisted under ``iteration``/``stage`` for a resume)."""
+        weights = self.run.weights_file(model_iteration).read_bytes()
+        return steps.predict_sharded(
+            self.run,
+            self.cfg,
+            self.workers,
+            key=f"{self.run.path}:{model_iteration}",
+            weights=weights,
+            num_classes=self.num_classes,
+            images=images,
+            iteration=iteration,
+            stage=stage,
+            seed=self.seed(iteration, stage),
+            on_first_shard=lambda: self._fault(iteration, phase, "mid"),
+        )
+
+    def evaluate(self, iteration: int, test: bool = False) -> dict[str, Any]:
+        """mAP of model ``iteration`` on validation (its predictions kept for calibration)
+        and, with ``test``, on the test split too (``test_*`` metrics) when the run has one;
+        written to the iteration's ``metrics.json``."""
+        split, images, gt = splits.eval_split(self.run)
+        table, seconds, stats = self.predict(
+            iteration, iteration, images, f"evaluate_{split}", Phase.EVALUATE
+        )
+        write_table(table, schema.PREDICTIONS, self.run.val_predictions_file(iteration))
+        t0 = time.perf_counter()
+        metrics = steps.evaluate(table, gt, images, self.categories)
+        metrics["eval_split"] = split
+        if test and split != "test" and splits.has_split(self.run, "test"):
+            t_images, t_gt = splits.split_tables(self.run, "test")
+            t_table, t_seconds, _ = self.predict(
+                iteration, iteration, t_images, "evaluate_test", Phase.EVALUATE
+            )
+            write_table(
+                t_table, schema.PREDICTIONS, self.run.split_predictions_file(iteration, "test")
+            )
+            seconds += t_seconds
+            t_metrics = steps.evaluate(t_table, t_gt, t_images, self.categories)
+            metrics.update({f"test_{k}": v for k, v in t_metrics.items() if k in ("map", "map50")})
+        seconds += time.perf_counter() - t0
+        write_json(metrics, self.run.metrics_file(iteration))
+        out = {"compute": seconds, "map": metrics.get("map"), "map50": metrics.get("map50")}
+        out.update({k: metrics[k] for k in ("test_map", "test_map50") if k in metrics})
+        return {**out, **stats}
+
+    def phase_calibrate(self, iteration: int) -> dict[str, Any]:
+        """Calibrate model ``iteration - 1`` on validation; fill the pool predictions' ``*_cal``."""
+        t0 = time.perf_counter()
+        info = steps.calibrate(self.run, self.cfg, iteration, self.seed(iteration, "calibrate"))
+        return {"compute": time.perf_counter() - t0, **info}
+
+    def phase_threshold(self, iteration: int) -> dict[str, Any]:
+        """Cost-sensitive thresholds (§7) of model ``iteration - 1`` on validation."""
+        t0 = time.perf_counter()
+        info = steps.threshold(self.run, self.cfg, iteration, self.seed(iteration, "threshold"))
+        return {"compute": time.perf_counter() - t0, **info}
+
+    def journal_numbers(self, iteration: int, phases: tuple[Phase, ...]) -> dict[str, float]:
+        """The numbers the journal holds for ``phases`` of ``iteration``, as ``<phase>_<key>``
+        (training monitors, calibration ECEs, thresholding figures, pseudo-label counts)."""
+        out: dict[str, float] = {}
+        for h in self.journal.history:
+            if h["iteration"] == iteration and h["phase"] in phases:
+                out.update(
+                    {
+                        f"{h['phase']}_{k}": float(v)
+                        for k, v in h.items()
+                        if k not in ("iteration", "started", "ended", "seconds", "compute")
+                        and isinstance(v, int | float)
+                        and not isinstance(v, bool)
+                    }
+                )
+        return out
+
+    def notify_history(self, stage: str, history: list[dict[str, float]]) -> None:
+        """A training's per-epoch losses (and an SSL student's supervised and unsupervised
+        losses and pseudo-labels per image) as MLflow series ``<stage>_<key>``, one step per
+        epoch."""
+        for key in ("loss", "sup_loss", "unsup_loss", "pseudo_per_image", "val_map50"):
+            points = [(int(h["epoch"]), float(h[key])) for h in history if key in h]
+            if points:
+                self.notify_series(f"{stage}_{key}", points)

@@ -1,0 +1,268 @@
+"""``SemiSupervisedLoop``: the phases and the plan of one semi-supervised run (ALGORITHMS §11.1,
+§11.2).
+
+Round 0 is the teacher: the seeded labeled split (``portion_labeled`` % of the pool; compat
+``ssl_split: first_n``), the teacher trained on it, its evaluation. Round r ≥ 1 predicts the
+unlabeled part with model r-1 (the teacher, then the latest student), [calibrates and
+thresholds it on validation when the selection needs it], selects pseudo-labels
+(``selection_strategy``, stored as ``labels`` rows with ``source = pseudo`` and the round) and
+trains model r on gt + pseudo: round 1 is the student, from the initial weights; rounds 2.. are
+the ``selftrain`` rounds, each from the previous student for ``selftrain_epochs``. With
+``ssl.teacher: ema`` round 1 trains an online mean teacher instead (the burn-in is round 0).
+
+Every phase is journaled and idempotent like the AL loop's, so a run killed anywhere resumes
+with the same pseudo-labels and the same labeled set. The teacher (round 0) is shared by every
+selection strategy of one seed through the warm-up cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from detloop import console
+from detloop.data import schema, splits
+from detloop.data.io import read_json, read_table, write_json, write_table
+from detloop.data.pool import PoolState
+from detloop.learners.predict_stats import PredictStats
+from detloop.orchestrator.engine.journal import Phase
+from detloop.orchestrator.engine.journaled import Handler, Step
+from detloop.orchestrator.engine.progress import iteration_line
+from detloop.orchestrator.engine.workers import TrainJob
+from detloop.orchestrator.loops import steps
+from detloop.orchestrator.loops.model_phases import ModelLoop
+from detloop.orchestrator.loops.warmup import WarmupCache
+from detloop.selectors.pseudo import PseudoSpec
+
+logger = logging.getLogger(__name__)
+
+
+def round_name(r: int) -> str:
+    """``teacher``, ``student``, ``selftrain1``, ... (the MLflow series prefix of a round)."""
+    return "teacher" if r == 0 else "student" if r == 1 else f"selftrain{r - 1}"
+
+
+def labeled_split(images: pa.Table, portion: float, mode: str, seed: int) -> list[str]:
+    """The labeled part of the pool (§11.1, detloop decision 12): ``round(portion % · n)``
+    images (at least 1), a seeded random set, or the first ones in file order (``first_n``)."""
+    import numpy as np
+
+    from detloop.selectors.budgets import iteration_sizes
+
+    pool = images.filter(pc.equal(images["split"], "pool")).sort_by("file")
+    n = max(1, iteration_sizes(pool.num_rows, [portion])[0])
+    ids = pool["image_id"].to_pylist()
+    if mode == "first_n":
+        return sorted(ids[:n])
+    chosen = np.random.default_rng(seed).choice(len(ids), size=n, replace=False)
+    return sorted(ids[i] for i in chosen)
+
+
+class SemiSupervisedLoop(ModelLoop):
+    """One SSL run over a run directory that ``engine.runs.create_run`` prepared."""
+
+    def set_up(self) -> None:
+        super().set_up()
+        self.spec: PseudoSpec = self.cfg.ssl.selection_strategy
+        ident = {"ssl": [self.cfg.ssl.portion_labeled, self.cfg.ssl.ssl_split]}
+        self.teacher_cache = WarmupCache.for_run(self.run, self.cfg, ident)
+
+    # ---- schedule --------------------------------------------------------------------------
+    def n_rounds(self) -> int:
+        """Models after the teacher: the student, then the ``selftrain`` rounds."""
+        return 1 + (self.cfg.ssl.selftrain_rounds if self.spec.selftrain else 0)
+
+    def needs_calibration(self) -> bool:
+        return self.spec.needs_calibration or self.cfg.calibration.always
+
+    def plan(self) -> list[Step]:
+        out = [Step(0, p) for p in (Phase.SPLIT, Phase.TRAIN, Phase.EVALUATE, Phase.LOG)]
+        for r in range(1, self.n_rounds() + 1):
+            phases = [Phase.PREDICT]
+            if self.needs_calibration():
+                phases.append(Phase.CALIBRATE)
+            if self.spec.needs_thresholds:
+                phases.append(Phase.THRESHOLD)
+            phases += [Phase.PSEUDO_LABEL, Phase.TRAIN, Phase.EVALUATE, Phase.LOG]
+            out += [Step(r, p) for p in phases]
+        return out
+
+    def prologue(self) -> list[Step]:
+        return [Step(0, Phase.IMPORT)]
+
+    def last_iteration(self) -> int | None:
+        return self.n_rounds()
+
+    def handlers(self) -> Mapping[Phase, Handler]:
+        return {
+            Phase.IMPORT: self._phase_import,
+            Phase.SPLIT: self._phase_split,
+            Phase.PREDICT: self._phase_predict,
+            Phase.CALIBRATE: self.phase_calibrate,
+            Phase.THRESHOLD: self.phase_threshold,
+            Phase.PSEUDO_LABEL: self._phase_pseudo_label,
+            Phase.TRAIN: self._phase_train,
+            Phase.EVALUATE: self._phase_evaluate,
+            Phase.LOG: self._phase_log,
+        }
+
+    def close(self) -> None:
+        self.teacher_cache.release()
+
+    # ---- phases ----------------------------------------------------------------------------
+    def _phase_import(self, iteration: int) -> dict[str, Any]:
+        from detloop.orchestrator.engine.runs import import_data
+
+        imported = import_data(self.run, self.cfg, hash_pool=False)
+        self.refresh_categories()
+        return {"imported": imported, "pool": splits.count_pool(self.run.read_images())}
+
+    def _phase_split(self, iteration: int) -> dict[str, Any]:
+        """Reveal the labeled part (simulated oracle); the ids are recorded in the selection
+        table of round 0 and in ``run.json``."""
+        out = self.run.selection_file(0)
+        if not self.teacher_cache.restore_selection(out):
+            ids = labeled_split(
+                self.run.read_images(),
+                self.cfg.ssl.portion_labeled,
+                self.cfg.ssl.ssl_split,
+                self.seed(0, "split"),
+            )
+            write_table(_selection_table(ids), schema.SELECTION, out)
+            self.teacher_cache.store_selection(out)
+        sel = read_table(schema.SELECTION, out)
+        ids = sorted(sel["image_id"].to_pylist())
+        pool = PoolState.load(self.run).without_labels("oracle", iteration=0)
+        pool = pool.reveal(self.run.read_gt(), ids, 0)
+        pool.save(self.run)
+        self.journal.set("labeled_ids", ids)
+        return {"labeled": len(ids), "unlabeled": len(pool.ids("unlabeled"))}
+
+    def _phase_predict(self, iteration: int) -> dict[str, Any]:
+        unlabeled = PoolState.load(self.run).images_in("unlabeled")
+        table, seconds, stats = self.predict(
+            iteration, iteration - 1, unlabeled, "predict", Phase.PREDICT
+        )
+        write_table(table, schema.PREDICTIONS, self.run.predictions_file(iteration))
+        return {"compute": seconds, "detections": table.num_rows, **stats}
+
+    def _phase_pseudo_label(self, iteration: int) -> dict[str, Any]:
+        pool = PoolState.load(self.run)
+        preds = read_table(schema.PREDICTIONS, self.run.predictions_file(iteration))
+        candidates = pool.images_in("unlabeled")
+        pool, info = steps.pseudo_label(self.run, self.cfg, pool, preds, candidates, iteration)
+        self.run.write_labels(pool.labels)
+        if info["pseudo_labels"] == 0:
+            self.warn(
+                "no_pseudo_labels",
+                f"round {iteration}: the selection {self.spec.name!r} kept no pseudo-label "
+                f"(tau {self.cfg.ssl.tau}); the student trains on the labeled part only",
+            )
+        return info
+
+    def _phase_train(self, iteration: int) -> dict[str, Any]:
+        ckpt = self.run.checkpoint(iteration)
+        if iteration == 0 and self.teacher_cache.restore_checkpoint(ckpt):
+            return {"warmup_cache": True}
+        pool = PoolState.load(self.run)
+        ssl = self.cfg.ssl
+        init = self.cfg.model.weights if iteration <= 1 else self.run.weights_file(iteration - 1)
+        epochs = None
+        if iteration == 1 and ssl.student_epochs is not None:
+            epochs = ssl.student_epochs
+        elif iteration > 1:
+            epochs = ssl.selftrain_epochs
+        val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
+        job = TrainJob(
+            images=pool.images_in("labeled"),
+            labels=steps.training_labels(pool.labels),
+            num_classes=self.num_classes,
+            out_dir=str(ckpt),
+            seed=self.seed(iteration, "train"),
+            val=val,
+            init_weights=str(init) if init else None,
+            pseudo=steps.pseudo_stream(pool, iteration) if iteration > 0 else None,
+            epochs=epochs,
+        )
+        result = self.workers.train(job)
+        if iteration == 0:
+            self.teacher_cache.store_checkpoint(ckpt)
+        self.notify_history(round_name(iteration), result.history)
+        unsup = [h["unsup_loss"] for h in result.history if "unsup_loss" in h]
+        if unsup and max(unsup) == 0.0:
+            self.warn("unsup_loss_zero", f"round {iteration}: the unsupervised loss stayed 0")
+        return {
+            "compute": result.seconds,
+            "steps": result.steps,
+            "loss": result.final_loss,
+            **result.monitors,
+            **_last(result.history, ("sup_loss", "unsup_loss")),
+        }
+
+    def _phase_evaluate(self, iteration: int) -> dict[str, Any]:
+        if iteration == 0 and self.teacher_cache.restore_evaluation(self.run, 0):
+            return {"warmup_cache": True}
+        info = self.evaluate(iteration, test=True)
+        if iteration == 0:
+            self.teacher_cache.store_evaluation(self.run, 0)
+        return info
+
+    def _phase_log(self, iteration: int) -> dict[str, Any]:
+        metrics = read_json(self.run.metrics_file(iteration))
+        pool = PoolState.load(self.run)
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        numbers["round"] = float(iteration)
+        numbers["labeled_images"] = float(len(pool.ids("labeled")))
+        numbers["labeled_boxes"] = float(pool.n_labeled_boxes())
+        numbers.update(
+            self.journal_numbers(
+                iteration, (Phase.TRAIN, Phase.CALIBRATE, Phase.THRESHOLD, Phase.PSEUDO_LABEL)
+            )
+        )
+        for h in self.journal.history:
+            if h["iteration"] == iteration and h["phase"] in (Phase.PREDICT, Phase.EVALUATE):
+                numbers.update(
+                    {f"{h['phase']}_{k}": float(h[k]) for k in PredictStats.names() if k in h}
+                )
+        for phase, seconds in self.journal.phase_seconds(iteration).items():
+            numbers[f"time_{phase}"] = seconds
+        write_json({**metrics, **numbers}, self.run.metrics_file(iteration))
+        artifacts = [
+            p
+            for p in (
+                self.run.selection_file(iteration),
+                self.run.metrics_file(iteration),
+                self.run.thresholds_file(iteration),
+                self.run.calibration_dir(iteration),
+            )
+            if p.exists()
+        ]
+        self.notify_iteration(iteration, numbers, artifacts)
+        console.say(iteration_line(self.run.name, iteration, self.n_rounds(), numbers))
+        return {"logged": len(numbers)}
+
+
+def _selection_table(ids: list[str]) -> pa.Table:
+    """Round 0's selection table: the labeled split, every row selected."""
+    n = len(ids)
+    return pa.table(
+        {
+            "image_id": pa.array(ids, pa.string()),
+            "iteration": pa.array([0] * n, pa.int32()),
+            "strategy": pa.array(["ssl_split"] * n, pa.string()),
+            "score": pa.nulls(n, pa.float64()),
+            "rank": pa.array(range(n), pa.int32()),
+            "selected": pa.array([True] * n),
+            "n_det": pa.array([0] * n, pa.int32()),
+            "components": pa.nulls(n, pa.list_(pa.float64())),
+        }
+    )
+
+
+def _last(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    last = history[-1] if history else {}
+    return {k: float(last[k]) for k in keys if k in last}

@@ -1,0 +1,196 @@
+"""The semi-supervised loop in-process on fake workers (the ``Workers`` protocol as plain
+classes, see test_loop_inprocess.py): its plan, the labeled split, pseudo-labels as ``labels``
+rows of source ``pseudo`` per round, the teacher/student/self-training jobs, the health numbers,
+and resuming after an interruption anywhere with the same pseudo-labels and labeled set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from detloop.config import ExperimentConfig
+from detloop.data.io import read_json
+from detloop.data.rundir import RunDir
+from detloop.orchestrator.engine.journal import Phase
+from detloop.orchestrator.engine.journaled import Step
+from detloop.orchestrator.engine.runs import create_run, stored_config
+from detloop.orchestrator.engine.tracking import LoopCallback
+from detloop.orchestrator.engine.workers import TrainJob, TrainOutcome
+from detloop.orchestrator.loops.semi_supervised import SemiSupervisedLoop, labeled_split
+from test_loop_inprocess import FakeWorkers, Interrupted, ci_config, label_rows, labeled, small_val
+
+SSL = [
+    "loop=ssl",
+    "ssl.portion_labeled=25",
+    "ssl.selection_strategy=selftrain_score",
+    "ssl.selftrain_rounds=1",
+    "ssl.selftrain_epochs=2",
+]
+
+
+class SslWorkers(FakeWorkers):
+    """Fake workers whose "model" also names the pseudo-labels it saw (so a resume that
+    pseudo-labeled differently changes every later prediction) and that record each job."""
+
+    def __init__(self, run: RunDir) -> None:
+        super().__init__(run)
+        self.jobs: list[TrainJob] = []
+
+    def train(self, job: TrainJob) -> TrainOutcome:
+        self.jobs.append(job)
+        outcome = super().train(job)
+        if job.pseudo is not None:
+            model = Path(job.out_dir) / "model.pt"
+            extra = sorted(job.pseudo[1]["image_id"].to_pylist())
+            model.write_bytes(model.read_bytes() + json.dumps(extra).encode())
+        history = [{"epoch": 0.0, "loss": 1.0, "sup_loss": 0.6, "unsup_loss": 0.4}]
+        return TrainOutcome(outcome.checkpoint, 4, 1.0, 0.01, {}, history if job.pseudo else [])
+
+
+class Series(LoopCallback):
+    def __init__(self) -> None:
+        self.series: dict[str, list[tuple[int, float]]] = {}
+        self.tags: dict[str, str] = {}
+        self.iterations: list[dict[str, float]] = []
+
+    def on_series(self, name: str, points: list[tuple[int, float]]) -> None:
+        self.series[name] = points
+
+    def on_tag(self, key: str, value: str) -> None:
+        self.tags[key] = value
+
+    def on_iteration(
+        self, iteration: int, metrics: dict[str, float], artifacts: list[Path]
+    ) -> None:
+        self.iterations.append(metrics)
+
+
+def _interrupt(point: str) -> None:
+    raise Interrupted(point)
+
+
+@pytest.fixture()
+def cfg(digits_tiny: Path, tmp_path: Path) -> ExperimentConfig:
+    val = small_val(digits_tiny, tmp_path / "val.json")
+    base = ci_config(digits_tiny, val, tmp_path / "runs")
+    from detloop.config import build_config, config_snapshot
+
+    return build_config(config_snapshot(base), SSL)
+
+
+def _loop(
+    cfg: ExperimentConfig, cbs: list[LoopCallback] | None = None
+) -> tuple[SemiSupervisedLoop, SslWorkers]:
+    run = create_run(cfg)
+    workers = SslWorkers(run)
+    loop = SemiSupervisedLoop(run, stored_config(run), cbs or [], lambda _: workers, _interrupt)
+    return loop, workers
+
+
+def test_split_is_seeded_or_first_n() -> None:
+    """§11 pin (b): a seeded random split of round(p·n) images, or the first ones in order."""
+    images = pa.table(
+        {
+            "image_id": [f"pool/{i:02d}" for i in range(20)] + ["val/0"],
+            "file": [f"{i:02d}.png" for i in range(20)] + ["v.png"],
+            "split": ["pool"] * 20 + ["val"],
+        }
+    )
+    a = labeled_split(images, 10, "random", seed=1)
+    assert len(a) == 2 and a == labeled_split(images, 10, "random", seed=1)
+    assert a != labeled_split(images, 10, "random", seed=2)
+    assert labeled_split(images, 25, "first_n", seed=1) == [f"pool/{i:02d}" for i in range(5)]
+    assert all(i.startswith("pool/") for i in labeled_split(images, 99, "random", 0))
+
+
+def test_ssl_loop_end_to_end(cfg: ExperimentConfig) -> None:
+    cb = Series()
+    loop, workers = _loop(cfg, [cb])
+    assert loop.execute() == "done"
+    run = loop.run
+    assert run.name == "ssl-selftrain_score-s0"
+    steps = [(h["iteration"], h["phase"]) for h in run.read_meta()["history"] if h["ended"]]
+    assert steps[:5] == [(0, "import"), (0, "split"), (0, "train"), (0, "evaluate"), (0, "log")]
+    assert [p for r, p in steps if r == 1] == [
+        "predict", "pseudo_label", "train", "evaluate", "log"
+    ]  # fmt: skip
+    assert max(r for r, _ in steps) == 2  # one self-training round
+    meta = run.read_meta()
+    n_pool = sum(1 for i in run.read_images()["split"].to_pylist() if i == "pool")
+    assert len(meta["labeled_ids"]) == round(0.25 * n_pool) == len(labeled(run))
+    labels = run.read_labels()
+    pseudo = labels.filter(pc.equal(labels["source"], "pseudo"))
+    assert set(pseudo["iteration"].to_pylist()) == {1, 2}
+    # pseudo-labels only on unlabeled images, never on gt-labeled ones; gt rows untouched
+    assert not set(pseudo["image_id"].to_pylist()) & set(meta["labeled_ids"])
+    oracle = labels.filter(pc.equal(labels["source"], "oracle"))
+    assert set(oracle["image_id"].to_pylist()) <= set(meta["labeled_ids"])
+    assert set(pseudo["weight"].to_pylist()) == {1.0}  # no `pseudoscore`: unweighted
+    # the jobs: teacher plain; student from the initial weights with its pseudo stream;
+    # the self-training round from the student, for selftrain_epochs, with its own labels
+    teacher, student, selftrain = workers.jobs
+    assert teacher.pseudo is None and teacher.init_weights is None
+    assert student.pseudo is not None and student.init_weights is None and student.epochs is None
+    assert set(student.pseudo[1]["iteration"].to_pylist()) == {1}
+    assert selftrain.init_weights == str(run.weights_file(1)) and selftrain.epochs == 2
+    assert selftrain.pseudo is not None and set(selftrain.pseudo[1]["iteration"].to_pylist()) == {2}
+    assert set(student.labels["source"].to_pylist()) == {"oracle"}
+    # health: per-epoch series, pseudo-label quality against the hidden gt (fake predictions
+    # are jittered gt boxes, so most pseudo-labels are right)
+    assert {"student_sup_loss", "student_unsup_loss", "selftrain1_unsup_loss"} <= set(cb.series)
+    m1 = read_json(run.metrics_file(1))
+    assert m1["pseudo_label_pseudo_labels"] == sum(
+        1 for i in pseudo["iteration"].to_pylist() if i == 1
+    )
+    assert (
+        0.5 < m1["pseudo_label_pseudo_precision"] <= 1 and 0 < m1["pseudo_label_pseudo_recall"] <= 1
+    )
+    assert [int(m["round"]) for m in cb.iterations] == [0, 1, 2] and not cb.tags
+
+
+def test_no_pseudo_labels_warns(cfg: ExperimentConfig) -> None:
+    from detloop.config import build_config, config_snapshot
+
+    cfg = build_config(config_snapshot(cfg), ["ssl.tau=1.0", "ssl.selection_strategy=score"])
+    cb = Series()
+    loop, workers = _loop(cfg, [cb])
+    assert loop.execute() == "done"
+    assert "warning.no_pseudo_labels" in cb.tags
+    assert workers.jobs[1].pseudo is None  # the student trains on the labeled part only
+
+
+def _outputs(run: RunDir) -> dict[str, Any]:
+    return {
+        "labels": label_rows(run),
+        "labeled": labeled(run),
+        "models": [
+            (run.checkpoint(r) / "model.pt").read_bytes()
+            for r in run.iterations()
+            if (run.checkpoint(r) / "model.pt").exists()
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "point",
+    ["0:split", "1:predict:mid", "1:pseudo_label", "1:train", "2:pseudo_label", "2:evaluate:mid"],
+)
+def test_resume_after_interruption(cfg: ExperimentConfig, tmp_path: Path, point: str) -> None:
+    """Interrupted at a fault point, then resumed by a new loop: the same pseudo-labels, the
+    same labeled set and the same models as an uninterrupted run."""
+    from detloop.config import build_config, config_snapshot
+
+    reference, _ = _loop(build_config(config_snapshot(cfg), ["runs_root=" + str(tmp_path / "ref")]))
+    assert reference.execute() == "done"
+    faulty = build_config(config_snapshot(cfg), [f"fault.kill_at=[{point!r}]"])
+    loop, _ = _loop(faulty)
+    with pytest.raises(Interrupted):
+        loop.execute()
+    resumed, _ = _loop(faulty)
+    assert resumed.execute() == "done"
+    assert _outputs(resumed.run) == _outputs(reference.run)

@@ -1,0 +1,140 @@
+"""The STAC student's training (ALGORITHMS §11.1, §11.2): batch arithmetic, both streams
+traversed, image weights applied once, the two-part loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from effdet.anchors import AnchorLabeler
+
+from detloop.config import ExperimentConfig
+from detloop.learners.loss import (
+    LossSettings,
+    detection_loss,
+    label_batch,
+    level_sizes,
+    make_anchors,
+)
+from detloop.learners.model import (
+    UncertainEfficientDet,
+    flatten_levels,
+    resolve_spec,
+    split_box_maps,
+)
+from detloop.learners.streams import Streams
+from detloop.learners.train import image_weights, train_model
+from learner_data import digits_root, split_tables
+
+torch.set_num_threads(1)
+
+
+def test_batch_arithmetic_pin() -> None:
+    """§11 pin (a): B = 8, n_l = 598, n_u = 5 387 → L = 1, U = 7, 770 steps per epoch."""
+    s = Streams.of(8, 598, 5387)
+    assert (s.labeled, s.pseudo, s.steps_per_epoch, s.batch_size) == (1, 7, 770, 8)
+    # the other rounding direction: L rounds up, U down, each at least 1
+    assert (Streams.of(8, 5387, 598).labeled, Streams.of(8, 5387, 598).pseudo) == (8, 1)
+    assert Streams.of(8, 1, 1000).labeled == 1 and Streams.of(8, 1, 1000).pseudo == 7
+    assert Streams.of(8, 10).steps_per_epoch == 2 and Streams.of(8, 10).pseudo == 0
+    with pytest.raises(ValueError):
+        Streams.of(8, 0, 5)
+
+
+@pytest.mark.parametrize(("n_l", "n_u", "b"), [(598, 5387, 8), (13, 5, 4), (7, 40, 3)])
+def test_both_streams_are_traversed_each_epoch(n_l: int, n_u: int, b: int) -> None:
+    s = Streams.of(b, n_l, n_u)
+    for epoch in (0, 1):
+        batches = s.epoch_batches(seed=3, epoch=epoch)
+        assert len(batches) == s.steps_per_epoch
+        lab = np.array([i for bt in batches for i in bt[: s.labeled]])
+        pse = np.array([i for bt in batches for i in bt[s.labeled :]])
+        assert all(len(bt) == s.batch_size for bt in batches)
+        assert set(lab) == set(range(n_l)) and set(pse) == set(range(n_l, n_l + n_u))
+        # the shorter stream cycles: no index repeats before every index appeared once
+        for stream, n in ((lab, n_l), (pse, n_u)):
+            assert len(set(stream[:n])) == min(n, len(stream))
+    assert s.epoch_batches(3, 0) == s.epoch_batches(3, 0) != s.epoch_batches(3, 1)
+
+
+def test_one_stream_order_is_the_supervised_one() -> None:
+    """Without pseudo-labels the batches are the seeded permutation cut every B (unchanged)."""
+    perm = np.random.default_rng([5, 2, 7]).permutation(10).tolist()
+    assert Streams.of(4, 10).epoch_batches(5, 2) == [perm[0:4], perm[4:8], perm[8:10]]
+
+
+def test_image_weights_scale_each_image_and_nothing_else() -> None:
+    """§11 pin (d): image weights {2, 0.5} scale each image's anchor losses; an empty image
+    weighs 1.0; the loss is the weighted sum of the per-image losses with the batch's
+    normaliser."""
+    cfg = ExperimentConfig.model_validate({"model": {"uncertainty": "lossatt"}})
+    spec = resolve_spec(cfg.model, 3)
+    anchors = make_anchors(spec)
+    labeler = AnchorLabeler(anchors, 3, match_threshold=0.5)
+    settings = LossSettings.from_config(cfg.model, spec)
+    torch.manual_seed(0)
+    model = UncertainEfficientDet(spec).eval()
+    h, w = spec.image_size
+    images = torch.randn(3, 3, h, w)
+    boxes = torch.tensor(
+        [[[4, 4, 30, 20], [10, 30, 40, 60]], [[8, 8, 40, 40], [0, 0, 0, 0]], [[0, 0, 0, 0]] * 2],
+        dtype=torch.float32,
+    )
+    classes = torch.tensor([[1, 2], [3, -1], [-1, -1]])
+    with torch.no_grad():
+        cls_maps, box_maps = model(images)
+    mu, s = split_box_maps(model, box_maps)
+    cls = flatten_levels(cls_maps, 3)
+    sizes = level_sizes(anchors)
+
+    def loss(weights: list[list[float]], empty: float) -> torch.Tensor:
+        t = label_batch(labeler, boxes, classes, torch.tensor(weights), empty_weight=empty)
+        return detection_loss(cls, mu, s, t, sizes, settings)[0]
+
+    weights = [[2.0, 2.0], [0.5, 0.0], [0.0, 0.0]]  # a_0 = 2, a_1 = 0.5, a_2 = empty → 1
+    t = label_batch(labeler, boxes, classes, torch.tensor(weights), empty_weight=1.0)
+    assert float(t.weight[2].min()) == float(t.weight[2].max()) == 1.0
+    assert float(t.weight[0].max()) == float(t.weight[0].min()) == 2.0
+    assert float(t.weight[1].max()) == float(t.weight[1].min()) == 0.5
+    # each image alone with weight 1 (the others 0; the positives' normaliser is the batch's)
+    alone = [
+        loss([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]], 0.0),
+        loss([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], 0.0),
+        loss([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], 1.0),
+    ]
+    expected = 2.0 * alone[0] + 0.5 * alone[1] + 1.0 * alone[2]
+    assert float(loss(weights, 1.0)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(alone[2]) > 0  # the empty image's background anchors do count
+    a = image_weights(classes, torch.tensor(weights), empty=1.0)
+    assert a.tolist() == [2.0, 0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def pool(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[pa.Table, pa.Table]:
+    return split_tables(digits_root(request, tmp_path_factory), "pool")
+
+
+def test_student_trains_on_both_streams(pool: tuple[pa.Table, pa.Table], tmp_path: Path) -> None:
+    images, labels = pool
+    lab_imgs, pse_imgs = images.slice(0, 6), images.slice(6, 18)
+    pseudo_labels = labels.filter(
+        pa.compute.is_in(labels["image_id"], value_set=pse_imgs["image_id"])
+    )
+    cfg = ExperimentConfig.model_validate(
+        {"train": {"device": "cpu", "epochs": 2, "batch_size": 4}, "ssl": {"stac_lambda": 0.5}}
+    )
+    result = train_model(
+        cfg, lab_imgs, labels, 10, tmp_path / "ck", seed=0, progress=False,
+        pseudo=(pse_imgs, pseudo_labels),
+    )  # fmt: skip
+    # L = ceil(4·6/18) = 2, U = floor(4·12/18) = 2, steps = ceil(max(6/2, 12/2)) = 6 per epoch
+    assert result.steps == 12
+    for h in result.history:
+        assert h["sup_loss"] > 0 and h["unsup_loss"] > 0 and h["pseudo_per_image"] > 0
+        # loss = L_l + λ·L_u, averaged over the same steps
+        assert h["loss"] == pytest.approx(h["sup_loss"] + 0.5 * h["unsup_loss"], rel=1e-5)
