@@ -16,8 +16,6 @@ import pytest
 from detloop.config import ExperimentConfig
 from detloop.data.io import read_json
 from detloop.data.rundir import RunDir
-from detloop.orchestrator.engine.journal import Phase
-from detloop.orchestrator.engine.journaled import Step
 from detloop.orchestrator.engine.runs import create_run, stored_config
 from detloop.orchestrator.engine.tracking import LoopCallback
 from detloop.orchestrator.engine.workers import TrainJob, TrainOutcome
@@ -178,7 +176,14 @@ def _outputs(run: RunDir) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "point",
-    ["0:split", "1:predict:mid", "1:pseudo_label", "1:train", "2:pseudo_label", "2:evaluate:mid"],
+    [
+        "0:split",
+        "1:predict:mid",
+        "1:pseudo_label",
+        "1:train:mid",
+        "2:pseudo_label",
+        "2:evaluate:mid",
+    ],
 )
 def test_resume_after_interruption(cfg: ExperimentConfig, tmp_path: Path, point: str) -> None:
     """Interrupted at a fault point, then resumed by a new loop: the same pseudo-labels, the
@@ -194,3 +199,35 @@ def test_resume_after_interruption(cfg: ExperimentConfig, tmp_path: Path, point:
     resumed, _ = _loop(faulty)
     assert resumed.execute() == "done"
     assert _outputs(resumed.run) == _outputs(reference.run)
+
+
+def test_ema_teacher_round(cfg: ExperimentConfig) -> None:
+    """``ssl.teacher: ema``: one student round, started from the burn-in teacher (round 0),
+    its pseudo stream the unlabeled images, labeled online with the run's selection."""
+    from detloop.config import build_config, config_snapshot
+
+    cfg = build_config(config_snapshot(cfg), ["ssl.teacher=ema", "ssl.selection_strategy=score"])
+    loop, workers = _loop(cfg)
+    assert loop.execute() == "done"
+    assert loop.run.iterations() == [0, 1]
+    student = workers.jobs[1]
+    assert student.init_weights == str(loop.run.weights_file(0))
+    assert student.online is not None and student.online.spec.name == "score"
+    assert student.pseudo is not None and student.pseudo[1].num_rows == 0
+    assert sorted(student.pseudo[0]["image_id"].to_pylist()) == sorted(
+        set(
+            loop.run.read_images()
+            .filter(pc.equal(loop.run.read_images()["split"], "pool"))["image_id"]
+            .to_pylist()
+        )
+        - set(labeled(loop.run))
+    )
+
+
+def test_ema_teacher_refuses_selftrain() -> None:
+    from detloop.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="selftrain"):
+        build_config(
+            {"loop": "ssl", "ssl": {"teacher": "ema", "selection_strategy": "selftrain_score"}}
+        )

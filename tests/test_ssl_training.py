@@ -12,6 +12,7 @@ import torch
 from effdet.anchors import AnchorLabeler
 
 from detloop.config import ExperimentConfig
+from detloop.learners.checkpoint import load_state_dict, read_metadata
 from detloop.learners.loss import (
     LossSettings,
     detection_loss,
@@ -19,6 +20,7 @@ from detloop.learners.loss import (
     level_sizes,
     make_anchors,
 )
+from detloop.learners.mean_teacher import MeanTeacher, OnlineSelection
 from detloop.learners.model import (
     UncertainEfficientDet,
     flatten_levels,
@@ -27,6 +29,7 @@ from detloop.learners.model import (
 )
 from detloop.learners.streams import Streams
 from detloop.learners.train import image_weights, train_model
+from detloop.selectors.pseudo import parse_pseudo_strategy
 from learner_data import digits_root, split_tables
 
 torch.set_num_threads(1)
@@ -138,3 +141,61 @@ def test_student_trains_on_both_streams(pool: tuple[pa.Table, pa.Table], tmp_pat
         assert h["sup_loss"] > 0 and h["unsup_loss"] > 0 and h["pseudo_per_image"] > 0
         # loss = L_l + λ·L_u, averaged over the same steps
         assert h["loss"] == pytest.approx(h["sup_loss"] + 0.5 * h["unsup_loss"], rel=1e-5)
+
+
+def _selection(decay: float = 0.9) -> OnlineSelection:
+    spec = parse_pseudo_strategy("score")
+    return OnlineSelection(spec, tau=0.0, min_score=0.0, max_per_image=3, decay=decay)
+
+
+def test_mean_teacher_update_is_the_ema_formula() -> None:
+    """θ_t ← α·θ_t + (1 − α)·θ_s on float entries (BatchNorm statistics too); counters copied."""
+    student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    teacher = MeanTeacher(student, _selection(0.9), ExperimentConfig())  # type: ignore[arg-type]
+    t0 = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    with torch.no_grad():
+        student[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        student[1].running_mean.copy_(torch.tensor([10.0, -10.0]))
+        student[1].num_batches_tracked.fill_(7)
+    teacher.update(student)
+    got = teacher.model.state_dict()
+    expected_w = 0.9 * t0["0.weight"] + 0.1 * torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    torch.testing.assert_close(got["0.weight"], expected_w)
+    torch.testing.assert_close(got["1.running_mean"], torch.tensor([1.0, -1.0]))
+    assert int(got["1.num_batches_tracked"]) == 7 and teacher.updates == 1
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    restored = MeanTeacher(student, _selection(0.9), ExperimentConfig())  # type: ignore[arg-type]
+    restored.load_state_dict(teacher.state_dict())
+    torch.testing.assert_close(restored.model.state_dict()["0.weight"], expected_w)
+
+
+def test_online_teacher_trains_and_resumes_exactly(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path
+) -> None:
+    """The student of an online mean teacher: pseudo-labels every step; stopped half-way and
+    resumed from its partial checkpoint (teacher state included) it ends with the same
+    weights; the checkpoint is the teacher's."""
+    images, labels = pool
+    lab_imgs, unl_imgs = images.slice(0, 4), images.slice(4, 12)
+    cfg = ExperimentConfig.model_validate(
+        {"train": {"device": "cpu", "epochs": 1, "batch_size": 4, "save_freq": 100}}
+    )
+    empty = labels.slice(0, 0)
+
+    def run(out: str, stop: int | None = None) -> Path:
+        result = train_model(
+            cfg, lab_imgs, labels, 10, tmp_path / out, seed=1, progress=False,
+            pseudo=(unl_imgs, empty), online=_selection(0.5), stop_at_step=stop,
+        )  # fmt: skip
+        return Path(result.checkpoint)
+
+    whole = run("a")
+    assert run("b", stop=2).name == "b.partial"
+    resumed = run("b")
+    a, b = load_state_dict(whole), load_state_dict(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hist = read_metadata(whole)["history"]
+    # L = ceil(4·4/12) = 2, U = floor(4·8/12) = 2: 4 steps; τ = 0 keeps 3 per image
+    assert read_metadata(whole)["steps"] == 4
+    # (strong augmentation may push a box out of the image)
+    assert 1.0 <= hist[-1]["pseudo_per_image"] <= 3.0 and hist[-1]["unsup_loss"] > 0

@@ -272,6 +272,14 @@ class SSLConfig(Section):
     pls_top_k: float = 0.4
     pls_beta: float = 0.1
 
+    @model_validator(mode="after")
+    def _ema_has_no_selftrain(self) -> SSLConfig:
+        if self.teacher == "ema" and self.selection_strategy.selftrain:
+            raise ValueError(
+                "teacher: ema re-labels every step; `selftrain` rounds are for teacher: stac"
+            )
+        return self
+
     @field_validator("teacher_strategy")
     @classmethod
     def _blocks_available(cls, v: TeacherSpec) -> TeacherSpec:

@@ -16,9 +16,9 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from detloop.learners.loss import (
     level_sizes,
     make_anchors,
 )
+from detloop.learners.mean_teacher import MeanTeacher, OnlineSelection
 from detloop.learners.model import (
     ModelSpec,
     UncertainEfficientDet,
@@ -137,6 +138,7 @@ class _Job:
     stop_at_step: int | None = None
     progress: Progress = True
     on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None
+    online: OnlineSelection | None = None
 
     @property
     def partial_dir(self) -> Path:
@@ -259,6 +261,7 @@ def train_model(
     root: Path | None = None,
     on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None,
     pseudo: tuple[pa.Table, pa.Table] | None = None,
+    online: OnlineSelection | None = None,
 ) -> TrainResult:
     """Train a detector on ``images``/``labels`` and write its checkpoint to ``out_dir``.
 
@@ -282,6 +285,9 @@ def train_model(
         pseudo: (images, pseudo-labels) of an SSL student's second stream: batches of L
             labeled + U pseudo-labeled images (``learners.streams``), the latter strongly
             augmented when ``ssl.stac_randaug``; loss ā_l·L_l + λ·ā_u·L_u (ALGORITHMS §11.1).
+        online: with ``pseudo`` (the unlabeled images; their labels are not read), an online
+            mean teacher (``learners.mean_teacher``) labels each step's pseudo part; the
+            checkpoint is the teacher's weights.
 
     Raises:
         DataError: missing weights file or unreadable image.
@@ -300,9 +306,10 @@ def train_model(
         seed,
         resolve_device(device or tcfg.device),
         Path(out_dir),
-        run_fingerprint(cfg, images, labels, seed, num_classes, f"u{n_pseudo}" if n_pseudo else ""),
+        run_fingerprint(cfg, images, labels, seed, num_classes, _stream_key(n_pseudo, online)),
         streams,
         val=val,
+        online=online if pseudo is not None else None,
         root=root,
         stop_at_step=stop_at_step,
         progress=progress,
@@ -336,6 +343,7 @@ def _new_loop(job: _Job, num_classes: int, init_weights: Path | None) -> LoopSta
         generator=torch.Generator(device=dev).manual_seed(job.seed),
         memory_format=fmt,
         ema=WeightEma(model, decay) if decay > 0 else None,
+        teacher=MeanTeacher(model, job.online, cfg) if job.online else None,
     )
 
 
@@ -344,6 +352,8 @@ def _finish(loop: LoopState, job: _Job, num_classes: int) -> TrainResult:
     trained ones — with its metadata, and drop the partial checkpoint."""
     if loop.best_state is not None:
         loop.model.load_state_dict(loop.best_state)
+    elif loop.teacher is not None:
+        loop.model.load_state_dict(loop.teacher.model.state_dict())
     elif loop.ema is not None:
         loop.model.load_state_dict(loop.ema.shadow)
     meta: dict[str, Any] = {
@@ -379,6 +389,13 @@ def _check_labels(
         row = int(bad[0])
         msg = f"class_id {int(classes[row])} outside 0..{num_classes - 1} ({len(bad)} rows)"
         raise DataError(what, row, "class_id", msg)
+
+
+def _stream_key(n_pseudo: int, online: OnlineSelection | None) -> str:
+    """What the fingerprint adds for an SSL student: its pseudo stream and online teacher."""
+    if not n_pseudo:
+        return ""
+    return f"u{n_pseudo}" + (f"/ema{online.decay}/{online.spec.name}" if online else "")
 
 
 def _image_rows(images: pa.Table) -> pa.Table:
@@ -435,7 +452,7 @@ def _epochs(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> N
     try:
         while loop.step < schedule.total:
             epoch = loop.step // schedule.per_epoch
-            parts = _epoch(loop, job, data, schedule, bench, bar)
+            parts = _epoch(loop, job, data, images, schedule, bench, bar)
             loop.history.append(_record(loop, parts, epoch, schedule.lr(loop.step - 1, tcfg)))
             if _after_epoch(loop, job, schedule):
                 break
@@ -447,6 +464,7 @@ def _epoch(
     loop: LoopState,
     job: _Job,
     data: DetectionDataset,
+    images: pa.Table,
     schedule: _Schedule,
     bench: _LossBench,
     bar: Bar,
@@ -456,9 +474,13 @@ def _epoch(
     epoch, offset = divmod(loop.step, schedule.per_epoch)
     data.set_epoch(epoch)
     batches = job.streams.epoch_batches(job.seed, epoch)[offset:]
-    loader = DataLoader(
-        data, batch_sampler=batches, collate_fn=collate, num_workers=job.tcfg.num_workers
-    )
+    loader: Iterable[dict[str, torch.Tensor]]
+    if loop.teacher is not None:
+        loader = _online_batches(loop, job, data, batches, images)
+    else:
+        loader = DataLoader(
+            data, batch_sampler=batches, collate_fn=collate, num_workers=job.tcfg.num_workers
+        )
     parts: list[tuple[float, ...]] = []
     for batch in loader:
         t0 = time.perf_counter()
@@ -470,6 +492,41 @@ def _epoch(
         if loop.step >= schedule.total or job.stops_at(loop.step):
             break
     return parts
+
+
+def _online_batches(
+    loop: LoopState,
+    job: _Job,
+    data: DetectionDataset,
+    batches: list[list[int]],
+    images: pa.Table,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of an online mean teacher's student: the labeled part from ``data``, the
+    pseudo part labeled now by the teacher on weak views, then strongly augmented with its
+    boxes (a dataset per step, its draws seeded by the step)."""
+    assert loop.teacher is not None
+    n_l, n_lab = job.streams.n_labeled, job.streams.labeled
+    step = loop.step
+    for batch in batches:
+        items = [data[i] for i in batch[:n_lab]]
+        rows = images.take(pa.array(batch[n_lab:]))
+        labels = loop.teacher.pseudo_labels(rows, seed=job.seed + step, root=job.root)
+        view = DetectionDataset(
+            rows,
+            labels,
+            loop.model.spec.image_size,
+            augment=replace(data.augment, strong_from=0) if data.augment else None,
+            max_instances=job.tcfg.max_instances,
+            root=job.root,
+        )
+        view.set_epoch(step)
+        for j in range(rows.num_rows):
+            item = view[j]
+            item["index"] = n_l + j  # the pseudo part of the batch
+            items.append(item)
+        loop.model.train()
+        yield collate(items)
+        step += 1
 
 
 def _after_epoch(loop: LoopState, job: _Job, schedule: _Schedule) -> bool:
@@ -546,6 +603,8 @@ def _step(
     loop.scaler.update()
     if loop.ema is not None:
         loop.ema.update(loop.model)
+    if loop.teacher is not None:
+        loop.teacher.update(loop.model)
     return values
 
 

@@ -103,6 +103,7 @@ class LoopState:
     bad_evals: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     ema: WeightEma | None = None
+    teacher: Any = None  # an online mean teacher (``learners.mean_teacher.MeanTeacher``)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -117,6 +118,7 @@ class LoopState:
             "bad_evals": self.bad_evals,
             "best_state": self.best_state,
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -128,6 +130,8 @@ class LoopState:
             setattr(self, key, state[key])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
 
 
 @contextmanager

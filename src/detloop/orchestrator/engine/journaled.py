@@ -151,6 +151,11 @@ class JournaledLoop:
         seeds[f"{iteration}/{stage}"] = value
         return value
 
+    def fault_pending(self, iteration: int, phase: Phase, where: str) -> bool:
+        """Whether the fault point ``ITERATION:PHASE[:mid]`` is configured and has not fired."""
+        point = f"{iteration}:{phase}" + (":mid" if where == "mid" else "")
+        return point in self.cfg.fault.kill_at and not self.run.fault_marker(point).exists()
+
     def _fault(self, iteration: int, phase: Phase, where: str) -> None:
         """Fault injection (tests): fire once at a configured point, ``ITERATION:PHASE`` at the
         end of a phase or ``ITERATION:PHASE:mid`` half-way (where a handler calls this)."""

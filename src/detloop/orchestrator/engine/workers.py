@@ -62,6 +62,12 @@ class TrainJob:
     # differ from ``train.epochs`` (self-training rounds)
     pseudo: tuple[pa.Table, pa.Table] | None = None
     epochs: int | None = None
+    # stop after this step, keeping the partial checkpoint (fault injection: a driver killed
+    # mid-training leaves one behind, and the next attempt resumes from it)
+    stop_at_step: int | None = None
+    # ``ssl.teacher: ema``: the online mean teacher's selection (``pseudo`` holds the
+    # unlabeled images; each step's pseudo-labels come from the teacher)
+    online: Any = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,8 @@ class TrainWorker(_WorkerProcess):
             init_weights=Path(job.init_weights) if job.init_weights else None,
             progress=self._progress,
             pseudo=job.pseudo,
+            stop_at_step=job.stop_at_step,
+            online=job.online,
         )
         return TrainOutcome(
             checkpoint=Path(result.checkpoint),

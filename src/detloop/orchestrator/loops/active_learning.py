@@ -212,7 +212,7 @@ class ActiveLearningLoop(ModelLoop):
             init_weights=str(init) if init else None,
             pseudo=pseudo,
         )
-        result = self.workers.train(job)
+        result = self.train(iteration, job)
         if iteration == 0 and not self.human:
             self.warmup.store_checkpoint(ckpt)
         if pseudo is not None:

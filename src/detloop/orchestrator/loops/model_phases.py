@@ -6,6 +6,7 @@ on validation. ``ActiveLearningLoop`` and ``SemiSupervisedLoop`` are built on it
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ from detloop.data import schema, splits
 from detloop.data.io import write_json, write_table
 from detloop.orchestrator.engine.journal import Phase
 from detloop.orchestrator.engine.journaled import JournaledLoop
+from detloop.orchestrator.engine.workers import TrainJob, TrainOutcome
 from detloop.orchestrator.loops import steps
 
 
@@ -28,6 +30,15 @@ class ModelLoop(JournaledLoop):
         """Re-read the categories (after the import wrote them)."""
         self.categories = self.run.read_categories()
         self.num_classes = self.categories.num_rows
+
+    def train(self, iteration: int, job: TrainJob) -> TrainOutcome:
+        """Run ``job`` on the train worker. Fault point ``ITERATION:train:mid`` (tests): the
+        first attempt stops after one step, leaving its partial checkpoint, and the driver is
+        killed; the next attempt resumes the training from that checkpoint."""
+        if self.fault_pending(iteration, Phase.TRAIN, "mid"):
+            self.workers.train(replace(job, stop_at_step=1))
+            self._fault(iteration, Phase.TRAIN, "mid")
+        return self.workers.train(job)
 
     def predict(
         self, iteration: int, model_iteration: int, images: pa.Table, stage: str, phase: Phase

@@ -177,6 +177,13 @@ class SemiSupervisedLoop(ModelLoop):
         elif iteration > 1:
             epochs = ssl.selftrain_epochs
         val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
+        pseudo = steps.pseudo_stream(pool, iteration) if iteration > 0 else None
+        online = None
+        if iteration > 0 and ssl.teacher == "ema":
+            # burn-in = round 0; the mean teacher labels the unlabeled part every step
+            init = self.run.weights_file(0)
+            pseudo = (pool.images_in("unlabeled"), schema.LABELS.empty())
+            online = self._online_selection(iteration)
         job = TrainJob(
             images=pool.images_in("labeled"),
             labels=steps.training_labels(pool.labels),
@@ -185,10 +192,11 @@ class SemiSupervisedLoop(ModelLoop):
             seed=self.seed(iteration, "train"),
             val=val,
             init_weights=str(init) if init else None,
-            pseudo=steps.pseudo_stream(pool, iteration) if iteration > 0 else None,
+            pseudo=pseudo,
             epochs=epochs,
+            online=online,
         )
-        result = self.workers.train(job)
+        result = self.train(iteration, job)
         if iteration == 0:
             self.teacher_cache.store_checkpoint(ckpt)
         self.notify_history(round_name(iteration), result.history)
@@ -202,6 +210,19 @@ class SemiSupervisedLoop(ModelLoop):
             **result.monitors,
             **_last(result.history, ("sup_loss", "unsup_loss")),
         }
+
+    def _online_selection(self, iteration: int) -> Any:
+        """The mean teacher's selection: this run's rules with the burn-in teacher's
+        thresholds and calibrators (fitted on validation in this round's phases)."""
+        from detloop.learners.mean_teacher import OnlineSelection
+
+        thr = self.run.thresholds_file(iteration)
+        cal = self.run.calibration_dir(iteration)
+        return OnlineSelection.from_config(
+            self.cfg,
+            read_json(thr) if thr.exists() else None,
+            cal if self.spec.needs_calibration and cal.exists() else None,
+        )
 
     def _phase_evaluate(self, iteration: int) -> dict[str, Any]:
         if iteration == 0 and self.teacher_cache.restore_evaluation(self.run, 0):
