@@ -86,6 +86,8 @@ def _ray_workers(cfg: ExperimentConfig) -> Workers:
 class JournaledLoop:
     """The journaled state machine of one run; subclasses give ``plan`` and ``handlers``.
 
+    ``unit`` is what progress lines call an iteration (``round`` for SSL).
+
     Args:
         run: the run directory (with its ``run.json``).
         cfg: the run's config.
@@ -94,6 +96,8 @@ class JournaledLoop:
         fault_action: what a fault point of ``cfg.fault.kill_at`` does once it fires
             (default: SIGKILL; in-process tests raise instead).
     """
+
+    unit = "iteration"
 
     def __init__(
         self,
@@ -251,7 +255,8 @@ class JournaledLoop:
         """Journal ``step`` as started, run its handler, journal it completed with the
         handler's numbers, then fire a fault configured at its end."""
         iteration, phase = step
-        console.say(phase_line(self.run.name, iteration, self.last_iteration(), str(phase)))
+        last = self.last_iteration()
+        console.say(phase_line(self.run.name, iteration, last, str(phase), self.unit))
         self.journal.start(iteration, phase)
         info = self.handlers()[phase](iteration) or {}
         self.journal.complete(iteration, phase, **info)

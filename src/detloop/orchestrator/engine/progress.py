@@ -284,11 +284,13 @@ class ProgressBoard:
 
 
 # ---- lines for a person -------------------------------------------------------------------------
-def phase_line(run_name: str, iteration: int, last: int | None, phase: str) -> str:
+def phase_line(
+    run_name: str, iteration: int, last: int | None, phase: str, unit: str = "iteration"
+) -> str:
     """``entropy-s0 | iteration 1/3 | predict``: a phase starts (``last`` None: not known yet,
-    as during the import)."""
+    as during the import; ``unit``: what the loop calls its iterations, e.g. ``round``)."""
     of = "" if last is None else f"/{last}"
-    return f"{run_name} | iteration {iteration}{of} | {phase}"
+    return f"{run_name} | {unit} {iteration}{of} | {phase}"
 
 
 def _num(numbers: Mapping[str, float], key: str, fmt: str) -> str | None:
@@ -296,10 +298,17 @@ def _num(numbers: Mapping[str, float], key: str, fmt: str) -> str | None:
     return None if value is None or value != value else format(value, fmt)
 
 
-def iteration_line(run_name: str, iteration: int, last: int, numbers: Mapping[str, float]) -> str:
+def iteration_line(
+    run_name: str,
+    iteration: int,
+    last: int,
+    numbers: Mapping[str, float],
+    unit: str = "iteration",
+) -> str:
     """The numbers of a finished iteration in one line: labeled images and fraction, mAP and
-    mAP50 of its model, its final training loss, and the seconds of each of its phases."""
-    parts = [f"{run_name} | iteration {iteration}/{last} done"]
+    mAP50 of its model, its final training loss, its pseudo-labels (SSL), and the seconds of
+    each of its phases."""
+    parts = [f"{run_name} | {unit} {iteration}/{last} done"]
     images = _num(numbers, "labeled_images", ".0f")
     fraction = numbers.get("labeled_fraction")
     if images is not None:

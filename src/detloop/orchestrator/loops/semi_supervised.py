@@ -65,6 +65,8 @@ def labeled_split(images: pa.Table, portion: float, mode: str, seed: int) -> lis
 class SemiSupervisedLoop(ModelLoop):
     """One SSL run over a run directory that ``engine.runs.create_run`` prepared."""
 
+    unit = "round"
+
     def set_up(self) -> None:
         super().set_up()
         self.spec: PseudoSpec = self.cfg.ssl.selection_strategy
@@ -263,7 +265,9 @@ class SemiSupervisedLoop(ModelLoop):
             if p.exists()
         ]
         self.notify_iteration(iteration, numbers, artifacts)
-        console.say(iteration_line(self.run.name, iteration, self.n_rounds(), numbers))
+        console.say(
+            iteration_line(self.run.name, iteration, self.n_rounds(), numbers, unit=self.unit)
+        )
         return {"logged": len(numbers)}
 
 
