@@ -65,7 +65,7 @@ class ActiveLearningLoop(ModelLoop):
         return min(k, self.cfg.al.iterations) if self.cfg.al.iterations else k
 
     def needs_calibration(self) -> bool:
-        ssl = self.cfg.al.ssl and self.cfg.ssl.selection_strategy.needs_calibration
+        ssl = self.cfg.al.ssl and steps.pseudo_needs_calibration(self.cfg)
         return self.spec.needs_calibration or ssl or self.cfg.calibration.always
 
     def needs_threshold(self) -> bool:

@@ -79,7 +79,7 @@ class SemiSupervisedLoop(ModelLoop):
         return 1 + (self.cfg.ssl.selftrain_rounds if self.spec.selftrain else 0)
 
     def needs_calibration(self) -> bool:
-        return self.spec.needs_calibration or self.cfg.calibration.always
+        return steps.pseudo_needs_calibration(self.cfg)
 
     def plan(self) -> list[Step]:
         out = [Step(0, p) for p in (Phase.SPLIT, Phase.TRAIN, Phase.EVALUATE, Phase.LOG)]

@@ -264,6 +264,16 @@ def pseudo_rows(labels: pa.Table, iteration: int) -> pa.Table:
     return labels.filter(pc.fill_null(mask, False))
 
 
+def pseudo_needs_calibration(cfg: ExperimentConfig) -> bool:
+    """Whether the teacher must be calibrated before pseudo-labeling: calibrated columns asked
+    for (``calib``, a ``*_cal`` column), or ``combo``, whose thresholds (§7) live on the
+    calibrated columns unless calibration is switched off."""
+    spec, c = cfg.ssl.selection_strategy, cfg.calibration
+    thresholds_calibrated = c.calibrate_classification and c.calibrate_regression
+    combo = spec.needs_thresholds and thresholds_calibrated
+    return spec.needs_calibration or combo or c.always
+
+
 def pseudo_stream(pool: PoolState, iteration: int) -> tuple[pa.Table, pa.Table] | None:
     """(images, pseudo-labels) of the student's second stream for ``iteration``; None when
     no image has a pseudo-label (images without a surviving detection are dropped, §11.1)."""
