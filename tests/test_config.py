@@ -204,8 +204,8 @@ def test_removed_keys_and_options_are_refused_by_name() -> None:
     assert cfg.al.hash_method == "w" and cfg.predict.max_nms_inputs == 1000
 
 
-#: Sections whose keys wait for a reader (documented in their docstrings): the SSL loop.
-RESERVED = {"ssl"}
+#: Sections whose keys wait for a reader (documented in their docstrings): none.
+RESERVED: set[str] = set()
 
 
 def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -231,3 +231,40 @@ def test_ema_teacher_refuses_selftrain() -> None:
         build_config(
             {"loop": "ssl", "ssl": {"teacher": "ema", "selection_strategy": "selftrain_score"}}
         )
+
+
+def test_teacher_is_shared_by_the_strategies_of_a_seed(cfg: ExperimentConfig) -> None:
+    """Like the AL warm-up: the second selection strategy of a seed copies the teacher (its
+    split, model and evaluation) instead of training it again."""
+    from detloop.config import build_config, config_snapshot
+
+    first, _ = _loop(cfg)
+    assert first.execute() == "done"
+    other = build_config(config_snapshot(cfg), ["ssl.selection_strategy=pseudoscore_epuncert"])
+    second, workers = _loop(other)
+    assert second.execute() == "done"
+    assert second.run.name == "ssl-pseudoscore_epuncert-s0"
+    history = second.run.read_meta()["history"]
+    cached = {h["phase"] for h in history if h["iteration"] == 0 and h.get("warmup_cache")}
+    assert cached == {"train", "evaluate"}
+    assert labeled(second.run) == labeled(first.run)
+    assert (second.run.weights_file(0)).read_bytes() == (first.run.weights_file(0)).read_bytes()
+    assert all(job.pseudo is not None for job in workers.jobs)  # no teacher training
+
+
+def test_dry_run_names_the_loop_and_its_strategies(
+    cfg: ExperimentConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from detloop.cli.main import main
+    from detloop.config import config_snapshot
+
+    path = tmp_path / "ssl.yaml"
+    path.write_text(yaml.safe_dump(config_snapshot(cfg)))
+    assert main(["run", str(path), "--dry-run", "--set", "ssl.selection_strategy=calib_combo"]) == 0
+    out = capsys.readouterr().out
+    assert "# loop: semi-supervised" in out and "# selection strategy: calib_combo" in out
+    assert "teacher strategy: (plain STAC)" in out
+    assert main(["run", str(path), "--dry-run", "--set", "ssl.selection_strategy=alluncrt"]) == 2
+    assert "did you mean 'alluncert'" in capsys.readouterr().err

@@ -267,10 +267,10 @@ class SSLConfig(Section):
     student_epochs: int | None = Field(None, ge=1)  # None: train.epochs
     selftrain_rounds: int = Field(3, ge=0)
     selftrain_epochs: int = Field(20, ge=1)
+    # `once` (detloop decision 9): each image's anchors weigh its a_i; `reference` also
+    # multiplies each part of the student's loss by its batch mean of a_i (weighting twice).
+    # An image without objects weighs `train.empty_image_weight`.
     pseudo_weighting: Literal["once", "reference"] = "once"
-    empty_image_weight: float = 1.0
-    pls_top_k: float = 0.4
-    pls_beta: float = 0.1
 
     @model_validator(mode="after")
     def _ema_has_no_selftrain(self) -> SSLConfig:
