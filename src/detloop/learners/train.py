@@ -294,11 +294,8 @@ def train_model(
     """
     _check_labels(images, labels, num_classes)
     tcfg = effective_train_config(cfg)
-    n_pseudo = 0 if pseudo is None else pseudo[0].num_rows
-    if pseudo is not None:
-        _check_labels(pseudo[0], pseudo[1], num_classes, what="pseudo-labels")
-        images = pa.concat_tables([_image_rows(images), _image_rows(pseudo[0])])
-        labels = pa.concat_tables([_label_rows(labels), _label_rows(pseudo[1])])
+    # long: the one training entry point; most of its lines are the arguments and their docs
+    images, labels, n_pseudo = _with_pseudo(images, labels, pseudo, num_classes)
     streams = Streams.of(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo)
     job = _Job(
         cfg,
@@ -389,6 +386,19 @@ def _check_labels(
         row = int(bad[0])
         msg = f"class_id {int(classes[row])} outside 0..{num_classes - 1} ({len(bad)} rows)"
         raise DataError(what, row, "class_id", msg)
+
+
+def _with_pseudo(
+    images: pa.Table, labels: pa.Table, pseudo: tuple[pa.Table, pa.Table] | None, num_classes: int
+) -> tuple[pa.Table, pa.Table, int]:
+    """The training images and labels with the pseudo-labeled stream appended (its images
+    after the labeled ones), and the size of that stream."""
+    if pseudo is None:
+        return images, labels, 0
+    _check_labels(pseudo[0], pseudo[1], num_classes, what="pseudo-labels")
+    images = pa.concat_tables([_image_rows(images), _image_rows(pseudo[0])])
+    labels = pa.concat_tables([_label_rows(labels), _label_rows(pseudo[1])])
+    return images, labels, pseudo[0].num_rows
 
 
 def _stream_key(n_pseudo: int, online: OnlineSelection | None) -> str:
