@@ -1,5 +1,8 @@
 """Semi-supervised learning on digits-det small with class imbalance (r = 0.7), 10 % labeled.
 
+(Named ssl_bench.py, not ssl.py: a script's folder comes first on sys.path, and a bench/ssl.py
+would shadow the standard library's ssl module that pyarrow and MLflow import.)
+
 For each seed: the supervised teacher (round 0, shared by every variant of the seed through
 the teacher cache) and one student per variant —
 
@@ -14,7 +17,7 @@ the teacher cache) and one student per variant —
 at IoU 0.5 against the hidden ground truth. Prints a table (mean ± std over seeds, relative gain
 over the teacher), writes bench/results/ssl.json and bench/results/ssl.png, and the wall time.
 
-    python bench/ssl.py [--seeds 0,1,2] [--variants stac,alluncert,ema] [--set train.max_steps=500]
+    python bench/ssl_bench.py [--seeds 0,1,2] [--variants stac,alluncert,ema] [--set train.max_steps=500]
 
 Models train for the config's budget (``configs/ssl_demo.yaml``: 1,000 steps, about 40 teacher
 epochs and 4 student epochs); ``--set train.early_stopping=true`` stops on val mAP50 instead.
