@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
@@ -178,11 +179,15 @@ class ActiveLearningLoop(ModelLoop):
 
     def _phase_wait_for_labels(self, iteration: int) -> dict[str, Any]:
         # a warning: the one message a person must read to continue (shown even with -q)
+        stem = self.run.query_stem(iteration)
+        files = [
+            f for f in (Path(f"{stem}.coco.json"), Path(f"{stem}.label_studio.json")) if f.exists()
+        ]
         logger.warning(
-            "waiting for labels of iteration %d: label %s.json, then run\n"
+            "waiting for labels of iteration %d: label the images of %s, then run\n"
             "  detloop import-labels %s FILE\n  %s",
             iteration,
-            self.run.query_stem(iteration),
+            " and ".join(str(f) for f in files) or f"{stem}.*",
             self.run.path,
             self.resume_command,
         )
