@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from detloop.cli.main import main
-from detloop.config import ModelConfig
+from detloop.config import ModelConfig, load_config
 from detloop.data import pretrain_digits as pdata
 from detloop.data.digits import load_mnist
 from detloop.learners import checkpoint as ckpt
@@ -29,6 +29,7 @@ from detloop.learners.pretrain import (
     pretrain_backbone,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 QUICK = PretrainSettings(epochs=1, max_steps=3)
 
 
@@ -203,3 +204,59 @@ def test_verb_refuses_a_file_as_out_and_unknown_presets(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         main(["pretrain", "digits", "--out", str(tmp_path / "x"), "--preset", "huge"])
     assert info.value.code == 2
+
+
+# ---- starting from it -----------------------------------------------------------------------
+def test_demo_config_starts_from_the_pretrained_backbone() -> None:
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.model.weights == REPO / "data" / "pretrained-digits-tiny" / WEIGHTS_FILE
+    assert cfg.model.weights_kind == "backbone"
+    scratch = load_config(REPO / "configs" / "demo.yaml", ["model.weights=null"])
+    assert scratch.model.weights is None
+
+
+def test_demo_builds_the_backbone_its_config_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from detloop import demo
+
+    calls: list[tuple[Path, str]] = []
+
+    def fake(folder: Path, settings: PretrainSettings, **_: object) -> PretrainResult:
+        calls.append((folder, settings.preset))
+        return PretrainResult(folder / WEIGHTS_FILE, {"accuracy": 0.9, "seconds": 1.0}, False)
+
+    monkeypatch.setattr("detloop.learners.pretrain.pretrain_backbone", fake)
+    folder = tmp_path / "pre"
+    config = REPO / "configs" / "demo.yaml"
+    cfg = load_config(config, [f"model.weights={folder / WEIGHTS_FILE}"])
+    demo.ensure_pretrained([cfg, cfg], folder)
+    assert calls == [(folder, "tiny")]  # once for the two strategies' configs
+    calls.clear()
+    demo.ensure_pretrained([load_config(config, ["model.weights=null"])], folder)
+    demo.ensure_pretrained([load_config(config, [f"model.weights={tmp_path / 'own.pt'}"])], folder)
+    assert calls == []  # from scratch, or the user's own weights: nothing to build
+
+
+def test_missing_weights_file_is_a_clear_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    overrides = [f"runs_root={runs}", f"model.weights={tmp_path / 'nope.pt'}"]
+    argv = ["run", str(REPO / "configs" / "ci.yaml")]
+    assert main([*argv, *[a for o in overrides for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err
+    assert "model.weights" in err and "nope.pt" in err and "detloop pretrain digits" in err
+    assert not runs.exists()  # refused before a run directory (or Ray) was made
+
+
+def test_demo_stops_on_a_missing_weights_file(
+    digits_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from detloop import demo
+
+    argv = ["--data", str(digits_tiny), "--size", "tiny", "--pretrained", str(tmp_path / "pre")]
+    assert demo.main([*argv, "--set", f"model.weights={tmp_path / 'nope.pt'}"]) == 2
+    out = capsys.readouterr().out
+    assert "demo: error" in out and "nope.pt" in out
+    assert not (tmp_path / "pre").exists()
