@@ -17,7 +17,8 @@ the teacher cache) and one student per variant —
 at IoU 0.5 against the hidden ground truth. Prints a table (mean ± std over seeds, relative gain
 over the teacher), writes bench/results/ssl.json and bench/results/ssl.png, and the wall time.
 
-    python bench/ssl_bench.py [--seeds 0,1,2] [--variants stac,alluncert,ema] [--set train.max_steps=500]
+    python bench/ssl_bench.py [--seeds 0,1,2] [--variants stac,alluncert,ema]
+        [--set train.max_steps=500]
 
 Models train for the config's budget (``configs/ssl_demo.yaml``: 1,000 steps, about 40 teacher
 epochs and 4 student epochs); ``--set train.early_stopping=true`` stops on val mAP50 instead.

@@ -121,11 +121,13 @@ def _run_dir(path: Path) -> RunDir:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from detloop.orchestrator.engine.runs import stored_config
+    from detloop.orchestrator.engine.runs import check_inputs, stored_config
     from detloop.orchestrator.loops.execute import execute
 
     run = _run_dir(args.run_dir)
-    return _report_outcome(execute(run, stored_config(run)))
+    cfg = stored_config(run)
+    check_inputs(cfg)
+    return _report_outcome(execute(run, cfg))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

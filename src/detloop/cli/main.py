@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "detloop.cli.loops",
     "detloop.cli.validation",
     "detloop.cli.autolabel",
+    "detloop.cli.pretrain",
 )
 
 

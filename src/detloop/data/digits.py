@@ -113,15 +113,24 @@ def _place(
 
 
 def render_canvas(
-    digits: list[np.ndarray], canvas: int, rng: np.random.Generator
+    digits: list[np.ndarray],
+    canvas: int,
+    rng: np.random.Generator,
+    digit_px: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, tuple[int, int, int, int]]]]:
-    """Compose ``digits`` on one canvas; returns the RGB image and (digit index, box) pairs."""
-    scale = canvas / 128
+    """Compose ``digits`` on one canvas; returns the RGB image and (digit index, box) pairs.
+
+    ``digit_px``: range of a digit's longer side in pixels; by default 16-48 px scaled with
+    the canvas (digits-det's). The pretraining set passes digits-det's pixel sizes for a
+    smaller canvas.
+    """
+    lo, hi = digit_px or (16.0, 48.0)
+    scale = 1.0 if digit_px else canvas / 128
     bg = rng.uniform(170, 235)
     gray = bg + rng.standard_normal((canvas, canvas), dtype=np.float32) * rng.uniform(4, 14)
     placed: list[tuple[int, tuple[int, int, int, int]]] = []
     for i, digit in enumerate(digits):
-        size = min(canvas, max(4, round(rng.uniform(16, 48) * scale)))
+        size = min(canvas, max(4, round(rng.uniform(lo, hi) * scale)))
         p = _place(digit, size, canvas, [b for _, b in placed], rng)
         if p is None:
             continue

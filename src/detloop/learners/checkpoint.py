@@ -71,6 +71,12 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     return meta
 
 
+def weights_file(path: Path) -> Path:
+    """The file a weights path names: ``model.pt`` inside a checkpoint directory, else itself."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
 def load_state_dict(path: Path | bytes | dict[str, Any]) -> dict[str, torch.Tensor]:
     """A state dict from a checkpoint directory, a weights file, raw bytes or a dict.
 
@@ -85,8 +91,7 @@ def load_state_dict(path: Path | bytes | dict[str, Any]) -> dict[str, torch.Tens
     elif isinstance(path, bytes):
         obj = torch.load(io.BytesIO(path), map_location="cpu", weights_only=True)
     else:
-        path = Path(path)
-        file = path / MODEL_FILE if path.is_dir() else path
+        file = weights_file(path)
         if not file.is_file():
             raise DataError(str(file), None, None, "weights file not found (nothing is downloaded)")
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from detloop import __version__, console
-from detloop.config import ExperimentConfig, build_config, config_snapshot
+from detloop.config import ConfigError, ExperimentConfig, build_config, config_snapshot
 from detloop.data.rundir import RunDir, RunsRoot, al_run_name, ssl_run_name
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,34 @@ def run_dir_for(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
     return root.unused_run(cfg.name, name) if fresh else root.run(cfg.name, name)
 
 
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Check, before any work starts, the input a loop reads only when it trains: the file of
+    ``model.weights`` (every iteration's training starts from it). A missing file would
+    otherwise surface as a failed training phase, after the import.
+
+    Raises:
+        ConfigError: ``model.weights`` names no file.
+    """
+    if cfg.model.weights is None:
+        return
+    from detloop.learners.checkpoint import weights_file
+
+    file = weights_file(Path(cfg.model.weights))
+    if not file.is_file():
+        msg = (
+            f"{file}: no such weights file (nothing is downloaded). Build the digits backbone "
+            "with `detloop pretrain digits --out DIR`, point model.weights at your own "
+            "weights, or train from scratch with --set model.weights=null"
+        )
+        raise ConfigError("config", [("model.weights", msg)])
+
+
 def create_run(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
-    """The run directory of ``cfg``: created (with ``run.json``) or found for a resume."""
+    """The run directory of ``cfg``: created (with ``run.json``) or found for a resume.
+
+    Raises:
+        ConfigError: the config (the stored one, for a resume) names a missing weights file.
+    """
     run = run_dir_for(cfg, fresh)
     if run.exists():
         meta = run.read_meta()
@@ -66,7 +92,9 @@ def create_run(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
                 "start over)",
                 run.path,
             )
+        check_inputs(stored_config(run))
         return run
+    check_inputs(cfg)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_meta(
         {

@@ -14,7 +14,12 @@ from typing import Any
 from detloop.config import ExperimentConfig, build_config, config_snapshot, load_config
 from detloop.data.rundir import RunDir
 from detloop.orchestrator.engine.actors import check_capacity, coordinator_tasks, ensure_ray
-from detloop.orchestrator.engine.runs import create_run, stored_config, strategy_name
+from detloop.orchestrator.engine.runs import (
+    check_inputs,
+    create_run,
+    stored_config,
+    strategy_name,
+)
 from detloop.orchestrator.engine.tracking import prepare_store
 from detloop.orchestrator.loops.execute import LoopOutcome, execute
 
@@ -49,6 +54,7 @@ def run_grid(
 ) -> list[LoopOutcome]:
     """Run every (strategy, seed) loop concurrently; the outcome of each, in grid order."""
     cfgs = grid_configs(config, overrides, strategies, seeds)
+    check_inputs(cfgs[0])  # model.weights: the same file for every loop
     ensure_ray(cfgs[0].ray, loops=len(cfgs))
     check_capacity(cfgs[0].ray, loops=len(cfgs))
     prepare_store(cfgs[0])
