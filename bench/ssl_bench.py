@@ -20,8 +20,9 @@ over the teacher), writes bench/results/ssl.json and bench/results/ssl.png, and 
     python bench/ssl_bench.py [--seeds 0,1,2] [--variants stac,alluncert,ema]
         [--set train.max_steps=500]
 
-Models train for the config's budget (``configs/ssl_demo.yaml``: 1,000 steps, about 40 teacher
-epochs and 4 student epochs); ``--set train.early_stopping=true`` stops on val mAP50 instead.
+Models start from the config's pretrained backbone (built once, as ``make demo`` does) and train
+for its budget (``configs/ssl_demo.yaml``: 1,000 steps, about 40 teacher epochs and 4 student
+epochs); ``--set train.early_stopping=true`` stops on val mAP50 instead.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def _data() -> Path:
 
 def _run_variant(variant: str, seed: int, args: argparse.Namespace, data: Path) -> Any:
     from detloop.config import load_config
+    from detloop.demo import ensure_pretrained
     from detloop.orchestrator.engine.runs import create_run, stored_config
     from detloop.orchestrator.loops.execute import execute
 
@@ -70,6 +72,7 @@ def _run_variant(variant: str, seed: int, args: argparse.Namespace, data: Path) 
         *args.overrides,
     ]
     cfg = load_config(REPO / "configs" / "ssl_demo.yaml", sets)
+    ensure_pretrained([cfg], REPO / "data" / "pretrained-digits-tiny")  # the config's backbone
     run = create_run(cfg)
     print(f"== {variant} seed {seed}: {run.path}", flush=True)
     if execute(run, stored_config(run)).exit_code != 0:
