@@ -209,6 +209,7 @@ def test_ema_teacher_round(cfg: ExperimentConfig) -> None:
     cfg = build_config(config_snapshot(cfg), ["ssl.teacher=ema", "ssl.selection_strategy=score"])
     loop, workers = _loop(cfg)
     assert loop.execute() == "done"
+    assert loop.run.name == "ssl-ema_score-s0"  # not the STAC run of the same selection
     assert loop.run.iterations() == [0, 1]
     student = workers.jobs[1]
     assert student.init_weights == str(loop.run.weights_file(0))

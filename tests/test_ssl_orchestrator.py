@@ -128,7 +128,7 @@ def test_al_with_ssl_runs_two_iterations(digits_tiny: Path, local_ray: str, tmp_
     extra = ("al.ssl=true", "ssl.tau=0.0", "ssl.teacher_min_score=0.0", "ssl.max_per_image=2")
     args = ci_overrides(digits_tiny, tmp_path, f"ray.address={local_ray}", *extra)
     assert main(["run", str(CI_CONFIG), *args]) == 0
-    run = RunsRoot(tmp_path).run("ci", "entropy-s0")
+    run = RunsRoot(tmp_path).run("ci", "entropy+ssl_score-s0")  # beside entropy-s0 in a grid
     assert run.iterations() == [0, 1]
     rows = pseudo_rows(run)
     assert rows and {r[2] for r in rows} == {1}

@@ -37,16 +37,20 @@ def code_version() -> str:
 
 
 def strategy_name(cfg: ExperimentConfig) -> str:
-    """The canonical strategy of the config's loop: the AL query strategy, or the SSL
-    pseudo-label selection strategy."""
+    """The canonical strategy of the config's loop, as run names and MLflow tags show it: the
+    AL query strategy (``+ssl_<selection>`` with ``al.ssl``), or the SSL pseudo-label selection
+    (``ema_<selection>`` with the online mean teacher), so that a grid's runs never share a
+    directory."""
     if cfg.loop == "ssl":
-        return cfg.ssl.selection_strategy.name
-    return cfg.al.strategy.name
+        ema = "ema_" if cfg.ssl.teacher == "ema" else ""
+        return ema + cfg.ssl.selection_strategy.name
+    ssl = f"+ssl_{cfg.ssl.selection_strategy.name}" if cfg.al.ssl else ""
+    return cfg.al.strategy.name + ssl
 
 
 def run_dir_for(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
-    """``<runs_root>/<name>/<canonical strategy>-s<seed>`` (AL) or ``ssl-<selection>-s<seed>``;
-    ``fresh`` picks an unused sibling."""
+    """``<runs_root>/<name>/<strategy>-s<seed>`` (AL) or ``ssl-<selection>-s<seed>`` (SSL),
+    with ``strategy_name``'s marks; ``fresh`` picks an unused sibling."""
     if cfg.loop == "ssl":
         name = ssl_run_name(strategy_name(cfg), cfg.seed)
     else:
