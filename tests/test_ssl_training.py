@@ -199,3 +199,32 @@ def test_online_teacher_trains_and_resumes_exactly(
     assert read_metadata(whole)["steps"] == 4
     # (strong augmentation may push a box out of the image)
     assert 1.0 <= hist[-1]["pseudo_per_image"] <= 3.0 and hist[-1]["unsup_loss"] > 0
+
+
+def test_init_weights_load_whole_even_when_the_config_starts_from_a_backbone(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path
+) -> None:
+    """A previous model (a teacher, a previous student) is loaded whole; ``weights_kind:
+    backbone`` applies to ``model.weights`` only (it once cut an EMA student's start down to
+    the backbone, leaving the heads random)."""
+    from detloop.learners.checkpoint import write_checkpoint
+    from detloop.learners.model import build_model
+
+    images, labels = pool
+    cfg = ExperimentConfig.model_validate(
+        {
+            "model": {"weights_kind": "backbone"},
+            "train": {"device": "cpu", "max_steps": 1, "batch_size": 2, "lr": 0.0,
+                      "warmup_lr": 0.0, "optimizer": "adamw"},
+        }
+    )  # fmt: skip
+    torch.manual_seed(123)
+    init = build_model(cfg.model, 10)
+    write_checkpoint(tmp_path / "init", init.state_dict(), {"model_spec": init.spec.to_json()})
+    result = train_model(
+        cfg, images.slice(0, 2), labels, 10, tmp_path / "out", seed=0, progress=False,
+        init_weights=tmp_path / "init",
+    )  # fmt: skip
+    got, start = load_state_dict(result.checkpoint), load_state_dict(tmp_path / "init")
+    heads = [k for k in start if not k.startswith("backbone.") and start[k].is_floating_point()]
+    assert heads and all(torch.equal(got[k], start[k]) for k in heads if "running" not in k)

@@ -273,7 +273,9 @@ def train_model(
         out_dir: checkpoint directory to write.
         seed: seed of this training (data order, augmentation, dropout masks).
         val: (images, labels) for early stopping on val mAP50, when enabled.
-        init_weights: local weights file or checkpoint (else ``cfg.model.weights``).
+        init_weights: a whole model to start from (a checkpoint or its weights file: a
+            previous iteration's model, an SSL teacher); else ``cfg.model.weights``, loaded as
+            ``cfg.model.weights_kind`` says (e.g. only a pretrained backbone).
         progress: show a progress bar (steps, with the running loss of the epoch): True in
             this process (nothing when ``DETLOOP_PROGRESS=off``), False for none, or a
             ``detloop.console.Reporter`` that publishes it for another process to draw.
@@ -327,9 +329,10 @@ def _new_loop(job: _Job, num_classes: int, init_weights: Path | None) -> LoopSta
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.seed)
         model = UncertainEfficientDet(spec)
-    weights = init_weights or cfg.model.weights
-    if weights is not None:
-        ckpt.load_weights(model, Path(weights), cfg.model.weights_kind)
+    if init_weights is not None:  # a whole model (a previous iteration's, a teacher)
+        ckpt.load_weights(model, Path(init_weights), "full")
+    elif cfg.model.weights is not None:  # the run's starting point, e.g. a backbone
+        ckpt.load_weights(model, Path(cfg.model.weights), cfg.model.weights_kind)
     fmt = memory_format(cfg.model.channels_last)
     model.to(dev).to(memory_format=fmt)
     decay = tcfg.moving_average_decay

@@ -199,7 +199,7 @@ class ActiveLearningLoop(ModelLoop):
             return {"warmup_cache": True}
         pool = PoolState.load(self.run)
         images = pool.images_in("labeled")
-        init = self.cfg.model.weights
+        init = None  # the config's starting weights (model.weights, as weights_kind says)
         if self.cfg.al.warm_start and iteration > 0:
             init = self.run.weights_file(iteration - 1)
         val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None

@@ -172,7 +172,9 @@ class SemiSupervisedLoop(ModelLoop):
             return {"warmup_cache": True}
         pool = PoolState.load(self.run)
         ssl = self.cfg.ssl
-        init = self.cfg.model.weights if iteration <= 1 else self.run.weights_file(iteration - 1)
+        # the teacher and the student start from the config's weights (model.weights, loaded as
+        # weights_kind says); self-training rounds from the previous student, whole
+        init = None if iteration <= 1 else self.run.weights_file(iteration - 1)
         epochs = None
         if iteration == 1 and ssl.student_epochs is not None:
             epochs = ssl.student_epochs
