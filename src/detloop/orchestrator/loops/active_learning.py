@@ -17,14 +17,11 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from detloop import console
 from detloop.data import schema, splits
-from detloop.data.io import read_json, read_table, write_json, write_table
+from detloop.data.io import read_json, read_table, write_table
 from detloop.data.pool import PoolState
-from detloop.learners.predict_stats import PredictStats
 from detloop.orchestrator.engine.journal import Phase, iteration_phases
 from detloop.orchestrator.engine.journaled import Handler, Paused, Step
-from detloop.orchestrator.engine.progress import iteration_line
 from detloop.orchestrator.engine.workers import TrainJob
 from detloop.orchestrator.loops import steps
 from detloop.orchestrator.loops.model_phases import ModelLoop
@@ -269,25 +266,7 @@ class ActiveLearningLoop(ModelLoop):
         numbers.update(
             self.journal_numbers(iteration, (Phase.TRAIN, Phase.CALIBRATE, Phase.THRESHOLD))
         )
-        for h in self.journal.history:
-            if h["iteration"] == iteration and h["phase"] in (Phase.PREDICT, Phase.EVALUATE):
-                # what the decoding bounds changed, never silently (capped stds, dropped boxes)
-                numbers.update(
-                    {f"{h['phase']}_{k}": float(h[k]) for k in PredictStats.names() if k in h}
-                )
+        numbers.update(self.bound_numbers(iteration))
         times = self.journal.iteration_overhead(iteration)  # phases before this one
         numbers.update({f"iteration_{k}_s": v for k, v in times.items()})
-        write_json({**metrics, **numbers}, self.run.metrics_file(iteration))
-        artifacts = [
-            p
-            for p in (
-                self.run.selection_file(iteration),
-                self.run.metrics_file(iteration),
-                self.run.thresholds_file(iteration),
-                self.run.calibration_dir(iteration),
-            )
-            if p.exists()
-        ]
-        self.notify_iteration(iteration, numbers, artifacts)
-        console.say(iteration_line(self.run.name, iteration, self.n_iterations() - 1, numbers))
-        return {"logged": len(numbers)}
+        return self.publish(iteration, metrics, numbers, self.n_iterations() - 1)

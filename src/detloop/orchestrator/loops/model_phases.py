@@ -11,10 +11,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from detloop import console
 from detloop.data import schema, splits
 from detloop.data.io import write_json, write_table
 from detloop.orchestrator.engine.journal import Phase
 from detloop.orchestrator.engine.journaled import JournaledLoop
+from detloop.orchestrator.engine.progress import iteration_line
 from detloop.orchestrator.engine.workers import TrainJob, TrainOutcome
 from detloop.orchestrator.loops import steps
 
@@ -126,3 +128,32 @@ class ModelLoop(JournaledLoop):
             points = [(int(h["epoch"]), float(h[key])) for h in history if key in h]
             if points:
                 self.notify_series(f"{stage}_{key}", points)
+
+    def bound_numbers(self, iteration: int) -> dict[str, float]:
+        """What the decoding bounds changed in this iteration's predict and evaluate phases
+        (capped stds, dropped boxes), as ``<phase>_<key>``: logged, never silent."""
+        from detloop.learners.predict_stats import PredictStats
+
+        out: dict[str, float] = {}
+        for h in self.journal.history:
+            if h["iteration"] == iteration and h["phase"] in (Phase.PREDICT, Phase.EVALUATE):
+                out.update(
+                    {f"{h['phase']}_{k}": float(h[k]) for k in PredictStats.names() if k in h}
+                )
+        return out
+
+    def publish(
+        self, iteration: int, metrics: dict[str, Any], numbers: dict[str, float], last: int
+    ) -> dict[str, Any]:
+        """The log phase's common end: ``metrics.json`` with ``numbers``, the iteration's
+        numbers and files to the callbacks, its line to the console."""
+        write_json({**metrics, **numbers}, self.run.metrics_file(iteration))
+        files = (
+            self.run.selection_file(iteration),
+            self.run.metrics_file(iteration),
+            self.run.thresholds_file(iteration),
+            self.run.calibration_dir(iteration),
+        )
+        self.notify_iteration(iteration, numbers, [p for p in files if p.exists()])
+        console.say(iteration_line(self.run.name, iteration, last, numbers, unit=self.unit))
+        return {"logged": len(numbers)}

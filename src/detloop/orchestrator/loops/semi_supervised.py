@@ -24,14 +24,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detloop import console
 from detloop.data import schema, splits
-from detloop.data.io import read_json, read_table, write_json, write_table
+from detloop.data.io import read_json, read_table, write_table
 from detloop.data.pool import PoolState
-from detloop.learners.predict_stats import PredictStats
 from detloop.orchestrator.engine.journal import Phase
 from detloop.orchestrator.engine.journaled import Handler, Step
-from detloop.orchestrator.engine.progress import iteration_line
 from detloop.orchestrator.engine.workers import TrainJob
 from detloop.orchestrator.loops import steps
 from detloop.orchestrator.loops.model_phases import ModelLoop
@@ -248,29 +245,10 @@ class SemiSupervisedLoop(ModelLoop):
                 iteration, (Phase.TRAIN, Phase.CALIBRATE, Phase.THRESHOLD, Phase.PSEUDO_LABEL)
             )
         )
-        for h in self.journal.history:
-            if h["iteration"] == iteration and h["phase"] in (Phase.PREDICT, Phase.EVALUATE):
-                numbers.update(
-                    {f"{h['phase']}_{k}": float(h[k]) for k in PredictStats.names() if k in h}
-                )
+        numbers.update(self.bound_numbers(iteration))
         for phase, seconds in self.journal.phase_seconds(iteration).items():
             numbers[f"time_{phase}"] = seconds
-        write_json({**metrics, **numbers}, self.run.metrics_file(iteration))
-        artifacts = [
-            p
-            for p in (
-                self.run.selection_file(iteration),
-                self.run.metrics_file(iteration),
-                self.run.thresholds_file(iteration),
-                self.run.calibration_dir(iteration),
-            )
-            if p.exists()
-        ]
-        self.notify_iteration(iteration, numbers, artifacts)
-        console.say(
-            iteration_line(self.run.name, iteration, self.n_rounds(), numbers, unit=self.unit)
-        )
-        return {"logged": len(numbers)}
+        return self.publish(iteration, metrics, numbers, self.n_rounds())
 
 
 def _selection_table(ids: list[str]) -> pa.Table:
