@@ -21,6 +21,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,6 +34,7 @@ from detloop.orchestrator.engine.workers import TrainJob
 from detloop.orchestrator.loops import steps
 from detloop.orchestrator.loops.model_phases import ModelLoop
 from detloop.orchestrator.loops.warmup import WarmupCache
+from detloop.selectors.budgets import iteration_sizes
 from detloop.selectors.pseudo import PseudoSpec
 
 logger = logging.getLogger(__name__)
@@ -46,10 +48,6 @@ def round_name(r: int) -> str:
 def labeled_split(images: pa.Table, portion: float, mode: str, seed: int) -> list[str]:
     """The labeled part of the pool (§11.1, detloop decision 12): ``round(portion % · n)``
     images (at least 1), a seeded random set, or the first ones in file order (``first_n``)."""
-    import numpy as np
-
-    from detloop.selectors.budgets import iteration_sizes
-
     pool = images.filter(pc.equal(images["split"], "pool")).sort_by("file")
     n = max(1, iteration_sizes(pool.num_rows, [portion])[0])
     ids = pool["image_id"].to_pylist()
