@@ -46,10 +46,13 @@ def digits_tiny_run(digits_tiny: Path, tmp_path: Path) -> RunDir:
     return run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray() -> str:
-    """A local Ray instance shared by the session (4 logical CPUs: one AL loop holds a train
-    actor and two predict actors); returns its GCS address for subprocess drivers."""
+    """A local Ray instance shared by the tests (4 logical CPUs: one AL loop holds a train
+    actor and two predict actors); returns its GCS address for subprocess drivers.
+
+    Module-scoped so that a test which ends every Ray process of the machine (`ray stop` in the
+    `ray job submit` test) leaves a fresh instance, not a dead address, to the next module."""
     import ray
 
     if not ray.is_initialized():

@@ -501,3 +501,28 @@ def test_human_oracle_pauses_for_labels(
         named = Path(f"{run.query_stem(0)}{suffix}")
         assert named.exists() and str(named) in waiting[0].getMessage()
     assert TestLoop(run, cfg, workers).execute() == "wait_for_labels"
+
+
+def test_a_test_split_is_evaluated_every_iteration(digits_tiny: Path, tmp_path: Path) -> None:
+    """With ``data.test`` the loop reports test mAP beside val mAP (val picks early-stopping
+    weights and thresholds, so only test is an unbiased curve)."""
+    val = small_val(digits_tiny, tmp_path / "val.json")
+    test = small_val(digits_tiny, tmp_path / "test.json", n_images=VAL_IMAGES // 2)
+    args = ci_overrides(digits_tiny, tmp_path / "runs", "tracking.enabled=false")
+    args += ["--set", f"data.val.source={val}", "--set", f"data.test.source={test}"]
+    args += ["--set", f"data.test.images={digits_source(digits_tiny, 'val')[1]}"]
+    run = create_run(load_config(CI_CONFIG, args[1::2]))
+    assert TestLoop(run, stored_config(run), FakeWorkers(run)).execute() == "done"
+    for it in run.iterations():
+        metrics = read_json(run.metrics_file(it))
+        assert 0.0 < metrics["test_map50"] <= 1.0 and "test_map" in metrics
+        preds = read_table(schema.PREDICTIONS, run.split_predictions_file(it, "test"))
+        images = run.read_images()
+        split = {
+            i
+            for i, sp in zip(
+                images["image_id"].to_pylist(), images["split"].to_pylist(), strict=True
+            )
+            if sp == "test"
+        }
+        assert split and preds.num_rows and set(preds["image_id"].to_pylist()) <= split

@@ -199,3 +199,24 @@ def test_mlflow_tracker_reattaches_to_one_run(tmp_path: Path) -> None:
     assert runs[0].info.status == "FINISHED"
     arts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "iter_0000")]
     assert arts == ["iter_0000/sel.txt"]
+
+
+def test_a_dead_ray_address_fails_in_seconds_and_names_it() -> None:
+    import socket
+    import time
+
+    from detloop.orchestrator.engine.actors import check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 5
+    with socket.socket() as server:  # a listening port passes
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
+    for left_to_ray in (None, "auto", "ray://10.0.0.1:10001"):
+        check_reachable(left_to_ray)

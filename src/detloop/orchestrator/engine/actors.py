@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -56,6 +57,7 @@ def ensure_ray(rc: RayConfig, loops: int = 1) -> None:
     # Ray's own info lines ("Started a local Ray instance.") only when detloop's are shown (-v)
     level = logging.INFO if logger.isEnabledFor(logging.INFO) else logging.WARNING
     if rc.address or os.environ.get("RAY_ADDRESS"):  # a cluster, or a `ray job submit` driver
+        check_reachable(rc.address)
         ray.init(address=rc.address, log_to_driver=True, logging_level=level)
     else:
         need = math.ceil(loop_cpus(rc) * loops)
@@ -64,6 +66,28 @@ def ensure_ray(rc: RayConfig, loops: int = 1) -> None:
             num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=level
         )
     logger.info("ray resources: %s", cluster_resources())
+
+
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the address, when nothing listens at a ``host:port`` Ray
+    address (``ray.init`` would wait minutes for a GCS that is not there). ``None``, ``auto``
+    and ``ray://`` client addresses are left to Ray.
+
+    Raises:
+        ConnectionError: no server accepts a connection at ``address``.
+    """
+    if not address or address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"ray.address {address}: no Ray cluster answers there ({err.strerror or err}); "
+            "start one with `ray start --head`, or leave ray.address unset for a local instance"
+        ) from err
 
 
 def cluster_resources() -> dict[str, float]:

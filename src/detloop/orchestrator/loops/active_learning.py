@@ -253,7 +253,7 @@ class ActiveLearningLoop(ModelLoop):
             and self.warmup.restore_evaluation(self.run, iteration)
         ):
             return {"warmup_cache": True}
-        info = self.evaluate(iteration)
+        info = self.evaluate(iteration, test=True)  # test_* metrics when the run has a test split
         if iteration == 0 and not self.human:
             self.warmup.store_evaluation(self.run, iteration)
         return info

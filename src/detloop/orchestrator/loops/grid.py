@@ -53,11 +53,20 @@ def run_grid(
     config: Path, overrides: list[str], strategies: list[str], seeds: list[int]
 ) -> list[LoopOutcome]:
     """Run every (strategy, seed) loop concurrently; the outcome of each, in grid order."""
-    cfgs = grid_configs(config, overrides, strategies, seeds)
-    check_inputs(cfgs[0])  # model.weights: the same file for every loop
+    return run_configs(grid_configs(config, overrides, strategies, seeds))
+
+
+def run_configs(cfgs: list[ExperimentConfig]) -> list[LoopOutcome]:
+    """Run (or resume) one loop per config concurrently on one Ray cluster, sized for all of
+    them when it is started here; the outcome of each, in order."""
+    if not cfgs:
+        return []
+    for cfg in {str(c.model.weights): c for c in cfgs}.values():
+        check_inputs(cfg)  # model.weights: each distinct file once
     ensure_ray(cfgs[0].ray, loops=len(cfgs))
     check_capacity(cfgs[0].ray, loops=len(cfgs))
-    prepare_store(cfgs[0])
+    for cfg in {(str(c.runs_root), c.tracking.uri, c.name): c for c in cfgs}.values():
+        prepare_store(cfg)
     results = coordinator_tasks(_loop_task, [config_snapshot(c) for c in cfgs])
     outcomes = [LoopOutcome(RunDir(Path(path)), status) for path, status in results]
     for cfg, outcome in zip(cfgs, outcomes, strict=True):
