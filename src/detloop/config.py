@@ -72,7 +72,9 @@ class ModelConfig(Section):
     image_size: str | int | None = None  # "WxH" or one side
     uncertainty: UncertaintySetup = "mcdropout_lossatt"
     weights: Path | None = None
-    weights_kind: Literal["full", "backbone"] = "full"
+    # full: a detloop model of this spec; backbone: a detector's backbone or a timm classifier;
+    # detector: every tensor of an effdet checkpoint that fits (COCO-pretrained, say)
+    weights_kind: Literal["full", "backbone", "detector"] = "full"
     backbone: str | None = None
     fpn_channels: int | None = None
     fpn_cell_repeats: int | None = None

@@ -108,29 +108,26 @@ def load_state_dict(path: Path | bytes | dict[str, Any]) -> dict[str, torch.Tens
 
 
 def load_weights(model: UncertainEfficientDet, path: Path, kind: str = "full") -> None:
-    """Initialise ``model`` from a local file: the whole network, or the backbone only.
+    """Initialise ``model`` from a local file, as ``kind`` says.
 
-    ``backbone`` takes every ``backbone.*`` entry (as the reference loads COCO weights);
-    BiFPN and heads stay freshly initialised.
+    ``full``: a detloop model of the same spec, every tensor (strict). ``backbone`` (the
+    backbone of a detector checkpoint, or a plain timm classifier checkpoint) and ``detector``
+    (every tensor of an effdet checkpoint that fits): :mod:`detloop.learners.foreign_weights`,
+    which logs what was loaded and skipped.
 
     Raises:
         DataError: missing file, or weights that do not fit the model.
     """
     state = load_state_dict(path)
-    if kind == "backbone":
-        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
-        if not state:
-            raise DataError(str(path), None, None, "no 'backbone.*' weights in this file")
-        result = model.load_state_dict(state, strict=False)
-        bad = [k for k in result.unexpected_keys]
-    else:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise DataError(str(path), None, None, f"weights do not fit the model: {exc}") from None
-        bad = []
-    if bad:
-        raise DataError(str(path), None, None, f"unexpected backbone weights: {bad[:5]}")
+    if kind in ("backbone", "detector"):
+        from detloop.learners.foreign_weights import load_foreign
+
+        load_foreign(model, state, kind, str(path))
+        return
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DataError(str(path), None, None, f"weights do not fit the model: {exc}") from None
     log.info("loaded %s weights from %s", kind, path)
 
 
