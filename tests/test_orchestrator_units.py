@@ -220,3 +220,42 @@ def test_a_dead_ray_address_fails_in_seconds_and_names_it() -> None:
         check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
     for left_to_ray in (None, "auto", "ray://10.0.0.1:10001"):
         check_reachable(left_to_ray)
+
+
+@pytest.mark.timeout(60)  # the bug this guards against blocks the second copier forever
+def test_loops_that_copy_the_warmup_never_hold_up_the_next(
+    digits_tiny_run: RunDir, tmp_path: Path
+) -> None:
+    """The first loop computes iteration 0 under the lock; every later one copies from the
+    complete cache and lets go of the lock at once (one that kept it to its end serialised a
+    grid's third strategy behind the second's whole run)."""
+    import fcntl
+
+    from detloop.orchestrator.loops.warmup import WarmupCache
+
+    run = digits_tiny_run
+    cfg = build_config({"runs_root": str(tmp_path / "runs")})
+    src = tmp_path / "outputs"
+    (src / "checkpoint").mkdir(parents=True)
+    (src / "checkpoint" / "model.pt").write_bytes(b"weights")
+    (src / "selection.parquet").write_bytes(b"selection")
+    run.metrics_file(0).parent.mkdir(parents=True, exist_ok=True)
+    run.metrics_file(0).write_text("{}")
+    run.val_predictions_file(0).write_bytes(b"predictions")
+
+    first = WarmupCache.for_run(run, cfg, {"budget": 5})
+    assert not first.restore_selection(tmp_path / "nothing")  # computes: holds the lock
+    first.store_selection(src / "selection.parquet")
+    first.store_checkpoint(src / "checkpoint")
+    first.store_evaluation(run, 0)
+    assert first.complete
+
+    copiers = [WarmupCache.for_run(run, cfg, {"budget": 5}) for _ in range(3)]
+    for i, cache in enumerate(copiers):  # none closed: each still alive when the next comes
+        assert cache.restore_selection(tmp_path / f"sel{i}.parquet")
+        assert cache.restore_checkpoint(tmp_path / f"ckpt{i}")
+        assert (tmp_path / f"ckpt{i}" / "model.pt").read_bytes() == b"weights"
+    path = copiers[0]._dir()
+    assert path is not None
+    with open(path.parent / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a copier still held it

@@ -6,7 +6,8 @@ The cache lives in ``<runs_root>/<name>/_warmup/<key>/``; the key hashes everyth
 depends on (pool, seed, the loop's own ``ident`` — first AL budget, or the SSL split —, model
 and training config). The first loop to arrive
 takes a file lock and computes iteration 0, storing each output as it is produced and a
-``complete`` marker last; loops that arrive meanwhile wait on the lock, then copy.
+``complete`` marker last; loops that arrive meanwhile wait on the lock, then copy (letting go of
+the lock at once, so any number of them copy side by side).
 """
 
 from __future__ import annotations
@@ -116,10 +117,14 @@ class WarmupCache:
             self._lock = None
 
     def _restore(self, name: str, dst: Path) -> bool:
+        """Copy ``name`` from a complete cache (False: this loop computes iteration 0). The
+        lock is only for waiting on the loop that computes: a complete cache never changes,
+        so a loop that finds it complete lets go at once and never holds up the next one."""
         self._acquire()
         d = self._dir()
         if d is None or not self.complete:
             return False
+        self.release()
         _copy_atomic(d / name, dst)
         logger.info("warm-up cache hit: %s", d / name)
         return True
