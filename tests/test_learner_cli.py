@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from detloop.cli.main import main
 from detloop.data import schema
@@ -61,6 +62,24 @@ def test_train_predict_render_evaluate(
         == 0
     )
     assert read_table(schema.PREDICTIONS, folder).num_rows > 0
+    # a frame range, rendered once with the predictions and once per uncertainty
+    frames, out = tmp_path / "frames", tmp_path / "frames.parquet"
+    rng = ["--first", "3", "--last", "7", "--images", str(images_dir)]
+    args = ["predict", str(config), "--run", run, *rng, "--out", str(out), "--render", str(frames)]
+    assert main([*args, "--set", "predict.min_score=0.0"]) == 0
+    ids = sorted(p.stem for p in images_dir.glob("*.png"))[3:7]
+    assert sorted(p.stem for p in frames.glob("*.png")) == ids
+    assert set(read_table(schema.PREDICTIONS, out)["image_id"].to_pylist()) <= set(ids)
+    views = sorted(d.name for d in (frames / "uncertainty").iterdir())
+    assert views == ["al_box", "entropy", "mc_box", "mc_class"]
+    for view in views:
+        assert sorted(p.stem for p in (frames / "uncertainty" / view).glob("*.png")) == ids
+    with (
+        Image.open(frames / "uncertainty" / "entropy" / f"{ids[0]}.png") as a,
+        Image.open(frames / f"{ids[0]}.png") as b,
+    ):
+        assert a.size == b.size and a.tobytes() != b.tobytes()  # other colours, other text
+    assert main(["predict", str(config), "--run", run, "--first", "5", "--last", "5"]) == 2
     weights = ["--checkpoint", str(ckpt / "model.pt"), "--out", str(tmp_path / "w.parquet")]
     assert main(["predict", str(config), "--run", run, "--split", "val", *weights]) == 0
     assert read_table(schema.PREDICTIONS, tmp_path / "w.parquet").equals(table)

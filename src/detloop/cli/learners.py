@@ -53,7 +53,15 @@ def register(sub: Any) -> None:
     src.add_argument("--split", choices=list(schema.SPLITS), help="split of the run (default pool)")
     src.add_argument("--images", type=Path, help="a folder of images instead of a split")
     p.add_argument("--out", type=Path, help="predictions file (default: in the run directory)")
-    p.add_argument("--render", type=Path, metavar="DIR", help="also draw the detections to PNGs")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="DIR",
+        help="also draw the detections to PNGs (and, with predict.infer_draw_uncert, one more "
+        "per uncertainty under DIR/uncertainty/)",
+    )
+    p.add_argument("--first", type=int, metavar="N", help="first image (sorted ids), inclusive")
+    p.add_argument("--last", type=int, metavar="M", help="last image, exclusive")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("evaluate", help="COCO mAP, per-class AP and curves of a checkpoint")
     _common(p)
@@ -157,6 +165,23 @@ def folder_images(folder: Path) -> pa.Table:
     )
 
 
+def frame_range(images: pa.Table, first: int | None, last: int | None) -> pa.Table:
+    """The images [first, last) in image-id order (all of them when neither is given).
+
+    Raises:
+        UsageError: an empty or inverted range.
+    """
+    if first is None and last is None:
+        return images
+    if first is not None and last is not None and last <= first:
+        raise UsageError(f"--last ({last}) must be greater than --first ({first})")
+    ids = sorted(images.column("image_id").to_pylist())[first:last]
+    if not ids:
+        raise UsageError(f"no images in [{first}, {last}) of {images.num_rows}")
+    keep = pc.is_in(images.column("image_id"), value_set=pa.array(ids, pa.string()))
+    return images.filter(keep).sort_by("image_id")
+
+
 def load_predictor(ckpt: Path, cfg: ExperimentConfig, run: RunDir) -> Predictor:
     """A checkpoint directory (its own architecture) or a bare weights file (the config's)."""
     from detloop.learners.predict import Predictor
@@ -176,6 +201,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         name = args.split or "pool"
         images = split_set(run, name)[0]
+    images = frame_range(images, args.first, args.last)
     predictor = load_predictor(ckpt, cfg, run)
     table = predictor.predict(images, seed=cfg.seed, progress=True)
     path = args.out or run.split_predictions_file(iteration, name)
@@ -196,6 +222,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             min_score=min_score,
             class_names=names,
             draw_uncert=cfg.predict.infer_draw_uncert,
+            per_uncertainty=cfg.predict.infer_draw_uncert,
         )
         _out(f"rendered {len(files)} images into {args.render}")
     return 0

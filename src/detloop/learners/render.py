@@ -2,8 +2,10 @@
 
 Each box gets an outline and a text above it, in the colour and with the text its ``BoxStyle``
 gives; with ``draw_uncert`` its localisation uncertainty is a translucent band of ±σ per edge.
-``render_predictions`` colours by class and writes "name score"; auto-labeling colours by its
-verdict and writes u (``uncertainty_style``).
+``render_predictions`` colours by class and writes "name score" — and, with ``per_uncertainty``,
+draws each image once more per predicted uncertainty (the reference's ``infer_draw_uncert``),
+colouring each box from green (the lowest value among the rendered detections) to red (the
+highest); auto-labeling colours by its verdict and writes u (``uncertainty_style``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,39 @@ def uncertainty_style(delta: float) -> BoxStyle:
     return style
 
 
+#: The views of ``per_uncertainty`` rendering: name -> (value of a row, band std prefix or None).
+#: Box uncertainties are the mean of the four corner stds (pixels), drawn as ±σ bands too.
+UNCERTAINTY_VIEWS: dict[str, tuple[Callable[[Mapping[str, Any]], float], str | None]] = {
+    "entropy": (lambda r: float(r["entropy"]), None),
+    "mc_class": (lambda r: float(r["mc_class"]), None),
+    "al_box": (lambda r: _mean_std(r, "al_"), "al_"),
+    "mc_box": (lambda r: _mean_std(r, "mc_"), "mc_"),
+}
+
+
+def _mean_std(row: Mapping[str, Any], prefix: str) -> float:
+    vals = [row.get(f"{prefix}{c}") for c in ("x1", "y1", "x2", "y2")]
+    if any(v is None for v in vals):
+        return float("nan")
+    return float(np.mean([float(v) for v in vals if v is not None]))
+
+
+def value_style(
+    name: str, value: Callable[[Mapping[str, Any]], float], lo: float, hi: float
+) -> BoxStyle:
+    """Green at ``lo``, red at ``hi`` (linear between, grey when the value is unknown); the text
+    is the value."""
+
+    def style(row: Mapping[str, Any]) -> tuple[Color, str]:
+        v = value(row)
+        if not np.isfinite(v):
+            return (128, 128, 128), f"{name} ?"
+        t = 0.0 if hi <= lo else float(np.clip((v - lo) / (hi - lo), 0.0, 1.0))
+        return (int(255 * t), int(200 * (1 - t)), 0), f"{v:.3g}"
+
+    return style
+
+
 def _edge_bands(box: np.ndarray, std: np.ndarray) -> list[tuple[float, float, float, float]]:
     """Rectangles covering each edge ± its std: left, top, right, bottom."""
     x1, y1, x2, y2 = box
@@ -65,9 +100,11 @@ def _edge_bands(box: np.ndarray, std: np.ndarray) -> list[tuple[float, float, fl
     ]
 
 
-def _band_std(row: Mapping[str, Any]) -> np.ndarray | None:
-    """The aleatoric std columns when present, else the epistemic ones, else None."""
-    for prefix in ("al_", "mc_"):
+def _band_std(
+    row: Mapping[str, Any], prefixes: tuple[str, ...] = ("al_", "mc_")
+) -> np.ndarray | None:
+    """The std columns of the first of ``prefixes`` a row has (aleatoric, else epistemic)."""
+    for prefix in prefixes:
         vals = [row.get(f"{prefix}{c}") for c in ("x1", "y1", "x2", "y2")]
         if all(v is not None and v == v for v in vals):  # v == v: not NaN
             return np.array(vals, dtype=float)
@@ -87,16 +124,18 @@ def draw_boxes(
     style: BoxStyle,
     draw_uncert: bool,
     text_dx: int = 1,
+    band_prefixes: tuple[str, ...] = ("al_", "mc_"),
 ) -> Image.Image:
     """``image`` (RGB) with ``rows`` (one image's detections) drawn on it; each text starts
-    ``text_dx`` pixels right of its box's left edge, 10 above its top edge."""
+    ``text_dx`` pixels right of its box's left edge, 10 above its top edge; with
+    ``draw_uncert``, ±σ bands from the first std columns of ``band_prefixes`` a row has."""
     base = image.convert("RGBA")
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     for row in rows:
         color, text = style(row)
         box = np.array([row[c] for c in ("x1", "y1", "x2", "y2")], dtype=float)
-        std = _band_std(row)
+        std = _band_std(row, band_prefixes)
         if draw_uncert and std is not None:
             for band in _edge_bands(box, std):
                 draw.rectangle(band, fill=(*color, 70))
@@ -123,6 +162,7 @@ def render_images(
     style: BoxStyle,
     draw_uncert: bool = False,
     text_dx: int = 1,
+    band_prefixes: tuple[str, ...] = ("al_", "mc_"),
 ) -> list[Path]:
     """One PNG per ``(image_id, file)`` of ``images`` with its rows of ``dets`` drawn
     (``draw_boxes``).
@@ -143,7 +183,7 @@ def render_images(
             raise DataError(str(file), None, "file", f"cannot read image ({exc})") from None
         path = out_dir / f"{str(image_id).replace('/', '__')}.png"
         rows = by_image.get(str(image_id), [])
-        draw_boxes(image, rows, style, draw_uncert, text_dx).save(path)
+        draw_boxes(image, rows, style, draw_uncert, text_dx, band_prefixes).save(path)
         written.append(path)
     log.info("rendered %d images into %s", len(written), out_dir)
     return written
@@ -157,15 +197,37 @@ def render_predictions(
     min_score: float = DEFAULT_MIN_SCORE,
     class_names: list[str] | None = None,
     draw_uncert: bool = True,
+    per_uncertainty: bool = False,
 ) -> list[Path]:
-    """Write one PNG per image of ``images`` with its detections scoring ≥ ``min_score``.
+    """Write one PNG per image of ``images`` with its detections scoring ≥ ``min_score``; with
+    ``per_uncertainty`` also ``uncertainty/<view>/`` PNGs, one per view of
+    ``UNCERTAINTY_VIEWS`` whose columns the predictions have (the colour scale of a view spans
+    its values over all rendered detections, so images compare).
 
     File names are the image ids with ``/`` replaced by ``__``. Returns the written paths.
     """
     kept = predictions.filter(pc.greater_equal(predictions.column("score"), min_score))
-    pairs = zip(
-        images.column("image_id").to_pylist(), images.column("file").to_pylist(), strict=True
+    pairs = list(
+        zip(images.column("image_id").to_pylist(), images.column("file").to_pylist(), strict=True)
     )
-    return render_images(
+    written = render_images(
         pairs, kept, out_dir, style=class_style(class_names), draw_uncert=draw_uncert
     )
+    if not per_uncertainty:
+        return written
+    rows = _rows(kept)
+    for name, (value, band) in UNCERTAINTY_VIEWS.items():
+        values = np.array([value(r) for r in rows], dtype=float) if rows else np.array([])
+        if rows and not np.isfinite(values).any():
+            continue  # the model does not predict this uncertainty (e.g. no MC dropout)
+        finite = values[np.isfinite(values)]
+        lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+        written += render_images(
+            pairs,
+            kept,
+            Path(out_dir) / "uncertainty" / name,
+            style=value_style(name, value, lo, hi),
+            draw_uncert=band is not None,
+            band_prefixes=(band,) if band else (),
+        )
+    return written
