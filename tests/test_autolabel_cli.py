@@ -21,6 +21,7 @@ from detloop.data.importer import import_source
 from detloop.data.io import read_json, read_table
 from detloop.data.rundir import RunDir
 from detloop.learners.calibration import CalibrationSet
+from detloop.orchestrator.evaluation.autolabel import ensure_thresholds
 from detloop.orchestrator.evaluation.common import log_artifacts
 from detloop.selectors.threshold import load_thresholds
 
@@ -93,6 +94,21 @@ def test_validate_calibrate_threshold_autolabel(
         s["objective"] for s in res.metrics["single"].values()
     )
     assert (run.iteration_dir(0) / "thresholding/heatmaps.png").exists()
+    # another setting is kept beside the first, and asking for the first again reuses it
+    first = run.thresholds_variant_file(0, res.variant)
+    assert load_thresholds(first).thresholds == res.thresholds
+    assert cli("threshold", *common, "--set", "thresholding.thr_fpr_tpr=0.8") == 0
+    other = load_thresholds(run.thresholds_file(0))
+    assert other.thr_fpr_tpr == 0.8 and other.variant != res.variant
+    assert sorted(p.name for p in run.thresholding_dir(0).glob("thresholds_*.json")) == sorted(
+        f"thresholds_{v}.json" for v in (res.variant, other.variant)
+    )
+    assert res.variant == "cd_b0.95_iou0.5-0.75_detection_cal_entropy+albox_rel"
+    before = first.stat().st_mtime_ns
+    assert ensure_thresholds(run, ExperimentConfig.model_validate(SETTINGS), 0, 0).variant == (
+        res.variant
+    )
+    assert first.stat().st_mtime_ns == before  # found, not recomputed
 
     test_dir = digits_tiny / "images" / "test"
     argv = ["autolabel", *common, "--images", str(test_dir), "--first", "0", "--last", "10"]

@@ -227,7 +227,13 @@ class RunDir:
         return self.eval_dir(iteration) / f"{split}_curves.json"
 
     def thresholds_file(self, iteration: int) -> Path:
+        """The latest thresholding result of the iteration (what the loops read)."""
         return self.iteration_dir(iteration) / "thresholds.json"
+
+    def thresholds_variant_file(self, iteration: int, variant: str) -> Path:
+        """The result of one thresholding setting (``ThresholdResult.variant``), kept beside
+        the others."""
+        return self.thresholding_dir(iteration) / f"thresholds_{variant}.json"
 
     def metrics_file(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "metrics.json"

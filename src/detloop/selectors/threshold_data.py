@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,25 @@ def threshold_rows(
 
 
 # ---- the stored result (§7.4) --------------------------------------------------------------
+def variant_key(
+    uncertainties: Sequence[str],
+    thr_cd: bool,
+    thr_fpr_tpr: float,
+    thr_iou_thrs: Sequence[float],
+    unit: str,
+    calibrated: bool,
+    fd_scope: str = "matched",
+) -> str:
+    """A file-name-safe name of one thresholding setting, e.g.
+    ``cd_b0.95_iou0.5-0.75_detection_cal_entropy+albox_rel`` (``fd-all`` for FD over every
+    detection): the results of different settings are kept side by side, not overwritten."""
+    mode = "cd" if thr_cd else ("fd" if fd_scope == "matched" else f"fd-{fd_scope}")
+    ious = [float(x) for x in thr_iou_thrs]
+    span = f"{min(ious):g}-{max(ious):g}" if ious else "none"
+    cal = "_cal" if calibrated else ""
+    return f"{mode}_b{thr_fpr_tpr:g}_iou{span}_{unit}{cal}_{'+'.join(uncertainties)}"
+
+
 @dataclass
 class ThresholdResult:
     """The thresholding JSON; ``thresholds[i]`` belongs to ``thr_iou_thrs[i]`` (None = +inf)."""
@@ -110,6 +130,14 @@ class ThresholdResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     per_class: dict[str, Any] | None = None
     unit: str = "detection"  # what the budget counts (detloop extension; absent = detection)
+
+    @property
+    def variant(self) -> str:
+        """The :func:`variant_key` of this result's setting."""
+        return variant_key(
+            self.uncertainties, self.thr_cd, self.thr_fpr_tpr, self.thr_iou_thrs, self.unit,
+            self.calibrated, self.fd_scope,
+        )  # fmt: skip
 
     @property
     def delta_mean(self) -> float:

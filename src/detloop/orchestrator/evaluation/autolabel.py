@@ -63,22 +63,27 @@ def ensure_thresholds(run: RunDir, cfg: ExperimentConfig, it: int, seed: int) ->
     """The thresholding result of iteration ``it`` matching the config (computed if needed)."""
     from detloop.orchestrator.evaluation.validation import threshold_model
     from detloop.selectors.threshold import load_thresholds, parse_uncertainties
+    from detloop.selectors.threshold_data import variant_key
 
     t, c = cfg.thresholding, cfg.calibration
+    uncertainties = parse_uncertainties(t.thr_sel_uncert)
+    calibrated = c.calibrate_classification and c.calibrate_regression
     want = {
         "thr_fpr_tpr": t.thr_fpr_tpr, "thr_cd": t.thr_cd, "fd_scope": t.fd_scope,
         "unit": t.thr_unit, "thr_iou_thrs": [float(x) for x in t.thr_iou_thrs],
-        "uncertainties": parse_uncertainties(t.thr_sel_uncert),
-        "calibrated": c.calibrate_classification and c.calibrate_regression,
+        "uncertainties": uncertainties, "calibrated": calibrated,
     }  # fmt: skip
-    path = run.thresholds_file(it)
-    if path.exists():
-        res = load_thresholds(path)
-        if all(getattr(res, k) == v for k, v in want.items()):
-            return res
-        logger.info("thresholds in %s do not match the config: recomputing", path)
+    variant = variant_key(
+        uncertainties, t.thr_cd, t.thr_fpr_tpr, t.thr_iou_thrs, t.thr_unit, calibrated, t.fd_scope
+    )
+    for path in (run.thresholds_file(it), run.thresholds_variant_file(it, variant)):
+        if path.exists():
+            res = load_thresholds(path)
+            if all(getattr(res, k) == v for k, v in want.items()):
+                return res
+    logger.info("no thresholds of iteration %d match the config: computing them", it)
     threshold_model(run, cfg, it, it, seed)
-    return load_thresholds(path)
+    return load_thresholds(run.thresholds_file(it))
 
 
 def autolabel_frames(

@@ -228,7 +228,9 @@ def threshold_model(
     run: RunDir, cfg: ExperimentConfig, model_iter: int, out_iter: int, seed: int,
     *, plots: bool = True, diagnostics: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Cost-sensitive thresholds of ``model_iter``'s model on validation → thresholds.json."""
+    """Cost-sensitive thresholds of ``model_iter``'s model on validation → thresholds.json (the
+    latest) and ``thresholding/thresholds_<setting>.json`` (one per (CD/FD, b, IoU range, unit,
+    calibration, uncertainties), so settings compared one after the other are all kept)."""
     from detloop.selectors.threshold import CostSensitiveThresholder, threshold_rows
 
     t, c = cfg.thresholding, cfg.calibration
@@ -253,7 +255,8 @@ def threshold_model(
     ).fit(rows)  # fmt: skip
     result = th.result()
     result.save(run.thresholds_file(out_iter))
-    paths = [run.thresholds_file(out_iter)]
+    result.save(run.thresholds_variant_file(out_iter, result.variant))  # kept per setting
+    paths = [run.thresholds_file(out_iter), run.thresholds_variant_file(out_iter, result.variant)]
     if plots:
         from detloop.reports.threshold_report import write_threshold_plots
 
