@@ -148,6 +148,9 @@ class PredictConfig(Section):
     batch_size: int = Field(8, ge=1)
     mc_head_batch: int = Field(16, ge=1)  # head-mode MC: image-samples per head call
     infer_draw_uncert: bool = True
+    # test-time corruptions scored by `detloop validate` (§6.3): heq, alb, aug (10-level
+    # sweeps), flip; empty = off
+    infer_augment: list[Literal["heq", "alb", "aug", "flip"]] = Field(default_factory=list)
 
 
 class CalibrationConfig(Section):

@@ -125,6 +125,17 @@ def validate_model(
     }  # fmt: skip
     out_dir = run.validation_dir(ref.iteration)
     written = uq_report.write_plots(pairs, cal, out_dir, rng) if plots and len(pairs) else []
+    if cfg.predict.infer_augment:  # §6.3: the same model on corrupted copies of the split
+        from detloop.orchestrator.evaluation.corruption import corruption_report, plot_corruptions
+
+        out_file = out_dir / "corruptions_predictions.parquet"
+        decoding = predictor.with_decoding(method)
+        report["corruptions"] = corruption_report(
+            decoding, cfg, (images, gt, cats), cal, seed, out_file
+        )
+        written += [out_file] if out_file.exists() else []
+        if plots:
+            written.append(plot_corruptions(report["corruptions"], out_dir / "corruptions.png"))
     paths = [update_metrics(run, ref.iteration, "validation", report), *written]
     paths += [run.matches_file(ref.iteration), run.val_predictions_file(ref.iteration)]
     log_run_artifacts(run, cfg, paths, run.artifact_path(ref.iteration, "validation"))
