@@ -150,3 +150,6 @@ def test_validate_scores_every_variant(digits_tiny_run: RunDir, tmp_path: Path) 
     suffixes = {x.rsplit("@", 1)[1] for x in preds["image_id"].to_pylist()}
     assert suffixes == {"heq", "flip_h", "flip_v"}
     assert (run.validation_dir(0) / "corruptions.png").stat().st_size > 0
+    study = read_json(run.metrics_file(0))["validation"]["ep_vs_al"]  # both std families
+    assert sum(q["n"] for q in study["quadrants"].values()) == study["n_pairs"] > 0
+    assert (run.validation_dir(0) / "ep_vs_al.png").stat().st_size > 0

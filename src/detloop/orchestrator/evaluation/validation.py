@@ -46,7 +46,7 @@ from detloop.orchestrator.evaluation.common import (
     resolve_model,
     update_metrics,
 )
-from detloop.reports import uq_report
+from detloop.reports import ep_vs_al, uq_report
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,11 @@ def validate_model(
     }  # fmt: skip
     out_dir = run.validation_dir(ref.iteration)
     written = uq_report.write_plots(pairs, cal, out_dir, rng) if plots and len(pairs) else []
+    ep_al = ep_vs_al.pair_values(pairs)  # both std families: do they agree, which tracks error
+    if ep_al is not None:
+        report["ep_vs_al"] = ep_vs_al.quadrant_study(ep_al)
+        if plots:
+            written.append(ep_vs_al.plot_study(ep_al, report["ep_vs_al"], out_dir / "ep_vs_al.png"))
     if cfg.predict.infer_augment:  # §6.3: the same model on corrupted copies of the split
         from detloop.orchestrator.evaluation.corruption import corruption_report, plot_corruptions
 
