@@ -145,3 +145,53 @@ def test_oss_over_the_runs_of_an_experiment(tmp_path: Path) -> None:
     summary = json.loads((out / "oss_summary.json").read_text())
     assert summary["sets"]["entropy-s0/iter1"]["map"] == pytest.approx(0.5)
     assert summary["oss_vs_map"]["n"] == 2
+
+
+def test_oss_reliability_ranks_models_on_validation_subsets(
+    digits_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Four models whose boxes are shifted 0, 1, 3 and 6 px from the truth: on every subset
+    of the validation images the better model scores higher, so each subset's ranking agrees
+    with the test ranking (τ = 1), and so does the full validation set."""
+    import shutil
+
+    from detloop.data.digits import digits_source
+    from detloop.data.importer import import_source
+
+    base = RunDir(tmp_path / "base")
+    for split in ("pool", "val", "test"):
+        source, images = digits_source(digits_tiny, split)
+        import_source(base, "coco", source, split, images=images)
+    images = base.read_images()
+    val_ids = set(pc.filter(images["image_id"], pc.equal(images["split"], "val")).to_pylist())
+    gt = [g for g in base.read_gt().to_pylist() if g["image_id"] in val_ids]
+    for k, shift in enumerate((0.0, 1.0, 3.0, 6.0)):
+        run = RunDir(tmp_path / "runs" / "exp" / f"m{k}-s0")
+        shutil.copytree(base.path, run.path)
+        rows = [
+            {"image_id": g["image_id"], "class_id": g["class_id"], "score": 0.9,
+             "x1": g["x1"] + shift, "y1": g["y1"], "x2": g["x2"] + shift, "y2": g["y2"]}
+            for g in gt
+        ]  # fmt: skip
+        run.metrics_file(1).parent.mkdir(parents=True, exist_ok=True)
+        write_table(predictions_from_rows(rows), schema.PREDICTIONS, run.val_predictions_file(1))
+        write_json({"map": 0.9 - 0.1 * k, "test_map": 0.8 - 0.1 * k}, run.metrics_file(1))
+        write_json({"seed": 0}, run.run_json)
+    config = tmp_path / "exp.yaml"
+    config.write_text("name: exp\nruns_root: runs\n")
+    argv = ["oss", str(config), "--mode", "reliability", "--iterations", "1", "--n-resample", "300"]
+    assert main([*argv, "--subsets", "3", "--subset-seeds", "2", "--fraction", "0.75"]) == 0
+    out = tmp_path / "runs" / "exp" / "oss"
+    table = pq.read_table(out / "reliability.parquet")
+    assert table.num_rows == 6 and set(table["n_images"].to_pylist()) == {24}  # 75 % of 32
+    assert table["tau"].to_pylist() == pytest.approx([1.0] * 6)
+    assert pc.all(pc.is_finite(table["oss"])).as_py()
+    summary = json.loads((out / "reliability_summary.json").read_text())
+    assert summary["ranked_by"].startswith("test") and len(summary["models"]) == 4
+    assert summary["tau_full_val"] == pytest.approx(1.0) and len(summary["tau_top_s"]) == 2
+    assert (out / "reliability.png").stat().st_size > 0
+    assert "OSS vs tau" in capsys.readouterr().out
+    again = tmp_path / "again"
+    assert main([*argv, "--subsets", "3", "--subset-seeds", "2", "--fraction", "0.75",
+                 "--out", str(again)]) == 0  # fmt: skip
+    assert pq.read_table(again / "reliability.parquet").equals(table)  # seeded

@@ -122,8 +122,10 @@ def cmd_oss(args: argparse.Namespace) -> int:
     runs = [RunDir(p) for p in args.run] if args.run else root.runs_of(cfg.name)
     iterations = [int(x) for x in args.iterations.split(",") if x.strip()]
     rng = seeding.rng(42 if cfg.compat_seed else cfg.seed, 0, "oss")
-    rows, summary = run_oss(runs, iterations, args.reference, args.formula, rng, args.n_resample)
     out = Path(args.out) if args.out else root.oss_dir(cfg.name)
+    if args.mode == "reliability":
+        return _oss_reliability(args, runs, iterations, rng, out)
+    rows, summary = run_oss(runs, iterations, args.reference, args.formula, rng, args.n_resample)
     write_outputs(rows, _clean(summary), out)
     for sid, s in summary["sets"].items():
         _out(f"{sid:<40} oss {s['oss']:.4f}  map {s['map']:.4f}")
@@ -131,6 +133,43 @@ def cmd_oss(args: argparse.Namespace) -> int:
     _out(f"OSS vs mAP: Pearson r {corr['pearson_r']:.3f}, Kendall tau {corr['kendall_tau']:.3f}")
     _out(f"written to {out}")
     return 0
+
+
+def _oss_reliability(
+    args: argparse.Namespace, runs: list[RunDir], iterations: list[int], rng: Any, out: Path
+) -> int:
+    import pyarrow as pa
+
+    from detloop.data.io import write_json
+    from detloop.orchestrator.evaluation.oss_reliability import plot_reliability, run_reliability
+
+    rows, summary = run_reliability(
+        runs, iterations, seeds=args.subset_seeds, subsets=args.subsets, fraction=args.fraction,
+        formula=args.formula, rng=rng, n_resample=args.n_resample,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_table_plain(pa.Table.from_pylist(rows), out / "reliability.parquet")
+    write_json(_clean(summary), out / "reliability_summary.json")
+    plot_reliability(rows, summary, out / "reliability.png")
+    corr = summary["oss_vs_tau"]
+    _out(f"{len(summary['models'])} models ranked by {summary['ranked_by']}; "
+         f"{len(rows)} subsets of {summary['subset_images']} validation images")  # fmt: skip
+    _out(f"OSS vs tau: Pearson r {corr['pearson_r']:.3f}, Kendall tau {corr['kendall_tau']:.3f}")
+    for name in ("tau_full_val", "tau_subsets_mean", "tau_top_s_mean"):
+        value = summary[name]
+        _out(f"{name:<17} {'-' if value is None else f'{value:.3f}'}")
+    _out(f"written to {out}")
+    return 0
+
+
+def write_table_plain(table: Any, path: Path) -> None:
+    """A Parquet file written atomically (no detloop schema: an analysis table)."""
+    import pyarrow.parquet as pq
+
+    from detloop.data.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _clean(obj: Any) -> Any:
@@ -175,5 +214,15 @@ def register(sub: Any) -> None:
     p.add_argument("--reference", choices=["val", "pool"], default="val")
     p.add_argument("--formula", choices=["paper", "reference"], default="paper")
     p.add_argument("--n-resample", type=int, default=10_000)
+    p.add_argument(
+        "--mode",
+        choices=["sets", "reliability"],
+        default="sets",
+        help="sets: OSS of the AL training sets vs mAP; reliability: which validation subsets "
+        "rank the models as the reference does (§10)",
+    )
+    p.add_argument("--subsets", type=int, default=10, help="reliability: subsets per seed")
+    p.add_argument("--subset-seeds", type=int, default=10, help="reliability: seeds")
+    p.add_argument("--fraction", type=float, default=0.1, help="reliability: subset share")
     p.add_argument("--out", help="output folder (default <runs_root>/<name>/oss)")
     p.set_defaults(func=cmd_oss)

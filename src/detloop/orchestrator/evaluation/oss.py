@@ -121,7 +121,7 @@ def set_metrics(run: RunDir, iteration: int) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if k == "map" or k.startswith("ap/")}
 
 
-def _weights_and_totals(
+def weights_and_totals(
     clouds: Mapping[str, Mapping[str, FloatArray]], classes: list[str]
 ) -> tuple[dict[str, float], FloatArray]:
     """Class weights over the candidate sets (§10) and each set's object total."""
@@ -164,7 +164,7 @@ def run_oss(
     sets = candidate_sets(runs, iterations)
     clouds = {sid: bank.by_class(ids, names) for sid, (_, _, ids) in sets.items()}
     classes = sorted({*ref, *(c for cl in clouds.values() for c in cl)})
-    weights, totals = _weights_and_totals(clouds, classes)
+    weights, totals = weights_and_totals(clouds, classes)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"formula": formula, "reference": reference, "sets": {}}
     for k, (sid, (run, it, _)) in enumerate(sets.items()):
