@@ -125,6 +125,10 @@ def test_validate_calibrate_threshold_autolabel(
     assert set(labels.loc[labels["source"] == "auto", "image_id"]) <= auto
     q = read_json(run.metrics_file(0))["autolabel"]
     assert q["n_images"] == 10 and "quality" in q
+    renders = run.autolabel_renders_dir(0)  # autolabel.render: every image, by its verdict
+    for verdict in ("examine", "auto_labeled"):
+        ids = sel.filter(pc.equal(sel["verdict"], verdict))["image_id"].to_pylist()
+        assert len(list((renders / verdict).glob("*.png"))) == len(ids)
     ex = run.exports
     with contextlib.redirect_stdout(io.StringIO()):
         COCO(str(ex / "autolabel_iter_0000_auto.coco.json"))

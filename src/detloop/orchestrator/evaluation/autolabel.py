@@ -159,12 +159,14 @@ def _export(
                         min_score=decision.min_score)  # fmt: skip
     paths += list(out.values())
     if cfg.autolabel.render:
-        # PNG per examine image: boxes red when u ≥ δ̄, green otherwise, labelled with u
+        # a PNG per image under examine/ and auto_labeled/: boxes red when u ≥ δ̄, green
+        # otherwise, labelled with u (an auto-labeled image is all green by the rule)
         files = images.set_index("image_id")["file"].to_dict()
-        examine = [(i, files[i]) for i in decision.ids("examine")]
         out_dir = run.autolabel_renders_dir(it)
         style = uncertainty_style(decision.delta)
-        render_images(examine, d, out_dir, style=style, text_dx=0)
+        for verdict in ("examine", "auto_labeled"):
+            chosen = [(i, files[i]) for i in decision.ids(verdict)]
+            render_images(chosen, d, out_dir / verdict, style=style, text_dx=0)
         paths.append(out_dir)
     return paths
 
