@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "detloop.cli.validation",
     "detloop.cli.autolabel",
     "detloop.cli.pretrain",
+    "detloop.cli.export",
 )
 
 

@@ -156,7 +156,9 @@ class Predictor:
             self.seconds += time.perf_counter() - t0
             bar.update(len(ids))
         bar.close()
-        return build_table(rows, self.model.spec.loss_attenuation, self.model.spec.mc_dropout)
+        # epistemic columns only from T > 1 samples: an MC model predicted with
+        # mc_dropoutsamp 1 (deterministic) has no MC estimate, so they are null
+        return build_table(rows, self.model.spec.loss_attenuation, self.mc_samples > 1)
 
     @torch.no_grad()
     def forward(self, images: Tensor, image_ids: list[str], seed: int) -> dict[str, Tensor | None]:

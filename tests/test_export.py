@@ -1,0 +1,121 @@
+"""`detloop export-model`: the exported ONNX file, run by onnxruntime on real images from disk,
+matches torch, and detloop's post-processing of its outputs gives the predictions table of
+`detloop predict`; TorchScript too."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from detloop.cli.main import main
+from detloop.config import ExperimentConfig
+from detloop.data.dataset import DetectionDataset, collate
+from detloop.data.rundir import RunDir
+from detloop.learners import export
+from detloop.learners.checkpoint import model_from_checkpoint
+from detloop.learners.loss import make_anchors
+from detloop.learners.predict import Predictor
+
+pytestmark = pytest.mark.slow
+SETTINGS = {
+    "model": {"preset": "tiny", "mc_dropoutsamp": 1},
+    "train": {"device": "cpu", "max_steps": 8, "batch_size": 4, "epochs": 1},
+    "predict": {"batch_size": 4, "min_score": 0.0},
+}
+
+
+def cli(*argv: str) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(list(argv))
+
+
+@pytest.fixture(scope="module")
+def trained(
+    digits_tiny: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[RunDir, ExperimentConfig]:
+    from detloop.data.digits import digits_source
+    from detloop.data.importer import import_source
+
+    base = tmp_path_factory.mktemp("export")
+    run = RunDir(base / "run")
+    for split in ("pool", "val"):
+        source, images = digits_source(digits_tiny, split)
+        import_source(run, "coco", source, split, images=images)
+    cfg_path = base / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(SETTINGS))
+    assert cli("train", str(cfg_path), "--run", str(run.path)) == 0
+    return run, ExperimentConfig.model_validate(SETTINGS)
+
+
+def _val_batch(run: RunDir, spec_size: tuple[int, int], n: int) -> tuple[np.ndarray, dict]:
+    import pyarrow.compute as pc
+
+    images = run.read_images()
+    images = images.filter(pc.equal(images["split"], "val")).slice(0, n)
+    data = DetectionDataset(images, None, spec_size)
+    batch = collate([data[i] for i in range(len(data))])
+    return batch["image"].numpy(), {"images": images, "batch": batch, "data": data}
+
+
+def test_onnx_matches_torch_and_decodes_to_the_same_predictions(
+    trained: tuple[RunDir, ExperimentConfig], tmp_path: Path
+) -> None:
+    run, cfg = trained
+    out = tmp_path / "onnx"
+    argv = ["export-model", str(run.path), "--iteration", "0", "--out", str(out), "--check"]
+    assert cli(*argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["check"]["max_abs_diff"] <= 1e-4 and manifest["check"]["images"] == 8
+    assert set(manifest["files"]) == {
+        "model.onnx",
+        "anchors.npy",
+        "model_spec.json",
+        "classes.json",
+    }
+    assert json.loads((out / "classes.json").read_text()) == [str(d) for d in range(10)]
+    model, _ = model_from_checkpoint(run.checkpoint(0))
+    anchors = np.load(out / "anchors.npy")
+    assert np.array_equal(anchors, make_anchors(model.spec).boxes.numpy().astype(np.float32))
+
+    x, ctx = _val_batch(run, model.spec.image_size, 6)  # another batch size than the export's
+    served = export.run_onnx(out / "model.onnx", x)
+    reference = export.torch_outputs(model, x)
+    assert [o.shape for o in served] == [o.shape for o in reference]
+    assert len(anchors) == served[0].shape[1]
+    for a, b in zip(served, reference, strict=True):
+        assert np.abs(a - b).max() <= 1e-4
+
+    predictor = Predictor(model, cfg)
+    table = predictor.predict(ctx["images"], seed=0)
+    data, batch = ctx["data"], ctx["batch"]
+    sizes = list(zip(ctx["images"]["width"].to_pylist(), ctx["images"]["height"].to_pylist(),
+                     strict=True))  # fmt: skip
+    decoded = export.predictions_from_outputs(
+        predictor, served, data.image_ids, batch["scale"].tolist(), sizes, seed=0
+    )
+    assert decoded.num_rows == table.num_rows > 0
+    assert table["mc_x1"].null_count == table.num_rows  # MC model, one pass: no MC estimate
+    for col in ("image_id", "class_id"):
+        assert decoded[col].to_pylist() == table[col].to_pylist()
+    for col in ("score", "x1", "y1", "x2", "y2", "al_x1", "entropy"):
+        assert np.allclose(decoded[col].to_numpy(), table[col].to_numpy(), atol=1e-3), col
+
+
+def test_torchscript_and_bad_input(
+    trained: tuple[RunDir, ExperimentConfig], tmp_path: Path
+) -> None:
+    run, _ = trained
+    out = tmp_path / "ts"
+    argv = ["export-model", str(run.path), "--iteration", "0", "--out", str(out)]
+    assert cli(*argv, "--format", "torchscript", "--check", "--check-images", "3") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model_file"] == "model.torchscript.pt"
+    assert manifest["check"]["max_abs_diff"] <= 1e-4
+    assert cli("export-model", str(run.path), "--iteration", "7", "--out", str(out)) == 2
+    assert cli("export-model", str(tmp_path / "nope"), "--iteration", "0", "--out", str(out)) == 2
