@@ -68,7 +68,17 @@ def test_onnx_matches_torch_and_decodes_to_the_same_predictions(
 ) -> None:
     run, cfg = trained
     out = tmp_path / "onnx"
-    argv = ["export-model", str(run.path), "--iteration", "0", "--out", str(out), "--check"]
+    argv = [
+        "export-model",
+        str(run.path),
+        "--iteration",
+        "0",
+        "--out",
+        str(out),
+        "--format",
+        "onnx",
+        "--check",
+    ]
     assert cli(*argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["check"]["max_abs_diff"] <= 1e-4 and manifest["check"]["images"] == 8
@@ -119,3 +129,77 @@ def test_torchscript_and_bad_input(
     assert manifest["check"]["max_abs_diff"] <= 1e-4
     assert cli("export-model", str(run.path), "--iteration", "7", "--out", str(out)) == 2
     assert cli("export-model", str(tmp_path / "nope"), "--iteration", "0", "--out", str(out)) == 2
+
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_a_bundle_predicts_a_renamed_dataset_like_its_source(
+    trained: tuple[RunDir, ExperimentConfig], digits_tiny: Path, tmp_path: Path
+) -> None:
+    """The rename-folders trick: the same images with every class renamed (and the category
+    ids reversed) are predicted by the bundle, through model.class_map, exactly as the source
+    run predicts them; a name the map misses is an error naming it."""
+    from detloop.data import schema
+    from detloop.data.digits import digits_source
+    from detloop.data.importer import import_source
+    from detloop.data.io import read_table
+
+    run, _ = trained
+    bundle = tmp_path / "bundle"
+    assert cli("export-model", str(run.path), "--iteration", "0", "--out", str(bundle)) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["format"] == "detloop-bundle" and manifest["classes"] == [
+        str(d) for d in range(10)
+    ]
+    assert {"model.pt", "metadata.json", "classes.json"} <= set(
+        manifest["files"]
+    )  # no run.json here
+    assert (bundle / "model.pt").read_bytes() == (run.checkpoint(0) / "model.pt").read_bytes()
+
+    source, images = digits_source(digits_tiny, "val")
+    doc = json.loads(Path(source).read_text())
+    n = len(doc["categories"])
+    new_id = {c["id"]: n + 1 - c["id"] for c in doc["categories"]}
+    doc["categories"] = [{**c, "id": new_id[c["id"]], "name": WORDS[int(c["name"])]}
+                         for c in doc["categories"]]  # fmt: skip
+    doc["annotations"] = [
+        {**a, "category_id": new_id[a["category_id"]]} for a in doc["annotations"]
+    ]
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(doc))
+    other = RunDir(tmp_path / "other")
+    import_source(other, "coco", renamed, "val", images=images)
+    assert other.class_names() != run.class_names()
+
+    cfg = tmp_path / "cfg.yaml"
+    mapping = {w: str(d) for d, w in enumerate(WORDS)}
+    cfg.write_text(
+        yaml.safe_dump({**SETTINGS, "model": {**SETTINGS["model"], "class_map": mapping}})
+    )
+    ours, theirs = tmp_path / "ours.parquet", tmp_path / "theirs.parquet"
+    common = ["--split", "val", "--set", "predict.min_score=0.0"]
+    assert cli("predict", str(cfg), "--run", str(other.path), "--checkpoint", str(bundle),
+               "--out", str(theirs), *common) == 0  # fmt: skip
+    assert cli("predict", str(cfg), "--run", str(run.path), "--iteration", "0",
+               "--out", str(ours), *common) == 0  # fmt: skip
+    a, b = read_table(schema.PREDICTIONS, ours), read_table(schema.PREDICTIONS, theirs)
+    assert a.num_rows == b.num_rows > 0
+    assert a["image_id"].to_pylist() == b["image_id"].to_pylist()
+    for col in ("score", "x1", "y1", "x2", "y2", "al_x1", "entropy"):
+        assert np.allclose(a[col].to_numpy(), b[col].to_numpy(), atol=1e-5), col
+    names_a, names_b = run.class_names(), other.class_names()
+    assert names_a is not None and names_b is not None
+    assert [WORDS[int(names_a[c])] for c in a["class_id"].to_pylist()] == [
+        names_b[c] for c in b["class_id"].to_pylist()
+    ]
+
+    partial = {k: v for k, v in mapping.items() if k != "seven"}
+    cfg.write_text(
+        yaml.safe_dump({**SETTINGS, "model": {**SETTINGS["model"], "class_map": partial}})
+    )
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli("predict", str(cfg), "--run", str(other.path), "--checkpoint", str(bundle),
+                   "--out", str(theirs), *common) == 2  # fmt: skip
+    assert "run classes without a model class: seven" in err.getvalue()

@@ -75,6 +75,9 @@ class ModelConfig(Section):
     # full: a detloop model of this spec; backbone: a detector's backbone or a timm classifier;
     # detector: every tensor of an effdet checkpoint that fits (COCO-pretrained, say)
     weights_kind: Literal["full", "backbone", "detector"] = "full"
+    # a model bundle's classes for this dataset's: {run class name: model class name}, for the
+    # names that differ (detloop export-model; learners/bundle.py)
+    class_map: dict[str, str] = Field(default_factory=dict)
     backbone: str | None = None
     fpn_channels: int | None = None
     fpn_cell_repeats: int | None = None

@@ -1,9 +1,14 @@
-"""``detloop export-model RUN --iteration N --out DIR --format onnx|torchscript [--check]``:
-a trained detector in a serving format (``detloop.learners.export``), with what a server needs
-beside it: ``anchors.npy`` (yxyx network pixels, effdet's anchor order), ``model_spec.json``,
-``classes.json`` and ``manifest.json`` (versions, preprocessing, outputs, sizes and sha256 of
-every file). ``--check`` runs the exported file on real images of the run beside torch and
-records the largest difference and both timings in the manifest.
+"""``detloop export-model RUN --iteration N --out DIR [--format bundle|onnx|torchscript]``.
+
+``bundle`` (the default): the model with its classes, calibrators, thresholds, config and a
+manifest, for reuse on another dataset (``detloop.learners.bundle``; ``--checkpoint DIR`` or
+``model.weights: DIR``, ``model.class_map`` for renamed classes).
+
+``onnx`` / ``torchscript``: the detector in a serving format (``detloop.learners.export``),
+with what a server needs beside it: ``anchors.npy`` (yxyx network pixels, effdet's anchor
+order), ``model_spec.json``, ``classes.json`` and ``manifest.json`` (versions, preprocessing,
+outputs, sizes and sha256 of every file). ``--check`` runs the exported file on real images
+of the run beside torch and records the largest difference and both timings in the manifest.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def cmd_export_model(args: argparse.Namespace) -> int:
         raise UsageError(f"{ckpt}: no checkpoint for iteration {args.iteration}")
     model, meta = model_from_checkpoint(ckpt)
     out: Path = args.out
+    if args.format == "bundle":
+        return _bundle(run, args.iteration, out, meta)
     path = export.export(model, args.format, out)
     anchors = make_anchors(model.spec).boxes.numpy().astype(np.float32)
     np.save(out / "anchors.npy", anchors)
@@ -85,6 +92,33 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle(run: RunDir, iteration: int, out: Path, meta: dict[str, Any]) -> int:
+    from detloop.data.io import read_json
+    from detloop.learners.bundle import write_bundle
+
+    classes = run.class_names()
+    if not classes:
+        raise UsageError(f"{run.path}: no categories (import data first)")
+    metrics = read_json(run.metrics_file(iteration)) if run.metrics_file(iteration).exists() else {}
+    validation = metrics.get("validation", {}) if isinstance(metrics, dict) else {}
+    config = run.read_meta().get("config") if run.run_json.exists() else None
+    info = {
+        "source": {"run": run.name, "iteration": iteration, "steps": meta.get("steps")},
+        "versions": {p: _version(p) for p in ("detloop", "torch", "effdet")},
+        "min_score": validation.get("min_score"),
+        "calibrated": run.calibration_dir(iteration).is_dir(),
+        "thresholds": run.thresholds_file(iteration).is_file(),
+    }
+    write_bundle(
+        run.checkpoint(iteration), out, classes, calibration=run.calibration_dir(iteration),
+        thresholds=run.thresholds_file(iteration), config=config, info=info,
+    )  # fmt: skip
+    extras = [k for k in ("calibrated", "thresholds") if info[k]]
+    _out(f"bundle of iteration {iteration} of {run.name} ({len(classes)} classes"
+         f"{', ' + ', '.join(extras) if extras else ''}): {out}")  # fmt: skip
+    return 0
+
+
 def _check(run: RunDir, model: Any, path: Path, fmt: str, n_images: int) -> dict[str, Any]:
     """Outputs of the exported file vs torch on up to ``n_images`` images of the run."""
     import numpy as np
@@ -119,12 +153,12 @@ def _check(run: RunDir, model: Any, path: Path, fmt: str, n_images: int) -> dict
 
 def register(sub: Any) -> None:
     """``export-model``."""
-    text = "export a trained detector to ONNX or TorchScript (raw maps + anchors + manifest)"
+    text = "export a trained model: a bundle for reuse, or ONNX / TorchScript for serving"
     p = sub.add_parser("export-model", help=text, description=text)
     p.add_argument("run_dir", type=Path, help="run directory")
     p.add_argument("--iteration", type=int, required=True, help="whose checkpoint to export")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--format", choices=["bundle", "onnx", "torchscript"], default="bundle")
     p.add_argument("--check", action="store_true", help="compare with torch on real images")
     p.add_argument("--check-images", type=int, default=8, metavar="N")
     p.set_defaults(func=cmd_export_model)

@@ -188,7 +188,7 @@ def load_predictor(ckpt: Path, cfg: ExperimentConfig, run: RunDir) -> Predictor:
 
     if ckpt.is_file():
         return Predictor.from_state(ckpt.read_bytes(), cfg, _num_classes(run))
-    return Predictor.from_checkpoint(ckpt, cfg)
+    return Predictor.from_checkpoint(ckpt, cfg, class_names=run.class_names())
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

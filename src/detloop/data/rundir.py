@@ -315,6 +315,13 @@ class RunDir:
     def read_categories(self) -> pa.Table:
         return self._read_or_empty(schema.CATEGORIES, self.categories_file)
 
+    def class_names(self) -> list[str] | None:
+        """Category names in class-id order (None before any data was imported)."""
+        if not self.categories_file.exists():
+            return None
+        cats = self.read_categories().sort_by("class_id")
+        return [str(n) for n in cats.column("name").to_pylist()]
+
     def write_images(self, table: pa.Table) -> pa.Table:
         return write_table(table, schema.IMAGES, self.images_file)
 

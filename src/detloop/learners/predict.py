@@ -87,10 +87,28 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, ckpt_dir: Path, cfg: ExperimentConfig, device: str | None = None
+        cls,
+        ckpt_dir: Path,
+        cfg: ExperimentConfig,
+        device: str | None = None,
+        class_names: list[str] | None = None,
     ) -> Predictor:
-        """Load the network stored in ``ckpt_dir`` (its own architecture and MC/LA heads)."""
+        """Load the network stored in ``ckpt_dir`` (its own architecture and MC/LA heads).
+
+        With ``class_names`` (the run's categories) and a model bundle whose classes differ,
+        the model is adapted to predict the run's classes (``model.class_map`` for names that
+        differ; learners/bundle.py).
+
+        Raises:
+            DataError: a run class that no model class matches.
+        """
+        from detloop.learners.bundle import adapt_classes, bundle_classes, class_permutation
+
         model, _ = ckpt.model_from_checkpoint(Path(ckpt_dir))
+        source = bundle_classes(Path(ckpt_dir))
+        if class_names is not None and source is not None and source != class_names:
+            perm = class_permutation(source, class_names, cfg.model.class_map)
+            model = adapt_classes(model, perm)
         return cls(model, cfg, device)
 
     @classmethod

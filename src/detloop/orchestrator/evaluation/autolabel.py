@@ -103,7 +103,7 @@ def autolabel_frames(
     if thresholds.calibrated and cal is None:
         calibrate_model(run, cfg, it, it, seed, plots=False, toolbox=False)
         cal = load_calibration(run, it)
-    predictor = Predictor.from_checkpoint(ref.checkpoint, cfg)
+    predictor = Predictor.from_checkpoint(ref.checkpoint, cfg, class_names=run.class_names())
     preds = predictor.predict(frames, seed=seed)
     predictor.log_stats("autolabel frames")
     preds = cal.transform(preds) if cal is not None else preds

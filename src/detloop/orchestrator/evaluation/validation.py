@@ -95,7 +95,7 @@ def validate_model(
     from detloop.learners.predict import Predictor
 
     split, images, gt = eval_split(run)
-    predictor = Predictor.from_checkpoint(ref.checkpoint, cfg)
+    predictor = Predictor.from_checkpoint(ref.checkpoint, cfg, class_names=run.class_names())
     cats = categories_table(run, predictor.model.spec.num_classes)
     cal = load_calibration(run, ref.iteration)
     method = cfg.predict.uncert_adjust_method

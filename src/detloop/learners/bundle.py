@@ -1,0 +1,137 @@
+"""Model bundles: a trained model with what it needs to be reused elsewhere — the reference's
+"rename the class folders" trick made first class.
+
+A bundle is a checkpoint directory (``model.pt`` + ``metadata.json``, so every ``--checkpoint``
+and ``model.weights`` reads it) plus ``classes.json`` (class names in the model's class order),
+the model's calibrators (``calibration/``) and thresholds (``thresholds.json``) when the run
+fitted them, the run's ``config.json`` and a ``manifest.json`` (versions, source, min score,
+size and sha256 of every file).
+
+On another dataset the model's classes are matched to the run's categories by name, through
+``model.class_map`` (run name → bundle name) where they differ: :func:`class_permutation` finds
+each run class in the bundle and :func:`adapt_classes` re-orders (and cuts to the run's classes)
+the rows of the class predict layer, so the adapted model predicts the run's class ids directly.
+A run class with no bundle class is an error that lists the unmatched names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detloop.data.errors import DataError
+from detloop.learners.model import ModelSpec, UncertainEfficientDet
+
+CLASSES_FILE = "classes.json"
+MANIFEST = "manifest.json"
+FORMAT = "detloop-bundle"
+
+
+def bundle_classes(directory: Path) -> list[str] | None:
+    """The class names a bundle (or any checkpoint directory with ``classes.json``) predicts."""
+    path = Path(directory) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    names = json.loads(path.read_text())
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(str(path), None, None, "expected a JSON list of class names")
+    return names
+
+
+def class_permutation(
+    source: Sequence[str], target: Sequence[str], class_map: Mapping[str, str] | None = None
+) -> list[int]:
+    """For each ``target`` (run) class, the index of its ``source`` (bundle) class: its own name
+    or ``class_map[name]``.
+
+    Raises:
+        DataError: run classes without a bundle class (all of them listed) or two run classes
+            on one bundle class.
+    """
+    index = {name: i for i, name in enumerate(source)}
+    mapped = [(t, (class_map or {}).get(t, t)) for t in target]
+    missing = [
+        f"{t}" + (f" (mapped to {s})" if s != t else "") for t, s in mapped if s not in index
+    ]
+    if missing:
+        raise DataError(
+            "model.class_map",
+            None,
+            None,
+            f"run classes without a model class: {', '.join(missing)}; the model's classes are "
+            f"{', '.join(source)} (map names with model.class_map: {{run name: model name}})",
+        )
+    perm = [index[s] for _, s in mapped]
+    if len(set(perm)) != len(perm):
+        dup = sorted({source[p] for p in perm if perm.count(p) > 1})
+        raise DataError("model.class_map", None, None, f"model class(es) used twice: {dup}")
+    return perm
+
+
+def adapt_classes(model: UncertainEfficientDet, perm: Sequence[int]) -> UncertainEfficientDet:
+    """A copy of ``model`` predicting classes ``perm`` (indices into its own) in that order."""
+    old = model.spec.num_classes
+    if list(perm) == list(range(old)):
+        return model
+    spec = ModelSpec.from_json({**model.spec.to_json(), "num_classes": len(perm)})
+    adapted = UncertainEfficientDet(spec)
+    state = model.state_dict()
+    rows = torch.tensor(list(perm))
+    for key in ("class_net.predict.conv_pw.weight", "class_net.predict.conv_pw.bias",
+                "class_net.predict.conv.weight", "class_net.predict.conv.bias"):  # fmt: skip
+        if key in state:  # [A·C, ...] anchor-major → [A, C, ...] → the chosen classes
+            t = state[key]
+            per_anchor = t.reshape(model.num_anchors, old, *t.shape[1:])
+            state[key] = per_anchor[:, rows].reshape(model.num_anchors * len(perm), *t.shape[1:])
+    adapted.load_state_dict(state)
+    return adapted.eval()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_bundle(
+    checkpoint: Path,
+    out: Path,
+    classes: Sequence[str],
+    *,
+    calibration: Path | None = None,
+    thresholds: Path | None = None,
+    config: Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the bundle of ``checkpoint`` into ``out`` (replacing an older bundle there)."""
+    from detloop.learners.checkpoint import META_FILE, MODEL_FILE
+
+    if not (checkpoint / META_FILE).is_file():
+        raise DataError(str(checkpoint), None, None, "not a checkpoint directory")
+    if out.exists():
+        if not (out / MANIFEST).is_file():
+            raise DataError(str(out), None, None, "exists and is not a bundle: not overwritten")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in (MODEL_FILE, META_FILE):
+        shutil.copy2(checkpoint / name, out / name)
+    (out / CLASSES_FILE).write_text(json.dumps(list(classes), indent=1))
+    if calibration is not None and calibration.is_dir():
+        shutil.copytree(calibration, out / "calibration")
+    if thresholds is not None and thresholds.is_file():
+        shutil.copy2(thresholds, out / "thresholds.json")
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+    files = {
+        str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
+    manifest = {"format": FORMAT, "version": 1, **(info or {}), "classes": list(classes),
+                "files": files}  # fmt: skip
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
+    return out
