@@ -207,3 +207,50 @@ def test_loop_hooks_calibrate_and_threshold_next_iteration(trained: tuple[Path, 
     out = threshold(run, cfg, 1, seed=3)
     assert len(out["weights"]) == 2
     assert load_thresholds(run.thresholds_file(1)).seed == 3
+
+
+@pytest.mark.slow
+def test_calibrate_and_threshold_honour_checkpoint(
+    trained: tuple[Path, RunDir], tmp_path: Path
+) -> None:
+    """--checkpoint X: the validation predictions are X's (made anew when the stored ones came
+    from another model), and a later call without it goes back to the run's own model."""
+    import shutil
+
+    from detloop.learners.train import train_model
+
+    cfg, source = trained
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(source.path, run.path)
+    for it in run.iterations()[1:]:  # what other tests added: --checkpoint writes to the latest
+        shutil.rmtree(run.iteration_dir(it))
+    own = run.checkpoint(0)
+    images = run.read_images()
+    pool = images.filter(pc.equal(images["split"], "pool"))
+    gt = run.read_gt()
+    labels = gt.filter(pc.is_in(gt["image_id"], value_set=pool["image_id"].combine_chunks()))
+    labels = labels.append_column("weight", pc.cast(pc.add(labels["iscrowd"], 1), "float32"))
+    other = tmp_path / "other"
+    settings = ExperimentConfig.model_validate(SETTINGS)
+    train_model(settings, pool, labels, 10, other, seed=5, progress=False)
+
+    def validated_by() -> str:
+        return str(read_json(run.metrics_file(0))["validation"]["checkpoint"])
+
+    assert (
+        cli("validate", str(cfg), "--run", str(run.path), "--iteration", "0", "--no-compare") == 0
+    )
+    mine = read_table(schema.PREDICTIONS, run.val_predictions_file(0))
+    assert validated_by() == str(own)
+    assert cli("calibrate", str(cfg), "--run", str(run.path), "--checkpoint", str(other)) == 0
+    assert validated_by() == str(other)
+    theirs = read_table(schema.PREDICTIONS, run.val_predictions_file(0))
+    assert not theirs.select(["score", "x1"]).equals(mine.select(["score", "x1"]))
+    before = run.val_predictions_file(0).stat().st_mtime_ns
+    plain = ["--set", "calibration.calibrate_classification=false"]  # thresholds, uncalibrated
+    argv = ["threshold", str(cfg), "--run", str(run.path), *plain]
+    assert cli(*argv, "--checkpoint", str(other)) == 0
+    assert validated_by() == str(other)  # X's predictions were current: not made again
+    assert run.val_predictions_file(0).stat().st_mtime_ns == before
+    assert cli(*argv, "--iteration", "0") == 0
+    assert validated_by() == str(own)  # the run's own model again, not X's leftovers

@@ -47,7 +47,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg, run = open_run(args)
     ref = resolve_model(run, args.iteration, args.checkpoint)
     seed = derive_seed(cfg.seed, ref.iteration, "calibrate")
-    _print(_headline(calibrate_model(run, cfg, ref.iteration, ref.iteration, seed)))
+    report = calibrate_model(
+        run, cfg, ref.iteration, ref.iteration, seed, checkpoint=args.checkpoint
+    )
+    _print(_headline(report))
     return 0
 
 
@@ -60,7 +63,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     ref = resolve_model(run, args.iteration, args.checkpoint)
     seed = derive_seed(cfg.seed, ref.iteration, "threshold")
     _print(threshold_model(run, cfg, ref.iteration, ref.iteration, seed,
-                           diagnostics=args.diagnostics))  # fmt: skip
+                           diagnostics=args.diagnostics, checkpoint=args.checkpoint))  # fmt: skip
     return 0
 
 

@@ -59,6 +59,11 @@ def frame_images(
     return images.filter(pc.is_in(images["image_id"], value_set=pa.array(ids, pa.string())))
 
 
+def same_checkpoint(a: Path, b: Path) -> bool:
+    """Whether two checkpoint paths name the same directory."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def ensure_thresholds(run: RunDir, cfg: ExperimentConfig, it: int, seed: int) -> Any:
     """The thresholding result of iteration ``it`` matching the config (computed if needed)."""
     from detloop.orchestrator.evaluation.validation import threshold_model
@@ -94,10 +99,16 @@ def autolabel_frames(
     from detloop.data.pool import PoolState
     from detloop.learners.predict import Predictor
     from detloop.orchestrator.evaluation.common import load_calibration, log_run_artifacts
-    from detloop.orchestrator.evaluation.validation import calibrate_model
+    from detloop.orchestrator.evaluation.validation import calibrate_model, threshold_model
     from detloop.selectors import autolabel as al
 
     it = ref.iteration
+    foreign = None if same_checkpoint(ref.checkpoint, run.checkpoint(it)) else ref.checkpoint
+    if foreign is not None:  # --checkpoint: its own calibration and thresholds, never the run's
+        c = cfg.calibration
+        if c.calibrate_classification and c.calibrate_regression:
+            calibrate_model(run, cfg, it, it, seed, plots=False, toolbox=False, checkpoint=foreign)
+        threshold_model(run, cfg, it, it, seed, plots=False, checkpoint=foreign)
     thresholds = ensure_thresholds(run, cfg, it, seed)
     cal = load_calibration(run, it)
     if thresholds.calibrated and cal is None:

@@ -15,6 +15,7 @@ iteration i). The verbs live in ``detloop.cli.validation``.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import pyarrow as pa
 from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.data.errors import DataError
-from detloop.data.io import read_table, write_json, write_table
+from detloop.data.io import read_json, read_table, write_json, write_table
 from detloop.data.min_score import resolve_min_score
 from detloop.data.rundir import RunDir
 from detloop.learners.calibration import (
@@ -185,11 +186,12 @@ def compare_methods(fit: Any, held: Any, cfg: ExperimentConfig, seed: int) -> di
 
 def calibrate_model(
     run: RunDir, cfg: ExperimentConfig, model_iter: int, out_iter: int, seed: int,
-    *, plots: bool = True, toolbox: bool = True,
+    *, plots: bool = True, toolbox: bool = True, checkpoint: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Fit on 80 %, report on 20 % (before/after), store the 100 % fit; fill ``*_cal``."""
+    """Fit on 80 %, report on 20 % (before/after), store the 100 % fit; fill ``*_cal``.
+    ``checkpoint``: the model to calibrate when not the run's own of ``model_iter``."""
     c = cfg.calibration
-    preds, matches = load_validation(run, cfg, model_iter, seed)
+    preds, matches = load_validation(run, cfg, model_iter, seed, checkpoint)
     preds = preds.drop_columns([n for n in schema.CAL_COLS if n in preds.column_names])
     pairs = calibration_pairs(preds, matches)
     if len(pairs) < 2:
@@ -242,7 +244,7 @@ def calibrate_iteration(
 
 def threshold_model(
     run: RunDir, cfg: ExperimentConfig, model_iter: int, out_iter: int, seed: int,
-    *, plots: bool = True, diagnostics: bool = False,
+    *, plots: bool = True, diagnostics: bool = False, checkpoint: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Cost-sensitive thresholds of ``model_iter``'s model on validation → thresholds.json (the
     latest) and ``thresholding/thresholds_<setting>.json`` (one per (CD/FD, b, IoU range, unit,
@@ -251,9 +253,10 @@ def threshold_model(
 
     t, c = cfg.thresholding, cfg.calibration
     calibrated = c.calibrate_classification and c.calibrate_regression
-    preds, matches = load_validation(run, cfg, model_iter, seed)
+    preds, matches = load_validation(run, cfg, model_iter, seed, checkpoint)
     if calibrated and "entropy_cal" not in preds.column_names:
-        calibrate_model(run, cfg, model_iter, out_iter, seed, plots=False, toolbox=False)
+        calibrate_model(run, cfg, model_iter, out_iter, seed, plots=False, toolbox=False,
+                        checkpoint=checkpoint)  # fmt: skip
         preds = read_table(schema.PREDICTIONS, run.val_predictions_file(model_iter))
     avg = mean_matched_score(preds, matches)
     min_score = resolve_min_score(cfg.predict.min_score, mean_matched=avg)
@@ -290,6 +293,21 @@ def threshold_model(
     return headline
 
 
+def _key(path: Path) -> str:
+    return str(Path(path).resolve())
+
+
+def _validated_by(run: RunDir, iteration: int) -> str | None:
+    """The checkpoint the stored validation predictions of ``iteration`` came from, when a
+    ``validate`` recorded it (the AL loop's evaluation of its own model records none)."""
+    path = run.metrics_file(iteration)
+    if not path.exists():
+        return None
+    doc = read_json(path)
+    ckpt = doc.get("validation", {}).get("checkpoint") if isinstance(doc, dict) else None
+    return _key(Path(ckpt)) if ckpt else None
+
+
 def threshold_iteration(
     run: RunDir, cfg: ExperimentConfig, iteration: int, seed: int
 ) -> dict[str, Any]:
@@ -298,14 +316,23 @@ def threshold_iteration(
 
 
 def load_validation(
-    run: RunDir, cfg: ExperimentConfig, model_iter: int, seed: int
-) -> tuple[pa.Table, pa.Table]:
-    """Validation predictions and matches of ``model_iter``'s model, computed when missing."""
+    run: RunDir, cfg: ExperimentConfig, model_iter: int, seed: int,
+    checkpoint: Path | None = None,
+) -> tuple[pa.Table, pa.Table]:  # fmt: skip
+    """Validation predictions and matches of ``model_iter``'s model — of ``checkpoint`` when
+    given (``--checkpoint``) — computed when missing or made by another checkpoint."""
     from detloop.learners.evaluate import match_reference
 
     preds_file = run.val_predictions_file(model_iter)
-    if not preds_file.exists():
-        validate_model(run, cfg, resolve_model(run, model_iter, None), seed, compare=False)
+    if checkpoint is not None and _key(checkpoint) == _key(run.checkpoint(model_iter)):
+        checkpoint = None  # the run's own model of that iteration
+    wanted = _key(checkpoint if checkpoint is not None else run.checkpoint(model_iter))
+    recorded = _validated_by(run, model_iter)
+    # a given checkpoint must be the one recorded; the run's own is assumed unless another is
+    stale = recorded != wanted if checkpoint is not None else recorded not in (None, wanted)
+    if not preds_file.exists() or stale:
+        ref = resolve_model(run, model_iter if checkpoint is None else None, checkpoint)
+        validate_model(run, cfg, ModelRef(model_iter, ref.checkpoint), seed, compare=False)
     preds = read_table(schema.PREDICTIONS, preds_file)
     mfile = run.matches_file(model_iter)
     if mfile.exists():
