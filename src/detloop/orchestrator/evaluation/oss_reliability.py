@@ -89,6 +89,43 @@ def kendall(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.kendalltau(a, b).statistic)
 
 
+def draw_subsets(
+    ids: Sequence[str], seeds: int, subsets: int, fraction: float
+) -> list[tuple[int, int, list[str]]]:
+    """(seed, subset, sorted ids): ``round(fraction·n)`` of ``ids`` each, seeded by (seed, k)."""
+    size = max(1, round(fraction * len(ids)))
+    return [
+        (
+            seed,
+            k,
+            sorted(
+                str(x) for x in np.random.default_rng([seed, k]).choice(ids, size, replace=False)
+            ),
+        )
+        for seed in range(seeds)
+        for k in range(subsets)
+    ]
+
+
+def subset_oss(
+    run: RunDir, draws: Sequence[tuple[int, int, list[str]]], reference_ids: Sequence[str],
+    formula: Formula, rng: np.random.Generator, n_resample: int,
+) -> list[float]:  # fmt: skip
+    """OSS of each drawn subset against the reference images (§10's weights over the subsets)."""
+    bank = feature_bank(run)
+    cats = run.read_categories()
+    names = dict(zip(cats["class_id"].to_pylist(), cats["name"].to_pylist(), strict=True))
+    ref_cloud = bank.by_class(reference_ids, names)
+    clouds = {f"{s}/{k}": bank.by_class(ids, names) for s, k, ids in draws}
+    classes = sorted({*ref_cloud, *(c for cl in clouds.values() for c in cl)})
+    weights, totals = weights_and_totals(clouds, classes)
+    out = []
+    for cloud, total in zip(clouds.values(), totals, strict=True):
+        beta = reference_beta(int(total), totals.astype(int).tolist())
+        out.append(set_similarity(cloud, ref_cloud, weights, formula, rng, beta, n_resample)[0])
+    return out
+
+
 def run_reliability(
     runs: Sequence[RunDir], iterations: Sequence[int], *, seeds: int, subsets: int,
     fraction: float, formula: Formula, rng: np.random.Generator, n_resample: int,
@@ -98,39 +135,15 @@ def run_reliability(
         raise DataError("fraction", None, None, f"must be in (0, 1], got {fraction}")
     models, ranked_by = models_of(runs, iterations)
     run = runs[0]
-    all_images = run.read_images()
-    val = all_images.filter(pc.equal(all_images["split"], "val"))
-    gt = run.read_gt()
-    cats = run.read_categories()
-    ref_split = "test" if ranked_by == "test" else "val"
-    ref_ids = pc.filter(all_images["image_id"], pc.equal(all_images["split"], ref_split))
+    images, gt, cats = run.read_images(), run.read_gt(), run.read_categories()
+    val = images.filter(pc.equal(images["split"], "val"))
+    ref_ids = pc.filter(images["image_id"], pc.equal(images["split"], ranked_by)).to_pylist()
     reference = [m.reference_map for m in models]
     val_ids = sorted(val["image_id"].to_pylist())
-    size = max(1, round(fraction * len(val_ids)))
-    draws = [
-        (
-            seed,
-            k,
-            sorted(
-                str(x)
-                for x in np.random.default_rng([seed, k]).choice(val_ids, size, replace=False)
-            ),
-        )
-        for seed in range(seeds)
-        for k in range(subsets)
-    ]
-    bank = feature_bank(run)
-    names = dict(zip(cats["class_id"].to_pylist(), cats["name"].to_pylist(), strict=True))
-    ref_cloud = bank.by_class([str(x) for x in ref_ids.to_pylist()], names)
-    clouds = [bank.by_class(ids, names) for _, _, ids in draws]
-    classes = sorted({*ref_cloud, *(c for cl in clouds for c in cl)})
-    weights, totals = weights_and_totals(
-        {f"{s}/{k}": c for (s, k, _), c in zip(draws, clouds, strict=True)}, classes
-    )
+    draws = draw_subsets(val_ids, seeds, subsets, fraction)
+    osses = subset_oss(run, draws, [str(x) for x in ref_ids], formula, rng, n_resample)
     rows: list[dict[str, Any]] = []
-    for (seed, k, ids), cloud, total in zip(draws, clouds, totals, strict=True):
-        beta = reference_beta(int(total), totals.astype(int).tolist())
-        oss, _ = set_similarity(cloud, ref_cloud, weights, formula, rng, beta, n_resample)
+    for (seed, k, ids), oss in zip(draws, osses, strict=True):
         maps = subset_maps(models, ids, val, gt, cats)
         rows.append({"seed": seed, "subset": k, "n_images": len(ids), "oss": oss,
                      "tau": kendall(maps, reference), "maps": maps})  # fmt: skip
@@ -141,7 +154,7 @@ def run_reliability(
         "models": [m.model_id for m in models],
         "ranked_by": f"{ranked_by} mAP@[.5:.95]",
         "reference_maps": reference,
-        "subset_images": size,
+        "subset_images": len(draws[0][2]) if draws else 0,
         "formula": formula,
         "oss_vs_tau": correlations([r["oss"] for r in rows], taus),
         "tau_full_val": full_tau if ranked_by == "test" else None,
