@@ -131,15 +131,24 @@ def quiet_dependency_warnings() -> None:
     """Hide warnings of dependencies that a detloop user can do nothing about.
 
     effdet scripts a few helpers with ``torch.jit.script`` when it is imported, which torch
-    now flags with a FutureWarning. Called at the entry points (the CLI, a loop, each worker
+    now flags with a FutureWarning (as it flags ``trace``/``load``, which the TorchScript
+    export needs). Called at the entry points (the CLI, a loop, each worker
     process) rather than when a library module is imported, so that a program that imports
     detloop keeps its own warning filters.
     """
     warnings.filterwarnings(
         "ignore",
-        message=r"`torch\.jit\.script` is deprecated",
+        message=r"`torch\.jit\.(script|trace|trace_method|load)` is deprecated",
         category=FutureWarning,
         module=r"torch\.jit",
+    )
+    # uncertainty-toolbox's MARPD divides by |prediction| + |truth|, 0 for a box edge on the
+    # image border: that one accuracy figure is NaN, the rest of its report stands
+    warnings.filterwarnings(
+        "ignore",
+        message=r"invalid value encountered in divide",
+        category=RuntimeWarning,
+        module=r"uncertainty_toolbox\.metrics_accuracy",
     )
 
 
