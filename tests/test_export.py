@@ -203,3 +203,63 @@ def test_a_bundle_predicts_a_renamed_dataset_like_its_source(
         assert cli("predict", str(cfg), "--run", str(other.path), "--checkpoint", str(bundle),
                    "--out", str(theirs), *common) == 2  # fmt: skip
     assert "run classes without a model class: seven" in err.getvalue()
+
+
+def test_a_bundle_autolabels_a_renamed_copy_with_the_same_verdicts(
+    trained: tuple[RunDir, ExperimentConfig], digits_tiny: Path, tmp_path: Path
+) -> None:
+    """A model validated, calibrated and thresholded on digits-det, bundled, then used on a copy
+    whose classes are renamed: its own calibrators and thresholds are reused (not fitted again)
+    and every frame gets the verdict it gets in the source run."""
+    import shutil
+
+    import pyarrow.compute as pc
+
+    from detloop.data import schema
+    from detloop.data.digits import digits_source
+    from detloop.data.importer import import_source
+    from detloop.data.io import read_table
+
+    source = RunDir(tmp_path / "source")
+    shutil.copytree(trained[0].path, source.path)
+    settings = {**SETTINGS, "thresholding": {"n_trials": 12, "patience": 6}}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(settings))
+    common = [str(cfg), "--run", str(source.path), "--iteration", "0"]
+    for verb in (["validate", "--no-compare"], ["calibrate"], ["threshold"]):
+        assert cli(verb[0], *common, *verb[1:]) == 0
+    bundle = tmp_path / "bundle"
+    assert cli("export-model", str(source.path), "--iteration", "0", "--out", str(bundle)) == 0
+    assert (bundle / "thresholds.json").is_file() and (bundle / "calibration").is_dir()
+
+    copy = RunDir(tmp_path / "copy")
+    for split in ("val", "test"):  # the frames are the test images, known to both runs
+        coco, images = digits_source(digits_tiny, split)
+        doc = json.loads(Path(coco).read_text())
+        doc["categories"] = [{**c, "name": WORDS[int(c["name"])]} for c in doc["categories"]]
+        renamed = tmp_path / f"renamed_{split}.json"
+        renamed.write_text(json.dumps(doc))
+        import_source(copy, "coco", renamed, split, images=images)
+        if split == "test":
+            import_source(source, "coco", coco, split, images=images)
+    mapped = tmp_path / "mapped.yaml"
+    class_map = {w: str(d) for d, w in enumerate(WORDS)}
+    mapped.write_text(
+        yaml.safe_dump({**settings, "model": {**settings["model"], "class_map": class_map}})
+    )
+    frames = ["--images", str(digits_tiny / "images" / "test"), "--first", "0", "--last", "12"]
+    assert cli("autolabel", *common, *frames) == 0
+    argv = [str(mapped), "--run", str(copy.path), "--checkpoint", str(bundle), *frames]
+    assert cli("autolabel", *argv) == 0
+
+    def verdicts(run: RunDir) -> list[tuple[str, str]]:
+        sel = read_table(schema.SELECTION, run.selection_file(0))
+        sel = sel.filter(pc.is_valid(sel["verdict"]))
+        return sorted(zip(sel["image_id"].to_pylist(), sel["verdict"].to_pylist(), strict=True))
+
+    assert len(verdicts(source)) == 12 and verdicts(copy) == verdicts(source)
+    ours = read_table(schema.SELECTION, source.selection_file(0))
+    assert read_table(schema.SELECTION, copy.selection_file(0)).equals(ours)  # u, counts too
+    reused = copy.thresholds_file(0).read_bytes()
+    assert reused == (bundle / "thresholds.json").read_bytes()  # the bundle's, not refitted
+    assert not copy.matches_file(0).exists()  # nothing was validated on the copy

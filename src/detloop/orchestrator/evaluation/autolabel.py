@@ -64,31 +64,72 @@ def same_checkpoint(a: Path, b: Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def ensure_thresholds(run: RunDir, cfg: ExperimentConfig, it: int, seed: int) -> Any:
-    """The thresholding result of iteration ``it`` matching the config (computed if needed)."""
-    from detloop.orchestrator.evaluation.validation import threshold_model
-    from detloop.selectors.threshold import load_thresholds, parse_uncertainties
-    from detloop.selectors.threshold_data import variant_key
+def _wanted_thresholds(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The thresholding settings of the config, as a stored result names them."""
+    from detloop.selectors.threshold import parse_uncertainties
 
     t, c = cfg.thresholding, cfg.calibration
-    uncertainties = parse_uncertainties(t.thr_sel_uncert)
-    calibrated = c.calibrate_classification and c.calibrate_regression
-    want = {
+    return {
         "thr_fpr_tpr": t.thr_fpr_tpr, "thr_cd": t.thr_cd, "fd_scope": t.fd_scope,
         "unit": t.thr_unit, "thr_iou_thrs": [float(x) for x in t.thr_iou_thrs],
-        "uncertainties": uncertainties, "calibrated": calibrated,
+        "uncertainties": parse_uncertainties(t.thr_sel_uncert),
+        "calibrated": c.calibrate_classification and c.calibrate_regression,
     }  # fmt: skip
-    variant = variant_key(
-        uncertainties, t.thr_cd, t.thr_fpr_tpr, t.thr_iou_thrs, t.thr_unit, calibrated, t.fd_scope
-    )
+
+
+def _matches(path: Path, want: dict[str, Any]) -> bool:
+    from detloop.selectors.threshold import load_thresholds
+
+    res = load_thresholds(path)
+    return all(getattr(res, k) == v for k, v in want.items())
+
+
+def ensure_thresholds(
+    run: RunDir, cfg: ExperimentConfig, it: int, seed: int, checkpoint: Path | None = None
+) -> Any:
+    """The thresholding result of iteration ``it`` matching the config (computed if needed,
+    on ``checkpoint``'s validation when given)."""
+    from detloop.orchestrator.evaluation.validation import threshold_model
+    from detloop.selectors.threshold import load_thresholds
+    from detloop.selectors.threshold_data import variant_key
+
+    want = _wanted_thresholds(cfg)
+    t = cfg.thresholding
+    variant = variant_key(want["uncertainties"], t.thr_cd, t.thr_fpr_tpr, t.thr_iou_thrs,
+                          t.thr_unit, want["calibrated"], t.fd_scope)  # fmt: skip
     for path in (run.thresholds_file(it), run.thresholds_variant_file(it, variant)):
-        if path.exists():
-            res = load_thresholds(path)
-            if all(getattr(res, k) == v for k, v in want.items()):
-                return res
+        if path.exists() and _matches(path, want):
+            return load_thresholds(path)
     logger.info("no thresholds of iteration %d match the config: computing them", it)
-    threshold_model(run, cfg, it, it, seed)
+    threshold_model(run, cfg, it, it, seed, checkpoint=checkpoint)
     return load_thresholds(run.thresholds_file(it))
+
+
+def reuse_bundle_fits(run: RunDir, cfg: ExperimentConfig, it: int, bundle: Path) -> bool:
+    """Copy a model bundle's calibrators and thresholds into iteration ``it`` when they apply
+    here: the bundle has them, its thresholds match the config, and its classes are the run's
+    in the same order (after ``model.class_map``; per-class calibrators of re-ordered classes
+    are fitted anew instead). True when copied."""
+    import shutil
+
+    from detloop.learners.bundle import bundle_classes, class_permutation
+
+    classes, names = bundle_classes(bundle), run.class_names()
+    thresholds, calibration = bundle / "thresholds.json", bundle / "calibration"
+    if classes is None or names is None or not thresholds.is_file():
+        return False
+    want = _wanted_thresholds(cfg)
+    if class_permutation(classes, names, cfg.model.class_map) != list(range(len(classes))):
+        return False
+    if not _matches(thresholds, want) or (want["calibrated"] and not calibration.is_dir()):
+        return False
+    run.iteration_dir(it).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(thresholds, run.thresholds_file(it))
+    if calibration.is_dir():
+        shutil.rmtree(run.calibration_dir(it), ignore_errors=True)
+        shutil.copytree(calibration, run.calibration_dir(it))
+    logger.info("calibrators and thresholds of bundle %s reused", bundle)
+    return True
 
 
 def autolabel_frames(
@@ -104,22 +145,23 @@ def autolabel_frames(
 
     it = ref.iteration
     foreign = None if same_checkpoint(ref.checkpoint, run.checkpoint(it)) else ref.checkpoint
-    if foreign is not None:  # --checkpoint: its own calibration and thresholds, never the run's
+    # --checkpoint: a bundle's own fits where they apply, else fitted for it — never the run's
+    if foreign is not None and not reuse_bundle_fits(run, cfg, it, foreign):
         c = cfg.calibration
         if c.calibrate_classification and c.calibrate_regression:
             calibrate_model(run, cfg, it, it, seed, plots=False, toolbox=False, checkpoint=foreign)
         threshold_model(run, cfg, it, it, seed, plots=False, checkpoint=foreign)
-    thresholds = ensure_thresholds(run, cfg, it, seed)
+    thresholds = ensure_thresholds(run, cfg, it, seed, checkpoint=foreign)
     cal = load_calibration(run, it)
     if thresholds.calibrated and cal is None:
-        calibrate_model(run, cfg, it, it, seed, plots=False, toolbox=False)
+        calibrate_model(run, cfg, it, it, seed, plots=False, toolbox=False, checkpoint=foreign)
         cal = load_calibration(run, it)
     predictor = Predictor.from_checkpoint(ref.checkpoint, cfg, class_names=run.class_names())
     preds = predictor.predict(frames, seed=seed)
     predictor.log_stats("autolabel frames")
     preds = cal.transform(preds) if cal is not None else preds
     write_table(preds, schema.PREDICTIONS, run.predictions_file(it))
-    min_score = _min_score(run, cfg, it)
+    min_score = _min_score(run, cfg, it, foreign)
     pdf = preds.drop_columns(["logits", "mc_class_vec"]).to_pandas()
     ids = frames["image_id"].to_pylist()
     decision = al.decide(pdf, ids, thresholds, min_score, cfg.autolabel.empty_image)
@@ -138,17 +180,27 @@ def autolabel_frames(
     return report
 
 
-def _min_score(run: RunDir, cfg: ExperimentConfig, it: int) -> float:
-    """``predict.min_score``, else from the stored validation of iteration ``it`` (§3)."""
-    from detloop.data.io import read_table
+def _min_score(run: RunDir, cfg: ExperimentConfig, it: int, model: Path | None = None) -> float:
+    """``predict.min_score``, else from the stored validation of iteration ``it`` when it is
+    of this model (§3), else a bundle's own (``model``: a foreign checkpoint)."""
+    from detloop.data.io import read_json, read_table
     from detloop.data.min_score import resolve_min_score
     from detloop.orchestrator.evaluation.common import mean_matched_score
+    from detloop.orchestrator.evaluation.validation import validated_by
 
-    avg = None
-    if cfg.predict.min_score is None and run.matches_file(it).exists():
+    if cfg.predict.min_score is not None:
+        return resolve_min_score(cfg.predict.min_score)
+    ours = model is None or validated_by(run, it) == str(Path(model).resolve())
+    if ours and run.matches_file(it).exists():
         preds = read_table(schema.PREDICTIONS, run.val_predictions_file(it))
         avg = mean_matched_score(preds, read_table(schema.MATCHES, run.matches_file(it)))
-    return resolve_min_score(cfg.predict.min_score, mean_matched=avg)
+        return resolve_min_score(None, mean_matched=avg)
+    manifest = Path(model) / "manifest.json" if model is not None else None
+    if manifest is not None and manifest.is_file():
+        stored = read_json(manifest).get("min_score")
+        if isinstance(stored, int | float):
+            return float(stored)
+    return resolve_min_score(None)
 
 
 def _export(

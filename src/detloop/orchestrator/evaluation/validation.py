@@ -297,7 +297,7 @@ def _key(path: Path) -> str:
     return str(Path(path).resolve())
 
 
-def _validated_by(run: RunDir, iteration: int) -> str | None:
+def validated_by(run: RunDir, iteration: int) -> str | None:
     """The checkpoint the stored validation predictions of ``iteration`` came from, when a
     ``validate`` recorded it (the AL loop's evaluation of its own model records none)."""
     path = run.metrics_file(iteration)
@@ -327,7 +327,7 @@ def load_validation(
     if checkpoint is not None and _key(checkpoint) == _key(run.checkpoint(model_iter)):
         checkpoint = None  # the run's own model of that iteration
     wanted = _key(checkpoint if checkpoint is not None else run.checkpoint(model_iter))
-    recorded = _validated_by(run, model_iter)
+    recorded = validated_by(run, model_iter)
     # a given checkpoint must be the one recorded; the run's own is assumed unless another is
     stale = recorded != wanted if checkpoint is not None else recorded not in (None, wanted)
     if not preds_file.exists() or stale:
