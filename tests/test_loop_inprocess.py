@@ -484,7 +484,9 @@ def test_human_oracle_pauses_for_labels(
     shutil.copytree(reference.snapshots / "0_select", run.path)
     stored = stored_config(run)
     al = stored.al.model_copy(update={"oracle": "human"})
-    cfg = stored.model_copy(update={"runs_root": tmp_path / "runs", "al": al})
+    root = Path(stored.data.pool.source).parent if stored.data.pool else tmp_path  # the images
+    labeling = stored.labeling.model_copy(update={"document_root": root})
+    cfg = stored.model_copy(update={"runs_root": tmp_path / "runs", "al": al, "labeling": labeling})
     workers, recorder = FakeWorkers(run), Recorder()
     assert TestLoop(run, cfg, workers, [recorder]).execute() == "wait_for_labels"
     assert recorder.events == [("start", run.name), ("end", "SCHEDULED")]
@@ -500,6 +502,12 @@ def test_human_oracle_pauses_for_labels(
     for suffix in (".coco.json", ".label_studio.json"):  # the files that exist, by name
         named = Path(f"{run.query_stem(0)}{suffix}")
         assert named.exists() and str(named) in waiting[0].getMessage()
+    tasks = read_json(Path(f"{run.query_stem(0)}.label_studio.json"))  # labeling.document_root
+    files = dict(zip(images["image_id"].to_pylist(), images["file"].to_pylist(), strict=True))
+    for task in tasks:
+        url = task["data"]["image"]
+        assert url.startswith("/data/local-files/?d=") and (root / url.split("?d=")[1]).is_file()
+    assert len(tasks) == len(queried) and all(files[q].startswith(str(root)) for q in queried)
     assert TestLoop(run, cfg, workers).execute() == "wait_for_labels"
 
 

@@ -107,3 +107,22 @@ def test_export_review_from_run(tmp_path: Path) -> None:
     assert [c["id"] for c in doc["categories"]] == [1]  # no categories table: class_id + 1
     jsonschema.validate(json.loads(out["label_studio"].read_text()), SCHEMA)
     assert coco_document(images, boxes.iloc[:0], cats, policy="review")["annotations"] == []
+
+
+def test_image_reference_stays_under_its_root(tmp_path: Path) -> None:
+    from detloop.config import ExperimentConfig
+    from detloop.data.errors import DataError
+    from detloop.data.review_export import image_reference
+
+    root = tmp_path / "images"
+    (root / "a b").mkdir(parents=True)
+    file = str(root / "a b" / "x.png")
+    assert image_reference(file, None) == file
+    assert image_reference(file, root) == "/data/local-files/?d=a b/x.png"
+    assert image_reference(file, root, "https://data.example/set/") == (
+        "https://data.example/set/a%20b/x.png"
+    )
+    with pytest.raises(DataError, match=r"outside labeling\.document_root"):
+        image_reference(str(tmp_path / "elsewhere.png"), root)
+    with pytest.raises(ValueError, match=r"url_prefix needs labeling\.document_root"):
+        ExperimentConfig.model_validate({"labeling": {"url_prefix": "https://x"}})

@@ -309,6 +309,25 @@ class AutolabelConfig(Section):
     render: bool = False
 
 
+class LabelingConfig(Section):
+    """How exported review tasks reference their images (AL queries, auto-label ``examine``).
+
+    ``document_root``: Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT``; tasks then point at
+    ``/data/local-files/?d=<path under it>`` (an image outside it is an error). With
+    ``url_prefix`` (images served over http or from a bucket) a task points at
+    ``<url_prefix>/<path under document_root>``. Neither: the image's file path.
+    """
+
+    document_root: Path | None = None
+    url_prefix: str | None = None
+
+    @model_validator(mode="after")
+    def _prefix_needs_a_root(self) -> LabelingConfig:
+        if self.url_prefix is not None and self.document_root is None:
+            raise ValueError("labeling.url_prefix needs labeling.document_root (paths under it)")
+        return self
+
+
 class RayConfig(Section):
     address: str | None = None  # None: start a local instance; "auto": join `ray start`
     num_cpus: int | None = None  # for a local instance
@@ -363,6 +382,7 @@ class ExperimentConfig(Section):
     al: ALConfig = Field(default_factory=ALConfig)
     ssl: SSLConfig = Field(default_factory=SSLConfig)
     autolabel: AutolabelConfig = Field(default_factory=AutolabelConfig)
+    labeling: LabelingConfig = Field(default_factory=LabelingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
@@ -441,6 +461,7 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
             src.source = fix(src.source) or src.source
             src.images = fix(src.images)
     cfg.model.weights = fix(cfg.model.weights)
+    cfg.labeling.document_root = fix(cfg.labeling.document_root)
     return cfg
 
 

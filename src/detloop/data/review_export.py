@@ -15,11 +15,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 import pyarrow as pa
 
+from detloop.data.errors import DataError
 from detloop.data.export import finite_or_none, write_coco
 from detloop.data.io import atomic_open, write_json
 from detloop.data.min_score import DEFAULT_MIN_SCORE
@@ -42,8 +44,30 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 def local_files_url(file: str, document_root: Path) -> str:
     """Label Studio local-files URL of ``file`` relative to ``document_root``
     (``LOCAL_FILES_DOCUMENT_ROOT``)."""
-    rel = os.path.relpath(Path(file).resolve(), document_root.resolve())
-    return f"/data/local-files/?d={Path(rel).as_posix()}"
+    return f"/data/local-files/?d={_under_root(file, document_root)}"
+
+
+def _under_root(file: str, root: Path) -> str:
+    """``file``'s path under ``root`` (POSIX); an image outside the root is an error."""
+    rel = Path(os.path.relpath(Path(file).resolve(), root.resolve())).as_posix()
+    if rel == ".." or rel.startswith("../") or Path(rel).is_absolute():
+        raise DataError(file, None, "file", f"outside labeling.document_root {root}")
+    return rel
+
+
+def image_reference(file: str, document_root: Path | None, url_prefix: str | None = None) -> str:
+    """How a review task names its image: the file itself; a Label Studio local-files URL
+    under ``document_root``; or ``<url_prefix>/<path under document_root>`` (http, S3).
+
+    Raises:
+        DataError: an image outside ``document_root``.
+    """
+    if document_root is None:
+        return file
+    rel = _under_root(file, document_root)
+    if url_prefix is not None:
+        return f"{url_prefix.rstrip('/')}/{quote(rel)}"
+    return f"/data/local-files/?d={rel}"
 
 
 def _region(r: dict[str, Any], k: int, width: int, height: int, name: str) -> dict[str, Any]:
@@ -79,6 +103,7 @@ def label_studio_tasks(
     *,
     model_version: str = "detloop",
     document_root: Path | None = None,
+    url_prefix: str | None = None,
 ) -> list[dict[str, Any]]:
     """Label Studio tasks, one per image, with the boxes as one prediction.
 
@@ -94,7 +119,7 @@ def label_studio_tasks(
         dets = by_image.get(str(r["image_id"]), [])
         regions = [_region(d, k, w, h, names[int(d["class_id"])]) for k, d in enumerate(dets)]
         file = str(r["file"])
-        image = local_files_url(file, document_root) if document_root is not None else file
+        image = image_reference(file, document_root, url_prefix)
         scores = [reg["score"] for reg in regions if "score" in reg]
         prediction: dict[str, Any] = {"model_version": model_version, "result": regions}
         if scores:
@@ -132,10 +157,16 @@ def write_label_studio(
     *,
     model_version: str = "detloop",
     document_root: Path | None = None,
+    url_prefix: str | None = None,
 ) -> tuple[Path, Path]:
     """Write the tasks JSON to ``path`` and ``<stem>.xml`` (labeling config) beside it."""
     tasks = label_studio_tasks(
-        images, boxes, categories, model_version=model_version, document_root=document_root
+        images,
+        boxes,
+        categories,
+        model_version=model_version,
+        document_root=document_root,
+        url_prefix=url_prefix,
     )
     write_json(tasks, path)
     xml_path = path.with_suffix(".xml")
@@ -163,6 +194,7 @@ def export_review(
     out_stem: Path,
     min_score: float = DEFAULT_MIN_SCORE,
     document_root: Path | None = None,
+    url_prefix: str | None = None,
 ) -> dict[str, Path]:
     """Export ``image_ids`` for human review, pre-annotated with their predictions.
 
@@ -181,6 +213,11 @@ def export_review(
     cats = run_categories(run, boxes["class_id"].tolist())
     coco = write_coco(images, boxes, cats, Path(f"{out_stem}.coco.json"), policy="review")
     ls_json, ls_xml = write_label_studio(
-        images, boxes, cats, Path(f"{out_stem}.label_studio.json"), document_root=document_root
+        images,
+        boxes,
+        cats,
+        Path(f"{out_stem}.label_studio.json"),
+        document_root=document_root,
+        url_prefix=url_prefix,
     )
     return {"coco": coco, "label_studio": ls_json, "label_studio_config": ls_xml}

@@ -218,8 +218,9 @@ def _export(
     paths = [write_coco(images[images["image_id"].isin(auto_ids)], auto_boxes, cats,
                         run.autolabel_coco_file(it), policy="review")]  # fmt: skip
     out = export_review(run, image_ids=decision.ids("examine"), predictions=d,
-                        out_stem=run.autolabel_examine_stem(it),
-                        min_score=decision.min_score)  # fmt: skip
+                        out_stem=run.autolabel_examine_stem(it), min_score=decision.min_score,
+                        document_root=cfg.labeling.document_root,
+                        url_prefix=cfg.labeling.url_prefix)  # fmt: skip
     paths += list(out.values())
     if cfg.autolabel.render:
         # a PNG per image under examine/ and auto_labeled/: boxes red when u ≥ δ̄, green

@@ -162,7 +162,7 @@ class ActiveLearningLoop(ModelLoop):
         ids = self._selected_ids(iteration)
         pool = PoolState.load(self.run)
         if self.human:
-            steps.export_query(self.run, pool, ids, iteration)
+            steps.export_query(self.run, self.cfg, pool, ids, iteration)
             pool = pool.with_state(ids, "queried", iteration)
             pool.save(self.run)
             return {"queried": len(ids)}

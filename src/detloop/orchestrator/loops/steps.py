@@ -237,8 +237,11 @@ def threshold(run: RunDir, cfg: ExperimentConfig, iteration: int, seed: int) -> 
 
 
 # ---- human labeling -----------------------------------------------------------------------------
-def export_query(run: RunDir, pool: PoolState, ids: list[str], iteration: int) -> None:
-    """Export the queried images for people: COCO and Label Studio tasks."""
+def export_query(
+    run: RunDir, cfg: ExperimentConfig, pool: PoolState, ids: list[str], iteration: int
+) -> None:
+    """Export the queried images for people: COCO and Label Studio tasks (images referenced
+    as ``cfg.labeling`` says)."""
     from detloop.data.review_export import export_review
 
     predictions = None
@@ -249,6 +252,8 @@ def export_query(run: RunDir, pool: PoolState, ids: list[str], iteration: int) -
         image_ids=ids,
         predictions=predictions,
         out_stem=run.query_stem(iteration),
+        document_root=cfg.labeling.document_root,
+        url_prefix=cfg.labeling.url_prefix,
     )
 
 
