@@ -50,7 +50,7 @@ def _answer(
     return out
 
 
-def test_import_labels_stores_oracle_labels_and_completes_the_wait(
+def test_import_labels_stores_human_labels_and_completes_the_wait(
     digits_tiny_run: RunDir, tmp_path: Path
 ) -> None:
     run = digits_tiny_run
@@ -62,7 +62,7 @@ def test_import_labels_stores_oracle_labels_and_completes_the_wait(
     labels = run.read_labels()
     first = FIRST_HUMAN_BOX_ID
     assert labels["box_id"].to_pylist() == list(range(first, first + n_boxes))
-    assert set(labels["source"].to_pylist()) == {"oracle"}
+    assert set(labels["source"].to_pylist()) == {"human"}  # a person, not the simulated oracle
     assert set(labels["iteration"].to_pylist()) == {0}
     assert sorted(labels["image_id"].to_pylist()) == sorted(gt["image_id"].to_pylist())
     assert PoolState.load(run).ids("labeled") == ids

@@ -103,7 +103,7 @@ def test_human_labeling_path(digits_tiny: Path, tmp_path: Path, local_ray: str) 
         assert main(["resume", str(run.path)]) == 0
     assert run.read_meta()["journal"]["phase"] == "done"
     lab = run.read_labels()
-    assert set(lab["source"].to_pylist()) == {"oracle"}
+    assert set(lab["source"].to_pylist()) == {"human"}  # people labeled them, not the oracle
     assert set(lab["image_id"].to_pylist()) <= {i for s in selections(run) for i in s}
 
 

@@ -33,7 +33,9 @@ IMAGE_STATES: Final = (
     "examine",
     "pruned",
 )
-LABEL_SOURCES: Final = ("gt", "oracle", "pseudo", "auto")
+#: gt: imported ground truth; oracle: revealed by the simulated oracle; human: labeled by a
+#: person (import-labels); pseudo: an SSL teacher's; auto: auto-labeling's
+LABEL_SOURCES: Final = ("gt", "oracle", "human", "pseudo", "auto")
 VERDICTS: Final = ("auto_labeled", "examine")
 COORDS: Final = ("x1", "y1", "x2", "y2")
 

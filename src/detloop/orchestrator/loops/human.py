@@ -118,8 +118,8 @@ def _parse_labels(run: RunDir, file: Path, queried: pa.Table) -> Parsed:
     return parsed
 
 
-def _oracle_labels(parsed: Parsed, pool: PoolState, iteration: int) -> pa.Table:
-    """The labels rows (source ``oracle``) of the boxes of ``parsed``, new box ids."""
+def _human_labels(parsed: Parsed, pool: PoolState, iteration: int) -> pa.Table:
+    """The labels rows (source ``human``) of the boxes of ``parsed``, new box ids."""
     boxes = box_rows(
         [parsed.image_ids[i] for i in parsed.box_image],
         parsed.box_coords,
@@ -131,7 +131,7 @@ def _oracle_labels(parsed: Parsed, pool: PoolState, iteration: int) -> pa.Table:
         truncated=parsed.box_truncated,
         source_id=parsed.box_source_id,
     )
-    return labels_from_boxes(boxes, source="oracle", iteration=iteration)
+    return labels_from_boxes(boxes, source="human", iteration=iteration)
 
 
 def import_labels(run: RunDir, file: Path) -> tuple[int, int]:
@@ -148,10 +148,10 @@ def import_labels(run: RunDir, file: Path) -> tuple[int, int]:
     iteration = _waiting_iteration(run, journal)
     pool = PoolState.load(run)
     parsed = _parse_labels(run, file, pool.images_in("queried", split=None))
-    labels = _oracle_labels(parsed, pool, iteration)
+    labels = _human_labels(parsed, pool, iteration)
     labeled = sorted(set(parsed.image_ids))
     # Idempotent: labels of this iteration from an earlier, interrupted import are replaced.
-    pool = pool.without_labels("oracle", iteration=iteration).with_labels(labels)
+    pool = pool.without_labels("human", iteration=iteration).with_labels(labels)
     pool.with_state(labeled, "labeled", iteration).save(run)
     n = labels.num_rows
     journal.complete(iteration, Phase.WAIT_FOR_LABELS, images=len(labeled), boxes=n)
