@@ -23,14 +23,16 @@ random init instead of the pretrained backbone (``model.weights=null``):
         [--strategies random,entropy,alluncert,calib_alluncert,random+scratch]
         [--seeds 0,1,2,3,4] [--parallel 3] [--set train.max_steps=800]
 
-Settings (2 cores; ``small`` measured, the others estimated from its step rate):
+Settings (2 cores; ``small`` measured, the others scaled from its throughput of about
+3 training steps/s all loops together, predictions and evaluations included):
 
     small    3 seeds, 5 / 10 / 25 % labeled, at most 400 steps per model (full data 1,500):
-             about 1.5 h. NOT a plateau: in the recorded run every training hit its cap.
+             90 min measured. NOT a plateau: every pretrained training hit its cap, and the
+             curves are flat (bench/results/label_efficiency_small.json).
     default  the same with 5 seeds, about 2.5 h: the most a 2-core machine fits near two hours,
-             and still capped, so read its curves as a lower bound.
+             and as capped, so its curves measure the step budget more than the labels.
     large    5 seeds, 5 / 10 / 25 / 50 %, 30 epochs capped at 2,000 steps (full data 6,000)
-             with early stopping: the plateau setting, about 8 h on 2 cores (a GPU: minutes).
+             with early stopping: the plateau setting, about 10 h on 2 cores (a GPU: minutes).
 """
 
 from __future__ import annotations
