@@ -210,7 +210,7 @@ def test_loop_hooks_calibrate_and_threshold_next_iteration(trained: tuple[Path, 
 
 
 @pytest.mark.slow
-def test_calibrate_and_threshold_honour_checkpoint(
+def test_thresholding_honours_checkpoint(
     trained: tuple[Path, RunDir], tmp_path: Path
 ) -> None:
     """--checkpoint X: the validation predictions are X's (made anew when the stored ones came
@@ -242,13 +242,13 @@ def test_calibrate_and_threshold_honour_checkpoint(
     )
     mine = read_table(schema.PREDICTIONS, run.val_predictions_file(0))
     assert validated_by() == str(own)
-    assert cli("calibrate", str(cfg), "--run", str(run.path), "--checkpoint", str(other)) == 0
+    plain = ["--set", "calibration.calibrate_classification=false"]  # thresholds, uncalibrated
+    argv = ["threshold", str(cfg), "--run", str(run.path), *plain]
+    assert cli(*argv, "--checkpoint", str(other)) == 0
     assert validated_by() == str(other)
     theirs = read_table(schema.PREDICTIONS, run.val_predictions_file(0))
     assert not theirs.select(["score", "x1"]).equals(mine.select(["score", "x1"]))
     before = run.val_predictions_file(0).stat().st_mtime_ns
-    plain = ["--set", "calibration.calibrate_classification=false"]  # thresholds, uncalibrated
-    argv = ["threshold", str(cfg), "--run", str(run.path), *plain]
     assert cli(*argv, "--checkpoint", str(other)) == 0
     assert validated_by() == str(other)  # X's predictions were current: not made again
     assert run.val_predictions_file(0).stat().st_mtime_ns == before
