@@ -210,9 +210,7 @@ def test_loop_hooks_calibrate_and_threshold_next_iteration(trained: tuple[Path, 
 
 
 @pytest.mark.slow
-def test_thresholding_honours_checkpoint(
-    trained: tuple[Path, RunDir], tmp_path: Path
-) -> None:
+def test_thresholding_honours_checkpoint(trained: tuple[Path, RunDir], tmp_path: Path) -> None:
     """--checkpoint X: the validation predictions are X's (made anew when the stored ones came
     from another model), and a later call without it goes back to the run's own model."""
     import shutil
