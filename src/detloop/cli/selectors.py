@@ -140,15 +140,14 @@ def _oss_reliability(
 ) -> int:
     import pyarrow as pa
 
-    from detloop.data.io import write_json
+    from detloop.data.io import write_json, write_parquet
     from detloop.orchestrator.evaluation.oss_reliability import plot_reliability, run_reliability
 
     rows, summary = run_reliability(
         runs, iterations, seeds=args.subset_seeds, subsets=args.subsets, fraction=args.fraction,
         formula=args.formula, rng=rng, n_resample=args.n_resample,
     )  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    write_table_plain(pa.Table.from_pylist(rows), out / "reliability.parquet")
+    write_parquet(pa.Table.from_pylist(rows), out / "reliability.parquet")
     write_json(_clean(summary), out / "reliability_summary.json")
     plot_reliability(rows, summary, out / "reliability.png")
     corr = summary["oss_vs_tau"]
@@ -160,16 +159,6 @@ def _oss_reliability(
         _out(f"{name:<17} {'-' if value is None else f'{value:.3f}'}")
     _out(f"written to {out}")
     return 0
-
-
-def write_table_plain(table: Any, path: Path) -> None:
-    """A Parquet file written atomically (no detloop schema: an analysis table)."""
-    import pyarrow.parquet as pq
-
-    from detloop.data.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
 
 
 def _clean(obj: Any) -> Any:

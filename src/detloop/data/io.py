@@ -10,6 +10,7 @@ with another uid can read a shared run directory; a private umask (077) keeps th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -180,3 +181,25 @@ def read_json(path: str | os.PathLike[str]) -> Any:
             None,
             f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
         ) from exc
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Write an analysis table (no detloop schema) atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def file_digests(root: Path, skip: str = "manifest.json") -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under ``root`` (POSIX paths relative to it), but ``skip``:
+    the body of a folder's manifest."""
+    return {
+        p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() != skip
+    }

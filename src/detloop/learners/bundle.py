@@ -16,7 +16,6 @@ A run class with no bundle class is an error that lists the unmatched names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -93,10 +92,6 @@ def adapt_classes(model: UncertainEfficientDet, perm: Sequence[int]) -> Uncertai
     return adapted.eval()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_bundle(
     checkpoint: Path,
     out: Path,
@@ -126,11 +121,9 @@ def write_bundle(
         shutil.copy2(thresholds, out / "thresholds.json")
     if config is not None:
         (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
-    files = {
-        str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(out.rglob("*"))
-        if p.is_file()
-    }
+    from detloop.data.io import file_digests
+
+    files = file_digests(out, skip=MANIFEST)
     manifest = {"format": FORMAT, "version": 1, **(info or {}), "classes": list(classes),
                 "files": files}  # fmt: skip
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))

@@ -16,7 +16,6 @@ writes (deterministic mode), so a server can run the ONNX graph and keep detloop
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -80,16 +79,12 @@ def export(model: UncertainEfficientDet, fmt: str, out_dir: Path, batch: int = 1
 
 def write_manifest(out_dir: Path, info: dict[str, Any]) -> Path:
     """``manifest.json``: ``info`` plus the size and sha256 of every file in ``out_dir``."""
-    files = {}
-    for path in sorted(out_dir.iterdir()):
-        if path.is_file() and path.name != "manifest.json":
-            files[path.name] = {
-                "bytes": path.stat().st_size,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            }
-    manifest = {**info, "files": files}
+    from detloop.data.io import file_digests
+
     target = out_dir / "manifest.json"
-    target.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    target.write_text(
+        json.dumps({**info, "files": file_digests(out_dir)}, indent=1, sort_keys=True)
+    )
     return target
 
 

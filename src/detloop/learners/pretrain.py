@@ -19,7 +19,6 @@ detectors start from COCO or ImageNet weights instead; this is the demo's offlin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -36,7 +35,7 @@ from detloop.config import ModelConfig
 from detloop.console import Bar, Progress, progress_bar
 from detloop.data import pretrain_digits as pdata
 from detloop.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-from detloop.data.io import atomic_path, read_json, write_json
+from detloop.data.io import atomic_path, read_json, sha256_file, write_json
 from detloop.learners.device import memory_format
 from detloop.learners.model import UncertainEfficientDet, resolve_spec
 from detloop.learners.presets import PRESETS
@@ -135,10 +134,6 @@ def backbone_state(model: nn.Module) -> dict[str, Tensor]:
     return {f"backbone.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def cached(out_dir: Path, settings: PretrainSettings) -> dict[str, Any] | None:
     """The metadata in ``out_dir`` when it was made with ``settings`` and its weights file is
     intact (same sha256); else None."""
@@ -151,7 +146,7 @@ def cached(out_dir: Path, settings: PretrainSettings) -> dict[str, Any] | None:
         return None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         return None
-    if meta.get("settings") != settings.key() or meta.get("sha256") != _sha256(weights):
+    if meta.get("settings") != settings.key() or meta.get("sha256") != sha256_file(weights):
         return None
     return meta
 
@@ -311,7 +306,7 @@ def _write(
         "settings": settings.key(),
         "weights_file": WEIGHTS_FILE,
         "weights_kind": "backbone",
-        "sha256": _sha256(weights),
+        "sha256": sha256_file(weights),
         "torch": torch.__version__,
         **record,
     }

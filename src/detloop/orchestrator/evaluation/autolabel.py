@@ -59,11 +59,6 @@ def frame_images(
     return images.filter(pc.is_in(images["image_id"], value_set=pa.array(ids, pa.string())))
 
 
-def same_checkpoint(a: Path, b: Path) -> bool:
-    """Whether two checkpoint paths name the same directory."""
-    return Path(a).resolve() == Path(b).resolve()
-
-
 def _wanted_thresholds(cfg: ExperimentConfig) -> dict[str, Any]:
     """The thresholding settings of the config, as a stored result names them."""
     from detloop.selectors.threshold import parse_uncertainties
@@ -140,11 +135,15 @@ def autolabel_frames(
     from detloop.data.pool import PoolState
     from detloop.learners.predict import Predictor
     from detloop.orchestrator.evaluation.common import load_calibration, log_run_artifacts
-    from detloop.orchestrator.evaluation.validation import calibrate_model, threshold_model
+    from detloop.orchestrator.evaluation.validation import (
+        calibrate_model,
+        same_path,
+        threshold_model,
+    )
     from detloop.selectors import autolabel as al
 
     it = ref.iteration
-    foreign = None if same_checkpoint(ref.checkpoint, run.checkpoint(it)) else ref.checkpoint
+    foreign = None if same_path(ref.checkpoint, run.checkpoint(it)) else ref.checkpoint
     # --checkpoint: a bundle's own fits where they apply, else fitted for it — never the run's
     if foreign is not None and not reuse_bundle_fits(run, cfg, it, foreign):
         c = cfg.calibration

@@ -182,12 +182,8 @@ def run_oss(
 
 def write_outputs(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None:
     """``oss.parquet`` (one row per set and class) and ``oss_summary.json`` under ``out``."""
-    from detloop.data.io import atomic_path
+    from detloop.data.io import write_parquet
 
-    out.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows) if rows else pa.table({"set_id": pa.array([], pa.string())})
-    import pyarrow.parquet as pq
-
-    with atomic_path(out / "oss.parquet") as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(table, out / "oss.parquet")
     write_json(summary, out / "oss_summary.json")

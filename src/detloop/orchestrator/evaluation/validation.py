@@ -297,6 +297,11 @@ def _key(path: Path) -> str:
     return str(Path(path).resolve())
 
 
+def same_path(a: Path, b: Path) -> bool:
+    """Whether two paths (checkpoints) name the same file or directory."""
+    return _key(a) == _key(b)
+
+
 def validated_by(run: RunDir, iteration: int) -> str | None:
     """The checkpoint the stored validation predictions of ``iteration`` came from, when a
     ``validate`` recorded it (the AL loop's evaluation of its own model records none)."""
@@ -324,7 +329,7 @@ def load_validation(
     from detloop.learners.evaluate import match_reference
 
     preds_file = run.val_predictions_file(model_iter)
-    if checkpoint is not None and _key(checkpoint) == _key(run.checkpoint(model_iter)):
+    if checkpoint is not None and same_path(checkpoint, run.checkpoint(model_iter)):
         checkpoint = None  # the run's own model of that iteration
     wanted = _key(checkpoint if checkpoint is not None else run.checkpoint(model_iter))
     recorded = validated_by(run, model_iter)
