@@ -51,16 +51,8 @@ from detloop.orchestrator.evaluation.common import (
     min_score_for,
 )
 from detloop.selectors.autolabel import decide, image_errors
+from detloop.selectors.autolabel import score_rule_ids as score_rule
 from detloop.selectors.threshold import CostSensitiveThresholder, threshold_rows
-
-
-def score_rule(dets: pd.DataFrame, ids: list[str], n: int) -> list[str]:
-    """The ``n`` images whose lowest considered score is highest (no detection = +inf)."""
-    low = dets.groupby("image_id")["score"].min()
-    key = pd.Series([float(low.get(i, np.inf)) for i in ids], index=ids)
-    order = sorted(ids, key=lambda i: (-key[i], i))
-    return order[:n]
-
 
 DEFINITIONS = {"labels": "image_precision", "strict": "image_precision_strict"}
 

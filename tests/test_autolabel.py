@@ -11,6 +11,7 @@ from detloop.selectors.autolabel import (
     box_iou,
     decide,
     quality_report,
+    score_rule_ids,
     selection_table,
     uncertainty_rankings,
 )
@@ -75,6 +76,21 @@ def test_d_quality_report_counts_a_stray_detection_as_fp() -> None:
     assert q["label_precision"] == pytest.approx(2 / 3)
     assert q["pct_error_free"] == pytest.approx(50.0)
     assert q["pct_auto_labeled"] == pytest.approx(100.0)
+    assert q["image_precision"] == pytest.approx(0.5)  # image a has a wrong box
+    assert q["score_rule_image_precision"] == pytest.approx(0.5)  # same share: same images
+
+
+def test_e_score_rule_at_equal_share_beside_the_uncertainty_rule() -> None:
+    """Image c is certain but its score is the lowest: the score rule at the same share (two
+    images) auto-labels the empty image and b instead; b's box is wrong, c's right."""
+    p = preds([("b", 0, 0.95, 5.0, 5.0), ("c", 0, 0.6, 0.1, 0.1)])
+    d = decide(p, ["b", "c", "empty"], thresholds(), min_score=0.4)
+    assert d.ids("auto_labeled") == ["c", "empty"]
+    assert score_rule_ids(d.detections, ["b", "c", "empty"], 2) == ["empty", "b"]
+    gt = pd.DataFrame({"image_id": ["b", "c"], "class_id": [1, 1], "x1": [50.0, 0.0],
+                       "y1": [50.0, 0.0], "x2": [60.0, 10.0], "y2": [60.0, 10.0]})  # fmt: skip
+    q = quality_report(d, gt)
+    assert q["image_precision"] == 1.0 and q["score_rule_image_precision"] == 0.5
 
 
 def test_infinite_delta_labels_everything_and_tables_validate() -> None:

@@ -67,7 +67,8 @@ def test_import_and_export(
     assert "imported 64 images" in out and "imported 32 images" in out
     assert RunDir(run).read_images().num_rows == 96
     dest = tmp_path / "out.json"
-    assert main(["export", "coco", str(run), "--out", str(dest), "--split", "test"]) == 0
+    argv = ["export", "coco", str(run), "--out", str(dest), "--split", "test", "--boxes", "gt"]
+    assert main(argv) == 0
     exported = json.loads(dest.read_text())
     original = json.loads((digits_tiny / "test.json").read_text())
     assert [(i["id"], i["file_name"]) for i in exported["images"]] == [

@@ -302,11 +302,29 @@ class SSLConfig(Section):
 
 
 class AutolabelConfig(Section):
+    """Auto-labeling (ALGORITHMS §8).
+
+    ``model``: the checkpoint directory or model bundle an ``AutoLabelRun`` (``loop:
+    autolabel``) labels with; ``detloop autolabel --run RUN [--iteration N]`` sets it to that
+    run's checkpoint. ``after_loop``: an AL or SSL run ends by auto-labeling the rest of its
+    pool with its final model. Frames are ``data.pool`` (sorted by id, sliced to
+    [``infer_first_frame``, ``infer_last_frame``)).
+    """
+
+    model: Path | None = None
+    after_loop: bool = False
     empty_image: Literal["auto_labeled", "examine"] = "auto_labeled"
     infer_first_frame: int | None = None
     infer_last_frame: int | None = None
     quality_iou: float = 0.5
     render: bool = False
+
+    @model_validator(mode="after")
+    def _frames_in_order(self) -> AutolabelConfig:
+        first, last = self.infer_first_frame, self.infer_last_frame
+        if first is not None and last is not None and last <= first:
+            raise ValueError(f"infer_last_frame ({last}) must exceed infer_first_frame ({first})")
+        return self
 
 
 class LabelingConfig(Section):
@@ -330,6 +348,9 @@ class LabelingConfig(Section):
 
 class RayConfig(Section):
     address: str | None = None  # None: start a local instance; "auto": join `ray start`
+    # train and predict in the driver process instead of Ray actors (one machine, small jobs):
+    # the same phases, journal and outputs, without Ray's start-up
+    in_process: bool = False
     num_cpus: int | None = None  # for a local instance
     predict_workers: int = Field(2, ge=1)
     predict_num_cpus: float = 1.0
@@ -369,8 +390,9 @@ class ExperimentConfig(Section):
 
     name: str = "detloop"
     seed: int = 0
-    # which journaled loop `detloop run` runs: active learning or semi-supervised learning
-    loop: Literal["al", "ssl"] = "al"
+    # which journaled loop `detloop run` runs: active learning, semi-supervised learning, or
+    # auto-labeling of new frames with a trained model (``autolabel.model``)
+    loop: Literal["al", "ssl", "autolabel"] = "al"
     runs_root: Path = Path("runs")
     compat_seed: bool = False
     data: DataConfig = Field(default_factory=DataConfig)
@@ -393,6 +415,15 @@ class ExperimentConfig(Section):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("must be a plain directory name (no '/', not starting with '.')")
         return v
+
+    @model_validator(mode="after")
+    def _autolabel_has_a_model(self) -> ExperimentConfig:
+        if self.loop == "autolabel" and self.autolabel.model is None:
+            raise ValueError(
+                "loop: autolabel needs autolabel.model (a checkpoint directory or model bundle; "
+                "`detloop autolabel --run RUN` sets it to that run's model)"
+            )
+        return self
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -461,6 +492,7 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
             src.source = fix(src.source) or src.source
             src.images = fix(src.images)
     cfg.model.weights = fix(cfg.model.weights)
+    cfg.autolabel.model = fix(cfg.autolabel.model)
     cfg.labeling.document_root = fix(cfg.labeling.document_root)
     return cfg
 

@@ -106,8 +106,11 @@ def register(sub: Any) -> None:
     ex.add_argument("--split", choices=list(SPLITS))
     ex.add_argument(
         "--boxes",
-        choices=["gt", "labels"],
-        default="gt",
-        help="ground truth (default) or the training labels",
+        choices=["dataset", "gt", "labels"],
+        default="dataset",
+        help="dataset (default): the labeled dataset — pool images labeled by the oracle or "
+        "people or auto-labeled, with their labels, other splits with their ground truth, each "
+        "box with its provenance (detloop_source); gt: the imported ground truth; labels: the "
+        "training labels (pseudo-labels included)",
     )
     ex.set_defaults(func=_export)

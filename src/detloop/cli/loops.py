@@ -93,11 +93,27 @@ def _report_outcome(outcome: LoopOutcome) -> int:
     if outcome.status == "failed":
         sys.stderr.write(f"detloop: the run failed; continue it with\n  {outcome.resume_command}\n")
     elif outcome.status == "done":
-        from detloop.reports.al_curves import run_summary
-        from detloop.reports.ssl_report import is_ssl_run, ssl_summary
-
-        _out(ssl_summary(outcome.run) if is_ssl_run(outcome.run) else run_summary(outcome.run))
+        _out(run_summary_text(outcome.run))
     return outcome.exit_code
+
+
+def run_summary_text(run: RunDir) -> str:
+    """The summary of a finished run of any loop (with its auto-labeling, when it had one)."""
+    from detloop.reports.al_curves import run_summary
+    from detloop.reports.autolabel_report import autolabel_iteration, autolabel_summary, model_line
+    from detloop.reports.ssl_report import is_ssl_run, ssl_summary
+
+    kind = run.read_meta().get("kind")
+    parts = []
+    if kind == "autolabel":
+        parts.append(f"autolabel: {run.path}")
+        parts.append(model_line(run) or "")
+    else:
+        parts.append(ssl_summary(run) if is_ssl_run(run) else run_summary(run))
+    it = autolabel_iteration(run)
+    if it is not None:
+        parts.append(autolabel_summary(run, it))
+    return "\n".join(p for p in parts if p)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

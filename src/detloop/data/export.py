@@ -40,7 +40,7 @@ from detloop.data.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-BoxSource = Literal["gt", "labels"]
+BoxSource = Literal["dataset", "gt", "labels"]
 CocoPolicy = Literal["restore", "review"]
 Frame: TypeAlias = pa.Table | pd.DataFrame
 
@@ -137,6 +137,8 @@ def _annotation(c: dict[str, list[Any]], k: int, policy: CocoPolicy) -> dict[str
         value = finite_or_none(c[col][k]) if col in c else None
         if value is not None:
             ann[key] = value
+    if c.get("source") is not None and c["source"][k] is not None:
+        ann["detloop_source"] = str(c["source"][k])  # provenance: gt, oracle, human, auto
     return ann
 
 
@@ -144,7 +146,7 @@ def _annotations(
     boxes: Frame, image_ids: dict[str, int], cat_ids: dict[int, int], policy: CocoPolicy
 ) -> list[dict[str, Any]]:
     names = ("image_id", "box_id", "class_id", *schema.COORDS, "area", "iscrowd", "source_id",
-             "score", "u")  # fmt: skip
+             "score", "u", "source")  # fmt: skip
     c = _columns(boxes, names)
     rows = [k for k, i in enumerate(c["image_id"]) if str(i) in image_ids]
     if policy == "restore":
@@ -209,13 +211,30 @@ def _select_images(images: pa.Table, state: str | None, split: str | None) -> pa
     return images.sort_by("image_id")
 
 
+def _dataset(images: pa.Table, labels: pa.Table, gt: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The labeled dataset: pool images that are labeled or auto-labeled with their labels
+    (pseudo-labels are a training aid, not labels), other splits with their ground truth."""
+    in_pool = pc.equal(images["split"], "pool")
+    done = pc.is_in(images["state"], value_set=pa.array(["labeled", "auto_labeled"]))
+    images = images.filter(pc.or_(pc.invert(in_pool), done))
+    pool_ids = images.filter(pc.equal(images["split"], "pool"))["image_id"]
+    labels = labels.filter(pc.and_(pc.is_in(labels["image_id"], value_set=pool_ids),
+                                   pc.not_equal(labels["source"], "pseudo")))  # fmt: skip
+    other = gt.filter(pc.invert(pc.is_in(gt["image_id"], value_set=pool_ids)))
+    other = other.filter(pc.is_in(other["image_id"], value_set=images["image_id"]))
+    other = other.append_column("source", pa.array(["gt"] * other.num_rows, pa.string()))
+    cols = other.column_names
+    ours = labels.select(cols)
+    return images, pa.concat_tables([ours, other.select(cols).cast(ours.schema)])
+
+
 def export_coco(
     run: RunDir,
     out: str | os.PathLike[str],
     *,
     state: str | None = None,
     split: str | None = None,
-    boxes: BoxSource = "gt",
+    boxes: BoxSource = "dataset",
 ) -> dict[str, int]:
     """Write the run's images (filtered by ``state`` and ``split``) as one COCO file, with the
     original ids restored (policy ``restore``).
@@ -225,13 +244,19 @@ def export_coco(
         out: the COCO JSON file to write (atomically).
         state: only images in this state (e.g. ``examine`` for review).
         split: only images of this split.
-        boxes: ``gt`` (imported ground truth) or ``labels`` (what training uses).
+        boxes: ``dataset`` (the labeled dataset: pool images labeled by the oracle or people
+            or auto-labeled, with their labels, and the other splits with their ground truth;
+            each box carries its provenance as ``detloop_source``), ``gt`` (the imported
+            ground truth) or ``labels`` (what training uses, pseudo-labels included).
 
     Returns:
         Counts of exported images, annotations and categories.
     """
     images = _select_images(run.read_images(), state, split)
-    table = run.read_gt() if boxes == "gt" else run.read_labels()
+    if boxes == "dataset":
+        images, table = _dataset(images, run.read_labels(), run.read_gt())
+    else:
+        table = run.read_gt() if boxes == "gt" else run.read_labels()
     doc = coco_document(images, table, run.read_categories(), policy="restore")
     write_json(doc, Path(out))
     counts = {key: len(doc[key]) for key in ("images", "annotations", "categories")}

@@ -128,3 +128,34 @@ def write_bundle(
                 "files": files}  # fmt: skip
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
     return out
+
+
+def install_model(
+    source: Path, out: Path, class_names: Sequence[str], class_map: Mapping[str, str] | None
+) -> dict[str, Any]:
+    """Write ``source`` (a checkpoint directory or bundle) into the checkpoint directory
+    ``out`` as a model of ``class_names`` (re-ordered and cut through ``class_map`` when the
+    source names its classes, else taken as they are when the counts agree); returns its
+    ``model_spec`` as stored.
+
+    Raises:
+        DataError: not a checkpoint, a class without a model class, or class counts that differ
+            when the source does not name its classes.
+    """
+    from detloop.learners.checkpoint import model_from_checkpoint, write_checkpoint
+
+    if not (Path(source) / "metadata.json").is_file():
+        raise DataError(str(source), None, None, "not a checkpoint directory (no metadata.json)")
+    model, meta = model_from_checkpoint(Path(source))
+    names = bundle_classes(Path(source))
+    if names is not None:
+        model = adapt_classes(model, class_permutation(names, class_names, class_map))
+    elif model.spec.num_classes != len(class_names):
+        raise DataError(str(source), None, None, f"the model predicts {model.spec.num_classes} "
+                        f"classes, the data has {len(class_names)} (and the checkpoint has no "
+                        "classes.json to match them by name)")  # fmt: skip
+    spec = model.spec.to_json()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_checkpoint(out, state, {**meta, "model_spec": spec, "installed_from": str(source)})
+    (Path(out) / CLASSES_FILE).write_text(json.dumps(list(class_names), indent=1))
+    return spec

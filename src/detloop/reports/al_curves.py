@@ -31,6 +31,8 @@ def run_curve(run: RunDir) -> list[CurvePoint]:
     points = []
     for it in sorted(logged):
         m = read_json(run.metrics_file(it))
+        if "autolabel_frames" in m:  # autolabel.after_loop: no model, no point of the curve
+            continue
         points.append(
             CurvePoint(
                 it,

@@ -160,22 +160,47 @@ def image_errors(boxes: pd.DataFrame, gt: pd.DataFrame, image_ids: Sequence[str]
     return out
 
 
+def score_rule_ids(detections: pd.DataFrame, image_ids: Sequence[str], n: int) -> list[str]:
+    """The plain score threshold a user would otherwise use, at a given share: the ``n``
+    images whose lowest considered score is highest (an image without detections first; ties
+    by id)."""
+    low = detections.groupby("image_id")["score"].min() if len(detections) else pd.Series()
+    key = {i: float(low.get(i, np.inf)) for i in image_ids}
+    return sorted(image_ids, key=lambda i: (-key[i], i))[:n]
+
+
 def quality_report(
     decision: AutoLabelDecision, gt: pd.DataFrame, iou_thr: float = 0.5
 ) -> dict[str, Any]:
-    """Label precision/recall over the auto-labeled images, % error-free, % auto-labeled."""
+    """How good the auto-labels are against ground truth (frames that have it).
+
+    ``image_precision``: share of auto-labeled images whose every auto-label is right (no
+    background, duplicate, mislocalised or misclassified box); ``pct_error_free`` also
+    counts a missed object as an error. ``score_rule_image_precision``: the same for a plain
+    score threshold auto-labeling as many images (:func:`score_rule_ids`). Label precision and
+    recall are over the boxes of the auto-labeled images.
+    """
     auto = decision.ids("auto_labeled")
-    err = image_errors(decision.detections, gt, auto, iou_thr)
-    tp, fp, fn = (int(err[k].sum()) for k in ("tp", "fp", "fn"))
+    every = decision.images["image_id"].tolist()
+    err = image_errors(decision.detections, gt, every, iou_thr).set_index("image_id")
+    ours = err.loc[auto]
+    base = err.loc[score_rule_ids(decision.detections, every, len(auto))]
+    tp, fp, fn = (int(ours[k].sum()) for k in ("tp", "fp", "fn"))
     n_all = len(decision.images)
+
+    def share(rows: pd.DataFrame, ok: pd.Series) -> float:
+        return float(ok.mean()) if len(rows) else 1.0
+
     return {
         "iou_thr": iou_thr,
         "n_images": n_all,
         "n_auto_labeled": len(auto),
         "pct_auto_labeled": 100.0 * len(auto) / n_all if n_all else 0.0,
+        "image_precision": share(ours, ours["fp"] == 0),
+        "score_rule_image_precision": share(base, base["fp"] == 0),
         "label_precision": tp / (tp + fp) if tp + fp else 1.0,
         "label_recall": tp / (tp + fn) if tp + fn else 1.0,
-        "pct_error_free": 100.0 * float(err["error_free"].mean()) if len(err) else 100.0,
+        "pct_error_free": 100.0 * share(ours, ours["error_free"]),
         "tp": tp,
         "fp": fp,
         "fn": fn,

@@ -28,6 +28,8 @@ class Phase(StrEnum):
     CALIBRATE = "calibrate"
     THRESHOLD = "threshold"
     SELECT = "select"
+    DECIDE = "decide"  # auto-labeling: each frame auto_labeled or sent to examine (§8)
+    EXPORT = "export"  # auto-labeling: COCO of the auto-labels, review exports of the rest
     LABEL = "label"
     WAIT_FOR_LABELS = "wait_for_labels"
     LOG = "log"

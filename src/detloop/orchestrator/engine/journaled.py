@@ -74,7 +74,12 @@ def _sigkill(point: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _ray_workers(cfg: ExperimentConfig) -> Workers:
+def default_workers(cfg: ExperimentConfig) -> Workers:
+    """Ray actors, or this process with ``ray.in_process``."""
+    if cfg.ray.in_process:
+        from detloop.orchestrator.engine.local_workers import LocalWorkers
+
+        return LocalWorkers(cfg)
     from detloop.orchestrator.engine.actors import Workers as RayWorkers
     from detloop.orchestrator.engine.actors import check_capacity, ensure_ray
 
@@ -92,7 +97,8 @@ class JournaledLoop:
         run: the run directory (with its ``run.json``).
         cfg: the run's config.
         callbacks: hooks called at start, after each logged iteration and at the end.
-        workers_factory: builds the workers on first use (default: Ray actors).
+        workers_factory: builds the workers on first use (default: Ray actors, or this
+            process with ``ray.in_process``).
         fault_action: what a fault point of ``cfg.fault.kill_at`` does once it fires
             (default: SIGKILL; in-process tests raise instead).
     """
@@ -111,7 +117,7 @@ class JournaledLoop:
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.journal = Journal(run)
-        self._workers_factory = workers_factory or _ray_workers
+        self._workers_factory = workers_factory or default_workers
         self._workers: Workers | None = None
         self._fault_action = fault_action or _sigkill
         self.set_up()

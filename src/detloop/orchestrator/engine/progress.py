@@ -332,6 +332,14 @@ def iteration_line(
         recall = _num(numbers, "pseudo_label_pseudo_recall", ".3f")
         known = f" (precision {precision} recall {recall})" if precision and recall else ""
         parts.append(f"pseudo-labels {pseudo}{known}")
+    frames = _num(numbers, "autolabel_frames", ".0f")
+    if frames is not None:  # auto-labeling: its verdicts and, with ground truth, their quality
+        auto, examine = (
+            _num(numbers, f"autolabel_{k}", ".0f") for k in ("auto_labeled", "examine")
+        )
+        precision = _num(numbers, "autolabel_image_precision", ".3f")
+        known = f" (image precision {precision})" if precision is not None else ""
+        parts.append(f"auto-labeled {auto}/{frames}{known}, to review {examine}")
     bounds = [  # what the decoding bounds changed (§2.1, §3), shown only when they did
         f"{int(value)} {label}"
         for key, label in (

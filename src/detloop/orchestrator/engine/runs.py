@@ -12,7 +12,7 @@ from typing import Any
 
 from detloop import __version__, console
 from detloop.config import ConfigError, ExperimentConfig, build_config, config_snapshot
-from detloop.data.rundir import RunDir, RunsRoot, al_run_name, ssl_run_name
+from detloop.data.rundir import RunDir, RunsRoot, al_run_name, autolabel_run_name, ssl_run_name
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def strategy_name(cfg: ExperimentConfig) -> str:
     if cfg.loop == "ssl":
         ema = "ema_" if cfg.ssl.teacher == "ema" else ""
         return ema + cfg.ssl.selection_strategy.name
+    if cfg.loop == "autolabel":
+        return "autolabel"
     ssl = f"+ssl_{cfg.ssl.selection_strategy.name}" if cfg.al.ssl else ""
     return cfg.al.strategy.name + ssl
 
@@ -53,6 +55,8 @@ def run_dir_for(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:
     with ``strategy_name``'s marks; ``fresh`` picks an unused sibling."""
     if cfg.loop == "ssl":
         name = ssl_run_name(strategy_name(cfg), cfg.seed)
+    elif cfg.loop == "autolabel":
+        name = autolabel_run_name(cfg.seed)
     else:
         name = al_run_name(strategy_name(cfg), cfg.seed)
     root = RunsRoot(cfg.runs_root)

@@ -175,36 +175,39 @@ class TrainWorker(_WorkerProcess):
 
     def train(self, job: TrainJob) -> TrainOutcome:
         """Train and return what it produced (checkpoint, steps, loss, monitors, seconds)."""
-        from detloop.learners.train import train_model
+        return run_train_job(self.cfg, job, self._progress)
 
-        t0 = time.perf_counter()
-        cfg = self.cfg
-        if job.epochs is not None:
-            cfg = cfg.model_copy(
-                update={"train": cfg.train.model_copy(update={"epochs": job.epochs})}
-            )
-        result = train_model(
-            cfg,
-            job.images,
-            job.labels,
-            job.num_classes,
-            Path(job.out_dir),
-            seed=job.seed,
-            val=job.val,
-            init_weights=Path(job.init_weights) if job.init_weights else None,
-            progress=self._progress,
-            pseudo=job.pseudo,
-            stop_at_step=job.stop_at_step,
-            online=job.online,
-        )
-        return TrainOutcome(
-            checkpoint=Path(result.checkpoint),
-            steps=int(result.steps),
-            final_loss=float(result.final_loss),
-            seconds=time.perf_counter() - t0,
-            monitors={k: float(v) for k, v in result.monitors.items()},
-            history=list(result.history),
-        )
+
+def run_train_job(cfg: ExperimentConfig, job: TrainJob, progress: Any) -> TrainOutcome:
+    """``job`` trained with ``cfg`` (its ``epochs`` overriding ``train.epochs``); what a train
+    worker does, in whichever process runs it."""
+    from detloop.learners.train import train_model
+
+    t0 = time.perf_counter()
+    if job.epochs is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": job.epochs})})
+    result = train_model(
+        cfg,
+        job.images,
+        job.labels,
+        job.num_classes,
+        Path(job.out_dir),
+        seed=job.seed,
+        val=job.val,
+        init_weights=Path(job.init_weights) if job.init_weights else None,
+        progress=progress,
+        pseudo=job.pseudo,
+        stop_at_step=job.stop_at_step,
+        online=job.online,
+    )
+    return TrainOutcome(
+        checkpoint=Path(result.checkpoint),
+        steps=int(result.steps),
+        final_loss=float(result.final_loss),
+        seconds=time.perf_counter() - t0,
+        monitors={k: float(v) for k, v in result.monitors.items()},
+        history=list(result.history),
+    )
 
 
 class PredictWorker(_WorkerProcess):

@@ -1,12 +1,12 @@
-"""Auto-labeling (ALGORITHMS §8): ``detloop autolabel CONFIG --run RUN_DIR --images DIR
-[--first N --last M] [--iteration N | --checkpoint PATH] [--set k=v]...``.
+"""Auto-labeling (ALGORITHMS §8): the phases an ``AutoLabelRun`` and a loop's ``after_loop``
+auto-labeling share, over one iteration ``it`` whose model is iteration ``it - 1``'s:
 
-validate → calibrate → threshold (each only when its output is missing or does not match the
-config) → predict the frames → per-detection rule → images ``auto_labeled`` / ``examine``,
-auto-labels (source ``auto``), the selection table with u, δ̄ and verdicts, COCO of the
-auto-labeled images, COCO + Label Studio review exports of the ``examine`` images, optional
-renderings, and the quality report when ground truth exists for the frames. This module also
-registers ``validate``, ``calibrate`` and ``threshold`` (``validation_cli``).
+predictions of the frames (``predictions_file(it)``, calibrated in place by the calibrate
+phase) → ``decide_iteration``: the per-detection rule with ``thresholds_file(it)``, images
+``auto_labeled`` / ``examine``, auto-labels (source ``auto``), the selection table with u, δ̄
+and verdicts, the quality report when the frames have ground truth → ``export_iteration``:
+COCO of the auto-labeled images, COCO + Label Studio review exports of the ``examine`` images,
+optional renderings. Both phases are idempotent (a re-run replaces its own labels and files).
 """
 
 from __future__ import annotations
@@ -21,42 +21,23 @@ import pyarrow.compute as pc
 
 from detloop.config import ExperimentConfig
 from detloop.data import schema
-from detloop.data.io import write_table
+from detloop.data.errors import DataError
+from detloop.data.io import read_table, write_table
 from detloop.data.rundir import RunDir
-from detloop.orchestrator.evaluation.common import ModelRef
 
 logger = logging.getLogger(__name__)
 REASON = "autolabel: uncertain detection"
 
 
-def _under(file: str, root: Path) -> bool:
-    try:
-        Path(file).resolve().relative_to(root)
-    except ValueError:
-        return False
-    return True
-
-
-def frame_images(
-    run: RunDir, images_dir: Path, first: int | None, last: int | None, lenient: bool = False
-) -> pa.Table:
-    """Images under ``images_dir`` (imported as a ``pool`` folder when the run lacks them),
-    sorted by id and sliced to frames [first, last); quarantined images are left out."""
-    from detloop.data.importer import import_source
-
-    root = images_dir.resolve()
-    images = run.read_images()
-    inside = [_under(f, root) for f in images["file"].to_pylist()]
-    if not any(inside):
-        import_source(run, "folder", root, "pool", images=root, lenient=lenient)
-        images = run.read_images()
-        inside = [_under(f, root) for f in images["file"].to_pylist()]
-    df = images.to_pandas()[inside]
-    quarantined = (df["state"] == "examine") & ~df["reason"].fillna(REASON).str.startswith(
-        "autolabel"
-    )
-    ids = sorted(df.loc[~quarantined, "image_id"])[first:last]
-    return images.filter(pc.is_in(images["image_id"], value_set=pa.array(ids, pa.string())))
+def frame_ids(images: pa.Table, it: int, first: int | None = None,
+              last: int | None = None) -> list[str]:  # fmt: skip
+    """The frames iteration ``it`` auto-labels: the pool's images sorted by id, sliced to
+    [first, last), that are unlabeled — or were decided by this iteration (a re-run)."""
+    pool = images.filter(pc.equal(images["split"], "pool")).to_pandas()
+    pool = pool.sort_values("image_id").iloc[first:last]
+    decided = pool["state"].isin(["auto_labeled", "examine"]) & (pool["iteration"] == it)
+    decided &= pool["reason"].fillna(REASON).str.startswith("autolabel")
+    return sorted(pool.loc[(pool["state"] == "unlabeled") | decided, "image_id"])
 
 
 def _wanted_thresholds(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -123,83 +104,77 @@ def reuse_bundle_fits(run: RunDir, cfg: ExperimentConfig, it: int, bundle: Path)
     if calibration.is_dir():
         shutil.rmtree(run.calibration_dir(it), ignore_errors=True)
         shutil.copytree(calibration, run.calibration_dir(it))
+    from detloop.data.io import read_json
+    from detloop.orchestrator.evaluation.common import update_metrics
+
+    stored = read_json(bundle / "manifest.json").get("min_score")
+    info = {"reused_from": str(bundle), "min_score": stored}
+    update_metrics(run, it, "thresholding", {k: v for k, v in info.items() if v is not None})
     logger.info("calibrators and thresholds of bundle %s reused", bundle)
     return True
 
 
-def autolabel_frames(
-    run: RunDir, cfg: ExperimentConfig, ref: ModelRef, frames: pa.Table, seed: int
-) -> dict[str, Any]:
-    """Decide, label and export the ``frames``; returns the report (also in metrics.json)."""
+def decision_min_score(run: RunDir, cfg: ExperimentConfig, it: int) -> float:
+    """``predict.min_score``, else the one the thresholds of ``it`` were fitted above (§3: from
+    the model's validation, or a bundle's own), else the default."""
+    from detloop.data.io import read_json
+    from detloop.data.min_score import resolve_min_score
+
+    if cfg.predict.min_score is not None:
+        return resolve_min_score(cfg.predict.min_score)
+    path = run.metrics_file(it)
+    stored = read_json(path).get("thresholding", {}).get("min_score") if path.exists() else None
+    return float(stored) if isinstance(stored, int | float) else resolve_min_score(None)
+
+
+def _decision(run: RunDir, cfg: ExperimentConfig, it: int, ids: list[str]) -> tuple[Any, Any]:
+    """The rule applied to iteration ``it``'s predictions of ``ids`` (pure, so the export
+    phase recomputes exactly what the decide phase stored); also the predictions frame."""
+    from detloop.orchestrator.evaluation.common import load_calibration
+    from detloop.selectors import autolabel as al
+    from detloop.selectors.threshold import load_thresholds
+
+    thresholds = load_thresholds(run.thresholds_file(it))
+    preds = read_table(schema.PREDICTIONS, run.predictions_file(it))
+    if thresholds.calibrated and "entropy_cal" not in preds.column_names:
+        cal = load_calibration(run, it)
+        if cal is None:
+            msg = "the thresholds are of calibrated uncertainties: no calibrators"
+            raise DataError(str(run.calibration_dir(it)), None, None, msg)
+        preds = cal.transform(preds)
+    pdf = preds.drop_columns(["logits", "mc_class_vec"]).to_pandas()
+    min_score = decision_min_score(run, cfg, it)
+    return al.decide(pdf, ids, thresholds, min_score, cfg.autolabel.empty_image), pdf
+
+
+def decide_iteration(run: RunDir, cfg: ExperimentConfig, it: int, ids: list[str]) -> dict[str, Any]:
+    """Decide the frames ``ids``: selection table, auto-labels, image states, the report (in
+    ``metrics.json`` under ``autolabel``); returns the report."""
     from detloop.data.labels import next_box_id
     from detloop.data.pool import PoolState
-    from detloop.learners.predict import Predictor
-    from detloop.orchestrator.evaluation.common import load_calibration, log_run_artifacts
-    from detloop.orchestrator.evaluation.validation import (
-        calibrate_model,
-        same_path,
-        threshold_model,
-    )
+    from detloop.orchestrator.evaluation.common import update_metrics
     from detloop.selectors import autolabel as al
 
-    it = ref.iteration
-    foreign = None if same_path(ref.checkpoint, run.checkpoint(it)) else ref.checkpoint
-    # --checkpoint: a bundle's own fits where they apply, else fitted for it — never the run's
-    if foreign is not None and not reuse_bundle_fits(run, cfg, it, foreign):
-        c = cfg.calibration
-        if c.calibrate_classification and c.calibrate_regression:
-            calibrate_model(run, cfg, it, it, seed, plots=False, toolbox=False, checkpoint=foreign)
-        threshold_model(run, cfg, it, it, seed, plots=False, checkpoint=foreign)
-    thresholds = ensure_thresholds(run, cfg, it, seed, checkpoint=foreign)
-    cal = load_calibration(run, it)
-    if thresholds.calibrated and cal is None:
-        calibrate_model(run, cfg, it, it, seed, plots=False, toolbox=False, checkpoint=foreign)
-        cal = load_calibration(run, it)
-    predictor = Predictor.from_checkpoint(ref.checkpoint, cfg, class_names=run.class_names())
-    preds = predictor.predict(frames, seed=seed)
-    predictor.log_stats("autolabel frames")
-    preds = cal.transform(preds) if cal is not None else preds
-    write_table(preds, schema.PREDICTIONS, run.predictions_file(it))
-    min_score = _min_score(run, cfg, it, foreign)
-    pdf = preds.drop_columns(["logits", "mc_class_vec"]).to_pandas()
-    ids = frames["image_id"].to_pylist()
-    decision = al.decide(pdf, ids, thresholds, min_score, cfg.autolabel.empty_image)
+    decision, pdf = _decision(run, cfg, it, ids)
     write_table(al.selection_table(decision, it), schema.SELECTION, run.selection_file(it))
     pool = PoolState.load(run).without_labels("auto", image_ids=ids)  # a re-run replaces them
     labels = al.auto_label_table(decision, it, next_box_id(pool.labels))
     pool = pool.with_labels(labels).with_state(decision.ids("auto_labeled"), "auto_labeled", it)
     pool = pool.with_state(decision.ids("examine"), "examine", it, reason=REASON)
     pool.save(run)
-    exports = _export(run, cfg, decision, labels, it)
-    report = _report(run, cfg, decision, pdf, ids, thresholds.calibrated)
-    from detloop.orchestrator.evaluation.common import update_metrics
-
-    paths = [update_metrics(run, it, "autolabel", report), run.selection_file(it), *exports]
-    log_run_artifacts(run, cfg, paths, run.artifact_path(it, "autolabel"))
+    calibrated = "entropy_cal" in pdf.columns
+    report = _report(run, cfg, decision, pdf, ids, calibrated)
+    update_metrics(run, it, "autolabel", report)
     return report
 
 
-def _min_score(run: RunDir, cfg: ExperimentConfig, it: int, model: Path | None = None) -> float:
-    """``predict.min_score``, else from the stored validation of iteration ``it`` when it is
-    of this model (§3), else a bundle's own (``model``: a foreign checkpoint)."""
-    from detloop.data.io import read_json, read_table
-    from detloop.data.min_score import resolve_min_score
-    from detloop.orchestrator.evaluation.common import mean_matched_score
-    from detloop.orchestrator.evaluation.validation import validated_by
-
-    if cfg.predict.min_score is not None:
-        return resolve_min_score(cfg.predict.min_score)
-    ours = model is None or validated_by(run, it) == str(Path(model).resolve())
-    if ours and run.matches_file(it).exists():
-        preds = read_table(schema.PREDICTIONS, run.val_predictions_file(it))
-        avg = mean_matched_score(preds, read_table(schema.MATCHES, run.matches_file(it)))
-        return resolve_min_score(None, mean_matched=avg)
-    manifest = Path(model) / "manifest.json" if model is not None else None
-    if manifest is not None and manifest.is_file():
-        stored = read_json(manifest).get("min_score")
-        if isinstance(stored, int | float):
-            return float(stored)
-    return resolve_min_score(None)
+def export_iteration(run: RunDir, cfg: ExperimentConfig, it: int) -> list[Path]:
+    """The files of iteration ``it``'s decision (as the decide phase stored it)."""
+    sel = read_table(schema.SELECTION, run.selection_file(it))
+    decision, _ = _decision(run, cfg, it, sel["image_id"].to_pylist())
+    labels = run.read_labels()
+    mask = pc.and_(pc.equal(labels["source"], "auto"), pc.equal(labels["iteration"], it))
+    return _export(run, cfg, decision, labels.filter(mask), it)
 
 
 def _export(

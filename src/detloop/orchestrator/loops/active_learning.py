@@ -81,6 +81,9 @@ class ActiveLearningLoop(ModelLoop):
                 human=self.human,
             ):
                 out.append(Step(it, ph))
+        if self.cfg.autolabel.after_loop:  # the final model auto-labels the rest of the pool
+            k = self.n_iterations()
+            out += [Step(k, Phase.PREDICT), *self.autolabel_steps(k)]
         return out
 
     # ---- the base's hooks ------------------------------------------------------------------
@@ -99,12 +102,16 @@ class ActiveLearningLoop(ModelLoop):
             Phase.WAIT_FOR_LABELS: self._phase_wait_for_labels,
             Phase.TRAIN: self._phase_train,
             Phase.EVALUATE: self._phase_evaluate,
+            Phase.DECIDE: self.phase_decide,
+            Phase.EXPORT: self.phase_export,
             Phase.LOG: self._phase_log,
         }
 
     def last_iteration(self) -> int | None:
         # the number of iterations needs the budgets, known once the pool is imported
-        return self.n_iterations() - 1 if "budget_sizes" in self.journal.meta else None
+        if "budget_sizes" not in self.journal.meta:
+            return None
+        return self.n_iterations() - (0 if self.cfg.autolabel.after_loop else 1)
 
     def close(self) -> None:
         self.warmup.release()
@@ -259,6 +266,8 @@ class ActiveLearningLoop(ModelLoop):
         return info
 
     def _phase_log(self, iteration: int) -> dict[str, Any]:
+        if iteration == self.n_iterations():  # autolabel.after_loop
+            return self.autolabel_log(iteration, iteration)
         metrics = read_json(self.run.metrics_file(iteration))
         pool = PoolState.load(self.run)
         numbers = steps.iteration_metrics(metrics, pool, self.journal, iteration, self.budgets())

@@ -13,6 +13,7 @@ from detloop.orchestrator.engine.journaled import JournaledLoop, resume_command
 from detloop.orchestrator.engine.runs import code_version, ray_job_id, strategy_name
 from detloop.orchestrator.engine.tracking import LoopCallback, MlflowTracker
 from detloop.orchestrator.loops.active_learning import ActiveLearningLoop
+from detloop.orchestrator.loops.autolabel_run import AutoLabelRun
 from detloop.orchestrator.loops.semi_supervised import SemiSupervisedLoop
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,11 @@ class LoopOutcome:
 
 
 def loop_class(cfg: ExperimentConfig) -> type[JournaledLoop]:
-    """The loop a config asks for (``loop: al`` or ``loop: ssl``)."""
-    return SemiSupervisedLoop if cfg.loop == "ssl" else ActiveLearningLoop
+    """The loop a config asks for (``loop: al``, ``ssl`` or ``autolabel``)."""
+    loops: dict[str, type[JournaledLoop]] = {
+        "al": ActiveLearningLoop, "ssl": SemiSupervisedLoop, "autolabel": AutoLabelRun
+    }  # fmt: skip
+    return loops[cfg.loop]
 
 
 def execute(run: RunDir, cfg: ExperimentConfig) -> LoopOutcome:

@@ -1,21 +1,24 @@
-"""``ModelLoop``: the phases every loop that trains detectors shares — predicting images with
-one of its models over the predict workers, evaluating a model, calibrating and thresholding it
-on validation. ``ActiveLearningLoop`` and ``SemiSupervisedLoop`` are built on it.
+"""``ModelLoop``: the phases every loop with detectors shares — predicting images with one of
+its models over the workers, evaluating a model, calibrating and thresholding it on validation,
+and auto-labeling with it (decide, export, log). ``ActiveLearningLoop``, ``SemiSupervisedLoop``
+and ``AutoLabelRun`` are built on it.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from detloop import console
 from detloop.data import schema, splits
 from detloop.data.io import write_json, write_table
 from detloop.orchestrator.engine.journal import Phase
-from detloop.orchestrator.engine.journaled import JournaledLoop
+from detloop.orchestrator.engine.journaled import JournaledLoop, Step
 from detloop.orchestrator.engine.progress import iteration_line
 from detloop.orchestrator.engine.workers import TrainJob, TrainOutcome
 from detloop.orchestrator.loops import steps
@@ -143,17 +146,96 @@ class ModelLoop(JournaledLoop):
         return out
 
     def publish(
-        self, iteration: int, metrics: dict[str, Any], numbers: dict[str, float], last: int
+        self,
+        iteration: int,
+        metrics: dict[str, Any],
+        numbers: dict[str, float],
+        last: int,
+        files: tuple[Path, ...] = (),
     ) -> dict[str, Any]:
         """The log phase's common end: ``metrics.json`` with ``numbers``, the iteration's
-        numbers and files to the callbacks, its line to the console."""
+        numbers and files (and ``files``) to the callbacks, its line to the console."""
         write_json({**metrics, **numbers}, self.run.metrics_file(iteration))
         files = (
             self.run.selection_file(iteration),
             self.run.metrics_file(iteration),
             self.run.thresholds_file(iteration),
             self.run.calibration_dir(iteration),
+            *files,
         )
         self.notify_iteration(iteration, numbers, [p for p in files if p.exists()])
         console.say(iteration_line(self.run.name, iteration, last, numbers, unit=self.unit))
         return {"logged": len(numbers)}
+
+    # ---- auto-labeling with model ``it - 1`` (ALGORITHMS §8) -------------------------------
+    def autolabel_steps(self, it: int, fits_reused: bool = False) -> list[Step]:
+        """Auto-labeling of iteration ``it`` after its predict phase: calibrate (when the
+        thresholds are of calibrated uncertainties) and threshold on validation — unless a
+        model bundle's own fits were reused — then decide, export, log."""
+        c = self.cfg.calibration
+        phases = []
+        if not fits_reused:
+            if c.calibrate_classification and c.calibrate_regression:
+                phases.append(Phase.CALIBRATE)
+            phases.append(Phase.THRESHOLD)
+        return [Step(it, p) for p in (*phases, Phase.DECIDE, Phase.EXPORT, Phase.LOG)]
+
+    def phase_decide(self, iteration: int, first: int | None = None,
+                     last: int | None = None) -> dict[str, Any]:  # fmt: skip
+        """Each frame (the pool's unlabeled images, [first, last) of them by id) auto-labeled
+        or sent to examine; auto-labels with source ``auto``."""
+        from detloop.orchestrator.evaluation.autolabel import decide_iteration, frame_ids
+
+        ids = frame_ids(self.run.read_images(), iteration, first, last)
+        report = decide_iteration(self.run, self.cfg, iteration, ids)
+        return {k: report[k] for k in ("n_images", "n_auto_labeled", "n_examine", "delta")}
+
+    def phase_export(self, iteration: int) -> dict[str, Any]:
+        """COCO of the auto-labels; COCO + Label Studio tasks of the images to examine."""
+        from detloop.orchestrator.evaluation.autolabel import export_iteration
+
+        return {"files": len(export_iteration(self.run, self.cfg, iteration))}
+
+    def autolabel_numbers(self, iteration: int) -> dict[str, float]:
+        """What an auto-labeling iteration logs: shares, δ̄, the combination's weights, and the
+        auto-labels' quality where the frames have ground truth."""
+        from detloop.data.io import read_json
+        from detloop.selectors.threshold import load_thresholds
+
+        report = read_json(self.run.metrics_file(iteration))["autolabel"]
+        n = max(1, int(report["n_images"]))
+        out = {
+            "autolabel_frames": float(report["n_images"]),
+            "autolabel_auto_labeled": float(report["n_auto_labeled"]),
+            "autolabel_examine": float(report["n_examine"]),
+            "autolabel_share": report["n_auto_labeled"] / n,
+            "autolabel_auto_labels": float(report["n_auto_labels"]),
+            "autolabel_min_score": float(report["min_score"]),
+        }
+        if report["delta"] is not None and np.isfinite(report["delta"]):
+            out["autolabel_delta"] = float(report["delta"])
+        res = load_thresholds(self.run.thresholds_file(iteration))
+        for name, w in zip(res.uncertainties, res.weights, strict=True):
+            out[f"autolabel_weight_{name}"] = float(w)
+        quality = report.get("quality") or {}
+        for key in ("image_precision", "score_rule_image_precision", "label_precision",
+                    "label_recall", "pct_error_free"):  # fmt: skip
+            if key in quality:
+                out[f"autolabel_{key}"] = float(quality[key])
+        return out
+
+    def autolabel_log(
+        self, iteration: int, last: int, extra: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """The log phase of an auto-labeling iteration (its exports go to the tracker too);
+        ``extra``: more numbers to log with it."""
+        from detloop.data.io import read_json
+
+        metrics = read_json(self.run.metrics_file(iteration))
+        numbers = {**(extra or {}), **self.autolabel_numbers(iteration)}
+        numbers.update(self.journal_numbers(iteration, (Phase.CALIBRATE, Phase.THRESHOLD)))
+        numbers.update(self.bound_numbers(iteration))
+        stem = self.run.autolabel_stem(iteration)
+        exports = tuple(sorted(stem.parent.glob(f"{stem.name}_*")))
+        renders = self.run.autolabel_renders_dir(iteration)
+        return self.publish(iteration, metrics, numbers, last, (*exports, renders))

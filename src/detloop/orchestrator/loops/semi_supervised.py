@@ -86,13 +86,16 @@ class SemiSupervisedLoop(ModelLoop):
                 phases.append(Phase.THRESHOLD)
             phases += [Phase.PSEUDO_LABEL, Phase.TRAIN, Phase.EVALUATE, Phase.LOG]
             out += [Step(r, p) for p in phases]
+        if self.cfg.autolabel.after_loop:  # the last model auto-labels the unlabeled part
+            k = self.n_rounds() + 1
+            out += [Step(k, Phase.PREDICT), *self.autolabel_steps(k)]
         return out
 
     def prologue(self) -> list[Step]:
         return [Step(0, Phase.IMPORT)]
 
     def last_iteration(self) -> int | None:
-        return self.n_rounds()
+        return self.n_rounds() + (1 if self.cfg.autolabel.after_loop else 0)
 
     def handlers(self) -> Mapping[Phase, Handler]:
         return {
@@ -104,6 +107,8 @@ class SemiSupervisedLoop(ModelLoop):
             Phase.PSEUDO_LABEL: self._phase_pseudo_label,
             Phase.TRAIN: self._phase_train,
             Phase.EVALUATE: self._phase_evaluate,
+            Phase.DECIDE: self.phase_decide,
+            Phase.EXPORT: self.phase_export,
             Phase.LOG: self._phase_log,
         }
 
@@ -232,6 +237,8 @@ class SemiSupervisedLoop(ModelLoop):
         return info
 
     def _phase_log(self, iteration: int) -> dict[str, Any]:
+        if iteration > self.n_rounds():  # autolabel.after_loop
+            return self.autolabel_log(iteration, iteration)
         metrics = read_json(self.run.metrics_file(iteration))
         pool = PoolState.load(self.run)
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
