@@ -1,4 +1,5 @@
-"""End to end on digits-det tiny: validate → calibrate → threshold → autolabel via ``main``."""
+"""End to end on digits-det tiny: validate → calibrate → threshold via ``main`` (auto-labeling:
+test_autolabel_run.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pyarrow.compute as pc
 import pytest
 import torch
 import yaml
-from pycocotools.coco import COCO
 
 from detloop.cli.main import main
 from detloop.config import ExperimentConfig
@@ -21,7 +21,6 @@ from detloop.data.importer import import_source
 from detloop.data.io import read_json, read_table
 from detloop.data.rundir import RunDir
 from detloop.learners.calibration import CalibrationSet
-from detloop.orchestrator.evaluation.autolabel import ensure_thresholds
 from detloop.orchestrator.evaluation.common import log_artifacts
 from detloop.selectors.threshold import load_thresholds
 
@@ -33,7 +32,6 @@ SETTINGS = {
     "train": {"device": "cpu", "max_steps": 6, "batch_size": 4, "epochs": 1},
     "predict": {"batch_size": 8},
     "thresholding": {"n_trials": 12, "patience": 6},
-    "autolabel": {"render": True},
 }
 
 
@@ -65,9 +63,7 @@ def cli(*argv: str) -> int:
 
 
 @pytest.mark.slow
-def test_validate_calibrate_threshold_autolabel(
-    trained: tuple[Path, RunDir], digits_tiny: Path
-) -> None:
+def test_validate_calibrate_threshold(trained: tuple[Path, RunDir], digits_tiny: Path) -> None:
     cfg, run = trained
     common = [str(cfg), "--run", str(run.path), "--iteration", "0"]
     assert cli("validate", *common) == 0
@@ -104,49 +100,6 @@ def test_validate_calibrate_threshold_autolabel(
         f"thresholds_{v}.json" for v in (res.variant, other.variant)
     )
     assert res.variant == "cd_b0.95_iou0.5-0.75_detection_cal_entropy+albox_rel"
-    before = first.stat().st_mtime_ns
-    assert ensure_thresholds(run, ExperimentConfig.model_validate(SETTINGS), 0, 0).variant == (
-        res.variant
-    )
-    assert first.stat().st_mtime_ns == before  # found, not recomputed
-
-    test_dir = digits_tiny / "images" / "test"
-    argv = ["autolabel", *common, "--images", str(test_dir), "--first", "0", "--last", "10"]
-    assert cli(*argv) == 0
-    sel = read_table(schema.SELECTION, run.selection_file(0))
-    assert sel.num_rows == 10 and set(sel["verdict"].to_pylist()) <= {"auto_labeled", "examine"}
-    images = run.read_images().to_pandas().set_index("image_id")
-    for image_id, verdict in zip(
-        sel["image_id"].to_pylist(), sel["verdict"].to_pylist(), strict=True
-    ):
-        assert images.loc[image_id, "state"] == verdict
-    labels = run.read_labels().to_pandas()
-    auto = set(sel.filter(pc.equal(sel["verdict"], "auto_labeled"))["image_id"].to_pylist())
-    assert set(labels.loc[labels["source"] == "auto", "image_id"]) <= auto
-    q = read_json(run.metrics_file(0))["autolabel"]
-    assert q["n_images"] == 10 and "quality" in q
-    renders = run.autolabel_renders_dir(0)  # autolabel.render: every image, by its verdict
-    for verdict in ("examine", "auto_labeled"):
-        ids = sel.filter(pc.equal(sel["verdict"], verdict))["image_id"].to_pylist()
-        assert len(list((renders / verdict).glob("*.png"))) == len(ids)
-    ex = run.exports
-    with contextlib.redirect_stdout(io.StringIO()):
-        COCO(str(ex / "autolabel_iter_0000_auto.coco.json"))
-        COCO(str(ex / "autolabel_iter_0000_examine.coco.json"))
-    import jsonschema
-
-    jsonschema.validate(read_json(ex / "autolabel_iter_0000_examine.label_studio.json"), SCHEMA)
-    assert (ex / "autolabel_iter_0000_examine.label_studio.xml").exists()
-    # running again on the same frames replaces the auto labels instead of duplicating them
-    assert cli(*argv) == 0
-    again = run.read_labels().to_pandas()
-    assert (again["source"] == "auto").sum() == (labels["source"] == "auto").sum()
-    # thresholds fitted for another unit do not match the config: recomputed, image budget
-    assert cli(*argv, "--set", "thresholding.thr_unit=image") == 0
-    per_image = load_thresholds(run.thresholds_file(0))
-    assert per_image.unit == "image" and per_image.metrics["unit"] == "image"
-    n_images = per_image.metrics["combination"]["per_iou"][0]
-    assert n_images["n_cd"] + n_images["n_fd"] <= m["n_images"]  # one row per image at most
 
 
 def test_bad_input_exits_2(tmp_path: Path) -> None:
@@ -155,8 +108,6 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     assert cli("validate", str(cfg), "--run", str(tmp_path / "run"), "--iteration", "3") == 2
     assert cli("calibrate", str(cfg), "--run", str(tmp_path / "nope")) == 2
-    argv = ["autolabel", str(cfg), "--run", str(tmp_path / "run"), "--images", str(tmp_path / "x")]
-    assert cli(*argv) == 2
     cfg.write_text(yaml.safe_dump({"name": "x", "calibration": {"calib_split": 2}}))
     assert cli("threshold", str(cfg), "--run", str(tmp_path / "run")) == 2
 

@@ -208,58 +208,51 @@ def test_a_bundle_predicts_a_renamed_dataset_like_its_source(
 def test_a_bundle_autolabels_a_renamed_copy_with_the_same_verdicts(
     trained: tuple[RunDir, ExperimentConfig], digits_tiny: Path, tmp_path: Path
 ) -> None:
-    """A model validated, calibrated and thresholded on digits-det, bundled, then used on a copy
-    whose classes are renamed: its own calibrators and thresholds are reused (not fitted again)
-    and every frame gets the verdict it gets in the source run."""
-    import shutil
-
-    import pyarrow.compute as pc
-
+    """A model auto-labels digits-det's test split in an AutoLabelRun (validated, calibrated and
+    thresholded on val there); bundled from that run, it auto-labels a copy of the frames whose
+    classes are renamed, with no validation split: its own calibrators, thresholds and min
+    score are reused (nothing is fitted again) and every frame gets the same verdict."""
     from detloop.data import schema
     from detloop.data.digits import digits_source
-    from detloop.data.importer import import_source
     from detloop.data.io import read_table
+    from detloop.data.rundir import RunsRoot
 
-    source = RunDir(tmp_path / "source")
-    shutil.copytree(trained[0].path, source.path)
-    settings = {**SETTINGS, "thresholding": {"n_trials": 12, "patience": 6}}
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(settings))
-    common = [str(cfg), "--run", str(source.path), "--iteration", "0"]
-    for verb in (["validate", "--no-compare"], ["calibrate"], ["threshold"]):
-        assert cli(verb[0], *common, *verb[1:]) == 0
-    bundle = tmp_path / "bundle"
-    assert cli("export-model", str(source.path), "--iteration", "0", "--out", str(bundle)) == 0
-    assert (bundle / "thresholds.json").is_file() and (bundle / "calibration").is_dir()
-
-    copy = RunDir(tmp_path / "copy")
-    for split in ("val", "test"):  # the frames are the test images, known to both runs
+    runs = tmp_path / "runs"
+    settings = {**SETTINGS, "predict": {"batch_size": 4}, "runs_root": str(runs),
+                "ray": {"in_process": True}, "tracking": {"enabled": False},
+                "thresholding": {"n_trials": 12, "patience": 6}}  # fmt: skip
+    data, renamed = {}, {}
+    for split, key in (("val", "val"), ("test", "pool")):
         coco, images = digits_source(digits_tiny, split)
+        data[key] = {"format": "coco", "source": str(coco), "images": str(images)}
         doc = json.loads(Path(coco).read_text())
         doc["categories"] = [{**c, "name": WORDS[int(c["name"])]} for c in doc["categories"]]
-        renamed = tmp_path / f"renamed_{split}.json"
-        renamed.write_text(json.dumps(doc))
-        import_source(copy, "coco", renamed, split, images=images)
-        if split == "test":
-            import_source(source, "coco", coco, split, images=images)
-    mapped = tmp_path / "mapped.yaml"
+        (tmp_path / f"renamed_{split}.json").write_text(json.dumps(doc))
+        renamed[key] = {**data[key], "source": str(tmp_path / f"renamed_{split}.json")}
+    cfg = tmp_path / "src.yaml"
+    cfg.write_text(yaml.safe_dump({**settings, "name": "src", "data": data}))
+    assert cli("autolabel", str(cfg), "--checkpoint", str(trained[0].checkpoint(0))) == 0
+    source = RunsRoot(runs).run("src", "autolabel-s0")
+    bundle = tmp_path / "bundle"
+    assert cli("export-model", str(source.path), "--iteration", "0", "--out", str(bundle)) == 0
+    assert (bundle / "thresholds.json").read_bytes() == source.thresholds_file(1).read_bytes()
+    assert (bundle / "calibration").is_dir()
+
+    mapped = tmp_path / "copy.yaml"
     class_map = {w: str(d) for d, w in enumerate(WORDS)}
-    mapped.write_text(
-        yaml.safe_dump({**settings, "model": {**settings["model"], "class_map": class_map}})
+    model = {**SETTINGS["model"], "class_map": class_map}
+    copy_settings = {**settings, "name": "copy", "data": {"pool": renamed["pool"]}, "model": model}
+    mapped.write_text(yaml.safe_dump(copy_settings))
+    assert cli("autolabel", str(mapped), "--checkpoint", str(bundle)) == 0
+    copy = RunsRoot(runs).run("copy", "autolabel-s0")
+    phases = {h["phase"] for h in copy.read_meta()["history"]}
+    assert not phases & {"evaluate", "calibrate", "threshold"}  # the bundle's fits, as they are
+    assert copy.thresholds_file(1).read_bytes() == (bundle / "thresholds.json").read_bytes()
+    ours = read_table(schema.SELECTION, source.selection_file(1))
+    theirs = read_table(schema.SELECTION, copy.selection_file(1))
+    assert ours.num_rows == 32 and theirs.equals(ours)  # verdicts, u, δ̄, counts
+    assert (
+        copy.read_labels()
+        .select(["image_id", "class_id", "x1"])
+        .equals(source.read_labels().select(["image_id", "class_id", "x1"]))
     )
-    frames = ["--images", str(digits_tiny / "images" / "test"), "--first", "0", "--last", "12"]
-    assert cli("autolabel", *common, *frames) == 0
-    argv = [str(mapped), "--run", str(copy.path), "--checkpoint", str(bundle), *frames]
-    assert cli("autolabel", *argv) == 0
-
-    def verdicts(run: RunDir) -> list[tuple[str, str]]:
-        sel = read_table(schema.SELECTION, run.selection_file(0))
-        sel = sel.filter(pc.is_valid(sel["verdict"]))
-        return sorted(zip(sel["image_id"].to_pylist(), sel["verdict"].to_pylist(), strict=True))
-
-    assert len(verdicts(source)) == 12 and verdicts(copy) == verdicts(source)
-    ours = read_table(schema.SELECTION, source.selection_file(0))
-    assert read_table(schema.SELECTION, copy.selection_file(0)).equals(ours)  # u, counts too
-    reused = copy.thresholds_file(0).read_bytes()
-    assert reused == (bundle / "thresholds.json").read_bytes()  # the bundle's, not refitted
-    assert not copy.matches_file(0).exists()  # nothing was validated on the copy

@@ -92,26 +92,54 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bundle(run: RunDir, iteration: int, out: Path, meta: dict[str, Any]) -> int:
+def _metrics(run: RunDir, iteration: int) -> dict[str, Any]:
     from detloop.data.io import read_json
+
+    path = run.metrics_file(iteration)
+    doc = read_json(path) if path.exists() else {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def fits_iteration(run: RunDir, model_iteration: int) -> int | None:
+    """The iteration holding the thresholds (and calibrators) fitted for the model of
+    ``model_iteration``: its own (``detloop calibrate|threshold --iteration N``), or the next
+    one (a loop's iteration i calibrates and thresholds M(i-1)); None when neither does."""
+    for it in (model_iteration, model_iteration + 1):
+        th = _metrics(run, it).get("thresholding", {})
+        model = th.get("model_iteration", model_iteration if it == model_iteration else None)
+        if model == model_iteration and run.thresholds_file(it).is_file():
+            return it
+    return None
+
+
+def _bundle(run: RunDir, iteration: int, out: Path, meta: dict[str, Any]) -> int:
     from detloop.learners.bundle import write_bundle
 
     classes = run.class_names()
     if not classes:
         raise UsageError(f"{run.path}: no categories (import data first)")
-    metrics = read_json(run.metrics_file(iteration)) if run.metrics_file(iteration).exists() else {}
-    validation = metrics.get("validation", {}) if isinstance(metrics, dict) else {}
+    fits = fits_iteration(run, iteration)
+    metrics = _metrics(run, iteration)
+    fitted = _metrics(run, fits).get("thresholding", {}) if fits is not None else {}
+    min_score = fitted.get("min_score", metrics.get("validation", {}).get("min_score"))
     config = run.read_meta().get("config") if run.run_json.exists() else None
+    calibration = run.calibration_dir(fits) if fits is not None else None
+    thresholds = run.thresholds_file(fits) if fits is not None else None
     info = {
-        "source": {"run": run.name, "iteration": iteration, "steps": meta.get("steps")},
+        "source": {
+            "run": run.name,
+            "iteration": iteration,
+            "steps": meta.get("steps"),
+            "fits_iteration": fits,
+        },
         "versions": {p: _version(p) for p in ("detloop", "torch", "effdet")},
-        "min_score": validation.get("min_score"),
-        "calibrated": run.calibration_dir(iteration).is_dir(),
-        "thresholds": run.thresholds_file(iteration).is_file(),
+        "min_score": min_score,
+        "calibrated": calibration is not None and calibration.is_dir(),
+        "thresholds": thresholds is not None,
     }
     write_bundle(
-        run.checkpoint(iteration), out, classes, calibration=run.calibration_dir(iteration),
-        thresholds=run.thresholds_file(iteration), config=config, info=info,
+        run.checkpoint(iteration), out, classes, calibration=calibration,
+        thresholds=thresholds, config=config, info=info,
     )  # fmt: skip
     extras = [k for k in ("calibrated", "thresholds") if info[k]]
     _out(f"bundle of iteration {iteration} of {run.name} ({len(classes)} classes"

@@ -60,27 +60,6 @@ def _matches(path: Path, want: dict[str, Any]) -> bool:
     return all(getattr(res, k) == v for k, v in want.items())
 
 
-def ensure_thresholds(
-    run: RunDir, cfg: ExperimentConfig, it: int, seed: int, checkpoint: Path | None = None
-) -> Any:
-    """The thresholding result of iteration ``it`` matching the config (computed if needed,
-    on ``checkpoint``'s validation when given)."""
-    from detloop.orchestrator.evaluation.validation import threshold_model
-    from detloop.selectors.threshold import load_thresholds
-    from detloop.selectors.threshold_data import variant_key
-
-    want = _wanted_thresholds(cfg)
-    t = cfg.thresholding
-    variant = variant_key(want["uncertainties"], t.thr_cd, t.thr_fpr_tpr, t.thr_iou_thrs,
-                          t.thr_unit, want["calibrated"], t.fd_scope)  # fmt: skip
-    for path in (run.thresholds_file(it), run.thresholds_variant_file(it, variant)):
-        if path.exists() and _matches(path, want):
-            return load_thresholds(path)
-    logger.info("no thresholds of iteration %d match the config: computing them", it)
-    threshold_model(run, cfg, it, it, seed, checkpoint=checkpoint)
-    return load_thresholds(run.thresholds_file(it))
-
-
 def reuse_bundle_fits(run: RunDir, cfg: ExperimentConfig, it: int, bundle: Path) -> bool:
     """Copy a model bundle's calibrators and thresholds into iteration ``it`` when they apply
     here: the bundle has them, its thresholds match the config, and its classes are the run's

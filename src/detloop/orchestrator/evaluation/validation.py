@@ -286,7 +286,7 @@ def threshold_model(
     headline = {
         "metric": combo["metric"], "auroc": combo["auroc"], "jsd": combo["jsd"],
         "weights": result.weights, "threshold_mean": result.threshold_mean, "n_rows": len(rows),
-        "n_trials": result.n_trials, "min_score": min_score,
+        "n_trials": result.n_trials, "min_score": min_score, "model_iteration": model_iter,
     }  # fmt: skip
     paths.append(update_metrics(run, out_iter, "thresholding", headline))
     log_run_artifacts(run, cfg, paths, run.artifact_path(out_iter, "thresholding"))
