@@ -179,3 +179,39 @@ def test_sigkill_at_every_phase_boundary_resumes_to_the_same_verdicts(
     assert run.read_labels().equals(ref.read_labels())
     states = run.read_images().select(["image_id", "state", "reason"])
     assert states.equals(ref.read_images().select(["image_id", "state", "reason"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["al", "ssl"])
+def test_after_loop_auto_labels_the_rest_of_the_pool(
+    loop: str, digits_tiny: Path, tmp_path: Path
+) -> None:
+    """``autolabel.after_loop`` on the CI config: the final model splits what is left of the
+    pool into auto_labeled and examine; ``export coco`` then writes the labeled dataset with
+    the provenance of every box."""
+    root = tmp_path / "runs"
+    extra = [*FAST, "al.iterations=1", "autolabel.after_loop=true", "tracking.enabled=false"]
+    if loop == "ssl":
+        extra += ["loop=ssl", "ssl.portion_labeled=20", "ssl.selection_strategy=score"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["run", str(CI_CONFIG), *ci_overrides(digits_tiny, root, *extra)]) == 0
+    name = "entropy-s0" if loop == "al" else "ssl-score-s0"
+    run = RunsRoot(root).run("ci", name)
+    last = 1 if loop == "al" else 2  # AL: iteration 0 (+1); SSL: teacher, student (+1)
+    history = [(h["iteration"], h["phase"]) for h in run.read_meta()["history"]]
+    assert history[-5:] == [(last, p) for p in ("threshold", "decide", "export", "log", "done")]
+    sel = read_table(schema.SELECTION, run.selection_file(last))
+    images = run.read_images().to_pandas()
+    pool = images[images["split"] == "pool"]
+    left = pool[pool["state"].isin(["auto_labeled", "examine"])]
+    assert sorted(left["image_id"]) == sorted(sel["image_id"].to_pylist())
+    assert len(left) + (pool["state"] == "labeled").sum() == len(pool)  # nothing else is left
+    assert "auto-labeling with the model of iteration" in out.getvalue()
+    dataset = tmp_path / "dataset.json"
+    assert cli("export", "coco", str(run.path), "--out", str(dataset)) == 0
+    doc = json.loads(dataset.read_text())
+    kinds = {a["detloop_source"] for a in doc["annotations"]}
+    assert {"oracle", "gt"} <= kinds <= {"oracle", "gt", "auto"}
+    n_labeled = int((pool["state"].isin(["labeled", "auto_labeled"])).sum())
+    assert len(doc["images"]) == n_labeled + int((images["split"] == "val").sum())
