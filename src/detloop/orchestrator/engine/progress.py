@@ -298,6 +298,27 @@ def _num(numbers: Mapping[str, float], key: str, fmt: str) -> str | None:
     return None if value is None or value != value else format(value, fmt)
 
 
+def _label_parts(numbers: Mapping[str, float]) -> list[str]:
+    """Labels a loop made without people: SSL's pseudo-labels, auto-labeling's verdicts (with
+    their precision where ground truth is known)."""
+    parts: list[str] = []
+    pseudo = _num(numbers, "pseudo_label_pseudo_labels", ".0f")
+    if pseudo is not None:  # SSL: the pseudo-labels and, simulated, their precision/recall
+        precision = _num(numbers, "pseudo_label_pseudo_precision", ".3f")
+        recall = _num(numbers, "pseudo_label_pseudo_recall", ".3f")
+        known = f" (precision {precision} recall {recall})" if precision and recall else ""
+        parts.append(f"pseudo-labels {pseudo}{known}")
+    frames = _num(numbers, "autolabel_frames", ".0f")
+    if frames is not None:  # auto-labeling: its verdicts and, with ground truth, their quality
+        auto, examine = (
+            _num(numbers, f"autolabel_{k}", ".0f") for k in ("auto_labeled", "examine")
+        )
+        precision = _num(numbers, "autolabel_image_precision", ".3f")
+        known = f" (image precision {precision})" if precision is not None else ""
+        parts.append(f"auto-labeled {auto}/{frames}{known}, to review {examine}")
+    return parts
+
+
 def iteration_line(
     run_name: str,
     iteration: int,
@@ -326,20 +347,7 @@ def iteration_line(
     loss = _num(numbers, "train_loss", ".4f")
     if loss is not None:
         parts.append(f"loss {loss}")
-    pseudo = _num(numbers, "pseudo_label_pseudo_labels", ".0f")
-    if pseudo is not None:  # SSL: the pseudo-labels and, simulated, their precision/recall
-        precision = _num(numbers, "pseudo_label_pseudo_precision", ".3f")
-        recall = _num(numbers, "pseudo_label_pseudo_recall", ".3f")
-        known = f" (precision {precision} recall {recall})" if precision and recall else ""
-        parts.append(f"pseudo-labels {pseudo}{known}")
-    frames = _num(numbers, "autolabel_frames", ".0f")
-    if frames is not None:  # auto-labeling: its verdicts and, with ground truth, their quality
-        auto, examine = (
-            _num(numbers, f"autolabel_{k}", ".0f") for k in ("auto_labeled", "examine")
-        )
-        precision = _num(numbers, "autolabel_image_precision", ".3f")
-        known = f" (image precision {precision})" if precision is not None else ""
-        parts.append(f"auto-labeled {auto}/{frames}{known}, to review {examine}")
+    parts += _label_parts(numbers)
     bounds = [  # what the decoding bounds changed (§2.1, §3), shown only when they did
         f"{int(value)} {label}"
         for key, label in (
