@@ -30,8 +30,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not gpu and not slow" -q
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 

@@ -13,6 +13,7 @@ from detloop.selectors.autolabel import (
     quality_report,
     score_rule_ids,
     selection_table,
+    share_at_precision,
     uncertainty_rankings,
 )
 from detloop.selectors.threshold import ThresholdResult
@@ -120,3 +121,21 @@ def test_box_iou_and_rankings() -> None:
     p = preds([("a", 0, 0.9, 0.1, 1.0), ("b", 0, 0.9, 0.2, 5.0)])
     r = uncertainty_rankings(p, calibrated=True, frac=0.5)
     assert r["albox_rel"]["top"] == ["b"] and r["entropy"]["bottom"] == ["a"]
+
+
+def test_share_at_precision_against_brute_force() -> None:
+    """Every threshold between distinct u values, tried one by one."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n = int(rng.integers(1, 30))
+        u = rng.integers(0, 6, n).astype(float)  # ties on purpose
+        u[rng.random(n) < 0.2] = np.nan
+        ok = rng.random(n) < 0.8
+        key = np.nan_to_num(u, nan=-np.inf)
+        best = 0.0
+        for t in np.unique(key):
+            take = key <= t
+            if ok[take].mean() >= 0.9:
+                best = max(best, take.mean())
+        assert share_at_precision(u, ok, 0.9) == pytest.approx(best)
+    assert share_at_precision([], [], 0.95) == 0.0

@@ -118,6 +118,7 @@ def test_export_of_revealed_labels(
         if a["image_id"] in wanted
     ]
     assert counts["images"] == 5
+    assert {a.pop("detloop_source") for a in back["annotations"]} == {"oracle"}  # provenance
     assert sorted(back["annotations"], key=lambda a: a["id"]) == expected
 
 

@@ -25,6 +25,18 @@ def test_iteration_phases() -> None:
         Phase.PREDICT, Phase.CALIBRATE, Phase.SELECT, Phase.LABEL, Phase.WAIT_FOR_LABELS,
         Phase.TRAIN, Phase.EVALUATE, Phase.LOG,
     ]  # fmt: skip
+    assert iteration_phases(1, calibrate=False, threshold=False, human=False, predict=False) == [
+        Phase.SELECT, Phase.LABEL, Phase.TRAIN, Phase.EVALUATE, Phase.LOG,
+    ]  # fmt: skip
+
+
+def test_only_random_selects_without_predictions() -> None:
+    from detloop.selectors.strategy import parse_strategy
+
+    needs = {s: parse_strategy(s).needs_predictions
+             for s in ("random", "perc_random", "entropy", "combo", "calib_albox")}  # fmt: skip
+    assert needs == {"random": False, "perc_random": True, "entropy": True, "combo": True,
+                     "calib_albox": True}  # fmt: skip
 
 
 def _run(tmp_path: Path) -> RunDir:

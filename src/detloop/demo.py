@@ -1,9 +1,13 @@
-"""``make demo``: active learning on the built-in digits-det data, end to end, on CPU.
+"""``make demo``: active learning, then auto-labeling, on the built-in digits-det data, on CPU.
 
 Builds digits-det small and the backbone pretrained on the UCI digits that the config starts
 from (each once, cached under ``data/``), runs the loop of ``configs/demo.yaml`` for ``random``
-and one uncertainty strategy (the warm-up is computed once and shared), prints mAP per labeled
-fraction for both, writes the AL-curve PNG and tells how to open MLflow on the store.
+and one uncertainty strategy (the warm-up is computed once and shared); the uncertainty run
+ends by auto-labeling what is left of its pool with its final model (``autolabel.after_loop``).
+Prints mAP per labeled fraction for both, the share of the pool auto-labeled and how precise
+those labels are against the hidden ground truth (beside a plain score threshold at the same
+share), the images sent to review, where the review export and the final COCO dataset are,
+writes the AL-curve PNG and tells how to open MLflow on the store.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from detloop import console
 from detloop.config import ExperimentConfig
+from detloop.data.rundir import RunDir
 from detloop.runtime_env import apply_local_env
 
 logger = logging.getLogger("detloop.demo")
@@ -61,6 +66,11 @@ def ensure_pretrained(cfgs: list[ExperimentConfig], folder: Path) -> None:
         _say(f"pretrained backbone: {result.weights} ({how}, held-out accuracy {acc:.3f})")
 
 
+def _autolabel(strategy: str) -> list[str]:
+    """An uncertainty strategy's run ends by auto-labeling the rest of its pool."""
+    return [] if strategy == "random" else ["autolabel.after_loop=true"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     apply_local_env()
     parser = argparse.ArgumentParser(prog="python -m detloop.demo", description=__doc__)
@@ -96,7 +106,10 @@ def _main(args: argparse.Namespace) -> int:
     try:
         ensure_dataset(args.data, args.size, seed=0)
         strategies = [s for s in args.strategies.split(",") if s]
-        cfgs = [load_config(args.config, [*args.overrides, f"al.strategy={s}"]) for s in strategies]
+        cfgs = [
+            load_config(args.config, [*args.overrides, f"al.strategy={s}", *_autolabel(s)])
+            for s in strategies
+        ]
         if not args.validate_only:
             ensure_pretrained(cfgs, args.pretrained)
             for cfg in cfgs:
@@ -130,6 +143,8 @@ def _run(cfgs: list[ExperimentConfig], t_start: float) -> int:
     png, md = write_report(runs, root.experiment(cfgs[0].name))
     _say("\n== mAP per labeled fraction (validation split)\n" + md.read_text())
     _say(f"AL curve: {png}")
+    for run in runs:
+        _autolabel_story(run)
     _say(f"demo wall time: {time.perf_counter() - t_start:.0f} s")
     _say(
         "Open the runs in MLflow with\n"
@@ -139,6 +154,23 @@ def _run(cfgs: list[ExperimentConfig], t_start: float) -> int:
         f"'{cfgs[0].name}', compare the runs side by side)."
     )
     return 0
+
+
+def _autolabel_story(run: RunDir) -> None:
+    """What the auto-labeling of ``run`` did, and the labeled dataset it leaves."""
+    from detloop.data.export import export_coco
+    from detloop.reports.autolabel_report import autolabel_iteration, autolabel_summary
+
+    it = autolabel_iteration(run)
+    if it is None:
+        return
+    _say(f"\n== auto-labeling the rest of the pool ({run.name})\n" + autolabel_summary(run, it))
+    out = run.exports / "dataset.coco.json"
+    counts = export_coco(run, out, boxes="dataset")
+    _say(
+        f"labeled dataset (people's labels, auto-labels, validation ground truth; provenance "
+        f"per box): {out} ({counts['images']} images, {counts['annotations']} boxes)"
+    )
 
 
 if __name__ == "__main__":

@@ -71,6 +71,12 @@ def _print_config(cfg: ExperimentConfig) -> None:
     from detloop.selectors.strategy import explain
 
     _out(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    if cfg.loop == "autolabel":
+        t = cfg.thresholding
+        _out("# loop: auto-labeling (AutoLabelRun)")
+        _out(f"# model: {cfg.autolabel.model}")
+        _out(f"# rule: {t.thr_sel_uncert} combined, FD@CD(b={t.thr_fpr_tpr}), unit {t.thr_unit}")
+        return
     if cfg.loop == "ssl":
         ssl = cfg.ssl
         _out("# loop: semi-supervised (SemiSupervisedLoop)")
@@ -86,6 +92,8 @@ def _print_config(cfg: ExperimentConfig) -> None:
         _out(f"#   {line}")
     if cfg.al.ssl:
         _out(f"# pseudo-label selection: {cfg.ssl.selection_strategy.name}")
+    if cfg.autolabel.after_loop:
+        _out("# then: auto-labeling of the rest of the pool with the final model")
 
 
 def _report_outcome(outcome: LoopOutcome) -> int:

@@ -234,7 +234,7 @@ def export_coco(
     *,
     state: str | None = None,
     split: str | None = None,
-    boxes: BoxSource = "dataset",
+    boxes: BoxSource = "gt",
 ) -> dict[str, int]:
     """Write the run's images (filtered by ``state`` and ``split``) as one COCO file, with the
     original ids restored (policy ``restore``).
@@ -244,10 +244,10 @@ def export_coco(
         out: the COCO JSON file to write (atomically).
         state: only images in this state (e.g. ``examine`` for review).
         split: only images of this split.
-        boxes: ``dataset`` (the labeled dataset: pool images labeled by the oracle or people
+        boxes: ``gt`` (the imported ground truth, the default), ``dataset`` (the labeled dataset: pool images labeled by the oracle or people
             or auto-labeled, with their labels, and the other splits with their ground truth;
-            each box carries its provenance as ``detloop_source``), ``gt`` (the imported
-            ground truth) or ``labels`` (what training uses, pseudo-labels included).
+            each box carries its provenance as ``detloop_source``; ``detloop export``'s default)
+            or ``labels`` (what training uses, pseudo-labels included, with provenance).
 
     Returns:
         Counts of exported images, annotations and categories.

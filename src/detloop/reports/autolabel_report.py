@@ -39,6 +39,11 @@ def autolabel_summary(run: RunDir, iteration: int) -> str:
             f"{m['autolabel_score_rule_image_precision']:.3f}); label precision "
             f"{m['autolabel_label_precision']:.3f}, recall {m['autolabel_label_recall']:.3f}"
         )
+    if "autolabel_share_at_95" in m:
+        lines.append(
+            f"  share of the frames a threshold could auto-label at >= 95 % image precision "
+            f"(chosen in hindsight on the ground truth): {100 * m['autolabel_share_at_95']:.1f} %"
+        )
     stem = run.autolabel_stem(iteration)
     for f in sorted(stem.parent.glob(f"{stem.name}_*")):
         lines.append(f"  {f}")

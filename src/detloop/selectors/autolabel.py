@@ -169,6 +169,23 @@ def score_rule_ids(detections: pd.DataFrame, image_ids: Sequence[str], n: int) -
     return sorted(image_ids, key=lambda i: (-key[i], i))[:n]
 
 
+def share_at_precision(u: Sequence[float], correct: Sequence[bool], target: float) -> float:
+    """The largest share of images a threshold on the image uncertainty ``u`` (lowest first;
+    NaN, an image without detections, lowest of all) could auto-label with an image precision
+    (share ``correct``) of at least ``target`` — what the best threshold in hindsight gives."""
+    n = len(u)
+    if n == 0:
+        return 0.0
+    key = np.nan_to_num(np.asarray(u, np.float64), nan=-np.inf)
+    order = np.argsort(key, kind="stable")
+    ok = np.asarray(correct, bool)[order]
+    precision = np.cumsum(ok) / np.arange(1, n + 1)
+    # a threshold cannot split tied values: only the last position of a run of ties counts
+    ends = np.r_[key[order][1:] != key[order][:-1], True]
+    good = np.flatnonzero((precision >= target) & ends)
+    return float((good[-1] + 1) / n) if len(good) else 0.0
+
+
 def quality_report(
     decision: AutoLabelDecision, gt: pd.DataFrame, iou_thr: float = 0.5
 ) -> dict[str, Any]:
@@ -191,10 +208,13 @@ def quality_report(
     def share(rows: pd.DataFrame, ok: pd.Series) -> float:
         return float(ok.mean()) if len(rows) else 1.0
 
+    correct = err.loc[every, "fp"] == 0
+    u = decision.images.set_index("image_id").loc[every, "u"].to_numpy(np.float64)
     return {
         "iou_thr": iou_thr,
         "n_images": n_all,
         "n_auto_labeled": len(auto),
+        "share_at_95": share_at_precision(u, correct.to_numpy(), 0.95),
         "pct_auto_labeled": 100.0 * len(auto) / n_all if n_all else 0.0,
         "image_precision": share(ours, ours["fp"] == 0),
         "score_rule_image_precision": share(base, base["fp"] == 0),

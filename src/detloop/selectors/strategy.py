@@ -107,6 +107,14 @@ class StrategySpec:
         return self.calib or self.info.needs_calibration
 
     @property
+    def needs_predictions(self) -> bool:
+        """Whether selecting reads the previous model's predictions of the pool (``random``
+        alone does not: its loop skips predicting the pool)."""
+        return (
+            bool(self.info.columns) or self.perc or self.needs_thresholds or self.needs_calibration
+        )
+
+    @property
     def prunes(self) -> bool:
         """Whether the pool is pruned before iteration 0 (and so needs its image hashes)."""
         return self.prune != "none"

@@ -37,16 +37,17 @@ class Phase(StrEnum):
 
 
 def iteration_phases(
-    iteration: int, *, calibrate: bool, threshold: bool, human: bool
+    iteration: int, *, calibrate: bool, threshold: bool, human: bool, predict: bool = True
 ) -> list[Phase]:
     """The phases of one iteration, in order.
 
     Iteration 0 is the warm-up (random selection, no prediction); later iterations predict the
-    unlabeled pool with the previous model first. Human labeling adds a wait after ``label``
-    (in the warm-up too: people label the random first selection).
+    unlabeled pool with the previous model first (unless nothing reads the predictions:
+    ``predict`` false, e.g. ``random``). Human labeling adds a wait after ``label`` (in the
+    warm-up too: people label the random first selection).
     """
     phases: list[Phase] = []
-    if iteration > 0:
+    if iteration > 0 and predict:
         phases.append(Phase.PREDICT)
         if calibrate:
             phases.append(Phase.CALIBRATE)

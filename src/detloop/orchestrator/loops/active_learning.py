@@ -70,6 +70,17 @@ class ActiveLearningLoop(ModelLoop):
         ssl = self.cfg.al.ssl and self.cfg.ssl.selection_strategy.needs_thresholds
         return self.spec.needs_thresholds or ssl
 
+    def needs_predictions(self) -> bool:
+        """Whether an iteration predicts the pool before selecting (also for what the
+        predictions feed: calibration, thresholds, pseudo-labels, a human's pre-annotations)."""
+        return (
+            self.spec.needs_predictions
+            or self.needs_calibration()
+            or self.needs_threshold()
+            or self.cfg.al.ssl
+            or self.human
+        )
+
     def plan(self) -> list[Step]:
         """Every (iteration, phase) after the import, in order."""
         out: list[Step] = []
@@ -79,6 +90,7 @@ class ActiveLearningLoop(ModelLoop):
                 calibrate=self.needs_calibration(),
                 threshold=self.needs_threshold(),
                 human=self.human,
+                predict=self.needs_predictions(),
             ):
                 out.append(Step(it, ph))
         if self.cfg.autolabel.after_loop:  # the final model auto-labels the rest of the pool
@@ -139,9 +151,9 @@ class ActiveLearningLoop(ModelLoop):
         pool = PoolState.load(self.run)
         unlabeled = pool.images_in("unlabeled")
         budget = self.budgets()[iteration]
-        if iteration == 0:
+        if iteration == 0 or not self.needs_predictions():
             preds = schema.PREDICTIONS.empty()
-            spec = parse_strategy("random")
+            spec = parse_strategy("random") if iteration == 0 else self.spec
         else:
             preds = read_table(schema.PREDICTIONS, self.run.predictions_file(iteration))
             spec = self.spec

@@ -219,7 +219,7 @@ class ModelLoop(JournaledLoop):
             out[f"autolabel_weight_{name}"] = float(w)
         quality = report.get("quality") or {}
         for key in ("image_precision", "score_rule_image_precision", "label_precision",
-                    "label_recall", "pct_error_free"):  # fmt: skip
+                    "label_recall", "pct_error_free", "share_at_95"):  # fmt: skip
             if key in quality:
                 out[f"autolabel_{key}"] = float(quality[key])
         return out
