@@ -244,10 +244,11 @@ def export_coco(
         out: the COCO JSON file to write (atomically).
         state: only images in this state (e.g. ``examine`` for review).
         split: only images of this split.
-        boxes: ``gt`` (the imported ground truth, the default), ``dataset`` (the labeled dataset: pool images labeled by the oracle or people
-            or auto-labeled, with their labels, and the other splits with their ground truth;
-            each box carries its provenance as ``detloop_source``; ``detloop export``'s default)
-            or ``labels`` (what training uses, pseudo-labels included, with provenance).
+        boxes: ``gt`` (the imported ground truth, the default); ``dataset`` (``detloop
+            export``'s default: the labeled dataset — pool images labeled by the oracle or
+            people, or auto-labeled, with their labels, the other splits with their ground
+            truth; each box carries its provenance as ``detloop_source``); or ``labels``
+            (what training uses, pseudo-labels included, with provenance).
 
     Returns:
         Counts of exported images, annotations and categories.
