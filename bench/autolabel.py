@@ -24,6 +24,10 @@ Each (uncertainty set, unit) pair is a rule of its own. ``--units``: ``detection
 weights for the detection-level FD@CD(b) of §7, ``image`` (``thresholding.thr_unit: image``) for
 the same budget counted in images, each with the largest u of its detections above
 ``min_score`` and correct only when all of them are: the unit the rule of §8 decides on.
+``--via-run B,...``: the ``ENTALBOXSCORE``/image rule also through the product, ``detloop
+autolabel --checkpoint`` (an ``AutoLabelRun``) of the same model on the same images, printed
+beside the direct computation (MC-dropout sampling differs: equal within noise).
+
 Uncertainty sets: ``ENTALBOX`` is the reference's (entropy + relative aleatoric std);
 ``ENTALBOXSCORE`` adds ``score_gap`` = 1 − score to the combination Optuna weighs (each single
 uncertainty is enqueued, so the score alone is one of its candidates). ``--eval-images`` as in
@@ -105,6 +109,50 @@ def score_curve(dets: pd.DataFrame, err: pd.DataFrame, ids: list[str]) -> dict[s
     return out
 
 
+def via_run(work: Path, ckpt: Path, n_eval: int | None, b: float, unc: str, unit: str,
+            args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """The rule through the product: ``detloop autolabel --checkpoint`` (an ``AutoLabelRun``,
+    in-process) of the bench's model, validation = the bench's val split, frames = its test
+    split (whose ground truth measures the auto-labels)."""
+    import yaml
+
+    from detloop.cli.main import main as detloop
+    from detloop.data.digits import digits_source
+    from detloop.data.io import read_json
+    from detloop.data.rundir import RunsRoot
+
+    data = work / (f"digits_eval{n_eval}" if n_eval else "digits_small")
+    splits = {}
+    for split, key in (("val", "val"), ("test", "pool")):
+        source, images = digits_source(data, split)
+        splits[key] = {"format": "coco", "source": str(source), "images": str(images)}
+    name = f"via_run_{unc}_{unit}_b{b}".replace(".", "_")
+    cfg = {
+        "name": name, "runs_root": str(work / "autolabel_runs"), "data": splits,
+        "model": {"preset": "tiny", "uncertainty": "mcdropout_lossatt"},
+        "train": {"torch_threads": args.threads}, "predict": {"batch_size": 16},
+        "thresholding": {"thr_sel_uncert": unc, "thr_unit": unit, "thr_fpr_tpr": b,
+                         "n_trials": args.trials, "patience": min(args.trials, 300),
+                         "fd_scope": args.fd_scope,
+                         "thr_iou_thrs": [float(t) for t in args.iou_thrs.split(",")]},
+        "ray": {"in_process": True, "shard_size": 512}, "tracking": {"enabled": False},
+    }  # fmt: skip
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    if detloop(["autolabel", str(path), "--checkpoint", str(ckpt)]) != 0:
+        raise SystemExit("detloop autolabel failed")
+    run = RunsRoot(work / "autolabel_runs").run(name, "autolabel-s0")
+    report = read_json(run.metrics_file(1))["autolabel"]
+    q = report["quality"]
+    return {
+        "run": str(run.path), "b": b, "rule": f"{unc}/{unit}", "delta": report["delta"],
+        "min_score": report["min_score"], "share_auto_labeled": q["pct_auto_labeled"] / 100,
+        "image_precision": q["image_precision"],
+        "score_rule_image_precision": q["score_rule_image_precision"],
+        "share_at_95": q["share_at_95"],
+    }  # fmt: skip
+
+
 def plot(runs: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -144,6 +192,9 @@ def main() -> None:
     ap.add_argument("--units", default="detection,image", help="thr_unit values to compare")
     ap.add_argument("--iou-thrs", default="0.5,0.55,0.6,0.65,0.7,0.75", help="thr_iou_thrs")
     ap.add_argument("--out", type=Path, default=RESULTS / "autolabel.json")
+    ap.add_argument("--via-run", default=None, metavar="B[,B...]",
+                    help="also run ENTALBOXSCORE/image through `detloop autolabel` (an "
+                    "AutoLabelRun) at these budgets, beside the direct computation")  # fmt: skip
     args = ap.parse_args()
     iou_thrs = [float(t) for t in args.iou_thrs.split(",")]
     ckpt = prepare(args.work, args.steps, args.chunk, args.threads, None)
@@ -190,6 +241,15 @@ def main() -> None:
                       f"{' (+)' if u['image_precision'] > sc['image_precision'] else ''} | "
                       f"{u['image_precision_strict']:.3f} / "
                       f"{sc['image_precision_strict']:.3f}")  # fmt: skip
+    if args.via_run:
+        result["via_run"] = []
+        for b in (float(x) for x in args.via_run.split(",")):
+            r = via_run(args.work, ckpt, args.eval_images, b, "ENTALBOXSCORE", "image", args)
+            result["via_run"].append(r)
+            print(f"AutoLabelRun ENTALBOXSCORE/image b={b}: share {r['share_auto_labeled']:.3f}, "
+                  f"image precision {r['image_precision']:.3f} (score rule at the same share "
+                  f"{r['score_rule_image_precision']:.3f}); share at >= 95 %: "
+                  f"{r['share_at_95']:.3f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(jsonable(result), indent=2, default=str) + "\n")
     plot(result["runs"], args.out.with_suffix(".png"))

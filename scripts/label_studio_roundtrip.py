@@ -65,6 +65,34 @@ def start_label_studio(exe: str, work: Path, port: int, root: Path, token: str) 
     raise SystemExit("Label Studio did not answer within 4 minutes")
 
 
+def allow_token_auth(work: Path, api: Any) -> None:
+    """Label Studio ≥ 1.18 disables the legacy ``Token`` API auth of new organizations (JWT
+    personal tokens replace it); this local, throw-away instance turns it back on in its own
+    database so the script can use the token it started the server with."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    if api.s.get(f"{api.url}/api/projects", timeout=30).status_code != 401:
+        return
+    db = sqlite3.connect(work / "ls-data" / "label_studio.sqlite3")
+    with db:
+        if (
+            db.execute("UPDATE jwt_auth_jwtsettings SET legacy_api_tokens_enabled = 1").rowcount
+            == 0
+        ):
+            now = datetime.now(UTC).isoformat()
+            for (org,) in db.execute("SELECT id FROM organization").fetchall():
+                db.execute(
+                    "INSERT INTO jwt_auth_jwtsettings (organization_id, api_tokens_enabled, "
+                    "api_token_ttl_days, legacy_api_tokens_enabled, created_at, updated_at) "
+                    "VALUES (?, 1, 73000, 1, ?, ?)",
+                    (org, now, now),
+                )
+    db.close()
+    if api.s.get(f"{api.url}/api/projects", timeout=30).status_code == 401:
+        raise SystemExit("Label Studio refuses the API token")
+
+
 class Api:
     def __init__(self, url: str, token: str) -> None:
         self.url = url
@@ -174,6 +202,7 @@ def main() -> int:
     report: dict[str, Any] = {"label_studio": url, "queries": []}
     try:
         api = Api(url, token)
+        allow_token_auth(work, api)
         report["version"] = api.call("GET", "/api/version").json().get("release")
         sets = [f"runs_root={work / 'runs'}", "al.oracle=human", "al.iterations=2",
                 f"labeling.document_root={data}", "ray.in_process=true", "tracking.enabled=false",

@@ -256,3 +256,76 @@ def test_a_bundle_autolabels_a_renamed_copy_with_the_same_verdicts(
         .select(["image_id", "class_id", "x1"])
         .equals(source.read_labels().select(["image_id", "class_id", "x1"]))
     )
+
+
+def test_training_starts_from_a_bundle_on_renamed_and_new_classes(
+    trained: tuple[RunDir, ExperimentConfig], digits_tiny: Path, tmp_path: Path
+) -> None:
+    """``model.weights: BUNDLE`` on data whose classes are renamed and re-ordered
+    (``model.class_map``), one of them unknown to the model: every tensor comes from the bundle,
+    the class layer's rows follow the names, the new class keeps its fresh rows; a map to a
+    class the model lacks is an error naming it (exit 2)."""
+    import torch
+
+    from detloop.data.digits import digits_source
+    from detloop.data.importer import import_source
+    from detloop.learners import checkpoint as ckpt
+    from detloop.learners.bundle import CLASS_KEYS
+    from detloop.learners.model import UncertainEfficientDet, resolve_spec
+
+    run, cfg = trained
+    bundle = tmp_path / "bundle"
+    assert cli("export-model", str(run.path), "--iteration", "0", "--out", str(bundle)) == 0
+    source, images = digits_source(digits_tiny, "pool")
+    doc = json.loads(Path(source).read_text())
+    new_id = {c["id"]: 11 - c["id"] for c in doc["categories"]}  # re-ordered
+    names = {c["id"]: WORDS[int(c["name"])] for c in doc["categories"]}
+    names[10] = "question_mark"  # digit 9's canvases, a class the model has never seen
+    doc["categories"] = [{**c, "id": new_id[c["id"]], "name": names[c["id"]]}
+                         for c in doc["categories"]]  # fmt: skip
+    doc["annotations"] = [
+        {**a, "category_id": new_id[a["category_id"]]} for a in doc["annotations"]
+    ]
+    (tmp_path / "renamed.json").write_text(json.dumps(doc))
+    other = RunDir(tmp_path / "other")
+    import_source(other, "coco", tmp_path / "renamed.json", "pool", images=images)
+    classes = other.class_names()
+    assert classes is not None and classes[0] == "question_mark"
+    class_map = {w: str(d) for d, w in enumerate(WORDS) if d != 9}
+
+    torch.manual_seed(0)
+    model = UncertainEfficientDet(resolve_spec(cfg.model, 10))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.load_weights(model, bundle, "full", classes, class_map)
+    source_state = ckpt.load_state_dict(bundle)
+    loaded = model.state_dict()
+    for key, value in source_state.items():
+        if key not in CLASS_KEYS:
+            assert torch.equal(loaded[key], value), key
+    a = model.num_anchors
+    for key in (k for k in CLASS_KEYS if k in source_state):
+        src = source_state[key].reshape(a, 10, *source_state[key].shape[1:])
+        got = loaded[key].reshape(a, 10, *loaded[key].shape[1:])
+        for j, name in enumerate(classes):
+            if name == "question_mark":
+                want = fresh[key].reshape(a, 10, *fresh[key].shape[1:])[:, j]
+            else:
+                want = src[:, int(class_map[name])]
+            assert torch.equal(got[:, j], want), (key, name)
+
+    model_cfg = {**SETTINGS["model"], "weights": str(bundle), "class_map": class_map}
+    settings = {**SETTINGS, "train": {**SETTINGS["train"], "max_steps": 2}, "model": model_cfg}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    from detloop.data.pool import PoolState
+
+    pool = PoolState.load(other)
+    ids = pool.ids("unlabeled")[:8]
+    pool.reveal(other.read_gt(), ids, iteration=0).save(other)
+    assert cli("train", str(path), "--run", str(other.path)) == 0
+    bad = {**settings, "model": {**settings["model"], "class_map": {"zero": "ten"}}}
+    path.write_text(yaml.safe_dump(bad))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli("train", str(path), "--run", str(other.path)) == 2
+    assert "mapped to no model class: zero -> ten" in err.getvalue()

@@ -127,7 +127,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"{run.path}: no labeled pool images to train on")
     val = split_set(run, "val") if cfg.train.early_stopping else None
     out = args.checkpoint or run.checkpoint(args.iteration or 0)
-    result = train_model(cfg, images, labels, _num_classes(run), out, seed=cfg.seed, val=val)
+    result = train_model(cfg, images, labels, _num_classes(run), out, seed=cfg.seed, val=val,
+                         class_names=run.class_names())  # fmt: skip
     _out(f"trained {result.steps} steps on {images.num_rows} images in {result.seconds:.1f} s")
     _out(f"final loss {result.final_loss:.4f}; checkpoint {result.checkpoint}")
     return 0

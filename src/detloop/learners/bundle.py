@@ -73,23 +73,89 @@ def class_permutation(
     return perm
 
 
+CLASS_KEYS = (
+    "class_net.predict.conv_pw.weight",
+    "class_net.predict.conv_pw.bias",
+    "class_net.predict.conv.weight",
+    "class_net.predict.conv.bias",
+)
+
+
+def class_rows(
+    source: Sequence[str], target: Sequence[str], class_map: Mapping[str, str] | None = None
+) -> list[int | None]:
+    """For training from a model of ``source`` classes on data of ``target`` classes: each
+    target class's model class (its name, or ``class_map[name]``), None for a class the model
+    does not know (its rows of the class layer start fresh).
+
+    Raises:
+        DataError: a ``class_map`` entry naming no model class, two run classes on one model
+            class, or no class in common.
+    """
+    index = {name: i for i, name in enumerate(source)}
+    cmap = class_map or {}
+    wrong = [f"{t} -> {cmap[t]}" for t in target if t in cmap and cmap[t] not in index]
+    if wrong:
+        msg = f"mapped to no model class: {', '.join(wrong)}"
+        raise DataError("model.class_map", None, None, f"{msg}; the model's: {', '.join(source)}")
+    rows = [index.get(cmap.get(t, t)) for t in target]
+    known = [r for r in rows if r is not None]
+    if len(set(known)) != len(known):
+        dup = sorted({source[r] for r in known if known.count(r) > 1})
+        raise DataError("model.class_map", None, None, f"model class(es) used twice: {dup}")
+    if not known:
+        msg = f"the model knows none of the run's classes ({', '.join(target)})"
+        raise DataError("model.class_map", None, None, f"{msg}; map them with model.class_map")
+    return rows
+
+
+def _pick_rows(
+    state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], rows: Sequence[int | None],
+    num_anchors: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``state`` with the class layer cut to ``rows`` (indices into its classes; None: the row
+    of ``fresh``, a newly initialised model of the target classes)."""
+    out = dict(state)
+    for key in CLASS_KEYS:
+        if key not in state:
+            continue
+        src = state[key].reshape(num_anchors, -1, *state[key].shape[1:])  # anchor-major
+        dst = fresh[key].reshape(num_anchors, len(rows), *fresh[key].shape[1:]).clone()
+        for j, r in enumerate(rows):
+            if r is not None:
+                dst[:, j] = src[:, r]
+        out[key] = dst.reshape(fresh[key].shape)
+    return out
+
+
 def adapt_classes(model: UncertainEfficientDet, perm: Sequence[int]) -> UncertainEfficientDet:
     """A copy of ``model`` predicting classes ``perm`` (indices into its own) in that order."""
-    old = model.spec.num_classes
-    if list(perm) == list(range(old)):
+    if list(perm) == list(range(model.spec.num_classes)):
         return model
     spec = ModelSpec.from_json({**model.spec.to_json(), "num_classes": len(perm)})
     adapted = UncertainEfficientDet(spec)
-    state = model.state_dict()
-    rows = torch.tensor(list(perm))
-    for key in ("class_net.predict.conv_pw.weight", "class_net.predict.conv_pw.bias",
-                "class_net.predict.conv.weight", "class_net.predict.conv.bias"):  # fmt: skip
-        if key in state:  # [A·C, ...] anchor-major → [A, C, ...] → the chosen classes
-            t = state[key]
-            per_anchor = t.reshape(model.num_anchors, old, *t.shape[1:])
-            state[key] = per_anchor[:, rows].reshape(model.num_anchors * len(perm), *t.shape[1:])
-    adapted.load_state_dict(state)
+    fresh = adapted.state_dict()
+    adapted.load_state_dict(_pick_rows(model.state_dict(), fresh, perm, model.num_anchors))
     return adapted.eval()
+
+
+def load_with_classes(
+    model: UncertainEfficientDet, state: dict[str, torch.Tensor], rows: Sequence[int | None]
+) -> None:
+    """Load a model's ``state`` into ``model`` (same architecture, ``len(rows)`` classes), its
+    class layer rows picked by ``rows`` (:func:`class_rows`); new classes keep ``model``'s
+    fresh rows.
+
+    Raises:
+        DataError: tensors that do not fit (another architecture).
+    """
+    merged = _pick_rows(state, model.state_dict(), rows, model.num_anchors)
+    try:
+        model.load_state_dict(merged, strict=True)
+    except RuntimeError as exc:
+        raise DataError(
+            "model.weights", None, None, f"weights do not fit the model: {exc}"
+        ) from None
 
 
 def write_bundle(

@@ -16,7 +16,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -139,6 +139,7 @@ class _Job:
     progress: Progress = True
     on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None
     online: OnlineSelection | None = None
+    class_names: Sequence[str] | None = None
 
     @property
     def partial_dir(self) -> Path:
@@ -262,6 +263,7 @@ def train_model(
     on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None,
     pseudo: tuple[pa.Table, pa.Table] | None = None,
     online: OnlineSelection | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train a detector on ``images``/``labels`` and write its checkpoint to ``out_dir``.
 
@@ -290,6 +292,8 @@ def train_model(
         online: with ``pseudo`` (the unlabeled images; their labels are not read), an online
             mean teacher (``learners.mean_teacher``) labels each step's pseudo part; the
             checkpoint is the teacher's weights.
+        class_names: the data's classes, in class-id order: a model bundle in
+            ``cfg.model.weights`` is matched to them by name (``model.class_map``).
 
     Raises:
         DataError: missing weights file or unreadable image.
@@ -313,6 +317,7 @@ def train_model(
         stop_at_step=stop_at_step,
         progress=progress,
         on_epoch=on_epoch,
+        class_names=class_names,
     )
     loop = _new_loop(job, num_classes, init_weights)
     if not _run(loop, job, images, labels):  # stopped at stop_at_step: the partial checkpoint
@@ -331,8 +336,9 @@ def _new_loop(job: _Job, num_classes: int, init_weights: Path | None) -> LoopSta
         model = UncertainEfficientDet(spec)
     if init_weights is not None:  # a whole model (a previous iteration's, a teacher)
         ckpt.load_weights(model, Path(init_weights), "full")
-    elif cfg.model.weights is not None:  # the run's starting point, e.g. a backbone
-        ckpt.load_weights(model, Path(cfg.model.weights), cfg.model.weights_kind)
+    elif cfg.model.weights is not None:  # the run's starting point, e.g. a backbone or a bundle
+        ckpt.load_weights(model, Path(cfg.model.weights), cfg.model.weights_kind,
+                          job.class_names, cfg.model.class_map)  # fmt: skip
     fmt = memory_format(cfg.model.channels_last)
     model.to(dev).to(memory_format=fmt)
     decay = tcfg.moving_average_decay

@@ -68,6 +68,9 @@ class TrainJob:
     # ``ssl.teacher: ema``: the online mean teacher's selection (``pseudo`` holds the
     # unlabeled images; each step's pseudo-labels come from the teacher)
     online: Any = None
+    # the data's class names in class-id order (a model bundle in model.weights is matched to
+    # them by name)
+    class_names: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ def run_train_job(cfg: ExperimentConfig, job: TrainJob, progress: Any) -> TrainO
         pseudo=job.pseudo,
         stop_at_step=job.stop_at_step,
         online=job.online,
+        class_names=job.class_names,
     )
     return TrainOutcome(
         checkpoint=Path(result.checkpoint),

@@ -290,4 +290,4 @@ class ActiveLearningLoop(ModelLoop):
         numbers.update(self.bound_numbers(iteration))
         times = self.journal.iteration_overhead(iteration)  # phases before this one
         numbers.update({f"iteration_{k}_s": v for k, v in times.items()})
-        return self.publish(iteration, metrics, numbers, self.n_iterations() - 1)
+        return self.publish(iteration, metrics, numbers, self.last_iteration() or 0)

@@ -40,6 +40,8 @@ class ModelLoop(JournaledLoop):
         """Run ``job`` on the train worker. Fault point ``ITERATION:train:mid`` (tests): the
         first attempt stops after one step, leaving its partial checkpoint, and the driver is
         killed; the next attempt resumes the training from that checkpoint."""
+        if job.class_names is None:  # a bundle in model.weights is matched to them by name
+            job = replace(job, class_names=self.categories["name"].to_pylist())
         if self.fault_pending(iteration, Phase.TRAIN, "mid"):
             self.workers.train(replace(job, stop_at_step=1))
             self._fault(iteration, Phase.TRAIN, "mid")

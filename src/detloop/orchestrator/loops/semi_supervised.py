@@ -253,7 +253,7 @@ class SemiSupervisedLoop(ModelLoop):
         numbers.update(self.bound_numbers(iteration))
         for phase, seconds in self.journal.phase_seconds(iteration).items():
             numbers[f"time_{phase}"] = seconds
-        return self.publish(iteration, metrics, numbers, self.n_rounds())
+        return self.publish(iteration, metrics, numbers, self.last_iteration() or 0)
 
 
 def _selection_table(ids: list[str]) -> pa.Table:
