@@ -241,7 +241,8 @@ def export_query(
     run: RunDir, cfg: ExperimentConfig, pool: PoolState, ids: list[str], iteration: int
 ) -> None:
     """Export the queried images for people: COCO and Label Studio tasks (images referenced
-    as ``cfg.labeling`` says)."""
+    as ``cfg.labeling`` says), pre-annotated with M(i-1)'s detections above the run's score
+    floor (§3)."""
     from detloop.data.review_export import export_review
 
     predictions = None
@@ -252,6 +253,7 @@ def export_query(
         image_ids=ids,
         predictions=predictions,
         out_stem=run.query_stem(iteration),
+        min_score=min_score(cfg, run, iteration),
         document_root=cfg.labeling.document_root,
         url_prefix=cfg.labeling.url_prefix,
     )
