@@ -31,7 +31,7 @@ def main() -> None:
     from detloop.data.digits import make_digits
     from detloop.orchestrator.engine.runs import create_run, stored_config
     from detloop.orchestrator.loops.execute import execute
-    from detloop.reports.al_curves import _auc, run_curve, write_report
+    from detloop.reports.al_curves import curve_auc, run_curve, write_report
 
     data = REPO / "data" / "digits-small-imb07"
     if not (data / "test.json").exists():
@@ -64,7 +64,7 @@ def main() -> None:
         pts = run_curve(run)
         x = np.array([p.labeled_fraction for p in pts])
         y = np.array([p.map for p in pts])
-        table.setdefault(strategy, []).append(_auc(x, y))
+        table.setdefault(strategy, []).append(curve_auc(x, y))
         curves.setdefault(strategy, []).append(y.tolist())
     png, md = write_report([r for _, _, r in runs], args.runs_root / "al_compare")
     out = {

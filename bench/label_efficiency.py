@@ -187,10 +187,12 @@ def run_points(run: Any, max_steps: int) -> list[dict[str, float]]:
     return points
 
 
-def _auc(points: list[dict[str, float]]) -> float:
-    from detloop.reports.al_curves import _auc
+def points_auc(points: list[dict[str, float]]) -> float:
+    from detloop.reports.al_curves import curve_auc
 
-    return _auc(np.array([p["fraction"] for p in points]), np.array([p["map"] for p in points]))
+    return curve_auc(
+        np.array([p["fraction"] for p in points]), np.array([p["map"] for p in points])
+    )
 
 
 def summarise(
@@ -209,7 +211,7 @@ def summarise(
         n = min(len(c) for c in by_seed.values())
         labels = np.array([[p["labeled"] for p in by_seed[s][:n]] for s in seeds]).mean(axis=0)
         maps = np.array([[p["map"] for p in by_seed[s][:n]] for s in seeds])
-        aucs = {s: _auc(by_seed[s][:n]) for s in seeds}
+        aucs = {s: points_auc(by_seed[s][:n]) for s in seeds}
         entry: dict[str, Any] = {
             "seeds": seeds,
             "labels": labels.tolist(),
@@ -234,7 +236,7 @@ def summarise(
             }
         paired = sorted(ref_seeds & set(seeds))
         if variant != REFERENCE and len(paired) >= 2:
-            ref_aucs = {s: _auc(curves[REFERENCE][s][:n]) for s in paired}
+            ref_aucs = {s: points_auc(curves[REFERENCE][s][:n]) for s in paired}
             cmp = paired_comparison([aucs[s] for s in paired], [ref_aucs[s] for s in paired])
             entry["auc_vs_random"] = {
                 "n": cmp.n,

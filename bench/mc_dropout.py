@@ -60,7 +60,7 @@ def predictors(preset: str, samples: int, prior: float) -> tuple[Predictor, Pred
 
 def whole(p: Predictor, x: torch.Tensor, ids: list[str]) -> int:
     out = p.forward(x, ids, seed=0)
-    return sum(len(p._postprocess(out, b, 1.0, (1e4, 1e4), 0)["score"]) for b in range(x.shape[0]))
+    return sum(len(p.postprocess(out, b, 1.0, (1e4, 1e4), 0)["score"]) for b in range(x.shape[0]))
 
 
 @torch.no_grad()
@@ -76,7 +76,7 @@ def naive(p: Predictor, x: torch.Tensor, samples: int) -> int:
         mu.append(m)
         var.append(s)
     out = {"cls": torch.stack(cls), "mu": torch.stack(mu), "s": torch.stack(var)}
-    return sum(len(p._postprocess(out, b, 1.0, (1e4, 1e4), 0)["score"]) for b in range(x.shape[0]))
+    return sum(len(p.postprocess(out, b, 1.0, (1e4, 1e4), 0)["score"]) for b in range(x.shape[0]))
 
 
 def interleaved(fns: dict[str, Callable[[], int]], reps: int) -> dict[str, float]:

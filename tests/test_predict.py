@@ -113,7 +113,7 @@ def test_kept_rows_carry_their_anchor_uncertainties(images: pa.Table, nms: str) 
     p.cfg.predict.nms_method = nms
     batch = torch.stack([p_image(images, p, i) for i in range(2)])
     out = p.forward(batch, images.column("image_id").to_pylist()[:2], seed=0)
-    det = p._postprocess(out, 0, 1.0, (1e4, 1e4), seed=0)
+    det = p.postprocess(out, 0, 1.0, (1e4, 1e4), seed=0)
     # pre-NMS values of every anchor, computed independently of the NMS path
     t, v = p.decode_inputs(out, 0, torch.arange(p.anchors_xyxy.shape[0]))
     means, stds = decode_boxes(t, v, p.anchors_xyxy)
@@ -146,7 +146,7 @@ def test_doubling_the_image_doubles_boxes_and_stds(images: pa.Table) -> None:
     p = predictor()
     batch = torch.stack([p_image(images, p, 0)])
     out = p.forward(batch, ["x"], seed=0)
-    det = p._postprocess(out, 0, 1.0, (1e4, 1e4), seed=0)
+    det = p.postprocess(out, 0, 1.0, (1e4, 1e4), seed=0)
     a = _to_original(
         {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in det.items()}, 1.0, (1e4, 1e4)
     )
@@ -155,7 +155,7 @@ def test_doubling_the_image_doubles_boxes_and_stds(images: pa.Table) -> None:
     )
     for key in ("box", "al", "mc"):
         assert np.allclose(b[key], 2 * a[key], rtol=1e-6)
-    small = p._postprocess(out, 0, 1.0, (20.0, 20.0), seed=0)  # stds capped at 20 px here
+    small = p.postprocess(out, 0, 1.0, (20.0, 20.0), seed=0)  # stds capped at 20 px here
     clipped = _to_original(dict(small), 1.0, (20.0, 20.0))
     assert clipped["box"].max() <= 20.0 and np.array_equal(clipped["al"], small["al"])
 
@@ -207,12 +207,12 @@ def test_degenerate_boxes_are_dropped_before_nms_and_counted() -> None:
     mu = torch.zeros(1, 1, n, 4)
     mu[0, 0, i, TW] = -20.0
     out = {"cls": cls, "mu": mu, "s": torch.full((1, 1, n, 4), -10.0)}
-    det = p._postprocess(out, 0, 1.0, (128.0, 128.0), seed=0)
+    det = p.postprocess(out, 0, 1.0, (128.0, 128.0), seed=0)
     assert det["class_id"].tolist() == [5] and p.last_stats.dropped_boxes == 1
     np.testing.assert_allclose(det["box"][0], anchors[j].numpy(), rtol=1e-3, atol=1e-2)
     p.cfg.predict.min_box_size = 0.0
     p.last_stats = PredictStats()
-    det = p._postprocess(out, 0, 1.0, (128.0, 128.0), seed=0)
+    det = p.postprocess(out, 0, 1.0, (128.0, 128.0), seed=0)
     assert det["class_id"].tolist() == [3] and p.last_stats.dropped_boxes == 0
 
 
@@ -224,7 +224,7 @@ def test_stds_are_capped_at_the_larger_image_side_and_counted() -> None:
     cls = torch.full((1, 1, n, c), -20.0)
     cls[0, 0, :50, 0] = 3.0
     out = {"cls": cls, "mu": torch.zeros(1, 1, n, 4), "s": torch.full((1, 1, n, 4), 50.0)}
-    det = p._postprocess(out, 0, 0.5, (256.0, 200.0), seed=0)
+    det = p.postprocess(out, 0, 0.5, (256.0, 200.0), seed=0)
     k = len(det["score"])
     assert k > 0
     assert p.last_stats.capped_al_std == 4 * k
@@ -248,13 +248,13 @@ def test_max_nms_inputs_keeps_the_top_scoring_anchors_before_decoding() -> None:
     out = {"cls": cls, "mu": mu, "s": torch.full((1, 1, n, 4), -10.0)}
     size = (1e4, 1e4)
     assert p.cfg.predict.max_nms_inputs == 0
-    every = p._postprocess(out, 0, 1.0, size, seed=0)
+    every = p.postprocess(out, 0, 1.0, size, seed=0)
     assert sorted(every["class_id"].tolist()) == [1, 2, 3, 4, 5]
     assert p.last_stats.dropped_boxes == 1
     p.cfg.predict.max_nms_inputs = 3
     p.last_stats = PredictStats()
-    top = p._postprocess(out, 0, 1.0, size, seed=0)
+    top = p.postprocess(out, 0, 1.0, size, seed=0)
     assert top["class_id"].tolist() == [5, 4, 3] and p.last_stats.dropped_boxes == 0
     np.testing.assert_allclose(top["score"], every["score"][:3], rtol=1e-6)
     p.cfg.predict.max_nms_inputs = 10  # more than the candidates: all of them
-    assert p._postprocess(out, 0, 1.0, size, seed=0)["class_id"].tolist() == [5, 4, 3, 2, 1]
+    assert p.postprocess(out, 0, 1.0, size, seed=0)["class_id"].tolist() == [5, 4, 3, 2, 1]

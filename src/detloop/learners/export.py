@@ -142,7 +142,7 @@ def predictions_from_outputs(
     }
     rows = []
     for b, image_id in enumerate(image_ids):
-        det = _to_original(predictor._postprocess(out, b, scales[b], sizes[b], seed), scales[b],
+        det = _to_original(predictor.postprocess(out, b, scales[b], sizes[b], seed), scales[b],
                            sizes[b])  # fmt: skip
         det["image_id"] = image_id
         rows.append(det)

@@ -168,7 +168,7 @@ class Predictor:
             for b, index in enumerate(batch["index"].tolist()):
                 scale = float(batch["scale"][b])
                 size = (float(widths[index]), float(heights[index]))
-                det = _to_original(self._postprocess(outputs, b, scale, size, seed), scale, size)
+                det = _to_original(self.postprocess(outputs, b, scale, size, seed), scale, size)
                 det["image_id"] = ids[b]
                 rows.append(det)
             self.seconds += time.perf_counter() - t0
@@ -256,7 +256,7 @@ class Predictor:
             out.append(stacked.flatten(2, 3))
         return out[0], out[1]
 
-    def _postprocess(
+    def postprocess(
         self,
         out: dict[str, Tensor | None],
         b: int,

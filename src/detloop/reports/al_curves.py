@@ -58,7 +58,7 @@ def run_summary(run: RunDir) -> str:
     return "\n".join(lines)
 
 
-def _auc(x: np.ndarray, y: np.ndarray) -> float:
+def curve_auc(x: np.ndarray, y: np.ndarray) -> float:
     """Area under the curve over the covered labeled fraction (trapezoids, normalised)."""
     if len(x) < 2 or x[-1] == x[0]:
         return float(y.mean()) if len(y) else float("nan")
@@ -93,7 +93,7 @@ def write_report(runs: list[RunDir], out_dir: Path, metric: str = "map") -> tupl
         mean, std = y.mean(axis=0), y.std(axis=0)
         ax.plot(x * 100, mean, marker="o", label=f"{strategy} (n={len(curves)})")
         ax.fill_between(x * 100, mean - std, mean + std, alpha=0.2)
-        aucs = [_auc(x, yy) for yy in y]
+        aucs = [curve_auc(x, yy) for yy in y]
         cells = ", ".join(
             f"{xx * 100:.0f}% → {m:.3f}±{s:.3f}" for xx, m, s in zip(x, mean, std, strict=True)
         )
