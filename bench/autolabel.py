@@ -47,13 +47,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling bench/calibration.py
 from calibration import DEFAULT_WORK, RESULTS, eval_run, predictions, prepare, split_tables
-from detloop.config import ExperimentConfig
+from detloop.data.min_score import resolve_min_score
 from detloop.learners.calibration import calibration_pairs, fit_calibration_set
-from detloop.orchestrator.evaluation.common import (
-    jsonable,
-    mean_matched_score,
-    min_score_for,
-)
+from detloop.orchestrator.evaluation.common import jsonable, mean_matched_score
 from detloop.selectors.autolabel import decide, image_errors
 from detloop.selectors.autolabel import score_rule_ids as score_rule
 from detloop.selectors.threshold import CostSensitiveThresholder, threshold_rows
@@ -204,7 +200,7 @@ def main() -> None:
     cal = fit_calibration_set(calibration_pairs(*val), "iso_percls", "iso_perclscoo")
     vdf = cal.transform(val[0]).drop_columns(["logits", "mc_class_vec"]).to_pandas()
     tdf = cal.transform(test[0]).drop_columns(["logits", "mc_class_vec"]).to_pandas()
-    min_score = min_score_for(ExperimentConfig(), mean_matched_score(*val))
+    min_score = resolve_min_score(None, mean_matched=mean_matched_score(*val))
     test_images, gt = split_tables(run, "test")
     gt_df = gt.to_pandas()
     gt_df = gt_df[gt_df["iscrowd"] == 0]

@@ -203,3 +203,10 @@ def test_thresholding_honours_checkpoint(trained: tuple[Path, RunDir], tmp_path:
     assert run.val_predictions_file(0).stat().st_mtime_ns == before
     assert cli(*argv, "--iteration", "0") == 0
     assert validated_by() == str(own)  # the run's own model again, not X's leftovers
+    # calibrate: two checkpoints, two different calibrators (each fitted on its own validation)
+    cal_argv = ["calibrate", str(cfg), "--run", str(run.path)]
+    assert cli(*cal_argv, "--iteration", "0") == 0
+    ours = (run.calibration_dir(0) / "calibrators.json").read_text()
+    assert cli(*cal_argv, "--checkpoint", str(other)) == 0
+    assert validated_by() == str(other)
+    assert (run.calibration_dir(0) / "calibrators.json").read_text() != ours
