@@ -270,7 +270,7 @@ def test_training_starts_from_a_bundle_on_renamed_and_new_classes(
     from detloop.data.digits import digits_source
     from detloop.data.importer import import_source
     from detloop.learners import checkpoint as ckpt
-    from detloop.learners.bundle import CLASS_KEYS
+    from detloop.learners.bundle import CLASS_KEYS, load_start_weights
     from detloop.learners.model import UncertainEfficientDet, resolve_spec
 
     run, cfg = trained
@@ -296,7 +296,7 @@ def test_training_starts_from_a_bundle_on_renamed_and_new_classes(
     torch.manual_seed(0)
     model = UncertainEfficientDet(resolve_spec(cfg.model, 10))
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt.load_weights(model, bundle, "full", classes, class_map)
+    load_start_weights(model, bundle, "full", classes, class_map)
     source_state = ckpt.load_state_dict(bundle)
     loaded = model.state_dict()
     for key, value in source_state.items():

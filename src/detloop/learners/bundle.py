@@ -158,6 +158,38 @@ def load_with_classes(
         ) from None
 
 
+def load_start_weights(
+    model: UncertainEfficientDet,
+    path: Path,
+    kind: str,
+    classes: Sequence[str] | None = None,
+    class_map: Mapping[str, str] | None = None,
+) -> None:
+    """``model.weights`` as a run's starting point: ``checkpoint.load_weights`` — except a model
+    bundle whose classes (``classes.json``) differ from the data's ``classes`` (kind ``full``):
+    every tensor but the class layer, whose rows follow the classes by name (``class_map``
+    where names differ; classes the model does not know keep their fresh rows).
+
+    Raises:
+        DataError: missing file, weights that do not fit, classes that cannot be matched.
+    """
+    import logging
+
+    from detloop.learners.checkpoint import load_state_dict, load_weights
+
+    names = bundle_classes(Path(path)) if Path(path).is_dir() else None
+    if kind != "full" or classes is None or names is None or names == list(classes):
+        load_weights(model, Path(path), kind)
+        return
+    rows = class_rows(names, classes, class_map)
+    load_with_classes(model, load_state_dict(Path(path)), rows)
+    new = [c for c, r in zip(classes, rows, strict=True) if r is None]
+    logging.getLogger(__name__).info(
+        "loaded the model of %s: %d classes matched by name, new (fresh): %s",
+        path, len(rows) - len(new), ", ".join(new) or "none",
+    )  # fmt: skip
+
+
 def write_bundle(
     checkpoint: Path,
     out: Path,

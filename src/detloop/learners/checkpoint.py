@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,19 +107,11 @@ def load_state_dict(path: Path | bytes | dict[str, Any]) -> dict[str, torch.Tens
     return obj
 
 
-def load_weights(
-    model: UncertainEfficientDet,
-    path: Path,
-    kind: str = "full",
-    classes: Sequence[str] | None = None,
-    class_map: Mapping[str, str] | None = None,
-) -> None:
+def load_weights(model: UncertainEfficientDet, path: Path, kind: str = "full") -> None:
     """Initialise ``model`` from a local file, as ``kind`` says.
 
-    ``full``: a detloop model of the same spec, every tensor (strict) — or, from a model bundle
-    whose classes (``classes.json``) differ from ``classes`` (the data's), every tensor but the
-    class layer, whose rows follow the classes by name (``class_map`` where names differ;
-    classes the model does not know start fresh). ``backbone`` (the backbone of a detector
+    ``full``: a detloop model of the same spec, every tensor (strict; a model bundle of other
+    classes: ``learners.bundle.load_start_weights``). ``backbone`` (the backbone of a detector
     checkpoint, or a plain timm classifier checkpoint) and ``detector`` (every tensor of an
     effdet checkpoint that fits): :mod:`detloop.learners.foreign_weights`, which logs what was
     loaded and skipped.
@@ -129,17 +120,6 @@ def load_weights(
         DataError: missing file, or weights that do not fit the model.
     """
     state = load_state_dict(path)
-    if kind == "full" and classes is not None and Path(path).is_dir():
-        from detloop.learners.bundle import bundle_classes, class_rows, load_with_classes
-
-        names = bundle_classes(Path(path))
-        if names is not None and names != list(classes):
-            rows = class_rows(names, classes, class_map)
-            load_with_classes(model, state, rows)
-            new = [c for c, r in zip(classes, rows, strict=True) if r is None]
-            log.info("loaded the model of %s: %d classes matched by name, new (fresh): %s",
-                     path, len(rows) - len(new), ", ".join(new) or "none")  # fmt: skip
-            return
     if kind in ("backbone", "detector"):
         from detloop.learners.foreign_weights import load_foreign
 

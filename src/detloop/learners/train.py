@@ -337,8 +337,10 @@ def _new_loop(job: _Job, num_classes: int, init_weights: Path | None) -> LoopSta
     if init_weights is not None:  # a whole model (a previous iteration's, a teacher)
         ckpt.load_weights(model, Path(init_weights), "full")
     elif cfg.model.weights is not None:  # the run's starting point, e.g. a backbone or a bundle
-        ckpt.load_weights(model, Path(cfg.model.weights), cfg.model.weights_kind,
-                          job.class_names, cfg.model.class_map)  # fmt: skip
+        from detloop.learners.bundle import load_start_weights
+
+        load_start_weights(model, Path(cfg.model.weights), cfg.model.weights_kind,
+                           job.class_names, cfg.model.class_map)  # fmt: skip
     fmt = memory_format(cfg.model.channels_last)
     model.to(dev).to(memory_format=fmt)
     decay = tcfg.moving_average_decay
