@@ -78,7 +78,10 @@ class AutoLabelRun(ModelLoop):
         from detloop.orchestrator.engine.runs import import_data
         from detloop.orchestrator.evaluation.autolabel import reuse_bundle_fits
 
-        imported = import_data(self.run, self.cfg, hash_pool=False)
+        data = self.cfg.data.model_copy(update={"test": None})  # nothing here reads a test split
+        imported = import_data(
+            self.run, self.cfg.model_copy(update={"data": data}), hash_pool=False
+        )
         self.refresh_categories()
         names = self.run.class_names()
         if not names:
