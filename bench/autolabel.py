@@ -141,7 +141,7 @@ def via_run(work: Path, ckpt: Path, n_eval: int | None, b: float, unc: str, unit
     report = read_json(run.metrics_file(1))["autolabel"]
     q = report["quality"]
     return {
-        "run": str(run.path), "b": b, "rule": f"{unc}/{unit}", "delta": report["delta"],
+        "run": run.name, "b": b, "rule": f"{unc}/{unit}", "delta": report["delta"],
         "min_score": report["min_score"], "share_auto_labeled": q["pct_auto_labeled"] / 100,
         "image_precision": q["image_precision"],
         "score_rule_image_precision": q["score_rule_image_precision"],
