@@ -1,8 +1,8 @@
 """The human loop against a real Label Studio, end to end (run by hand, outside CI).
 
 Usage:
-    python -m venv /tmp/ls && /tmp/ls/bin/pip install label-studio==1.23.2
-    .venv/bin/python scripts/label_studio_roundtrip.py --label-studio /tmp/ls/bin/label-studio
+    python3.11 -m venv ../ls-venv && ../ls-venv/bin/pip install label-studio==1.23.2
+    .venv/bin/python scripts/label_studio_roundtrip.py --label-studio ../ls-venv/bin/label-studio
         [--work DIR] [--port 8089]
 
 What it does, on digits-det tiny with the tiny model, ``al.oracle: human`` and
@@ -28,6 +28,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -191,7 +192,9 @@ def one_query(api: Api, run: Path, it: int, root: Path, gt: dict[str, Any]) -> d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--label-studio", required=True, help="the label-studio executable")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/detloop-label-studio"))
+    ap.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "detloop-label-studio"
+    )
     ap.add_argument("--port", type=int, default=8089)
     args = ap.parse_args()
     work = args.work.resolve()
