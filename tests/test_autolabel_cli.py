@@ -203,6 +203,7 @@ def test_thresholding_honours_checkpoint(trained: tuple[Path, RunDir], tmp_path:
     assert run.val_predictions_file(0).stat().st_mtime_ns == before
     assert cli(*argv, "--iteration", "0") == 0
     assert validated_by() == str(own)  # the run's own model again, not X's leftovers
+
     # calibrate: two checkpoints, two different calibrators (each fitted on its own validation)
     def fitted() -> dict[str, bytes]:  # every calibrator's file but the manifest and report
         files = sorted(run.calibration_dir(0).glob("*"))
