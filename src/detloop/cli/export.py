@@ -92,20 +92,12 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _metrics(run: RunDir, iteration: int) -> dict[str, Any]:
-    from detloop.data.io import read_json
-
-    path = run.metrics_file(iteration)
-    doc = read_json(path) if path.exists() else {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def fits_iteration(run: RunDir, model_iteration: int) -> int | None:
     """The iteration holding the thresholds (and calibrators) fitted for the model of
     ``model_iteration``: its own (``detloop calibrate|threshold --iteration N``), or the next
     one (a loop's iteration i calibrates and thresholds M(i-1)); None when neither does."""
     for it in (model_iteration, model_iteration + 1):
-        th = _metrics(run, it).get("thresholding", {})
+        th = run.read_metrics(it).get("thresholding", {})
         model = th.get("model_iteration", model_iteration if it == model_iteration else None)
         if model == model_iteration and run.thresholds_file(it).is_file():
             return it
@@ -119,8 +111,8 @@ def _bundle(run: RunDir, iteration: int, out: Path, meta: dict[str, Any]) -> int
     if not classes:
         raise UsageError(f"{run.path}: no categories (import data first)")
     fits = fits_iteration(run, iteration)
-    metrics = _metrics(run, iteration)
-    fitted = _metrics(run, fits).get("thresholding", {}) if fits is not None else {}
+    metrics = run.read_metrics(iteration)
+    fitted = run.read_metrics(fits).get("thresholding", {}) if fits is not None else {}
     min_score = fitted.get("min_score", metrics.get("validation", {}).get("min_score"))
     config = run.read_meta().get("config") if run.run_json.exists() else None
     calibration = run.calibration_dir(fits) if fits is not None else None

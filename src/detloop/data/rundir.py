@@ -238,6 +238,12 @@ class RunDir:
     def metrics_file(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "metrics.json"
 
+    def read_metrics(self, iteration: int) -> dict[str, Any]:
+        """The iteration's ``metrics.json`` ({} when it has none yet)."""
+        path = self.metrics_file(iteration)
+        doc = read_json(path) if path.exists() else {}
+        return doc if isinstance(doc, dict) else {}
+
     def shard_dir(self, iteration: int, stage: str) -> Path:
         """Per-shard prediction results of a phase in progress (removed once merged)."""
         return self.iteration_dir(iteration) / "shards" / stage
@@ -285,6 +291,11 @@ class RunDir:
 
     def autolabel_renders_dir(self, iteration: int) -> Path:
         return Path(f"{self.autolabel_stem(iteration)}_renders")
+
+    def autolabel_exports(self, iteration: int) -> list[Path]:
+        """The export files auto-labeling wrote for ``iteration`` (renderings aside)."""
+        stem = self.autolabel_stem(iteration)
+        return sorted(p for p in stem.parent.glob(f"{stem.name}_*") if p.is_file())
 
     # ---- run.json -------------------------------------------------------------------------
     def exists(self) -> bool:

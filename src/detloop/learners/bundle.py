@@ -43,6 +43,23 @@ def bundle_classes(directory: Path) -> list[str] | None:
     return names
 
 
+def _matched(
+    source: Sequence[str], target: Sequence[str], class_map: Mapping[str, str] | None
+) -> list[tuple[str, str, int | None]]:
+    """Each ``target`` (run) class with the model class it names (its own name or
+    ``class_map[name]``) and that class's index in ``source`` (None: no such model class)."""
+    index = {name: i for i, name in enumerate(source)}
+    cmap = class_map or {}
+    return [(t, cmap.get(t, t), index.get(cmap.get(t, t))) for t in target]
+
+
+def _used_once(source: Sequence[str], rows: Sequence[int | None]) -> None:
+    known = [r for r in rows if r is not None]
+    if len(set(known)) != len(known):
+        dup = sorted({source[r] for r in known if known.count(r) > 1})
+        raise DataError("model.class_map", None, None, f"model class(es) used twice: {dup}")
+
+
 def class_permutation(
     source: Sequence[str], target: Sequence[str], class_map: Mapping[str, str] | None = None
 ) -> list[int]:
@@ -53,11 +70,8 @@ def class_permutation(
         DataError: run classes without a bundle class (all of them listed) or two run classes
             on one bundle class.
     """
-    index = {name: i for i, name in enumerate(source)}
-    mapped = [(t, (class_map or {}).get(t, t)) for t in target]
-    missing = [
-        f"{t}" + (f" (mapped to {s})" if s != t else "") for t, s in mapped if s not in index
-    ]
+    matched = _matched(source, target, class_map)
+    missing = [t + (f" (mapped to {s})" if s != t else "") for t, s, i in matched if i is None]
     if missing:
         raise DataError(
             "model.class_map",
@@ -66,10 +80,8 @@ def class_permutation(
             f"run classes without a model class: {', '.join(missing)}; the model's classes are "
             f"{', '.join(source)} (map names with model.class_map: {{run name: model name}})",
         )
-    perm = [index[s] for _, s in mapped]
-    if len(set(perm)) != len(perm):
-        dup = sorted({source[p] for p in perm if perm.count(p) > 1})
-        raise DataError("model.class_map", None, None, f"model class(es) used twice: {dup}")
+    perm = [i for _, _, i in matched if i is not None]
+    _used_once(source, perm)
     return perm
 
 
@@ -92,18 +104,15 @@ def class_rows(
         DataError: a ``class_map`` entry naming no model class, two run classes on one model
             class, or no class in common.
     """
-    index = {name: i for i, name in enumerate(source)}
+    matched = _matched(source, target, class_map)
     cmap = class_map or {}
-    wrong = [f"{t} -> {cmap[t]}" for t in target if t in cmap and cmap[t] not in index]
+    wrong = [f"{t} -> {s}" for t, s, i in matched if i is None and t in cmap]
     if wrong:
         msg = f"mapped to no model class: {', '.join(wrong)}"
         raise DataError("model.class_map", None, None, f"{msg}; the model's: {', '.join(source)}")
-    rows = [index.get(cmap.get(t, t)) for t in target]
-    known = [r for r in rows if r is not None]
-    if len(set(known)) != len(known):
-        dup = sorted({source[r] for r in known if known.count(r) > 1})
-        raise DataError("model.class_map", None, None, f"model class(es) used twice: {dup}")
-    if not known:
+    rows = [i for _, _, i in matched]
+    _used_once(source, rows)
+    if all(r is None for r in rows):
         msg = f"the model knows none of the run's classes ({', '.join(target)})"
         raise DataError("model.class_map", None, None, f"{msg}; map them with model.class_map")
     return rows

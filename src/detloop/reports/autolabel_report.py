@@ -3,7 +3,6 @@ review, how good the auto-labels are where ground truth exists, and where the fi
 
 from __future__ import annotations
 
-from detloop.data.io import read_json
 from detloop.data.rundir import RunDir
 
 
@@ -14,8 +13,7 @@ def autolabel_iteration(run: RunDir) -> int | None:
         h["iteration"] for h in meta.get("history", []) if h["phase"] == "log" and h.get("ended")
     )
     for it in reversed(logged):
-        path = run.metrics_file(it)
-        if path.exists() and "autolabel_frames" in read_json(path):
+        if "autolabel_frames" in run.read_metrics(it):
             return int(it)
     return None
 
@@ -23,7 +21,7 @@ def autolabel_iteration(run: RunDir) -> int | None:
 def autolabel_summary(run: RunDir, iteration: int) -> str:
     """A few lines: shares, δ̄, quality against ground truth (beside the score rule at the
     same share), and the exported files."""
-    m = read_json(run.metrics_file(iteration))
+    m = run.read_metrics(iteration)
     n = int(m["autolabel_frames"])
     auto, examine = int(m["autolabel_auto_labeled"]), int(m["autolabel_examine"])
     lines = [
@@ -44,18 +42,13 @@ def autolabel_summary(run: RunDir, iteration: int) -> str:
             f"  share of the frames a threshold could auto-label at >= 95 % image precision "
             f"(chosen in hindsight on the ground truth): {100 * m['autolabel_share_at_95']:.1f} %"
         )
-    stem = run.autolabel_stem(iteration)
-    for f in sorted(stem.parent.glob(f"{stem.name}_*")):
-        lines.append(f"  {f}")
+    lines += [f"  {f}" for f in run.autolabel_exports(iteration)]
     return "\n".join(lines)
 
 
 def model_line(run: RunDir, iteration: int = 0) -> str | None:
     """The validation mAP of an auto-labeling run's model, when it was evaluated."""
-    path = run.metrics_file(iteration)
-    if not path.exists():
-        return None
-    m = read_json(path)
+    m = run.read_metrics(iteration)
     if "map" not in m:
         return None
     return f"model on this validation split: mAP {m['map']:.4f}, mAP50 {m['map50']:.4f}"

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 from detloop import console
 from detloop.config import ExperimentConfig
 from detloop.orchestrator.engine.workers import (
     PredictJob,
+    ShardPredictor,
     ShardResult,
     TrainJob,
     TrainOutcome,
@@ -31,8 +31,7 @@ class LocalWorkers:
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
-        self._key: str | None = None
-        self._predictor: Any = None
+        self._shards = ShardPredictor(cfg)
 
     def start(self) -> None:
         """Nothing to boot ahead: the first call builds what it needs."""
@@ -52,18 +51,12 @@ class LocalWorkers:
     ) -> float:
         """Predict the shards in order, each handed to ``on_result`` as it is done;
         ``fault_marker`` does not apply (a worker crash here is the driver's own)."""
-        from detloop.learners.predict import Predictor
-
         t0 = time.perf_counter()
         for sid, images, seed in job.shards:
-            s0 = time.perf_counter()
-            if job.key != self._key:
-                self._predictor = Predictor.from_state(job.weights, self.cfg, job.num_classes)
-                self._key = job.key
-            table = self._predictor.predict(images, seed=seed)
-            stats = self._predictor.last_stats.as_dict()
-            on_result(ShardResult(job.key, sid, table, time.perf_counter() - s0, stats))
+            on_result(
+                self._shards.predict(job.key, job.weights, job.num_classes, sid, images, seed)
+            )
         return time.perf_counter() - t0
 
     def shutdown(self) -> None:
-        self._key = self._predictor = None
+        self._shards = ShardPredictor(self.cfg)

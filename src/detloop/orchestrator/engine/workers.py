@@ -214,30 +214,50 @@ def run_train_job(cfg: ExperimentConfig, job: TrainJob, progress: Any) -> TrainO
     )
 
 
-class PredictWorker(_WorkerProcess):
-    """Predicts shards of images with the model of the current iteration.
+class ShardPredictor:
+    """What a predict worker does, in whichever process: the model of one ``key`` (one
+    iteration's weights) built on first use and reused for every shard of that key."""
 
-    The model is built once per ``key`` (one iteration's weights) and reused for every shard of
-    that key; the weights arrive through Ray's object store, not from disk. Constructing a
-    worker imports torch and the learner (about 5 s), so an actor created early is ready when
-    its first shard arrives; it needs nothing from the data, which may still be importing.
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self.key: str | None = None
+        self.predictor: Any = None
+
+    def ensure(self, key: str, weights: bytes, num_classes: int) -> Any:
+        """The predictor of ``key``'s weights."""
+        if key != self.key:
+            from detloop.learners.predict import Predictor
+
+            self.predictor = Predictor.from_state(weights, self.cfg, num_classes)
+            self.key = key
+        return self.predictor
+
+    def predict(
+        self, key: str, weights: bytes, num_classes: int, shard: int, images: pa.Table, seed: int
+    ) -> ShardResult:
+        """One shard's predictions; building the key's model counts in its seconds."""
+        t0 = time.perf_counter()
+        predictor = self.ensure(key, weights, num_classes)
+        table = predictor.predict(images, seed=seed)
+        stats = predictor.last_stats.as_dict()
+        return ShardResult(key, shard, table, time.perf_counter() - t0, stats)
+
+
+class PredictWorker(_WorkerProcess):
+    """Predicts shards of images with the model of the current iteration (``ShardPredictor``).
+
+    The weights arrive through Ray's object store, not from disk. Constructing a worker imports
+    torch and the learner (about 5 s), so an actor created early is ready when its first shard
+    arrives; it needs nothing from the data, which may still be importing.
 
     ``progress_key``: where the bar of each ``Predictor.predict`` call of this process is
     published for the driver to draw (it becomes the process default; None: no bar).
     """
 
     def _start(self, progress_key: str | None) -> None:
-        self._key: str | None = None
-        self._predictor: Any = None
+        self._shards = ShardPredictor(self.cfg)
         set_process_default(_reporter(progress_key))
         import detloop.learners.predict  # noqa: F401 - pay the torch/effdet import while idle
-
-    def _ensure(self, key: str, weights: bytes, num_classes: int) -> None:
-        if key != self._key:
-            from detloop.learners.predict import Predictor
-
-            self._predictor = Predictor.from_state(weights, self.cfg, num_classes)
-            self._key = key
 
     def predict_shard(
         self,
@@ -254,14 +274,10 @@ class PredictWorker(_WorkerProcess):
         ``fault_marker`` (tests only): the first call that sees this path absent creates it and
         kills its own process half-way through the shard, as a crashed worker would.
         """
-        t0 = time.perf_counter()  # building this iteration's model is part of the work
-        self._ensure(key, weights, num_classes)
         if fault_marker and not os.path.exists(fault_marker):
             half = images.slice(0, max(1, images.num_rows // 2))
-            self._predictor.predict(half, seed=seed)
+            self._shards.ensure(key, weights, num_classes).predict(half, seed=seed)
             Path(fault_marker).touch()
             logger.warning("fault injection: predict worker exits mid-shard %d", shard)
             os._exit(1)
-        table = self._predictor.predict(images, seed=seed)
-        stats = self._predictor.last_stats.as_dict()
-        return ShardResult(key, shard, table, time.perf_counter() - t0, stats)
+        return self._shards.predict(key, weights, num_classes, shard, images, seed)

@@ -96,13 +96,11 @@ def reuse_bundle_fits(run: RunDir, cfg: ExperimentConfig, it: int, bundle: Path)
 def decision_min_score(run: RunDir, cfg: ExperimentConfig, it: int) -> float:
     """``predict.min_score``, else the one the thresholds of ``it`` were fitted above (§3: from
     the model's validation, or a bundle's own), else the default."""
-    from detloop.data.io import read_json
     from detloop.data.min_score import resolve_min_score
 
     if cfg.predict.min_score is not None:
         return resolve_min_score(cfg.predict.min_score)
-    path = run.metrics_file(it)
-    stored = read_json(path).get("thresholding", {}).get("min_score") if path.exists() else None
+    stored = run.read_metrics(it).get("thresholding", {}).get("min_score")
     return float(stored) if isinstance(stored, int | float) else resolve_min_score(None)
 
 
@@ -151,14 +149,10 @@ def export_iteration(run: RunDir, cfg: ExperimentConfig, it: int) -> list[Path]:
     """The files of iteration ``it``'s decision (as the decide phase stored it)."""
     sel = read_table(schema.SELECTION, run.selection_file(it))
     decision, _ = _decision(run, cfg, it, sel["image_id"].to_pylist())
-    labels = run.read_labels()
-    mask = pc.and_(pc.equal(labels["source"], "auto"), pc.equal(labels["iteration"], it))
-    return _export(run, cfg, decision, labels.filter(mask), it)
+    return _export(run, cfg, decision, it)
 
 
-def _export(
-    run: RunDir, cfg: ExperimentConfig, decision: Any, labels: pa.Table, it: int
-) -> list[Path]:
+def _export(run: RunDir, cfg: ExperimentConfig, decision: Any, it: int) -> list[Path]:
     from detloop.data.export import write_coco
     from detloop.data.review_export import export_review, run_categories
     from detloop.learners.render import render_images, uncertainty_style

@@ -16,7 +16,7 @@ import pyarrow as pa
 from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.data.errors import DataError
-from detloop.data.io import read_json, read_table, write_json, write_table
+from detloop.data.io import read_table, write_json, write_table
 from detloop.data.rundir import RunDir, is_checkpoint, iteration_of
 from detloop.data.splits import eval_split
 from detloop.learners.calibration import STATE_JSON, CalibrationSet, calibration_pairs
@@ -70,11 +70,10 @@ def mean_matched_score(preds: pa.Table, matches: pa.Table) -> float | None:
 
 def update_metrics(run: RunDir, iteration: int, key: str, value: Any) -> Path:
     """Merge ``{key: value}`` into the iteration's metrics.json."""
-    path = run.metrics_file(iteration)
-    doc = read_json(path) if path.exists() else {}
+    doc = run.read_metrics(iteration)
     doc[key] = value
-    write_json(jsonable(doc), path)
-    return path
+    write_json(jsonable(doc), run.metrics_file(iteration))
+    return run.metrics_file(iteration)
 
 
 def jsonable(obj: Any) -> Any:

@@ -24,7 +24,7 @@ import pyarrow as pa
 from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.data.errors import DataError
-from detloop.data.io import read_json, read_table, write_json, write_table
+from detloop.data.io import read_table, write_json, write_table
 from detloop.data.min_score import resolve_min_score
 from detloop.data.rundir import RunDir
 from detloop.learners.calibration import (
@@ -305,11 +305,7 @@ def same_path(a: Path, b: Path) -> bool:
 def validated_by(run: RunDir, iteration: int) -> str | None:
     """The checkpoint the stored validation predictions of ``iteration`` came from, when a
     ``validate`` recorded it (the AL loop's evaluation of its own model records none)."""
-    path = run.metrics_file(iteration)
-    if not path.exists():
-        return None
-    doc = read_json(path)
-    ckpt = doc.get("validation", {}).get("checkpoint") if isinstance(doc, dict) else None
+    ckpt = run.read_metrics(iteration).get("validation", {}).get("checkpoint")
     return _key(Path(ckpt)) if ckpt else None
 
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from detloop.data import schema, splits
 from detloop.data.errors import DataError
-from detloop.data.io import read_json, write_table
+from detloop.data.io import write_table
 from detloop.orchestrator.engine.journal import Phase
 from detloop.orchestrator.engine.journaled import Handler, Step
 from detloop.orchestrator.evaluation.autolabel import frame_ids
@@ -114,8 +114,7 @@ class AutoLabelRun(ModelLoop):
 
     def _phase_log(self, iteration: int) -> dict[str, Any]:
         """The auto-labeling's numbers, with the model's mAP on this validation split."""
-        model = self.run.metrics_file(MODEL)
-        known = read_json(model) if model.exists() else {}
+        known = self.run.read_metrics(MODEL)
         extra = {k: float(known[k]) for k in ("map", "map50") if isinstance(known.get(k), float)}
         return self.autolabel_log(iteration, LABEL, extra)
 

@@ -198,13 +198,12 @@ class ModelLoop(JournaledLoop):
 
         return {"files": len(export_iteration(self.run, self.cfg, iteration))}
 
-    def autolabel_numbers(self, iteration: int) -> dict[str, float]:
-        """What an auto-labeling iteration logs: shares, δ̄, the combination's weights, and the
-        auto-labels' quality where the frames have ground truth."""
-        from detloop.data.io import read_json
+    def autolabel_numbers(self, iteration: int, report: dict[str, Any]) -> dict[str, float]:
+        """What an auto-labeling iteration logs from its ``report`` (decide phase): shares, δ̄,
+        the combination's weights, and the auto-labels' quality where the frames have ground
+        truth."""
         from detloop.selectors.threshold import load_thresholds
 
-        report = read_json(self.run.metrics_file(iteration))["autolabel"]
         n = max(1, int(report["n_images"]))
         out = {
             "autolabel_frames": float(report["n_images"]),
@@ -231,13 +230,9 @@ class ModelLoop(JournaledLoop):
     ) -> dict[str, Any]:
         """The log phase of an auto-labeling iteration (its exports go to the tracker too);
         ``extra``: more numbers to log with it."""
-        from detloop.data.io import read_json
-
-        metrics = read_json(self.run.metrics_file(iteration))
-        numbers = {**(extra or {}), **self.autolabel_numbers(iteration)}
+        metrics = self.run.read_metrics(iteration)
+        numbers = {**(extra or {}), **self.autolabel_numbers(iteration, metrics["autolabel"])}
         numbers.update(self.journal_numbers(iteration, (Phase.CALIBRATE, Phase.THRESHOLD)))
         numbers.update(self.bound_numbers(iteration))
-        stem = self.run.autolabel_stem(iteration)
-        exports = tuple(sorted(stem.parent.glob(f"{stem.name}_*")))
-        renders = self.run.autolabel_renders_dir(iteration)
-        return self.publish(iteration, metrics, numbers, last, (*exports, renders))
+        files = (*self.run.autolabel_exports(iteration), self.run.autolabel_renders_dir(iteration))
+        return self.publish(iteration, metrics, numbers, last, files)
