@@ -143,6 +143,25 @@ def test_autolabel_refuses_what_it_cannot_run(al_run: tuple[Path, RunDir], tmp_p
     assert "autolabel.model" in text and "Traceback" not in text
 
 
+def test_a_missing_input_inside_a_run_is_exit_2_and_resumable(
+    al_run: tuple[Path, RunDir], digits_tiny: Path, tmp_path: Path
+) -> None:
+    """A data file that is not there when the run reads it (here the validation split) stops
+    the run with exit 2, the file named, no traceback, and the command that continues it."""
+    _, source = al_run
+    missing = tmp_path / "val.json"
+    frames = str(digits_tiny / "images" / "test")
+    sets = [f"runs_root={tmp_path}", f"data.val.source={missing}", *FAST]
+    argv = ["autolabel", str(CI_CONFIG), "--run", str(source.path), "--images", frames,
+            *[a for v in sets for a in ("--set", v)]]  # fmt: skip
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli(*argv) == 2
+    text = err.getvalue()
+    assert f"{missing}: file does not exist" in text and "Traceback" not in text
+    assert "detloop resume" in text and (tmp_path / "ci" / "autolabel-s0" / "run.json").is_file()
+
+
 def _driver(args: list[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "detloop.cli", *args]
@@ -157,11 +176,14 @@ def test_sigkill_at_every_phase_boundary_resumes_to_the_same_verdicts(
     labels and selection of an uninterrupted run."""
     _, source = al_run
     images = str(digits_tiny / "images" / "test")
+    val_source, val_images = digits_source(digits_tiny, "val")  # not ci.yaml's (not built in CI)
     base = ["autolabel", str(CI_CONFIG), "--run", str(source.path), "--images", images,
             "--first", "4", "--last", "20", *[a for v in FAST for a in ("--set", v)],
+            "--set", f"data.val.source={val_source}", "--set", f"data.val.images={val_images}",
             "--set", "tracking.enabled=false", "--set", "ray.shard_size=4"]  # fmt: skip
     ref_root, root = tmp_path / "ref", tmp_path / "killed"
-    assert _driver([*base, "--set", f"runs_root={ref_root}"]).returncode == 0
+    ref_run = _driver([*base, "--set", f"runs_root={ref_root}"])
+    assert ref_run.returncode == 0, ref_run.stderr[-3000:]
     kills = ["0:import", "0:evaluate", "1:predict:mid", "1:predict", "1:calibrate",
              "1:threshold", "1:decide", "1:export"]  # fmt: skip
     argv = [*base, "--set", f"runs_root={root}", "--set", f"fault.kill_at=[{','.join(kills)}]"]

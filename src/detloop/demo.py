@@ -135,7 +135,7 @@ def _run(cfgs: list[ExperimentConfig], t_start: float) -> int:
         _say(f"\n== strategy {cfg.al.strategy.name}: {run.path}")
         outcome = execute(run, stored_config(run))
         if outcome.exit_code != 0:
-            _say(f"demo: the run failed; continue it with\n  {outcome.resume_command}")
+            _say(f"demo: {outcome.stop_message}")
             return outcome.exit_code
         _say(run_summary(run))
         runs.append(run)

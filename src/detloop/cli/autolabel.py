@@ -87,8 +87,8 @@ def cmd_autolabel(args: argparse.Namespace) -> int:
     run = create_run(cfg, fresh=args.fresh)
     console.say("run directory: %s", run.path)
     outcome = execute(run, stored_config(run))
-    if outcome.status == "failed":
-        sys.stderr.write(f"detloop: the run failed; continue it with\n  {outcome.resume_command}\n")
+    if outcome.exit_code:
+        sys.stderr.write(f"detloop: {outcome.stop_message}\n")
     else:
         sys.stdout.write(run_summary_text(run) + "\n")
     return outcome.exit_code

@@ -98,8 +98,8 @@ def _print_config(cfg: ExperimentConfig) -> None:
 
 def _report_outcome(outcome: LoopOutcome) -> int:
     """What a person reads when a loop stops: its results, or how to continue it."""
-    if outcome.status == "failed":
-        sys.stderr.write(f"detloop: the run failed; continue it with\n  {outcome.resume_command}\n")
+    if outcome.status in ("failed", "bad_input"):
+        sys.stderr.write(f"detloop: {outcome.stop_message}\n")
     elif outcome.status == "done":
         _out(run_summary_text(outcome.run))
     return outcome.exit_code

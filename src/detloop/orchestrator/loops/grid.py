@@ -26,12 +26,13 @@ from detloop.orchestrator.loops.execute import LoopOutcome, execute
 logger = logging.getLogger(__name__)
 
 
-def _loop_task(config: dict[str, Any]) -> tuple[str, str]:
-    """Run (or resume) one loop inside a Ray task; returns (run directory, final status)."""
+def _loop_task(config: dict[str, Any]) -> tuple[str, str, str | None]:
+    """Run (or resume) one loop inside a Ray task; returns (run directory, final status, the
+    input problem that stopped it)."""
     cfg = build_config(config)
     run = create_run(cfg)
     outcome = execute(run, stored_config(run))
-    return str(run.path), outcome.status
+    return str(run.path), outcome.status, outcome.problem
 
 
 def grid_configs(
@@ -68,7 +69,7 @@ def run_configs(cfgs: list[ExperimentConfig]) -> list[LoopOutcome]:
     for cfg in {(str(c.runs_root), c.tracking.uri, c.name): c for c in cfgs}.values():
         prepare_store(cfg)
     results = coordinator_tasks(_loop_task, [config_snapshot(c) for c in cfgs])
-    outcomes = [LoopOutcome(RunDir(Path(path)), status) for path, status in results]
+    outcomes = [LoopOutcome(RunDir(Path(p)), status, why) for p, status, why in results]
     for cfg, outcome in zip(cfgs, outcomes, strict=True):
         logger.info(
             "%s seed %d: %s %s", strategy_name(cfg), cfg.seed, outcome.run.path, outcome.status
