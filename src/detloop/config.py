@@ -363,8 +363,76 @@ class RayConfig(Section):
 
 
 class TrackingConfig(Section):
+    """Where MLflow tracks the loops.
+
+    ``uri``: None for the SQLite store at ``<runs_root>/mlflow.db``, or any MLflow tracking URI,
+    e.g. ``http://127.0.0.1:5000`` (``detloop tracking-server``). The URI holds no credentials:
+    it is stored in ``run.json`` (a resume reads it back), logged as an MLflow param and shipped
+    to Ray tasks, so a URI with a user or password (``http://user:token@host``) or a query
+    parameter named like a secret is refused; MLflow reads credentials from its own environment
+    variables (``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``, or
+    ``MLFLOW_TRACKING_TOKEN``), which detloop never stores.
+    """
+
     uri: str | None = None  # None: SQLite store at <runs_root>/mlflow.db
     enabled: bool = True
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        found = None if v is None else cls.credentials_in(v)
+        if found:
+            assert v is not None
+            raise ValueError(
+                f"holds {found} ({cls.redact(v)} without it). detloop stores this URI in "
+                "run.json and logs it, so it must carry no credentials: give it without them "
+                "and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth) or "
+                "MLFLOW_TRACKING_TOKEN (bearer token) in the environment of the processes that "
+                "track, where MLflow reads them"
+            )
+        return v
+
+    @staticmethod
+    def _secret_name(name: str) -> bool:
+        """A query parameter whose value is a credential (``?token=``, ``X-Amz-Signature``)."""
+        words = ("token", "password", "passwd", "pwd", "secret", "key", "credential", "signature",
+                 "auth")  # fmt: skip
+        return any(word in name.lower() for word in words)
+
+    @staticmethod
+    def credentials_in(uri: str) -> str | None:
+        """What in ``uri`` is a credential (``"a user or password"``, ``"a query parameter
+        named 'token'"``), or None."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        try:
+            parts = urlsplit(uri)
+        except ValueError:  # not a URL (MLflow refuses it later, with its own message)
+            return None
+        if parts.username is not None or parts.password is not None:
+            return "a user or password"
+        for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+            if TrackingConfig._secret_name(name):
+                return f"a query parameter named {name!r}"
+        return None
+
+    @staticmethod
+    def redact(uri: str) -> str:
+        """``uri`` fit to show or store: no user or password, no query parameter named like
+        a secret (``http://user:token@host:5000/?token=x&a=1`` -> ``http://host:5000/?a=1``).
+        Anything that is not a URL with a network location comes back as it was."""
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+        try:
+            parts = urlsplit(uri)
+        except ValueError:  # not a URL at all (e.g. an unbalanced "[")
+            return uri
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        kept = [(k, v) for k, v in pairs if not TrackingConfig._secret_name(k)]
+        host = parts.netloc.rpartition("@")[2]
+        if host == parts.netloc and len(kept) == len(pairs):
+            return uri  # nothing to remove: exactly as given
+        return urlunsplit((parts.scheme, host, parts.path, urlencode(kept), parts.fragment))
 
 
 class FaultConfig(Section):

@@ -63,6 +63,13 @@ def register(sub: Any) -> None:
     p.add_argument("--experiment", help="every run of this experiment under --runs-root")
     p.add_argument("--runs-root", type=Path, default=Path("runs"))
     p.add_argument("--out", type=Path, help="output directory (default: the experiment's)")
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="read the --experiment's runs from this MLflow store (e.g. a tracking server, "
+        "http://HOST:PORT) instead of the run directories; credentials come from "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, never the URI",
+    )
     p.set_defaults(func=cmd_report)
 
 
@@ -208,6 +215,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from detloop.data.rundir import RunsRoot
     from detloop.reports.al_curves import write_report
 
+    if args.tracking_uri:
+        return _tracked_report(args)
     runs = [_run_dir(p) for p in args.run_dirs]
     out = args.out
     if args.experiment:
@@ -217,6 +226,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not runs:
         raise UsageError("no runs: give RUN_DIR... or --experiment NAME")
     png, md = write_report(runs, out or runs[0].path.parent)
+    _out(md.read_text())
+    _out(f"AL curve: {png}")
+    return 0
+
+
+def _tracked_report(args: argparse.Namespace) -> int:
+    """``report --experiment NAME --tracking-uri URI``: the curves from the MLflow store."""
+    from detloop.config import TrackingConfig
+    from detloop.data.rundir import RunsRoot
+    from detloop.reports.al_curves import tracked_curves, write_curves
+
+    uri = str(args.tracking_uri)
+    if not args.experiment or args.run_dirs:
+        raise UsageError("--tracking-uri reads an --experiment NAME, not RUN_DIR...")
+    if found := TrackingConfig.credentials_in(uri):
+        raise UsageError(
+            f"--tracking-uri holds {found}: give {TrackingConfig.redact(uri)} and set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+        )
+    groups = tracked_curves(uri, args.experiment)
+    if not groups:
+        raise UsageError(f"no runs with AL curves in experiment {args.experiment!r} at {uri}")
+    out = args.out or RunsRoot(args.runs_root).experiment(args.experiment)
+    png, md = write_curves(groups, out)
     _out(md.read_text())
     _out(f"AL curve: {png}")
     return 0

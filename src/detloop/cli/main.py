@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "detloop.cli.autolabel",
     "detloop.cli.pretrain",
     "detloop.cli.export",
+    "detloop.cli.tracking_server",
 )
 
 

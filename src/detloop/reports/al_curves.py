@@ -1,11 +1,14 @@
 """Active-learning curves: mAP against the labeled fraction, one line per strategy, mean ± std
-over seeds; plus a markdown table and a one-run text summary."""
+over seeds; plus a markdown table and a one-run text summary. The points come from run
+directories (their ``metrics.json``) or from an MLflow tracking store (``tracked_curves``: the
+runs of an experiment on a tracking server, for a machine without the run directories)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,15 +75,67 @@ def curves_by_strategy(runs: list[RunDir]) -> dict[str, list[list[CurvePoint]]]:
     return dict(out)
 
 
+def tracked_curves(tracking_uri: str, experiment: str) -> dict[str, list[list[CurvePoint]]]:
+    """The curves of the runs of ``experiment`` in an MLflow store, by their ``strategy`` tag:
+    the metrics ``map``, ``map50``, ``labeled_images`` and ``labeled_fraction`` at each
+    iteration (MLflow step) that logged ``map``. Empty when there is no such experiment.
+    Auto-labeling runs have no curve; a step logged twice (a resume that repeated a log
+    phase) counts once, with its last value."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    found = client.search_runs([exp.experiment_id], max_results=10_000)
+    out: dict[str, list[list[CurvePoint]]] = defaultdict(list)
+    for r in sorted(found, key=lambda r: (r.data.tags.get("seed", ""), r.info.start_time or 0)):
+        if r.data.tags.get("loop") == "autolabel" or "map" not in r.data.metrics:
+            continue
+        curve = _tracked_curve(client, r.info.run_id)
+        if curve:
+            out[r.data.tags.get("strategy") or r.info.run_name or r.info.run_id].append(curve)
+    return dict(out)
+
+
+def _tracked_curve(client: Any, run_id: str) -> list[CurvePoint]:
+    keys = ("map", "map50", "labeled_images", "labeled_fraction")
+    hist = {
+        k: {m.step: m.value for m in sorted(client.get_metric_history(run_id, k), key=_time)}
+        for k in keys
+    }
+    nan = float("nan")
+    return [
+        CurvePoint(
+            int(step),
+            float(hist["labeled_fraction"].get(step, nan)),
+            int(hist["labeled_images"].get(step, 0)),
+            float(hist["map"][step]),
+            float(hist["map50"].get(step, nan)),
+        )
+        for step in sorted(hist["map"])
+    ]
+
+
+def _time(metric: Any) -> int:
+    return int(metric.timestamp)
+
+
 def write_report(runs: list[RunDir], out_dir: Path, metric: str = "map") -> tuple[Path, Path]:
     """Plot AL curves (mean ± std over seeds) and write a markdown table; returns both paths."""
+    return write_curves(curves_by_strategy(runs), out_dir, metric)
+
+
+def write_curves(
+    groups: dict[str, list[list[CurvePoint]]], out_dir: Path, metric: str = "map"
+) -> tuple[Path, Path]:
+    """``write_report`` of curves by strategy, wherever they came from."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = curves_by_strategy(runs)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = ["| strategy | seeds | " + " | ".join(["labeled → mAP"]) + f" | AUC ({metric}) |"]
     rows.append("|---|---|---|---|")

@@ -1,8 +1,19 @@
 """MLflow tracking as a loop callback: one MLflow run per loop, reattached on resume.
 
-Store: ``tracking.uri`` or SQLite at ``<runs_root>/mlflow.db`` with artifacts under
-``<runs_root>/mlartifacts`` (set explicitly, never ``./mlruns``). Metrics are stepped by
-iteration and sent with ``log_batch``.
+Store: ``tracking.uri`` or SQLite at ``<runs_root>/mlflow.db``. Experiments created on a
+database store (SQLite, ...) keep their artifacts under ``<runs_root>/mlartifacts`` (set
+explicitly, never ``./mlruns``); on a tracking server (``http://``, ``detloop tracking-server``)
+the server places them (its artifact proxy, ``mlflow-artifacts:/``), so no node needs the
+server's disk. Experiments are marked as model-training ones (``mlflow.experimentKind``), so
+MLflow's UI opens them on runs and charts, not on its GenAI views.
+
+Metrics are stepped by iteration and sent with ``log_batch``; the AL loop's curve metrics go
+again as ``<name>_vs_labeled``, stepped by the number of labeled images, so that MLflow's own
+chart of them is the AL curve and the runs of several strategies overlay on one axis.
+
+The tracking URI is shown (params, log lines) without credentials (``TrackingConfig.redact``);
+a config cannot hold any (``TrackingConfig`` refuses them: MLflow's environment variables
+carry them).
 """
 
 from __future__ import annotations
@@ -13,12 +24,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detloop.config import ExperimentConfig, flatten_config
+from detloop.config import ExperimentConfig, TrackingConfig, flatten_config
 from detloop.data.rundir import RunDir, RunsRoot
 
 logger = logging.getLogger(__name__)
 
 RUN_DIR_TAG = "detloop.run_dir"
+# the experiment tag MLflow's UI reads to choose its views; the model-training kind
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# metrics of the AL curve, logged again stepped by the labeled image count as ``<name>_vs_labeled``
+CURVE_METRICS = ("map", "map50", "test_map", "test_map50")
+VS_LABELED = "_vs_labeled"
+# stores the driver opens itself (SQLAlchemy URIs): artifacts beside the runs root
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 class LoopCallback:
@@ -53,19 +72,64 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def local_artifacts(uri: str) -> bool:
+    """Whether experiments created on ``uri`` get an artifact location of their own under the
+    runs root: a database store the driver opens itself does; a tracking server (``http://``,
+    ``https://``, ``databricks``, ...) places the artifacts itself (its proxy)."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(uri).scheme.split("+")[0] in DATABASE_SCHEMES
+
+
 def experiment_id(client: Any, cfg: ExperimentConfig) -> str:
-    """The experiment named after the config, created with an explicit artifact location."""
+    """The experiment named after the config, created with an explicit artifact location on a
+    database store (none on a tracking server) and marked as a model-training experiment (an
+    existing one without a kind is marked when detloop first uses it)."""
     exp = client.get_experiment_by_name(cfg.name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if not local_artifacts(client.tracking_uri) and exp.artifact_location.startswith("file:"):
+            logger.warning(
+                "experiment %r was created on its SQLite file: its artifacts go to %s on the "
+                "machine that logs them, not through the tracking server (a new experiment name "
+                "gets the server's artifact proxy)",
+                cfg.name,
+                exp.artifact_location,
+            )
         return str(exp.experiment_id)
-    location = (RunsRoot(cfg.runs_root).artifacts / cfg.name).resolve().as_uri()
+    location = None
+    if local_artifacts(client.tracking_uri):
+        location = (RunsRoot(cfg.runs_root).artifacts / cfg.name).resolve().as_uri()
     try:
-        return str(client.create_experiment(cfg.name, artifact_location=location))
+        return str(
+            client.create_experiment(
+                cfg.name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        )
     except Exception:  # created concurrently by another loop of the grid
         exp = client.get_experiment_by_name(cfg.name)
         if exp is None:
             raise
         return str(exp.experiment_id)
+
+
+def run_params(cfg: ExperimentConfig) -> dict[str, str]:
+    """The config as MLflow params: dotted keys, string values, any URL in them without
+    credentials (``tracking.uri`` is refused with any; a label server's URL may have some)."""
+    return {
+        k: TrackingConfig.redact(v) if "://" in v else v for k, v in flatten_config(cfg).items()
+    }
+
+
+def curve_metrics(loop: str, metrics: dict[str, float]) -> list[tuple[str, float, int]]:
+    """The AL curve's points of one iteration as ``(<name>_vs_labeled, value, labeled
+    images)``: of the AL loop only (an SSL loop's labeled set does not grow), and none for an
+    iteration without a model's numbers (the auto-labeling after the loop)."""
+    if loop != "al" or "labeled_images" not in metrics:
+        return []
+    step = int(metrics["labeled_images"])
+    return [(k + VS_LABELED, float(metrics[k]), step) for k in CURVE_METRICS if k in metrics]
 
 
 def prepare_store(cfg: ExperimentConfig) -> None:
@@ -89,6 +153,7 @@ class MlflowTracker(LoopCallback):
         self.client = _client(self.uri)
         exp_id = experiment_id(self.client, self.cfg)
         run_id = meta.get("mlflow_run_id") or self._find(exp_id, run)
+        reattached = run_id is not None
         if run_id is None:
             from mlflow.entities import Param
 
@@ -96,13 +161,21 @@ class MlflowTracker(LoopCallback):
                 exp_id, run_name=run.name, tags={RUN_DIR_TAG: str(run.path.resolve()), **self.tags}
             )
             run_id = created.info.run_id
-            params = [Param(k[:250], v[:6000]) for k, v in flatten_config(self.cfg).items()]
+            params = [Param(k[:250], v[:6000]) for k, v in run_params(self.cfg).items()]
             for i in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[i : i + 100])
         else:
             self.client.update_run(run_id, status="RUNNING")
             for key, value in self.tags.items():
                 self.client.set_tag(run_id, key, value)
+        logger.info(
+            "%s: MLflow run %s (%s) in experiment %s at %s",
+            run.name,
+            run_id,
+            "reattached" if reattached else "new",
+            exp_id,
+            TrackingConfig.redact(self.uri),
+        )
         self.run_id = run_id
         meta["mlflow_run_id"] = run_id
 
@@ -120,6 +193,7 @@ class MlflowTracker(LoopCallback):
         assert self.run_id is not None, "on_start was not called"
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, iteration) for k, v in sorted(metrics.items())]
+        batch += [Metric(k, v, now, step) for k, v, step in curve_metrics(self.cfg.loop, metrics)]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
         for path in artifacts:
