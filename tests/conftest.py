@@ -56,7 +56,7 @@ def local_ray() -> str:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     return str(ray.get_runtime_context().gcs_address)
 
 

@@ -132,6 +132,21 @@ class TrainConfig(Section):
     loss_weighting: Literal["image", "box"] = "image"  # per-image mean weight (§11.2) or per box
     optimizer: Literal["sgd", "adamw"] = "sgd"  # the tiny preset defaults to adamw (CPU demo)
     empty_image_weight: float = 1.0
+    # data-parallel training through Ray Train's TorchTrainer when > 1: the global batch is
+    # batch_size (split over the workers), so lr and the schedule stay those of one worker;
+    # each worker holds ray.train_num_cpus / ray.train_num_gpus
+    workers: int = Field(1, ge=1)
+    sync_bn: bool = True  # BatchNorm statistics over the global batch when workers > 1
+    max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
+
+    @model_validator(mode="after")
+    def _batch_covers_the_workers(self) -> TrainConfig:
+        if self.batch_size < self.workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} < workers {self.workers}: the global batch is "
+                "split over the workers, each needs at least one image"
+            )
+        return self
 
 
 class PredictConfig(Section):
@@ -442,6 +457,8 @@ class FaultConfig(Section):
     # "ITERATION:PHASE:mid" kills it half-way through the phase.
     kill_at: list[str] = Field(default_factory=list)
     kill_worker_at_shard: int | None = None  # a predict worker exits mid-shard of the pool
+    # data-parallel training: the last train worker exits after this step (once per run)
+    kill_train_worker_at_step: int | None = Field(None, ge=1)
 
     @field_validator("kill_at")
     @classmethod
@@ -483,6 +500,14 @@ class ExperimentConfig(Section):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("must be a plain directory name (no '/', not starting with '.')")
         return v
+
+    @model_validator(mode="after")
+    def _data_parallel_needs_ray(self) -> ExperimentConfig:
+        if self.train.workers > 1 and self.ray.in_process:
+            raise ValueError(
+                "train.workers > 1 trains through Ray Train: it needs ray.in_process: false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _autolabel_has_a_model(self) -> ExperimentConfig:

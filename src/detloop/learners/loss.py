@@ -190,9 +190,13 @@ def detection_loss(
     targets: Targets,
     sizes: list[int],
     settings: LossSettings,
+    n_pos: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Total, class and box loss of a batch (flattened outputs, see ``model.flatten_levels``)."""
-    n_pos = targets.num_pos.sum() + 1.0
+    """Total, class and box loss of a batch (flattened outputs, see ``model.flatten_levels``),
+    normalised by the batch's positive anchors + 1, or by ``n_pos`` (data-parallel training
+    passes the global batch's)."""
+    if n_pos is None:
+        n_pos = targets.num_pos.sum() + 1.0
     pos = (targets.cls >= 0).float() * targets.weight
     l_cls = (
         focal_loss(cls_logits, targets.cls, targets.weight, settings.alpha, settings.gamma) / n_pos

@@ -33,9 +33,11 @@ from detloop.console import Bar, Progress, progress_bar
 from detloop.data.dataset import Augment, DetectionDataset, StrongAugment, collate
 from detloop.data.errors import DataError
 from detloop.learners import checkpoint as ckpt
+from detloop.learners.data_parallel import DataParallel, sync_batchnorm
 from detloop.learners.device import memory_format, resolve_device
 from detloop.learners.loss import (
     LossSettings,
+    Targets,
     box_monitors,
     detection_loss,
     label_batch,
@@ -61,6 +63,7 @@ from detloop.learners.train_state import (
     save_partial,
     saved_weights,
 )
+from detloop.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 MONITORS = ("box_rmse", "sigma_mean", "sigma_std")  # training monitors of ALGORITHMS §1.2
@@ -140,6 +143,12 @@ class _Job:
     on_epoch: Callable[[int, UncertainEfficientDet], None] | None = None
     online: OnlineSelection | None = None
     class_names: Sequence[str] | None = None
+    dp: DataParallel | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """This process writes the checkpoints (always, unless a data-parallel rank > 0)."""
+        return self.dp is None or self.dp.is_main
 
     @property
     def partial_dir(self) -> Path:
@@ -210,21 +219,31 @@ class _LossBench:
         autocast = torch.autocast("cuda") if loop.scaler.is_enabled() else nullcontext()
         with autocast:
             images = batch["image"].to(job.device, memory_format=loop.memory_format)
-            cls_maps, box_maps = model(images, generator=loop.generator)
+            cls_maps, box_maps = loop.forward(images, generator=loop.generator)
         mu, s = split_box_maps(model, box_maps)
         cls = flatten_levels(cls_maps, model.spec.num_classes)
         monitors = box_monitors(mu, s, targets, self.settings)
         n_l = int((batch["index"] < job.streams.n_labeled).sum())
-        if n_l == len(batch["index"]):
-            loss, l_cls, l_box = detection_loss(cls, mu, s, targets, self.sizes, self.settings)
+        parted = (slice(0, n_l), slice(n_l, None))
+        norms, scale = self._normalisers(targets, parted, job)
+        if not job.streams.n_pseudo:
+            loss, l_cls, l_box = (
+                scale * x
+                for x in detection_loss(cls, mu, s, targets, self.sizes, self.settings, norms[0])
+            )
             values = (float(loss.detach()), float(l_cls.detach()), float(l_box.detach()))
             return loss, (*values, *monitors, values[0], float("nan"), float("nan"))
         parts = []
-        for part in (slice(0, n_l), slice(n_l, None)):
+        for part, norm in zip(parted, norms, strict=True):
             sub = targets.slice(part)
             s_part = None if s is None else s[part]
             parts.append(
-                detection_loss(cls[part], mu[part], s_part, sub, self.sizes, self.settings)
+                tuple(
+                    scale * x
+                    for x in detection_loss(
+                        cls[part], mu[part], s_part, sub, self.sizes, self.settings, norm
+                    )
+                )
             )
         a_l, a_u = self._mean_weights(batch, n_l, job)
         lam = job.cfg.ssl.stac_lambda
@@ -237,13 +256,29 @@ class _LossBench:
         return loss, (*values, *monitors, sup, unsup, n_pseudo)
 
     @staticmethod
+    def _normalisers(
+        targets: Targets, parts: tuple[slice, slice], job: _Job
+    ) -> tuple[list[torch.Tensor | None], float]:
+        """The loss normaliser of the whole batch and of its (labeled, pseudo) parts, and the
+        factor of the loss: this batch's own (None) and 1 on one worker; the global batch's
+        and N under data parallelism (module docstring of ``learners.data_parallel``)."""
+        if job.dp is None:
+            return [None, None] if job.streams.n_pseudo else [None], 1.0
+        counts = [targets.slice(p).num_pos.sum().float() for p in parts]
+        total = job.dp.all_sum(torch.stack(counts)) + 1.0
+        if not job.streams.n_pseudo:
+            return [total.sum() - 1.0], float(job.dp.world_size)
+        return list(total), float(job.dp.world_size)
+
+    @staticmethod
     def _mean_weights(batch: dict[str, torch.Tensor], n_l: int, job: _Job) -> tuple[float, float]:
         """(ā_l, ā_u): 1 and 1, or under ``pseudo_weighting: reference`` the mean image weight
         a_i of each sub-batch (a_i: mean object weight, ``empty_image_weight`` without any)."""
         if job.cfg.ssl.pseudo_weighting == "once":
             return 1.0, 1.0
         a = image_weights(batch["classes"], batch["weights"], job.tcfg.empty_image_weight)
-        return float(a[:n_l].mean()), float(a[n_l:].mean())
+        mean = [float(x.mean()) if len(x) else 1.0 for x in (a[:n_l], a[n_l:])]
+        return mean[0], mean[1]
 
 
 def train_model(
@@ -264,6 +299,7 @@ def train_model(
     pseudo: tuple[pa.Table, pa.Table] | None = None,
     online: OnlineSelection | None = None,
     class_names: Sequence[str] | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Train a detector on ``images``/``labels`` and write its checkpoint to ``out_dir``.
 
@@ -294,6 +330,9 @@ def train_model(
             checkpoint is the teacher's weights.
         class_names: the data's classes, in class-id order: a model bundle in
             ``cfg.model.weights`` is matched to them by name (``model.class_map``).
+        data_parallel: this process's rank of a data-parallel training
+            (``learners.data_parallel``; ``torch.distributed`` set up by the caller): the
+            global batch is ``train.batch_size``, only rank 0 writes checkpoints.
 
     Raises:
         DataError: missing weights file or unreadable image.
@@ -318,6 +357,7 @@ def train_model(
         progress=progress,
         on_epoch=on_epoch,
         class_names=class_names,
+        dp=data_parallel,
     )
     loop = _new_loop(job, num_classes, init_weights)
     if not _run(loop, job, images, labels):  # stopped at stop_at_step: the partial checkpoint
@@ -342,22 +382,43 @@ def _new_loop(job: _Job, num_classes: int, init_weights: Path | None) -> LoopSta
         load_start_weights(model, Path(cfg.model.weights), cfg.model.weights_kind,
                            job.class_names, cfg.model.class_map)  # fmt: skip
     fmt = memory_format(cfg.model.channels_last)
+    if job.dp is not None and job.dp.sync_bn:
+        sync_batchnorm(model)
     model.to(dev).to(memory_format=fmt)
     decay = tcfg.moving_average_decay
     return LoopState(
         model=model,
         optimizer=make_optimizer(model, tcfg),
         scaler=torch.amp.GradScaler("cuda", enabled=tcfg.amp and dev.type == "cuda"),
-        generator=torch.Generator(device=dev).manual_seed(job.seed),
+        generator=torch.Generator(device=dev).manual_seed(_dropout_seed(job, 0)),
         memory_format=fmt,
         ema=WeightEma(model, decay) if decay > 0 else None,
         teacher=MeanTeacher(model, job.online, cfg) if job.online else None,
+        parallel=_wrap_ddp(model, dev) if job.dp is not None else None,
     )
+
+
+def _dropout_seed(job: _Job, step: int) -> int:
+    """The seed of the training's dropout generator: the job's seed on one worker (and rank
+    0), one derived from it, the rank and the step on the other ranks."""
+    if job.dp is None or job.dp.is_main:
+        return job.seed
+    return derive_seed(job.seed, step, f"train-rank{job.dp.rank}")
+
+
+def _wrap_ddp(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """``model`` in torch's DistributedDataParallel (gradients averaged over the ranks)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [dev.index] if dev.type == "cuda" and dev.index is not None else None
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def _finish(loop: LoopState, job: _Job, num_classes: int) -> TrainResult:
     """Write the checkpoint — the best early-stopping weights, else the EMA's, else the
     trained ones — with its metadata, and drop the partial checkpoint."""
+    if not job.is_main:  # rank 0 writes the checkpoint
+        return TrainResult(job.out_dir, loop.step, last_loss(loop), loop.seconds, loop.history)
     if loop.best_state is not None:
         loop.model.load_state_dict(loop.best_state)
     elif loop.teacher is not None:
@@ -445,7 +506,10 @@ def _run(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> bool
     stop or ``stop_at_step``; False when stopped by ``stop_at_step`` before the end."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.seed + 1)
-        resume(loop, job.partial_dir, job.fingerprint)
+        source = job.dp.resume_from if job.dp and job.dp.resume_from else job.partial_dir
+        resume(loop, source, job.fingerprint)
+        if loop.step and not job.is_main:  # the checkpoint holds rank 0's generator
+            loop.generator.manual_seed(_dropout_seed(job, loop.step))
         _epochs(loop, job, images, labels)
     return not job.interrupted(loop.step, _Schedule.of(job.tcfg, job.streams).total)
 
@@ -495,6 +559,8 @@ def _epoch(
     epoch, offset = divmod(loop.step, schedule.per_epoch)
     data.set_epoch(epoch)
     batches = job.streams.epoch_batches(job.seed, epoch)[offset:]
+    if job.dp is not None:  # this rank's share of each global batch
+        batches = [job.dp.shard(b, job.streams.n_labeled) for b in batches]
     loader: Iterable[dict[str, torch.Tensor]]
     if loop.teacher is not None:
         loader = _online_batches(loop, job, data, batches, images)
@@ -508,6 +574,8 @@ def _epoch(
         parts.append(_step(loop, batch, bench, job, schedule))
         loop.seconds += time.perf_counter() - t0
         loop.step += 1
+        if job.dp is not None and job.dp.after_step is not None:
+            job.dp.after_step(loop.step)
         bar.set_postfix_str(_running_loss(parts), refresh=False)
         bar.update(1)
         if loop.step >= schedule.total or job.stops_at(loop.step):
@@ -526,11 +594,11 @@ def _online_batches(
     pseudo part labeled now by the teacher on weak views, then strongly augmented with its
     boxes (a dataset per step, its draws seeded by the step)."""
     assert loop.teacher is not None
-    n_l, n_lab = job.streams.n_labeled, job.streams.labeled
+    n_l = job.streams.n_labeled
     step = loop.step
     for batch in batches:
-        items = [data[i] for i in batch[:n_lab]]
-        rows = images.take(pa.array(batch[n_lab:]))
+        items = [data[i] for i in batch if i < n_l]
+        rows = images.take(pa.array([i for i in batch if i >= n_l], pa.int64()))
         labels = loop.teacher.pseudo_labels(rows, seed=job.seed + step, root=job.root)
         view = DetectionDataset(
             rows,
@@ -558,14 +626,30 @@ def _after_epoch(loop: LoopState, job: _Job, schedule: _Schedule) -> bool:
         with saved_weights(loop) as model:
             job.on_epoch(done, model)
         loop.model.train()
-    if done and _early_stop(loop, job, done):
+    if done and _stops_early(loop, job, done):
         return True
     if job.interrupted(loop.step, schedule.total):
-        save_partial(loop, job.partial_dir, job.fingerprint)
+        _save_partial(loop, job)
         return True
     if done and done % job.tcfg.save_freq == 0 and loop.step < schedule.total:
-        save_partial(loop, job.partial_dir, job.fingerprint)
+        _save_partial(loop, job)
     return False
+
+
+def _stops_early(loop: LoopState, job: _Job, epochs_done: int) -> bool:
+    """``_early_stop``, decided by rank 0 under data parallelism (it alone evaluates)."""
+    if job.dp is None:
+        return _early_stop(loop, job, epochs_done)
+    stop = _early_stop(loop, job, epochs_done) if job.dp.is_main else False
+    return job.dp.from_main(stop)
+
+
+def _save_partial(loop: LoopState, job: _Job) -> None:
+    """The partial checkpoint (rank 0 writes it; every rank reports it to Ray Train)."""
+    if job.is_main:
+        save_partial(loop, job.partial_dir, job.fingerprint)
+    if job.dp is not None and job.dp.report is not None:
+        job.dp.report(loop.step, job.partial_dir if job.is_main else None)
 
 
 #: per step: the loss, its class and box parts, the §1.2 monitors and, for an SSL student, the
@@ -613,7 +697,11 @@ def _step(
         group["lr"] = schedule.lr(loop.step, job.tcfg)
     loss, values = bench.losses(loop, batch, job)
     loop.optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    finite = bool(torch.isfinite(loss))
+    if job.dp is not None:  # every rank skips, or none: DDP's all-reduce needs them all
+        finite = job.dp.all_true(finite)
+        values = job.dp.mean_values(values)
+    if not finite:
         log.warning("non-finite loss at step %d; update skipped", loop.step)
         return (float("nan"),) * len(_STEP_VALUES)
     scaled: torch.Tensor = loop.scaler.scale(loss)

@@ -104,6 +104,13 @@ class LoopState:
     best_state: dict[str, torch.Tensor] | None = None
     ema: WeightEma | None = None
     teacher: Any = None  # an online mean teacher (``learners.mean_teacher.MeanTeacher``)
+    # data-parallel training: ``model`` in DistributedDataParallel (the forward pass goes
+    # through it so that backward averages gradients over the ranks)
+    parallel: torch.nn.Module | None = None
+
+    def forward(self, images: torch.Tensor, **kwargs: Any) -> Any:
+        """The model's training forward pass (through DDP when data-parallel)."""
+        return (self.parallel or self.model)(images, **kwargs)
 
     def state(self) -> dict[str, Any]:
         return {

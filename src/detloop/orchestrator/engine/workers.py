@@ -136,7 +136,7 @@ def _log_to_driver(info: bool) -> None:
         log.propagate = False  # Ray's root handler would print every line twice
 
 
-def _reporter(progress_key: str | None) -> Any:
+def progress_reporter(progress_key: str | None) -> Any:
     """The worker's progress reporter (``orchestrator/progress.py``), or False for none."""
     if not progress_key:
         return False
@@ -163,6 +163,12 @@ class _WorkerProcess:
     def _start(self, progress_key: str | None) -> None:
         raise NotImplementedError
 
+    def node(self) -> tuple[str, str]:
+        """(Ray node id, IP) of the node this worker runs on (an actor's placement)."""
+        from detloop.orchestrator.engine.placement import this_node
+
+        return this_node()
+
 
 class TrainWorker(_WorkerProcess):
     """Trains one model per call; resumes from a partial checkpoint in ``out_dir``.
@@ -173,7 +179,7 @@ class TrainWorker(_WorkerProcess):
 
     def _start(self, progress_key: str | None) -> None:
         _log_to_driver(info=progress_key is not None)
-        self._progress = _reporter(progress_key)
+        self._progress = progress_reporter(progress_key)
         import detloop.learners.train  # noqa: F401 - pay the torch/effdet import while idle
 
     def train(self, job: TrainJob) -> TrainOutcome:
@@ -181,11 +187,19 @@ class TrainWorker(_WorkerProcess):
         return run_train_job(self.cfg, job, self._progress)
 
 
-def run_train_job(cfg: ExperimentConfig, job: TrainJob, progress: Any) -> TrainOutcome:
+def run_train_job(
+    cfg: ExperimentConfig,
+    job: TrainJob,
+    progress: Any,
+    data_parallel: Any = None,
+    torch_threads: int | None = None,
+) -> TrainOutcome:
     """``job`` trained with ``cfg`` (its ``epochs`` overriding ``train.epochs``); what a train
-    worker does, in whichever process runs it."""
+    worker does, in whichever process runs it (``data_parallel``: its rank of a data-parallel
+    training, ``learners.data_parallel.DataParallel``)."""
     from detloop.learners.train import train_model
 
+    _set_threads(torch_threads)
     t0 = time.perf_counter()
     if job.epochs is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": job.epochs})})
@@ -203,6 +217,7 @@ def run_train_job(cfg: ExperimentConfig, job: TrainJob, progress: Any) -> TrainO
         stop_at_step=job.stop_at_step,
         online=job.online,
         class_names=job.class_names,
+        data_parallel=data_parallel,
     )
     return TrainOutcome(
         checkpoint=Path(result.checkpoint),
@@ -256,7 +271,7 @@ class PredictWorker(_WorkerProcess):
 
     def _start(self, progress_key: str | None) -> None:
         self._shards = ShardPredictor(self.cfg)
-        set_process_default(_reporter(progress_key))
+        set_process_default(progress_reporter(progress_key))
         import detloop.learners.predict  # noqa: F401 - pay the torch/effdet import while idle
 
     def predict_shard(
