@@ -375,6 +375,29 @@ class RayConfig(Section):
     max_restarts: int = 2
     max_task_retries: int = 2
     shard_size: int = 64
+    # where the predict actors go on a cluster of several nodes: "spread" (Ray's SPREAD
+    # strategy: over the nodes), "pack" (one placement group with the PACK strategy: as few
+    # nodes as possible) or "default" (Ray's own choice); one node: always Ray's default
+    predict_scheduling: Literal["spread", "pack", "default"] = "spread"
+    # custom resources each actor needs, e.g. {"gpu_node": 1} to pin prediction to the nodes
+    # started with `ray start --resources='{"gpu_node": 4}'` (CPUs and GPUs: the keys above)
+    predict_resources: dict[str, float] = Field(default_factory=dict)
+    train_resources: dict[str, float] = Field(default_factory=dict)
+    # at start, check that some node can hold each actor and (several nodes) that every node
+    # that can sees runs_root and the data; false on an autoscaling cluster whose nodes join later
+    check_nodes: bool = True
+
+    @field_validator("predict_resources", "train_resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(
+                    f"{name!r} is not a custom resource: use ray.*_num_cpus / ray.*_num_gpus"
+                )
+            if amount < 0:
+                raise ValueError(f"{name}: {amount} is negative")
+        return v
 
 
 class TrackingConfig(Section):

@@ -17,6 +17,13 @@ import ray
 
 from detloop import console
 from detloop.config import ExperimentConfig, RayConfig, config_snapshot
+from detloop.orchestrator.engine.placement import (
+    check_cluster,
+    describe_node,
+    driver_node_strategy,
+    predict_strategies,
+    remove_group,
+)
 from detloop.orchestrator.engine.progress import ProgressBoard, forget, new_prefix
 from detloop.orchestrator.engine.workers import (
     PredictJob,
@@ -111,8 +118,15 @@ def check_capacity(rc: RayConfig, loops: int = 1) -> None:
 def coordinator_tasks(fn: Callable[[A], R], args: Sequence[A]) -> list[R]:
     """Run ``fn`` on each argument as a Ray task that holds no CPU (it only waits on actors,
     so coordinators never starve behind training actors) and is not retried (a loop resumes
-    from its journal instead); results in argument order."""
-    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    from its journal instead); results in argument order.
+
+    The tasks run on the driver's node (a coordinator writes the run directory and drives its
+    loop like the driver of ``detloop run``): on a cluster of several nodes, losing a worker
+    node then takes only actors with it, which Ray restarts elsewhere.
+    """
+    task = ray.remote(num_cpus=0, max_retries=0)(fn).options(
+        scheduling_strategy=driver_node_strategy()
+    )
     return list(ray.get([task.remote(a) for a in args]))
 
 
@@ -123,6 +137,10 @@ class Workers(WorkersProtocol):
     When this process shows progress (``detloop.console.mode()``), each actor publishes its
     bar under a key of this loop and the calls below draw them while they wait
     (``orchestrator/progress.py``): one line for the trainer, one per predict actor.
+
+    Placement (``placement.py``): the actors hold ``ray.*_resources`` besides their CPUs and
+    GPUs, the predict actors are spread over the nodes (``ray.predict_scheduling``), and on a
+    cluster of several nodes the constructor checks that the nodes see the run's paths.
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
@@ -133,15 +151,22 @@ class Workers(WorkersProtocol):
         self._predictors: list[Any] = []
         self._progress = console.mode()
         self._prefix = new_prefix() if self._progress != "off" else None
+        self._group: Any = None  # the predict actors' placement group (``pack``)
+        # (node id, IP) of each predict actor when the last prediction started
+        self.placement: list[tuple[str, str]] = []
+        check_cluster(cfg)
 
     def _key(self, role: str) -> str | None:
         """The progress key of an actor (None: progress is off)."""
         return f"{self._prefix}/{role}" if self._prefix else None
 
-    def _options(self, num_cpus: float, num_gpus: float) -> dict[str, Any]:
+    def _options(
+        self, num_cpus: float, num_gpus: float, resources: dict[str, float] | None = None
+    ) -> dict[str, Any]:
         return {
             "num_cpus": num_cpus,
             "num_gpus": num_gpus,
+            "resources": dict(resources or {}),
             "max_restarts": self.rc.max_restarts,
             "max_task_retries": self.rc.max_task_retries,
         }
@@ -149,7 +174,8 @@ class Workers(WorkersProtocol):
     @property
     def trainer(self) -> Any:
         if self._trainer is None:
-            opts = self._options(self.rc.train_num_cpus, self.rc.train_num_gpus)
+            rc = self.rc
+            opts = self._options(rc.train_num_cpus, rc.train_num_gpus, rc.train_resources)
             cls = ray.remote(**opts)(TrainWorker)
             threads = self.cfg.train.torch_threads or _threads(self.rc.train_num_cpus)
             self._trainer = cls.remote(self._config, threads, self._key("train"))
@@ -158,12 +184,14 @@ class Workers(WorkersProtocol):
     @property
     def predictors(self) -> list[Any]:
         if not self._predictors:
-            opts = self._options(self.rc.predict_num_cpus, self.rc.predict_num_gpus)
+            rc = self.rc
+            opts = self._options(rc.predict_num_cpus, rc.predict_num_gpus, rc.predict_resources)
             cls = ray.remote(**opts)(PredictWorker)
-            threads = _threads(self.rc.predict_num_cpus)
+            threads = _threads(rc.predict_num_cpus)
+            where, self._group = predict_strategies(rc, rc.predict_workers)
             self._predictors = [
-                cls.remote(self._config, threads, self._key(f"predict{i}"))
-                for i in range(self.rc.predict_workers)
+                cls.options(**where[i]).remote(self._config, threads, self._key(f"predict{i}"))
+                for i in range(rc.predict_workers)
             ]
         return self._predictors
 
@@ -199,6 +227,7 @@ class Workers(WorkersProtocol):
             return 0.0
         weights_ref = ray.put(job.weights)
         actors = self.predictors
+        nodes = [a.node.remote() for a in actors]  # answered before each actor's first shard
         pending: dict[Any, int] = {}
         queue = list(job.shards)
         busy = [0.0] * len(actors)
@@ -226,7 +255,24 @@ class Workers(WorkersProtocol):
                 on_result(result)
                 if queue:
                     submit(actor_idx)
+        self._log_placement(nodes)
         return max(busy)
+
+    def _log_placement(self, refs: list[Any]) -> None:
+        """Record and log the nodes the predict actors started the last prediction on."""
+        try:
+            self.placement = [tuple(n) for n in ray.get(refs, timeout=10)]
+        except ray.exceptions.RayError:  # an actor lost since: placement unknown, nothing lost
+            self.placement = []
+            return
+        hosts = sorted({describe_node(node_id, ip) for node_id, ip in self.placement})
+        logger.info(
+            "predict workers: %d on %d node(s): %s",
+            len(self.placement),
+            len(hosts),
+            "; ".join(hosts),
+            extra={"nodes": [node_id for node_id, _ in self.placement]},
+        )
 
     def shutdown(self) -> None:
         for actor in [self._trainer, *self._predictors]:
@@ -234,5 +280,7 @@ class Workers(WorkersProtocol):
                 ray.kill(actor, no_restart=True)
         self._trainer = None
         self._predictors = []
+        remove_group(self._group)
+        self._group = None
         if self._prefix:
             forget(self._prefix)
