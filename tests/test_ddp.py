@@ -20,7 +20,7 @@ import torch
 
 from conftest import ci_overrides
 from detloop.cli.main import main
-from detloop.config import load_config
+from detloop.config import ConfigError, load_config
 from detloop.data.io import read_json
 from detloop.data.rundir import RunDir, RunsRoot
 from detloop.learners.checkpoint import load_state_dict
@@ -51,6 +51,14 @@ def test_shards_partition_each_global_batch_labeled_first() -> None:
     for s in shards:
         assert s == sorted(s, key=lambda i: i >= 8)  # the labeled part first
     assert shards[0] == [2, 7, 9, 13] and shards[2] == [0, 11]
+
+
+def test_config_refuses_what_data_parallel_cannot_run() -> None:
+    with pytest.raises(ConfigError, match="each needs at least one image"):
+        load_config(CI_CONFIG, ["train.workers=5", "train.batch_size=4"])
+    with pytest.raises(ConfigError, match=r"needs ray\.in_process: false"):
+        load_config(CI_CONFIG, ["train.workers=2", "ray.in_process=true"])
+    assert load_config(CI_CONFIG, ["train.workers=4"]).train.sync_bn
 
 
 @pytest.fixture
@@ -164,6 +172,7 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(
     history = read_json(run.checkpoint(0) / "metadata.json")["history"]
     assert [h["step"] for h in history] == [4.0, 8.0, 12.0, 16.0]  # each epoch once
     assert history[-1]["loss"] < history[0]["loss"]
+    assert not list((run.iteration_dir(0) / "ray_train").glob("*/checkpoint_*"))  # cleaned up
     metrics = read_json(run.metrics_file(0))  # the checkpoint loaded into the predictor
     assert (run.iteration_dir(0) / "val_predictions.parquet").is_file() and "map" in metrics
     from mlflow.tracking import MlflowClient

@@ -78,6 +78,8 @@ def _print_config(cfg: ExperimentConfig) -> None:
     from detloop.selectors.strategy import explain
 
     _out(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    if (workers := cfg.train.workers) > 1:
+        _out(f"# training: {workers} Ray Train workers, global batch {cfg.train.batch_size}")
     if cfg.loop == "autolabel":
         t = cfg.thresholding
         _out("# loop: auto-labeling (AutoLabelRun)")

@@ -45,12 +45,13 @@ def _threads(num_cpus: float) -> int:
     return max(1, math.floor(num_cpus))
 
 
-def loop_cpus(rc: RayConfig) -> float:
-    """Logical CPUs one loop's actors hold (train + predict workers live side by side)."""
-    return rc.train_num_cpus + rc.predict_workers * rc.predict_num_cpus
+def loop_cpus(rc: RayConfig, train_workers: int = 1) -> float:
+    """Logical CPUs one loop's actors hold (train + predict workers live side by side;
+    ``train.workers`` Ray Train workers each hold ``train_num_cpus``)."""
+    return train_workers * rc.train_num_cpus + rc.predict_workers * rc.predict_num_cpus
 
 
-def ensure_ray(rc: RayConfig, loops: int = 1) -> None:
+def ensure_ray(rc: RayConfig, loops: int = 1, train_workers: int = 1) -> None:
     """Connect to Ray unless already connected.
 
     ``address`` None starts a local instance on loopback sized so that ``loops`` loops can
@@ -67,10 +68,14 @@ def ensure_ray(rc: RayConfig, loops: int = 1) -> None:
         check_reachable(rc.address)
         ray.init(address=rc.address, log_to_driver=True, logging_level=level)
     else:
-        need = math.ceil(loop_cpus(rc) * loops)
+        need = math.ceil(loop_cpus(rc, train_workers) * loops)
         num_cpus = max(rc.num_cpus or 0, need, os.cpu_count() or 1)
-        ray.init(
-            num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=level
+        ray.init(  # "local": a new instance even when a `ray start` cluster runs here
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level=level,
         )
     logger.info("ray resources: %s", cluster_resources())
 
@@ -103,15 +108,15 @@ def cluster_resources() -> dict[str, float]:
     return resources
 
 
-def check_capacity(rc: RayConfig, loops: int = 1) -> None:
+def check_capacity(rc: RayConfig, loops: int = 1, train_workers: int = 1) -> None:
     """Fail early, with the settings to change, if the cluster cannot hold the actors."""
     have = float(cluster_resources().get("CPU", 0.0))
-    need = loop_cpus(rc) * loops
+    need = loop_cpus(rc, train_workers) * loops
     if need > have + 1e-9:
         raise RuntimeError(
             f"the Ray cluster has {have:g} CPUs but {loops} loop(s) need {need:g} "
-            "(ray.train_num_cpus + ray.predict_workers * ray.predict_num_cpus each); "
-            "lower those settings or add CPUs"
+            "(train.workers * ray.train_num_cpus + ray.predict_workers * ray.predict_num_cpus "
+            "each); lower those settings or add CPUs"
         )
 
 
@@ -196,8 +201,11 @@ class Workers(WorkersProtocol):
         return self._predictors
 
     def start(self) -> None:
-        """Create every actor now; they start up while the driver does other work."""
-        _ = self.trainer, self.predictors
+        """Create every actor now; they start up while the driver does other work (a
+        data-parallel training starts its Ray Train workers when it runs)."""
+        if self.cfg.train.workers == 1:
+            _ = self.trainer
+        _ = self.predictors
 
     def _board(self, roles: dict[str, str], cumulative: bool = False) -> ProgressBoard:
         """The progress lines of ``roles`` (role: label) while the driver waits on them."""
@@ -205,7 +213,12 @@ class Workers(WorkersProtocol):
         return ProgressBoard(labels, mode=self._progress, cumulative=cumulative)
 
     def train(self, job: TrainJob) -> TrainOutcome:
+        """Train in the train actor, or with ``train.workers > 1`` through Ray Train."""
         with self._board({"train": "train"}):
+            if self.cfg.train.workers > 1:
+                from detloop.orchestrator.engine.ray_train import train_data_parallel
+
+                return train_data_parallel(self.cfg, job, self._key("train"))
             ref = self.trainer.train.remote(job)
             result: TrainOutcome = ray.get(ref)
         return result

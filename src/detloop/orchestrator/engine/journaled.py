@@ -83,8 +83,8 @@ def default_workers(cfg: ExperimentConfig) -> Workers:
     from detloop.orchestrator.engine.actors import Workers as RayWorkers
     from detloop.orchestrator.engine.actors import check_capacity, ensure_ray
 
-    ensure_ray(cfg.ray)
-    check_capacity(cfg.ray)
+    ensure_ray(cfg.ray, train_workers=cfg.train.workers)
+    check_capacity(cfg.ray, train_workers=cfg.train.workers)
     return RayWorkers(cfg)
 
 

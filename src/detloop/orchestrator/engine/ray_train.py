@@ -2,21 +2,23 @@
 
 A ``ray.train.torch.TorchTrainer`` runs ``train.workers`` copies of the train bench
 (``learners.train.train_model`` with a ``learners.data_parallel.DataParallel`` rank): gloo on
-CPU, nccl on GPU, each worker holding ``ray.train_num_cpus``/``ray.train_num_gpus``. The global
-batch stays ``train.batch_size``, so the learning rate and schedule are those of one worker.
+CPU, nccl on GPU, each worker holding ``ray.train_num_cpus``/``ray.train_num_gpus`` and
+``ray.train_resources``. The global batch stays ``train.batch_size``, so the learning rate and
+schedule are those of one worker.
 
 Checkpoints: rank 0 writes the partial checkpoint into the run directory's iteration folder
 (``<checkpoint>.partial``, what a resumed driver reads) and every rank reports it to Ray Train
-(``ray.train.report``), which keeps the last one under ``<iteration>/ray_train/``. A worker that
-dies restarts the worker group (``train.max_failures`` times); the new group resumes from the
-last reported checkpoint (``ray.train.get_checkpoint``). The driver owns the MLflow run; the
-workers never log to MLflow, so a restart adds no run.
+(``ray.train.report``), which keeps the last one under ``<iteration>/ray_train/`` until the
+training is done. A worker that dies restarts the worker group (``train.max_failures`` times);
+the new group resumes from the last reported checkpoint (``ray.train.get_checkpoint``). The
+driver owns the MLflow run; the workers never log to MLflow, so a restart adds no run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,8 +43,9 @@ def train_data_parallel(
     from ray.train.torch import TorchTrainer
 
     out = Path(job.out_dir)
+    storage = (out.parent / "ray_train").resolve()
     rc = cfg.ray
-    resources = {"CPU": rc.train_num_cpus}
+    resources = {"CPU": rc.train_num_cpus, **rc.train_resources}
     if rc.train_num_gpus > 0:
         resources["GPU"] = rc.train_num_gpus
     trainer = TorchTrainer(
@@ -61,7 +64,7 @@ def train_data_parallel(
         ),
         run_config=RunConfig(
             name=out.name,
-            storage_path=str((out.parent / "ray_train").resolve()),
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
@@ -70,7 +73,10 @@ def train_data_parallel(
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"data-parallel training failed: {result.error}") from result.error
-    return _outcome(out, time.perf_counter() - t0)
+    outcome = _outcome(out, time.perf_counter() - t0)
+    if outcome.checkpoint == out:  # done: Ray Train's copies of the partial checkpoints go
+        shutil.rmtree(storage / out.name, ignore_errors=True)
+    return outcome
 
 
 def _outcome(out: Path, seconds: float) -> TrainOutcome:

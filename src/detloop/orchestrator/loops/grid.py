@@ -64,8 +64,9 @@ def run_configs(cfgs: list[ExperimentConfig]) -> list[LoopOutcome]:
         return []
     for cfg in {str(c.model.weights): c for c in cfgs}.values():
         check_inputs(cfg)  # model.weights: each distinct file once
-    ensure_ray(cfgs[0].ray, loops=len(cfgs))
-    check_capacity(cfgs[0].ray, loops=len(cfgs))
+    workers = cfgs[0].train.workers
+    ensure_ray(cfgs[0].ray, loops=len(cfgs), train_workers=workers)
+    check_capacity(cfgs[0].ray, loops=len(cfgs), train_workers=workers)
     for cfg in {(str(c.runs_root), c.tracking.uri, c.name): c for c in cfgs}.values():
         prepare_store(cfg)
     results = coordinator_tasks(_loop_task, [config_snapshot(c) for c in cfgs])
