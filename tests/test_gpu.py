@@ -378,3 +378,25 @@ def test_fractional_gpus_pack_two_predict_actors_on_one_gpu(
     schema.validate_table(table, schema.PREDICTIONS)
     assert set(table.column("image_id").to_pylist()) <= set(val.column("image_id").to_pylist())
     assert table.num_rows > 0 and table.column("mc_x1").null_count == 0
+
+
+@pytest.mark.ray
+def test_a_worker_given_no_gpu_stays_on_the_cpu(ray_one_gpu: None) -> None:
+    """Ray leaves the host's GPUs visible to a worker that reserved none; with
+    ``train.device: auto`` such a worker must not take one."""
+    import ray
+
+    from detloop.orchestrator.engine.workers import within_ray_resources
+
+    cfg = ExperimentConfig.model_validate({})
+
+    @ray.remote(num_cpus=1, num_gpus=0)
+    def device_without() -> str:
+        return within_ray_resources(cfg).train.device
+
+    @ray.remote(num_cpus=1, num_gpus=0.5)
+    def device_with() -> str:
+        return within_ray_resources(cfg).train.device
+
+    assert ray.get(device_without.remote()) == "cpu"
+    assert ray.get(device_with.remote()) == "auto"

@@ -109,12 +109,16 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from detloop.console import quiet_dependency_warnings
-    from detloop.orchestrator.engine.workers import progress_reporter, run_train_job
+    from detloop.orchestrator.engine.workers import (
+        progress_reporter,
+        run_train_job,
+        within_ray_resources,
+    )
 
     quiet_dependency_warnings()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = build_config(config["config"])
+    cfg = within_ray_resources(build_config(config["config"]))
     job: TrainJob = config["job"]
     threads = cfg.train.torch_threads or max(1, int(cfg.ray.train_num_cpus))
     progress = progress_reporter(config["progress_key"]) if rank == 0 else False

@@ -145,6 +145,18 @@ def progress_reporter(progress_key: str | None) -> Any:
     return KvReporter(progress_key)
 
 
+def within_ray_resources(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` for a Ray worker process: ``train.device: auto`` becomes ``cpu`` when Ray gave
+    this worker no GPU. Ray leaves every GPU of the host visible to a worker that reserved
+    none (``CUDA_VISIBLE_DEVICES`` is only set for workers holding GPUs), so ``auto`` would
+    run on a GPU that other workers reserved."""
+    import ray
+
+    if cfg.train.device != "auto" or not ray.is_initialized() or ray.get_gpu_ids():
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"})})
+
+
 class _WorkerProcess:
     """What every worker process does first: quiet the dependencies' warnings, build its
     config and set torch's threads; ``_start`` then readies the worker's own part."""
@@ -156,7 +168,7 @@ class _WorkerProcess:
         progress_key: str | None = None,
     ) -> None:
         quiet_dependency_warnings()  # an entry point: this is a new worker process
-        self.cfg: ExperimentConfig = build_config(config)
+        self.cfg: ExperimentConfig = within_ray_resources(build_config(config))
         _set_threads(torch_threads)
         self._start(progress_key)
 
