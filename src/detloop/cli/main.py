@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "detloop.cli.pretrain",
     "detloop.cli.export",
     "detloop.cli.tracking_server",
+    "detloop.cli.rcc",
 )
 
 
