@@ -261,6 +261,9 @@ Selection = Annotated[
     BeforeValidator(_parse_selection),
     PlainSerializer(lambda spec: spec.name, return_type=str),
 ]
+#: ``teacher_strategy`` tokens parsed but not built yet (refused by ``SSLConfig``).
+_TEACHER_BLOCKS_TODO = ("curriculum_learning", "aug", "curr")
+
 #: ``ssl.teacher_strategy``: the teacher's training options (§11.3, §11.4), a ``TeacherSpec``.
 TeacherStrategy = Annotated[
     TeacherSpec,
@@ -294,6 +297,14 @@ class SSLConfig(Section):
     # multiplies each part of the student's loss by its batch mean of a_i (weighting twice).
     # An image without objects weighs `train.empty_image_weight`.
     pseudo_weighting: Literal["once", "reference"] = "once"
+    # RCC (§11.3, teacher_strategy `rcc`): target class names (None: the `rcc_k` rarest
+    # classes among the labeled boxes) and the generator's seed (compat 42)
+    rcc_classes: list[str] | None = None
+    rcc_k: int = Field(2, ge=1)
+    rcc_seed: int = 42
+    # RCF class weights (§11.4, `imscore`): 1/ln(n_c) min-max scaled to [lowest, highest]
+    rcf_lowest: float = Field(1.0, gt=0)
+    rcf_highest: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _ema_has_no_selftrain(self) -> SSLConfig:
@@ -306,14 +317,23 @@ class SSLConfig(Section):
     @field_validator("teacher_strategy")
     @classmethod
     def _blocks_available(cls, v: TeacherSpec) -> TeacherSpec:
-        # parsed (so misspellings are caught now), refused until the blocks exist: a run that
-        # silently trained plain STAC under an `rcc` name would report a false result
-        if v.blocks:
+        # parsed (so misspellings are caught now); the curriculum blocks are refused until they
+        # exist: a run that silently trained plain batches under their name would report a
+        # false result
+        missing = [b for b in v.blocks if b in _TEACHER_BLOCKS_TODO]
+        if missing:
             raise ValueError(
-                f"teacher_strategy {v.name!r}: the building blocks {', '.join(v.blocks)} "
-                "(ALGORITHMS §11.3-11.4) are not implemented yet; use '' (plain STAC)"
+                f"teacher_strategy {v.name!r}: {', '.join(missing)} (ALGORITHMS §11.4, the "
+                "rare/common curriculum batches) is not implemented yet; available: rcc (with "
+                "scale, manual_augmentations, full_im) and imscore"
             )
         return v
+
+    @model_validator(mode="after")
+    def _rcf_range(self) -> SSLConfig:
+        if self.rcf_lowest > self.rcf_highest:
+            raise ValueError(f"rcf_lowest {self.rcf_lowest} > rcf_highest {self.rcf_highest}")
+        return self
 
 
 class AutolabelConfig(Section):

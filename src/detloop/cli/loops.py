@@ -92,6 +92,8 @@ def _print_config(cfg: ExperimentConfig) -> None:
         _out(f"# selection strategy: {ssl.selection_strategy.name}")
         _out(f"#   {ssl.selection_strategy}")
         _out(f"# teacher strategy: {ssl.teacher_strategy.name or '(plain STAC)'}")
+        for line in _teacher_blocks(cfg):
+            _out(f"#   {line}")
         _out(f"# teacher: {ssl.teacher}; tau {ssl.tau}; lambda {ssl.stac_lambda}")
         return
     spec = cfg.al.strategy
@@ -103,6 +105,33 @@ def _print_config(cfg: ExperimentConfig) -> None:
         _out(f"# pseudo-label selection: {cfg.ssl.selection_strategy.name}")
     if cfg.autolabel.after_loop:
         _out("# then: auto-labeling of the rest of the pool with the final model")
+
+
+def _teacher_blocks(cfg: ExperimentConfig) -> list[str]:
+    """One line per building block of ``ssl.teacher_strategy`` (ALGORITHMS §11.3, §11.4)."""
+    ssl = cfg.ssl
+    spec, out = ssl.teacher_strategy, []
+    if spec.rcc:
+        opts = [
+            o
+            for o, on in (
+                ("scale", spec.rcc_scale),
+                ("manual_augmentations", spec.rcc_manual_augmentations),
+                ("full_im", spec.rcc_full_im),
+            )
+            if on
+        ]
+        targets = ssl.rcc_classes if ssl.rcc_classes is not None else f"the {ssl.rcc_k} rarest"
+        out.append(
+            f"rcc: rare-class collages of {targets} classes (seed {ssl.rcc_seed}; options: "
+            f"{', '.join(opts) or 'none'}) join the labeled part after the split"
+        )
+    if spec.imscore:
+        out.append(
+            f"imscore: each labeled object weighs its RCF class weight "
+            f"[{ssl.rcf_lowest:g}, {ssl.rcf_highest:g}] from the labeled counts"
+        )
+    return out
 
 
 def _report_outcome(outcome: LoopOutcome) -> int:

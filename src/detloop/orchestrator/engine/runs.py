@@ -39,11 +39,12 @@ def code_version() -> str:
 def strategy_name(cfg: ExperimentConfig) -> str:
     """The canonical strategy of the config's loop, as run names and MLflow tags show it: the
     AL query strategy (``+ssl_<selection>`` with ``al.ssl``), or the SSL pseudo-label selection
-    (``ema_<selection>`` with the online mean teacher), so that a grid's runs never share a
-    directory."""
+    (``ema_<selection>`` with the online mean teacher, ``<teacher_strategy>+<selection>``
+    with teacher building blocks), so that a grid's runs never share a directory."""
     if cfg.loop == "ssl":
         ema = "ema_" if cfg.ssl.teacher == "ema" else ""
-        return ema + cfg.ssl.selection_strategy.name
+        blocks = cfg.ssl.teacher_strategy.name
+        return ema + (f"{blocks}+" if blocks else "") + cfg.ssl.selection_strategy.name
     if cfg.loop == "autolabel":
         return "autolabel"
     ssl = f"+ssl_{cfg.ssl.selection_strategy.name}" if cfg.al.ssl else ""

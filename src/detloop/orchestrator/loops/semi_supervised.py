@@ -9,6 +9,9 @@ thresholds it on validation when the selection needs it], selects pseudo-labels
 trains model r on gt + pseudo: round 1 is the student, from the initial weights; rounds 2.. are
 the ``selftrain`` rounds, each from the previous student for ``selftrain_epochs``. With
 ``ssl.teacher: ema`` round 1 trains an online mean teacher instead (the burn-in is round 0).
+``ssl.teacher_strategy``'s blocks (§11.3, §11.4; ``ssl_blocks``): ``rcc`` adds rare-class
+collages to the labeled part in the split phase, once; ``imscore`` weighs every round's labeled
+objects by their class.
 
 Every phase is journaled and idempotent like the AL loop's, so a run killed anywhere resumes
 with the same pseudo-labels and the same labeled set. The teacher (round 0) is shared by every
@@ -26,12 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detloop.data import schema, splits
+from detloop.data.collage import is_generated
 from detloop.data.io import read_json, read_table, write_table
 from detloop.data.pool import PoolState
 from detloop.orchestrator.engine.journal import Phase
 from detloop.orchestrator.engine.journaled import Handler, Step
 from detloop.orchestrator.engine.workers import TrainJob
-from detloop.orchestrator.loops import steps
+from detloop.orchestrator.loops import ssl_blocks, steps
 from detloop.orchestrator.loops.model_phases import ModelLoop
 from detloop.orchestrator.loops.warmup import WarmupCache
 from detloop.selectors.budgets import iteration_sizes
@@ -47,8 +51,10 @@ def round_name(r: int) -> str:
 
 def labeled_split(images: pa.Table, portion: float, mode: str, seed: int) -> list[str]:
     """The labeled part of the pool (§11.1, detloop decision 12): ``round(portion % · n)``
-    images (at least 1), a seeded random set, or the first ones in file order (``first_n``)."""
-    pool = images.filter(pc.equal(images["split"], "pool")).sort_by("file")
+    images (at least 1), a seeded random set, or the first ones in file order (``first_n``).
+    Generated images (RCC collages of an earlier pass) are not part of the pool drawn from."""
+    real = pc.and_(pc.equal(images["split"], "pool"), pc.invert(is_generated(images["image_id"])))
+    pool = images.filter(real).sort_by("file")
     n = max(1, iteration_sizes(pool.num_rows, [portion])[0])
     ids = pool["image_id"].to_pylist()
     if mode == "first_n":
@@ -65,7 +71,8 @@ class SemiSupervisedLoop(ModelLoop):
     def set_up(self) -> None:
         super().set_up()
         self.spec: PseudoSpec = self.cfg.ssl.selection_strategy
-        ident = {"ssl": [self.cfg.ssl.portion_labeled, self.cfg.ssl.ssl_split]}
+        ident: dict[str, Any] = {"ssl": [self.cfg.ssl.portion_labeled, self.cfg.ssl.ssl_split]}
+        ident.update(ssl_blocks.teacher_ident(self.cfg))  # rcc, imscore: their options
         self.teacher_cache = WarmupCache.for_run(self.run, self.cfg, ident)
 
     # ---- schedule --------------------------------------------------------------------------
@@ -125,7 +132,8 @@ class SemiSupervisedLoop(ModelLoop):
 
     def _phase_split(self, iteration: int) -> dict[str, Any]:
         """Reveal the labeled part (simulated oracle); the ids are recorded in the selection
-        table of round 0 and in ``run.json``."""
+        table of round 0 and in ``run.json``. With ``rcc`` the collages then join the labeled
+        part, once (``ssl_blocks.add_collages``)."""
         out = self.run.selection_file(0)
         if not self.teacher_cache.restore_selection(out):
             ids = labeled_split(
@@ -142,10 +150,15 @@ class SemiSupervisedLoop(ModelLoop):
         pool = pool.reveal(self.run.read_gt(), ids, 0)
         pool.save(self.run)
         self.journal.set("labeled_ids", ids)
-        return {"labeled": len(ids), "unlabeled": len(pool.ids("unlabeled"))}
+        info: dict[str, Any] = {"labeled": len(ids), "unlabeled": len(pool.ids("unlabeled"))}
+        if self.cfg.ssl.teacher_strategy.rcc:
+            info.update(ssl_blocks.add_collages(self.run, self.cfg, self.categories))
+            self._fault(iteration, Phase.SPLIT, "mid")  # tests: killed after the collages
+            info["labeled_with_rcc"] = len(PoolState.load(self.run).ids("labeled"))
+        return info
 
     def _phase_predict(self, iteration: int) -> dict[str, Any]:
-        unlabeled = PoolState.load(self.run).images_in("unlabeled")
+        unlabeled = ssl_blocks.unlabeled_images(PoolState.load(self.run))
         table, seconds, stats = self.predict(
             iteration, iteration - 1, unlabeled, "predict", Phase.PREDICT
         )
@@ -155,7 +168,7 @@ class SemiSupervisedLoop(ModelLoop):
     def _phase_pseudo_label(self, iteration: int) -> dict[str, Any]:
         pool = PoolState.load(self.run)
         preds = read_table(schema.PREDICTIONS, self.run.predictions_file(iteration))
-        candidates = pool.images_in("unlabeled")
+        candidates = ssl_blocks.unlabeled_images(pool)
         pool, info = steps.pseudo_label(self.run, self.cfg, pool, preds, candidates, iteration)
         self.run.write_labels(pool.labels)
         if info["pseudo_labels"] == 0:
@@ -186,11 +199,11 @@ class SemiSupervisedLoop(ModelLoop):
         if iteration > 0 and ssl.teacher == "ema":
             # burn-in = round 0; the mean teacher labels the unlabeled part every step
             init = self.run.weights_file(0)
-            pseudo = (pool.images_in("unlabeled"), schema.LABELS.empty())
+            pseudo = (ssl_blocks.unlabeled_images(pool), schema.LABELS.empty())
             online = self._online_selection(iteration)
         job = TrainJob(
             images=pool.images_in("labeled"),
-            labels=steps.training_labels(pool.labels),
+            labels=self._training_labels(pool),
             num_classes=self.num_classes,
             out_dir=str(ckpt),
             seed=self.seed(iteration, "train"),
@@ -214,6 +227,14 @@ class SemiSupervisedLoop(ModelLoop):
             **result.monitors,
             **_last(result.history, ("sup_loss", "unsup_loss")),
         }
+
+    def _training_labels(self, pool: PoolState) -> pa.Table:
+        """The labeled part's labels; under ``imscore`` weighted by their class (§11.4)."""
+        labels = steps.training_labels(pool.labels)
+        if not self.cfg.ssl.teacher_strategy.imscore:
+            return labels
+        ssl = self.cfg.ssl
+        return ssl_blocks.imscore_labels(labels, self.num_classes, ssl.rcf_lowest, ssl.rcf_highest)
 
     def _online_selection(self, iteration: int) -> Any:
         """The mean teacher's selection: this run's rules with the burn-in teacher's
@@ -245,11 +266,15 @@ class SemiSupervisedLoop(ModelLoop):
         numbers["round"] = float(iteration)
         numbers["labeled_images"] = float(len(pool.ids("labeled")))
         numbers["labeled_boxes"] = float(pool.n_labeled_boxes())
-        numbers.update(
-            self.journal_numbers(
-                iteration, (Phase.TRAIN, Phase.CALIBRATE, Phase.THRESHOLD, Phase.PSEUDO_LABEL)
-            )
+        phases: tuple[Phase, ...] = (
+            Phase.TRAIN,
+            Phase.CALIBRATE,
+            Phase.THRESHOLD,
+            Phase.PSEUDO_LABEL,
         )
+        if self.cfg.ssl.teacher_strategy.rcc:  # the collages' counts (split_rcc_images, ...)
+            phases = (Phase.SPLIT, *phases)
+        numbers.update(self.journal_numbers(iteration, phases))
         numbers.update(self.bound_numbers(iteration))
         for phase, seconds in self.journal.phase_seconds(iteration).items():
             numbers[f"time_{phase}"] = seconds

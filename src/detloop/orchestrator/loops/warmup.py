@@ -22,7 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow.compute as pc
+
 from detloop.config import ExperimentConfig
+from detloop.data.collage import is_generated
 from detloop.data.rundir import RunDir, RunsRoot
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,11 @@ _EVAL_FILES = ("metrics.json", "val_predictions.parquet")
 
 def warmup_key(run: RunDir, cfg: ExperimentConfig, ident: dict[str, Any]) -> str:
     """Hash of what iteration 0 depends on (``ident``: what the loop's selection of it reads)."""
+    # generated images (RCC collages, added after the split) are outputs of iteration 0, not
+    # inputs: left out, so the key is the same before and after they are written
     images = run.read_images()
+    images = images.filter(pc.invert(is_generated(images["image_id"])))
+    gt = run.read_gt()
     pool = sorted(
         i
         for i, split, state in zip(
@@ -51,7 +58,7 @@ def warmup_key(run: RunDir, cfg: ExperimentConfig, ident: dict[str, Any]) -> str
         "model": cfg.model.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json"),
         "predict": cfg.predict.model_dump(mode="json"),
-        "n_gt": run.read_gt().num_rows,
+        "n_gt": gt.filter(pc.invert(is_generated(gt["image_id"]))).num_rows,
     }
     h.update(json.dumps(ident, sort_keys=True).encode())
     return h.hexdigest()[:16]
