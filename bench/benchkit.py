@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +25,43 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
+    """Wall seconds of each function over ``reps`` rounds, run in turn within every round, so
+    that load from other processes on a shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def quick_model(config: Path, tmp: Path, steps: int, n_images: int = 200) -> tuple[bytes, int, Any]:
+    """A model of ``config`` trained ``steps`` steps on the first ``n_images`` pool images of
+    digits-det small (built under data/ when absent): (model.pt bytes, classes, the pool)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from detloop.config import load_config
+    from detloop.data.importer import import_source
+    from detloop.data.rundir import RunDir
+    from detloop.demo import ensure_dataset
+    from detloop.learners.train import train_model
+
+    data = REPO / "data" / "digits-small"
+    ensure_dataset(data, "small", seed=0)
+    run = RunDir(tmp / "run")
+    import_source(run, "coco", data / "pool.json", "pool", images=data / "images" / "pool")
+    cfg = load_config(config, [f"runs_root={tmp}", f"train.max_steps={steps}"])
+    images, labels = run.read_images(), run.read_gt()
+    n_cls = run.read_categories().num_rows
+    sub = images.slice(0, n_images)
+    lab = labels.filter(pc.is_in(labels["image_id"], value_set=sub["image_id"].combine_chunks()))
+    lab = lab.append_column("source", pa.array(["gt"] * lab.num_rows))
+    lab = lab.append_column("weight", pa.array([1.0] * lab.num_rows, pa.float32()))
+    lab = lab.append_column("iteration", pa.array([0] * lab.num_rows, pa.int32()))
+    res = train_model(cfg, sub, lab, n_cls, tmp / "ckpt", seed=0, progress=False)
+    return (res.checkpoint / "model.pt").read_bytes(), n_cls, images

@@ -60,7 +60,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from benchkit import local_env, write_result
+from benchkit import interleaved_times, local_env, write_result
 
 
 def _device_label(device: str) -> str:
@@ -182,17 +182,6 @@ def bench_train(
     return row, result.checkpoint
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
-    """Wall seconds of each function over ``reps`` rounds, run in turn within each round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    return times
-
-
 def bench_predict(
     args: argparse.Namespace, work: Path, model: Any, images: pa.Table, label: str
 ) -> dict[str, Any]:
@@ -226,7 +215,7 @@ def bench_predict(
 
         return go
 
-    times = _interleaved({k: run(k) for k in predictors}, args.reps)
+    times = interleaved_times({k: run(k) for k in predictors}, args.reps)
     out: dict[str, Any] = {
         "images": images.num_rows,
         "batch": args.predict_batch,

@@ -19,12 +19,12 @@ import argparse
 import json
 import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from benchkit import interleaved_times
 from detloop.config import ExperimentConfig
 from detloop.learners.model import build_model, flatten_levels, split_box_maps
 from detloop.learners.predict import Predictor
@@ -80,17 +80,10 @@ def naive(p: Predictor, x: torch.Tensor, samples: int) -> int:
 
 
 def interleaved(fns: dict[str, Callable[[], int]], reps: int) -> dict[str, float]:
-    """Minimum time of each function over ``reps`` rounds, run in turn within every round, so
-    that load from other processes on a shared machine hits all of them alike."""
+    """Minimum time of each function over ``reps`` interleaved rounds, after a warm-up."""
     for fn in fns.values():
         fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    return {k: min(v) for k, v in times.items()}
+    return {k: min(v) for k, v in interleaved_times(fns, reps).items()}
 
 
 def bench(preset: str, samples: int, reps: int, prior: float) -> dict[str, float]:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import REPO, local_env, write_result
+from benchkit import REPO, local_env, quick_model, write_result
 
 ROUNDS = 4  # timed predictions of each pool, in alternation (other jobs share this machine)
 POOL_IMAGES = 625  # x 160 = the 100,000 images of the merge
@@ -43,29 +43,7 @@ CONFIG = REPO / "configs" / "demo.yaml"
 
 def train_weights(tmp: Path) -> tuple[bytes, int, Any]:
     """The tiny model trained 60 steps on 200 pool images: (model.pt bytes, classes, pool)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from detloop.config import load_config
-    from detloop.data.importer import import_source
-    from detloop.data.rundir import RunDir
-    from detloop.demo import ensure_dataset
-    from detloop.learners.train import train_model
-
-    data = REPO / "data" / "digits-small"
-    ensure_dataset(data, "small", seed=0)
-    run = RunDir(tmp / "run")
-    import_source(run, "coco", data / "pool.json", "pool", images=data / "images" / "pool")
-    cfg = load_config(CONFIG, [f"runs_root={tmp}", "train.max_steps=60"])
-    images, labels = run.read_images(), run.read_gt()
-    n_cls = run.read_categories().num_rows
-    sub = images.slice(0, 200)
-    lab = labels.filter(pc.is_in(labels["image_id"], value_set=sub["image_id"].combine_chunks()))
-    lab = lab.append_column("source", pa.array(["gt"] * lab.num_rows))
-    lab = lab.append_column("weight", pa.array([1.0] * lab.num_rows, pa.float32()))
-    lab = lab.append_column("iteration", pa.array([0] * lab.num_rows, pa.int32()))
-    res = train_model(cfg, sub, lab, n_cls, tmp / "ckpt", seed=0, progress=False)
-    return (res.checkpoint / "model.pt").read_bytes(), n_cls, images
+    return quick_model(CONFIG, tmp, steps=60)
 
 
 def start_pool(tmp: Path, overrides: list[str], weights: bytes, n_cls: int, images: Any) -> Any:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import REPO, local_env, write_result
+from benchkit import REPO, local_env, quick_model, write_result
 
 
 def main() -> None:
@@ -19,34 +19,14 @@ def main() -> None:
     import ray
 
     from detloop.config import load_config
-    from detloop.data.importer import import_source
-    from detloop.data.rundir import RunDir
-    from detloop.demo import ensure_dataset
-    from detloop.learners.train import train_model
     from detloop.orchestrator.engine.actors import Workers
     from detloop.orchestrator.engine.workers import PredictJob
     from detloop.orchestrator.loops.steps import shard_tables
 
-    data = REPO / "data" / "digits-small"
-    ensure_dataset(data, "small", seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="predscale-"))
-    run = RunDir(tmp / "run")
-    import_source(run, "coco", data / "pool.json", "pool", images=data / "images" / "pool")
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"runs_root={tmp}", "train.max_steps=100"])
-    images = run.read_images()
-    labels = run.read_gt()
-    n_cls = run.read_categories().num_rows
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    sub = images.slice(0, 200)
-    lab = labels.filter(pc.is_in(labels["image_id"], value_set=sub["image_id"].combine_chunks()))
-    lab = lab.append_column("source", pa.array(["gt"] * lab.num_rows))
-    lab = lab.append_column("weight", pa.array([1.0] * lab.num_rows, pa.float32()))
-    lab = lab.append_column("iteration", pa.array([0] * lab.num_rows, pa.int32()))
-    res = train_model(cfg, sub, lab, n_cls, tmp / "ckpt", seed=0, progress=False)
-    weights = (res.checkpoint / "model.pt").read_bytes()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    weights, n_cls, images = quick_model(REPO / "configs" / "demo.yaml", tmp, steps=100)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"runs_root={tmp}"])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     shards = [(i, t, i) for i, t in enumerate(shard_tables(images, cfg.ray.shard_size))]
     out: dict[str, object] = {"images": images.num_rows, "shard_size": cfg.ray.shard_size}
     for n in (1, 2):
