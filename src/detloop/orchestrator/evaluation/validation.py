@@ -333,7 +333,10 @@ def load_validation(
     stale = recorded != wanted if checkpoint is not None else recorded not in (None, wanted)
     if not preds_file.exists() or stale:
         ref = resolve_model(run, model_iter if checkpoint is None else None, checkpoint)
-        validate_model(run, cfg, ModelRef(model_iter, ref.checkpoint), seed, compare=False)
+        # a prerequisite of calibration/thresholding: the predictions and matches, without
+        # the plots and toolbox metrics of the full report (`detloop validate` makes those)
+        model = ModelRef(model_iter, ref.checkpoint)
+        validate_model(run, cfg, model, seed, compare=False, plots=False, toolbox=False)
     preds = read_table(schema.PREDICTIONS, preds_file)
     mfile = run.matches_file(model_iter)
     if mfile.exists():
