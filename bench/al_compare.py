@@ -78,7 +78,7 @@ def main() -> None:
         },
         "map_curves": curves,
         "wall_s": wall,
-        "plot": str(png),
+        "plot": png.name,  # beside the runs of the experiment, no machine path
     }
     print(md.read_text())
     for s, v in out["auc_map"].items():  # type: ignore[union-attr]

@@ -48,7 +48,7 @@ def measure(run_dir: Path) -> dict[str, object]:
     run_wall = last - created
     run_over = setup + sum(r["overhead"] for r in rows.values())
     out = {
-        "run": str(run_dir),
+        "run": "/".join(Path(run_dir).parts[-2:]),  # experiment/run, no machine path
         "iterations": {str(k): v for k, v in rows.items()},
         "overhead_pct_iterations_ge_1": pct(later),
         "overhead_pct_all": pct(iters),
