@@ -20,11 +20,11 @@ from detloop.selectors.pseudo import (
     PseudoSpec,
     parse_pseudo_strategy,
     pls_scores,
-    pls_select,
     pseudo_labels_table,
     select_pseudo_labels,
 )
 from detloop.selectors.scores import ScoreInfo, get_score, list_scores, register_score
+from detloop.selectors.ssl_pls import pls_select
 from detloop.selectors.strategy import StrategyError, StrategySpec, format_strategy, parse_strategy
 
 __all__ = [

@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fractions import Fraction
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +21,8 @@ from detloop.data import schema
 from detloop.data.labels import box_rows, labels_from_boxes
 from detloop.selectors.columns import DetColumns, FloatArray
 from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
+from detloop.selectors.ssl_pls import pls_d, rarity
+from detloop.selectors.ssl_pls import pls_select as pls_select  # re-exported: PLS of §11.7
 from detloop.selectors.stages import min_max
 from detloop.selectors.vocabulary import COLUMN_SCORES, StrategyError, did_you_mean
 
@@ -378,34 +379,5 @@ def pls_scores(
     with np.errstate(invalid="ignore", divide="ignore"):
         s = np.where(drate0 > 0, drate_tau / np.maximum(drate0, 1), 0.0)
     p_code = np.asarray(pc.index_in(pseudo["image_id"], value_set=ids).to_numpy())
-    cls = np.asarray(pseudo["class_id"].to_numpy(), dtype=np.int64)
-    share = np.bincount(cls) / max(len(cls), 1)
-    rarity = 1.0 - share[cls]
-    c = np.bincount(p_code, weights=rarity, minlength=n_img) / np.bincount(p_code, minlength=n_img)
-    d = (1.0 - beta) * s + beta * c
-    return pa.table({"image_id": ids, "S": s, "C": c, "D": d})
-
-
-def pls_select(
-    scores: pa.Table,
-    top_k: float = 0.4,
-    variant: Literal["top", "bot", "rand"] = "top",
-    rng: np.random.Generator | None = None,
-) -> list[str]:
-    """Image ids kept by PLS: the ceil(top_k·N) highest D (ties by image_id), the rest
-    (``bot``), or a seeded random set of the top's size (``rand``)."""
-    ids = np.asarray(scores["image_id"].to_numpy(zero_copy_only=False), dtype=object)
-    d = np.asarray(scores["D"].to_numpy(), dtype=np.float64)
-    n_keep = math.ceil(Fraction(repr(float(top_k))) * len(ids))
-    order = np.lexsort((ids.astype(str), -d))
-    if variant == "top":
-        chosen = order[:n_keep]
-    elif variant == "bot":
-        chosen = order[n_keep:]
-    elif variant == "rand":
-        if rng is None:
-            raise ValueError("PLS 'rand' needs a generator")
-        chosen = rng.choice(len(ids), size=n_keep, replace=False)
-    else:
-        raise ValueError(f"PLS variant must be top, bot or rand, not {variant!r}")
-    return sorted(str(x) for x in ids[chosen])
+    c = rarity(p_code, pseudo["class_id"].to_numpy(), n_img)
+    return pa.table({"image_id": ids, "S": s, "C": c, "D": pls_d(s, c, beta)})

@@ -7,15 +7,17 @@ Per pseudo-labeled image i, from its teacher detections with score ≥ 0.1::
     C_i        = mean over its pseudo-labels of (1 − share of their class among all pseudo-labels)
     D_i        = (1 − β)·S_i + β·C_i
 
-``pls_keep`` keeps the ceil(top_k·N) highest D (decision 8; ``pseudo.pls_select`` does the
-ranking, ``pseudo.pls_scores`` the same S, C, D straight from the tables). The analysis side:
+``pls_keep`` keeps the ceil(top_k·N) highest D (decision 8; ``pls_select`` does the ranking,
+``pseudo.pls_scores`` builds S, C, D from the tables with these functions). The analysis side:
 ``roc_auc`` (the rank formula of §7's thresholding, re-exported), ``drate_drops``, and
 ``pls_aucs`` against missing-detection rates.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from typing import Final, Literal
 
 import numpy as np
@@ -24,7 +26,6 @@ import pyarrow as pa
 
 from detloop import seeding
 from detloop.selectors.columns import FloatArray, IntArray
-from detloop.selectors.pseudo import pls_select
 from detloop.selectors.threshold_metrics import roc_auc
 
 __all__ = [
@@ -88,6 +89,31 @@ def rarity(pseudo_image: npt.ArrayLike, pseudo_class: npt.ArrayLike, n_images: i
 def pls_d(s: npt.ArrayLike, c: npt.ArrayLike, beta: float = 0.1) -> FloatArray:
     """D_i = (1 − β)·S_i + β·C_i."""
     return (1.0 - beta) * np.asarray(s, np.float64) + beta * np.asarray(c, np.float64)
+
+
+def pls_select(
+    scores: pa.Table,
+    top_k: float = 0.4,
+    variant: Literal["top", "bot", "rand"] = "top",
+    rng: np.random.Generator | None = None,
+) -> list[str]:
+    """Image ids kept by PLS: the ceil(top_k·N) highest D (ties by image_id), the rest
+    (``bot``), or a seeded random set of the top's size (``rand``)."""
+    ids = np.asarray(scores["image_id"].to_numpy(zero_copy_only=False), dtype=object)
+    d = np.asarray(scores["D"].to_numpy(), dtype=np.float64)
+    n_keep = math.ceil(Fraction(repr(float(top_k))) * len(ids))
+    order = np.lexsort((ids.astype(str), -d))
+    if variant == "top":
+        chosen = order[:n_keep]
+    elif variant == "bot":
+        chosen = order[n_keep:]
+    elif variant == "rand":
+        if rng is None:
+            raise ValueError("PLS 'rand' needs a generator")
+        chosen = rng.choice(len(ids), size=n_keep, replace=False)
+    else:
+        raise ValueError(f"PLS variant must be top, bot or rand, not {variant!r}")
+    return sorted(str(x) for x in ids[chosen])
 
 
 def pls_keep(
