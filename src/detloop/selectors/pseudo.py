@@ -21,6 +21,7 @@ from detloop.data import schema
 from detloop.data.labels import box_rows, labels_from_boxes
 from detloop.selectors.columns import DetColumns, FloatArray
 from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
+from detloop.selectors.ssl_3d import greedy_match
 from detloop.selectors.ssl_pls import pls_d, rarity
 from detloop.selectors.ssl_pls import pls_select as pls_select  # re-exported: PLS of §11.7
 from detloop.selectors.stages import min_max
@@ -298,18 +299,6 @@ class PseudoQuality:
         }
 
 
-def _iou_matrix(a: FloatArray, b: FloatArray) -> FloatArray:
-    """IoU of every box of ``a`` [n, 4] with every box of ``b`` [m, 4] (xyxy)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
 def pseudo_quality(
     pseudo: pa.Table, gt: pa.Table, candidate_ids: list[str], iou: float = 0.5
 ) -> PseudoQuality:
@@ -325,15 +314,9 @@ def pseudo_quality(
         if image_id not in gt_groups:
             continue
         g_box, g_cls, _ = gt_groups[image_id]
-        ious = _iou_matrix(p_box, g_box)
-        ious[p_cls[:, None] != g_cls[None, :]] = -1.0
-        free = np.ones(len(g_box), bool)
-        for k in np.argsort(-p_score, kind="stable"):
-            cand = np.where(free, ious[k], -1.0)
-            j = int(np.argmax(cand)) if len(cand) else -1
-            if j >= 0 and cand[j] >= iou:
-                free[j] = False
-                matched += 1
+        same_class = p_cls[:, None] == g_cls[None, :]
+        gt_of, _ = greedy_match(p_box, p_score, g_box, iou, allowed=same_class)
+        matched += int((gt_of >= 0).sum())
     return PseudoQuality(pseudo.num_rows, gt.num_rows, matched)
 
 
