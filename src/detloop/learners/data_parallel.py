@@ -88,9 +88,6 @@ class DataParallel:
         dist.broadcast_object_list(box, src=0)
         return bool(box[0])
 
-    def barrier(self) -> None:
-        dist.barrier()
-
 
 class _SyncBatchNormMixin(nn.Module):
     """BatchNorm (and timm's BatchNormAct) whose training statistics are those of the global

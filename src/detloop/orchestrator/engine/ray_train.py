@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from detloop.config import ExperimentConfig, build_config, config_snapshot
+from detloop.orchestrator.engine.placement import actor_demand
 from detloop.orchestrator.engine.workers import TrainJob, TrainOutcome
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,7 @@ def train_data_parallel(
     out = Path(job.out_dir)
     storage = (out.parent / "ray_train").resolve()
     rc = cfg.ray
-    resources = {"CPU": rc.train_num_cpus, **rc.train_resources}
-    if rc.train_num_gpus > 0:
-        resources["GPU"] = rc.train_num_gpus
+    resources = actor_demand(rc.train_num_cpus, rc.train_num_gpus, rc.train_resources)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
