@@ -191,12 +191,11 @@ def test_removed_keys_and_options_are_refused_by_name() -> None:
     problems = _problems(
         {
             "thresholding": {"match_mode": "coco", "optimizer": "hebo"},
-            "predict": {"consistency_ssl": True, "max_nms_inputs": -1},
+            "predict": {"max_nms_inputs": -1},
             "train": {"moving_average_decay": 1.0},
         }
     )
     assert problems["thresholding.match_mode"].startswith("unknown key")
-    assert problems["predict.consistency_ssl"].startswith("unknown key")
     assert "'optuna'" in problems["thresholding.optimizer"]
     assert "greater than or equal to 0" in problems["predict.max_nms_inputs"]
     assert "less than 1" in problems["train.moving_average_decay"]

@@ -271,3 +271,22 @@ def test_loops_that_copy_the_warmup_never_hold_up_the_next(
     assert path is not None
     with open(path.parent / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a copier still held it
+
+
+def test_warmup_key_follows_the_ground_truth_boxes(digits_tiny_run: RunDir) -> None:
+    """Same images, same number of boxes, one box moved (e.g. a corrected label set): another
+    key, so a teacher trained on other labels is never reused."""
+    import pyarrow as pa
+
+    from detloop.orchestrator.loops.warmup import warmup_key
+
+    run = digits_tiny_run
+    cfg = build_config({})
+    key = warmup_key(run, cfg, {})
+    assert warmup_key(run, cfg, {}) == key  # deterministic
+    gt = run.read_gt()
+    x1 = gt["x1"].to_numpy().copy()
+    x1[0] += 1.0
+    run.write_gt(gt.set_column(gt.schema.get_field_index("x1"), "x1", pa.array(x1, gt["x1"].type)))
+    assert run.read_gt().num_rows == gt.num_rows
+    assert warmup_key(run, cfg, {}) != key

@@ -36,6 +36,20 @@ def test_explain_strategy(capsys: pytest.CaptureFixture[str]) -> None:
     assert "calibrated" in out and "bottom-k" in out and "al_x1" in out
     assert main(["explain-strategy", "perc_entrpy"]) == 2
     assert "'entropy'" in capsys.readouterr().err
+    assert (
+        main(["explain-strategy", "rcc_scale_curriculum_learning_aug_curr", "--kind", "teacher"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "2x2 of copies" in out and "B - 1 common + 1 rare + 2 RandAugment" in out
+    assert "curr:" in out and "imscore" not in out
+    assert main(["explain-strategy", "pseudoscore_selftrain_combo", "--kind", "selection"]) == 0
+    out = capsys.readouterr().out
+    assert "u < δ̄" in out and "weighs its certainty" in out and "self-training" in out
+    assert main(["explain-strategy", "rcc_curriculm", "--kind", "teacher"]) == 2
+    assert "'curriculum_learning'" in capsys.readouterr().err
+    assert main(["explain-strategy", "rcc_imscore"]) == 2  # an AL name by default
+    assert "add --kind teacher" in capsys.readouterr().err
 
 
 def _run(tmp_path: Path) -> RunDir:

@@ -2,7 +2,7 @@
 test_ssl_loop_inprocess.py): ``rcc`` collages join the labeled part once after the split and
 the teacher trains on them; ``imscore`` weighs each labeled object by its RCF class weight;
 generated images are never predicted or pseudo-labeled; a resume adds no second set of
-collages; the curriculum blocks are still refused."""
+collages; misspelt blocks and `curr` with an online teacher are refused."""
 
 from __future__ import annotations
 
@@ -181,12 +181,13 @@ def test_unknown_rcc_class_is_refused(cfg: ExperimentConfig) -> None:
     assert not _generated(loop.run)
 
 
-def test_misspelt_and_unbuilt_blocks_are_refused() -> None:
+def test_misspelt_blocks_and_curr_with_ema_are_refused() -> None:
     with pytest.raises(ConfigError, match="did you mean 'imscore'"):
         build_config({"loop": "ssl", "ssl": {"teacher_strategy": "rcc_imscroe"}})
     for name in ("curriculum_learning", "rcc_curriculum_learning_aug", "imscore_curr"):
-        with pytest.raises(ConfigError, match="not implemented yet"):
-            build_config({"loop": "ssl", "ssl": {"teacher_strategy": name}})
+        assert build_config({"ssl": {"teacher_strategy": name}}).ssl.teacher_strategy.blocks
+    with pytest.raises(ConfigError, match="`curr` orders the pseudo-labeled"):
+        build_config({"ssl": {"teacher_strategy": "curr", "teacher": "ema"}})
     with pytest.raises(ConfigError, match="rcf_lowest"):
         build_config({"loop": "ssl", "ssl": {"rcf_lowest": 5, "rcf_highest": 2}})
     spec = build_config({"ssl": {"teacher_strategy": "rcc_scale_full_im_imscore"}})

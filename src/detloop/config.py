@@ -24,7 +24,12 @@ from pydantic import (
     model_validator,
 )
 
-from detloop.selectors.pseudo import PseudoSpec, TeacherSpec, parse_pseudo_strategy
+from detloop.selectors.pseudo import (
+    ConsistencyFilter,
+    PseudoSpec,
+    TeacherSpec,
+    parse_pseudo_strategy,
+)
 from detloop.selectors.pseudo import parse_teacher_strategy as _parse_teacher
 from detloop.selectors.strategy import StrategySpec, format_strategy, parse_strategy
 
@@ -169,6 +174,10 @@ class PredictConfig(Section):
     # test-time corruptions scored by `detloop validate` (§6.3): heq, alb, aug (10-level
     # sweeps), flip; empty = off
     infer_augment: list[Literal["heq", "alb", "aug", "flip"]] = Field(default_factory=list)
+    # consistency signals (§11.6): every image predicted again h-flipped, blurred and noised
+    # (3 more passes) for the cons_iou / cons_cls columns; `rank`: compat class agreement
+    consistency_ssl: bool = False
+    cons_cls_mode: Literal["all", "rank"] = "all"
 
 
 class CalibrationConfig(Section):
@@ -261,9 +270,6 @@ Selection = Annotated[
     BeforeValidator(_parse_selection),
     PlainSerializer(lambda spec: spec.name, return_type=str),
 ]
-#: ``teacher_strategy`` tokens parsed but not built yet (refused by ``SSLConfig``).
-_TEACHER_BLOCKS_TODO = ("curriculum_learning", "aug", "curr")
-
 #: ``ssl.teacher_strategy``: the teacher's training options (§11.3, §11.4), a ``TeacherSpec``.
 TeacherStrategy = Annotated[
     TeacherSpec,
@@ -293,6 +299,23 @@ class SSLConfig(Section):
     student_epochs: int | None = Field(None, ge=1)  # None: train.epochs
     selftrain_rounds: int = Field(3, ge=0)
     selftrain_epochs: int = Field(20, ge=1)
+    # train and evaluate the teacher (round 0) only: e.g. to compare teacher strategies
+    teacher_only: bool = False
+    # `stac`: rounds 1.. train students on pseudo-labels (§11.1); `csd`: round 1 trains a
+    # consistency-based model (CSD, §11.9) from the initial weights on the labeled part and
+    # every unlabeled image (no pseudo-labels, no selftrain); round 0 stays the teacher
+    method: Literal["stac", "csd"] = "stac"
+    csd_ratio: int = Field(3, ge=1)  # unlabeled : labeled images per batch (B = 8: 6 + 2)
+    # per-anchor class consistency: `jsd` (detloop decision 10) or `kl` = KL(p‖p_f) (reference)
+    csd_consistency: Literal["jsd", "kl"] = "jsd"
+    # background elimination (the reference's csd_BE): anchors scoring ≤ 0.4 × the max are
+    # dropped; the max per image and level (detloop decision) or over the batch (reference)
+    csd_be: bool = True
+    csd_be_scope: Literal["image_level", "batch"] = "image_level"
+    csd_ramp: bool = True  # the consistency weight w(t) ramps up and down; else 1
+    # the labeled split: `portion_labeled` % of the pool, or the reference's
+    # int((N // B)·B/(ratio + 1)) images (B = train.batch_size)
+    csd_split: Literal["portion", "reference"] = "portion"
     # `once` (detloop decision 9): each image's anchors weigh its a_i; `reference` also
     # multiplies each part of the student's loss by its batch mean of a_i (weighting twice).
     # An image without objects weighs `train.empty_image_weight`.
@@ -305,6 +328,45 @@ class SSLConfig(Section):
     # RCF class weights (§11.4, `imscore`): 1/ln(n_c) min-max scaled to [lowest, highest]
     rcf_lowest: float = Field(1.0, gt=0)
     rcf_highest: float = Field(10.0, gt=0)
+    # pseudo-labels must also pass the consistency signals (§11.6; need
+    # predict.consistency_ssl): cons_iou >= min_cons_iou, and cons_cls true
+    min_cons_iou: float | None = Field(None, ge=0, le=1)
+    cons_cls: bool = False
+    # PLS (§11.7, `loop: ssl`): after the τ selection keep the pseudo-labels of the images with
+    # the highest D_i (`top`: ceil(pls_top_k·N) images, decision 8), of the rest (`bot`) or of
+    # a seeded random set of the top's size (`rand`); δ_S of S_i is `pls_tau` (None: `tau`)
+    pls: Literal["none", "top", "bot", "rand"] = "none"
+    pls_top_k: float = Field(0.4, gt=0, le=1)
+    pls_beta: float = Field(0.1, ge=0, le=1)
+    pls_tau: float | None = Field(None, ge=0, le=1)
+    # the 3D pseudo-label error study (§11.8, oracle, `loop: ssl`): the kept pseudo-labels
+    # corrected with the pool's ground truth as the variant says
+    oracle_variant: Literal["none", "nofd", "nomd", "nomdfd", "fixmd", "highprec", "nonoise"] = (
+        "none"
+    )
+
+    @property
+    def consistency_filter(self) -> ConsistencyFilter:
+        """The consistency requirements of a pseudo-label (none by default)."""
+        return ConsistencyFilter(min_cons_iou=self.min_cons_iou, cons_cls=self.cons_cls)
+
+    @model_validator(mode="after")
+    def _studies_need_offline_pseudo(self) -> SSLConfig:
+        # PLS and the 3D study change the pseudo-labels of the pseudo_label phase; an online
+        # mean teacher labels at each step instead, so they would silently do nothing
+        used = {"pls": self.pls, "oracle_variant": self.oracle_variant}
+        named = [f"ssl.{k}: {v}" for k, v in used.items() if v != "none"]
+        if named and self.teacher == "ema":
+            raise ValueError(
+                f"{' and '.join(named)} select among the pseudo-labels of the teacher's "
+                "predictions (teacher: stac); teacher: ema labels online at each step"
+            )
+        return self
+
+    @property
+    def pls_delta(self) -> float:
+        """δ_S of PLS's S_i: ``pls_tau``, else ``tau``."""
+        return self.tau if self.pls_tau is None else self.pls_tau
 
     @model_validator(mode="after")
     def _ema_has_no_selftrain(self) -> SSLConfig:
@@ -314,25 +376,44 @@ class SSLConfig(Section):
             )
         return self
 
-    @field_validator("teacher_strategy")
-    @classmethod
-    def _blocks_available(cls, v: TeacherSpec) -> TeacherSpec:
-        # parsed (so misspellings are caught now); the curriculum blocks are refused until they
-        # exist: a run that silently trained plain batches under their name would report a
-        # false result
-        missing = [b for b in v.blocks if b in _TEACHER_BLOCKS_TODO]
-        if missing:
+    @model_validator(mode="after")
+    def _curr_needs_offline_pseudo(self) -> SSLConfig:
+        # `curr` splits the pseudo-labeled images by their labels: an online mean teacher
+        # labels them only at each step
+        if self.teacher_strategy.curriculum_pseudo and self.teacher == "ema":
             raise ValueError(
-                f"teacher_strategy {v.name!r}: {', '.join(missing)} (ALGORITHMS §11.4, the "
-                "rare/common curriculum batches) is not implemented yet; available: rcc (with "
-                "scale, manual_augmentations, full_im) and imscore"
+                f"teacher_strategy {self.teacher_strategy.name!r}: `curr` orders the pseudo-"
+                "labeled images by their labels before training; with teacher: ema they are "
+                "labeled at each step (use teacher: stac)"
             )
-        return v
+        return self
 
     @model_validator(mode="after")
     def _rcf_range(self) -> SSLConfig:
         if self.rcf_lowest > self.rcf_highest:
             raise ValueError(f"rcf_lowest {self.rcf_lowest} > rcf_highest {self.rcf_highest}")
+        return self
+
+    @model_validator(mode="after")
+    def _csd_has_no_pseudo_labels(self) -> SSLConfig:
+        # CSD trains on the unlabeled images themselves: the options that make, select or
+        # correct pseudo-labels would silently do nothing
+        if self.method != "csd":
+            return self
+        used = ["teacher: ema"] if self.teacher == "ema" else []
+        if self.selection_strategy.selftrain:
+            used.append(f"selection_strategy {self.selection_strategy.name!r} (selftrain)")
+        if self.teacher_strategy.curriculum_pseudo:
+            used.append(f"teacher_strategy {self.teacher_strategy.name!r} (curr)")
+        studies = (("pls", self.pls), ("oracle_variant", self.oracle_variant))
+        used += [f"{k}: {v}" for k, v in studies if v != "none"]
+        if self.min_cons_iou is not None or self.cons_cls:
+            used.append("min_cons_iou / cons_cls")
+        if used:
+            raise ValueError(
+                f"method: csd trains on the unlabeled images without pseudo-labels; "
+                f"{', '.join(used)} need method: stac"
+            )
         return self
 
 
@@ -553,6 +634,37 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _csd_fits(self) -> ExperimentConfig:
+        ssl, train = self.ssl, self.train
+        if ssl.method != "csd":
+            return self
+        if self.loop == "al" and self.al.ssl:
+            raise ValueError(
+                "al.ssl trains STAC students on pseudo-labels; ssl.method: csd is a method of "
+                "loop: ssl (set ssl.method: stac)"
+            )
+        if self.loop != "ssl":
+            return self
+        if train.workers > 1:  # its consistency loss is not split over ranks (yet)
+            raise ValueError("ssl.method: csd trains on one worker: set train.workers: 1")
+        if train.batch_size < ssl.csd_ratio + 1:
+            raise ValueError(
+                f"ssl.method: csd takes batch_size // (csd_ratio + 1) labeled images per batch: "
+                f"train.batch_size {train.batch_size} < csd_ratio + 1 = {ssl.csd_ratio + 1}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ssl_studies_need_the_ssl_loop(self) -> ExperimentConfig:
+        ssl = self.ssl
+        if self.loop != "ssl" and (ssl.pls != "none" or ssl.oracle_variant != "none"):
+            raise ValueError(
+                "ssl.pls and ssl.oracle_variant act in the pseudo_label phase of `loop: ssl`; "
+                f"with loop: {self.loop} they would change nothing (set them to none)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _autolabel_has_a_model(self) -> ExperimentConfig:
         if self.loop == "autolabel" and self.autolabel.model is None:
             raise ValueError(
@@ -674,6 +786,7 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     lo, hi = cfg.train.scale_jitter
     if not 0 < lo <= hi:
         problems.append(("train.scale_jitter", "needs 0 < low <= high"))
+    problems += _consistency_problems(cfg)
     for path, check in _external_checks():
         value = _get_dotted(cfg, path)
         try:
@@ -681,6 +794,18 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         except ValueError as exc:
             problems.append((path, str(exc)))
     return problems
+
+
+def _consistency_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Pseudo-label filters on the consistency signals need the predictions to carry them."""
+    if cfg.predict.consistency_ssl:
+        return []
+    asked = {"ssl.min_cons_iou": cfg.ssl.min_cons_iou is not None, "ssl.cons_cls": cfg.ssl.cons_cls}
+    text = (
+        "filters on the consistency signals (§11.6), which only predict.consistency_ssl: true "
+        "computes (3 more forward passes per image); set it, or drop this filter"
+    )
+    return [(path, text) for path, on in asked.items() if on]
 
 
 def _raw_external_problems(data: dict[str, Any], reported: set[str]) -> list[tuple[str, str]]:

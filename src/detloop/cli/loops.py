@@ -55,6 +55,16 @@ def register(sub: Any) -> None:
         "pseudo-label selection strategies)",
     )
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one more grid dimension: the config key takes each value, crossed with the "
+        "strategies and seeds (repeatable), e.g. --vary ssl.oracle_variant=none,nofd,nomd "
+        "for the 3D study or --vary ssl.pls=top,bot,rand; the run name must tell the values "
+        "apart (ssl.pls and ssl.oracle_variant are in it)",
+    )
     add_set_option(p)
     p.set_defaults(func=cmd_grid)
 
@@ -95,6 +105,20 @@ def _print_config(cfg: ExperimentConfig) -> None:
         for line in _teacher_blocks(cfg):
             _out(f"#   {line}")
         _out(f"# teacher: {ssl.teacher}; tau {ssl.tau}; lambda {ssl.stac_lambda}")
+        if ssl.pls != "none":  # §11.7
+            _out(
+                f"# PLS: {ssl.pls} (top_k {ssl.pls_top_k:g} of the pseudo-labeled images by "
+                f"D = {1 - ssl.pls_beta:g}·S + {ssl.pls_beta:g}·C, δ_S {ssl.pls_delta:g})"
+            )
+        if ssl.oracle_variant != "none":  # §11.8
+            _out(f"# 3D study: {ssl.oracle_variant} (pseudo-labels corrected with the pool's GT)")
+        if ssl.method == "csd":  # round 1 is a CSD model instead of a student
+            be = f"on ({ssl.csd_be_scope})" if ssl.csd_be else "off"
+            _out(
+                f"# method: csd (round 1, no pseudo-labels): unlabeled:labeled {ssl.csd_ratio}, "
+                f"{ssl.csd_consistency}, background elimination {be}, ramp "
+                f"{'on' if ssl.csd_ramp else 'off'}, split {ssl.csd_split}"
+            )
         return
     spec = cfg.al.strategy
     _out("# loop: active learning (ActiveLearningLoop)" + (" with SSL" if cfg.al.ssl else ""))
@@ -236,10 +260,37 @@ def cmd_grid(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if not strategies or not seeds:
         raise UsageError("--strategies and --seeds need at least one value each")
-    outcomes = run_grid(args.config, args.overrides, strategies, seeds)
+    outcomes = run_grid(args.config, args.overrides, strategies, seeds, parse_vary(args.vary))
     for outcome in outcomes:
         _report_outcome(outcome)
     return max((o.exit_code for o in outcomes), default=0)
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[1,2]`` → ``["a", "b", "[1,2]"]``: commas inside brackets or braces stay."""
+    out: list[str] = []
+    depth = start = 0
+    for i, ch in enumerate(text):
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return [v.strip() for v in out if v.strip()]
+
+
+def parse_vary(items: list[str]) -> list[tuple[str, list[str]]]:
+    """``--vary KEY=V1,V2`` options as (key, values), in the order given."""
+    out: list[tuple[str, list[str]]] = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        values = split_values(raw)
+        if not sep or not key.strip() or not values:
+            raise UsageError(f"--vary {item!r}: expected KEY=V1,V2,..., e.g. ssl.pls=top,bot")
+        if key.strip() in (k for k, _ in out):
+            raise UsageError(f"--vary {key.strip()} is given twice; list its values once")
+        out.append((key.strip(), values))
+    return out
 
 
 def cmd_report(args: argparse.Namespace) -> int:

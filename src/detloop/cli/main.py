@@ -38,6 +38,8 @@ COMMAND_MODULES = (
     "detloop.cli.export",
     "detloop.cli.tracking_server",
     "detloop.cli.rcc",
+    "detloop.cli.pls",
+    "detloop.cli.glc",
 )
 
 

@@ -48,13 +48,47 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_ssl(kind: str, name: str) -> int:
+    """``--kind selection`` (``ssl.selection_strategy``) or ``teacher``
+    (``ssl.teacher_strategy``)."""
+    from detloop.selectors.explain_ssl import explain_selection, explain_teacher
+    from detloop.selectors.pseudo import parse_pseudo_strategy, parse_teacher_strategy
+
+    try:
+        if kind == "teacher":
+            lines = explain_teacher(parse_teacher_strategy(name))
+        else:
+            lines = explain_selection(parse_pseudo_strategy(name))
+    except (StrategyError, ValueError) as exc:
+        raise _usage(str(exc)) from None
+    _out(f"{kind} strategy: {name}")
+    for line in lines:
+        _out(f"  {line}")
+    return 0
+
+
+def _other_kinds(name: str) -> str:
+    """' (it is a teacher strategy: --kind teacher)' when ``name`` parses as one."""
+    from detloop.selectors.pseudo import parse_pseudo_strategy, parse_teacher_strategy
+
+    for kind, parse in (("teacher", parse_teacher_strategy), ("selection", parse_pseudo_strategy)):
+        try:
+            parse(name)
+        except (StrategyError, ValueError):
+            continue
+        return f" (it is an SSL {kind} strategy: add --kind {kind})"
+    return ""
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from detloop.selectors.scores import get_score
 
+    if args.kind != "al":
+        return _explain_ssl(args.kind, args.name)
     try:
         spec = parse_strategy(args.name)
     except StrategyError as exc:
-        raise _usage(str(exc)) from None
+        raise _usage(str(exc) + _other_kinds(args.name)) from None
     info = get_score(spec.score)
     _out(f"spec: {spec}")
     for line in explain(spec):
@@ -183,6 +217,12 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("explain-strategy", help="parse a strategy name and show its stages")
     p.add_argument("name")
+    p.add_argument(
+        "--kind",
+        choices=("al", "selection", "teacher"),
+        default="al",
+        help="al.strategy (default), ssl.selection_strategy or ssl.teacher_strategy",
+    )
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("select", help="recompute a selection from stored predictions")

@@ -40,7 +40,8 @@ class Augment:
     """Training augmentation; ``None`` in a dataset means none (prediction).
 
     ``strong`` is applied first (before the flip and the scale jitter) to the images from
-    index ``strong_from`` of the dataset on: the pseudo-labeled part of an SSL student's data.
+    index ``strong_from`` of the dataset on (the pseudo-labeled part of an SSL student's data)
+    and to those in ``strong_between`` [lo, hi) (RCF's RandAugment-ed copies of rare images).
     """
 
     hflip: bool = True
@@ -48,6 +49,12 @@ class Augment:
     seed: int = 0
     strong: StrongAugment | None = None
     strong_from: int = 0
+    strong_between: tuple[int, int] = (0, 0)
+
+    def is_strong(self, index: int) -> bool:
+        """``strong`` applies to dataset row ``index``."""
+        lo, hi = self.strong_between
+        return self.strong is not None and (index >= self.strong_from or lo <= index < hi)
 
 
 def _group_labels(labels: pa.Table | None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -134,7 +141,7 @@ class DetectionDataset(Dataset[dict[str, Any]]):
         if self.augment is not None:
             rng = np.random.default_rng([self.augment.seed, self.epoch, index])
             strong = self.augment.strong
-            if strong is not None and index >= self.augment.strong_from:
+            if strong is not None and self.augment.is_strong(index):
                 image, boxes, keep = strong(image, boxes, rng)
                 classes, weights = classes[keep], weights[keep]
             if self.augment.hflip and rng.random() < 0.5:

@@ -9,8 +9,10 @@ Layout (ARCHITECTURE §8)::
         run.json
         pool/{images,labels,gt,categories}.parquet
         iter_0003/{checkpoint/,predictions.parquet,val_predictions.parquet,selection.parquet,
-                   calibration/,eval/,validation/,thresholding/,thresholds.json,metrics.json}
+                   calibration/,eval/,validation/,thresholding/,thresholds.json,metrics.json,
+                   pls.parquet (SSL rounds with ssl.pls)}
         exports/                           review exports (queries, auto-labeling), COCO
+        pls/<tag>/                         `detloop pls` analyses of a round's pseudo-labels
     <runs_root>/<name>/oss/                OSS analysis of the experiment's runs
 
 Nobody else builds these paths: code asks ``RunsRoot`` or ``RunDir`` for them.
@@ -257,6 +259,23 @@ class RunDir:
 
     def matches_file(self, iteration: int, split: str = "val") -> Path:
         return self.iteration_dir(iteration) / f"{split}_matches.parquet"
+
+    def pls_scores_file(self, iteration: int) -> Path:
+        """PLS (``ssl.pls``): S, C, D and the verdict of each pseudo-labeled image of a round."""
+        return self.iteration_dir(iteration) / "pls.parquet"
+
+    @property
+    def pls_root(self) -> Path:
+        """Outputs of ``detloop pls`` (the oracle analysis of a round's pseudo-labels)."""
+        return self.path / "pls"
+
+    def pls_dir(self, tag: str) -> Path:
+        """One ``detloop pls`` analysis: ``images.parquet``, ``report.json``, ``roc.png``."""
+        return self.pls_root / tag
+
+    def glc_dir(self, tag: str) -> Path:
+        """Where ``detloop glc`` writes one corrected label set (ALGORITHMS §11.5)."""
+        return self.path / "glc" / tag
 
     def iterations(self) -> list[int]:
         """Iteration numbers that have a directory, ascending."""

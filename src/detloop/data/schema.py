@@ -240,8 +240,57 @@ _MATCH_FIELDS = [
 ]
 MATCHES = TableSpec("matches", pa.schema(_MATCH_FIELDS), finite=_float_names(*_MATCH_FIELDS))
 
+# ---- PLS (ALGORITHMS §11.7): the SSL loop's per-round image scores, ``detloop pls`` ------------
+_PLS_FIELDS = [
+    _f("image_id", STR),
+    _f("iteration", I32),
+    _f("n_det", I32),  # teacher detections with score >= 0.1
+    _f("n_pseudo", I32),  # pseudo-labels after the τ selection
+    _f("S", F64),
+    _f("C", F64),
+    _f("D", F64),
+    _f("rank", I32),  # by D descending, ties by image_id
+    _f("kept", pa.bool_()),  # the image's pseudo-labels stay (ssl.pls variant)
+]
+PLS_SCORES = TableSpec("pls_scores", pa.schema(_PLS_FIELDS), finite=_float_names(*_PLS_FIELDS))
+#: drate_k: detections with score >= k/10 (k = 0 … 10)
+DRATE_COLS: Final = tuple(f"drate_{k}" for k in range(11))
+_PLS_ANALYSIS_FIELDS = [
+    _f("image_id", STR),
+    _f("iteration", I32),
+    *(_f(c, I32) for c in DRATE_COLS),
+    _f("mean_score", F64, nullable=True),  # of the drate_0 detections (null: none)
+    _f("drop_max", F64),
+    _f("drop_mean", F64),
+    _f("drop_std", F64),
+    _f("n_pseudo", I32),
+    _f("S", F64),
+    _f("C", F64),
+    _f("D", F64),
+    _f("n_gt", I32),
+    _f("n_missed", I32),  # GT without a pseudo-label (IoU >= 0.5, same class, greedy)
+    _f("missing_rate", F64),
+    _f("trained", pa.bool_()),  # the run's labels hold the image's pseudo-labels of the round
+]
+PLS_ANALYSIS = TableSpec(
+    "pls_analysis",
+    pa.schema(_PLS_ANALYSIS_FIELDS),
+    finite=_float_names(*_PLS_ANALYSIS_FIELDS),
+)
+
 TABLES: Final = {
-    s.name: s for s in (IMAGES, GT, LABELS, CATEGORIES, PREDICTIONS, SELECTION, MATCHES)
+    s.name: s
+    for s in (
+        IMAGES,
+        GT,
+        LABELS,
+        CATEGORIES,
+        PREDICTIONS,
+        SELECTION,
+        MATCHES,
+        PLS_SCORES,
+        PLS_ANALYSIS,
+    )
 }
 
 

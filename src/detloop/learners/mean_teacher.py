@@ -35,7 +35,12 @@ import torch
 
 from detloop.config import ExperimentConfig
 from detloop.learners.model import UncertainEfficientDet
-from detloop.selectors.pseudo import PseudoSpec, cap_per_image, select_pseudo_labels
+from detloop.selectors.pseudo import (
+    ConsistencyFilter,
+    PseudoSpec,
+    cap_per_image,
+    select_pseudo_labels,
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class OnlineSelection:
     decay: float
     thresholds: Mapping[str, Any] | None = None
     calibration_dir: str | None = None
+    consistency: ConsistencyFilter | None = None
 
     @classmethod
     def from_config(
@@ -68,6 +74,7 @@ class OnlineSelection:
             decay=ssl.ema_decay,
             thresholds=thresholds,
             calibration_dir=str(calibration_dir) if calibration_dir else None,
+            consistency=ssl.consistency_filter,
         )
 
 
@@ -127,7 +134,7 @@ class MeanTeacher:
         sel = self.selection
         preds = self._predict(images, seed, root)
         preds = preds.filter(pc.greater_equal(preds["score"], sel.min_score))
-        kept = select_pseudo_labels(preds, sel.spec, sel.tau, sel.thresholds)
+        kept = select_pseudo_labels(preds, sel.spec, sel.tau, sel.thresholds, sel.consistency)
         kept = cap_per_image(kept, sel.max_per_image)
         cols = ["image_id", "class_id", "x1", "y1", "x2", "y2"]
         out = kept.select(cols).append_column(

@@ -9,7 +9,9 @@ boxes that are degenerate in the image (narrower or lower than ``min_box_size`` 
 pixels after clipping); NMS returns kept indices; gather; divide by the letterbox scale; clip
 boxes (not stds) to the image. Capped stds and dropped boxes are counted (``PredictStats``),
 never silent. Head-mode MC masks are drawn per image from ``(seed, crc32(image_id))``, so
-results do not depend on batching or sharding.
+results do not depend on batching or sharding. With ``predict.consistency_ssl`` each batch is
+predicted again under three views for the ``cons_iou``/``cons_cls`` columns (§11.6,
+``learners/consistency.py``); the ordinary columns stay exactly what they are without it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from detloop.console import Progress, progress_bar
 from detloop.data import schema
 from detloop.data.dataset import DetectionDataset, collate
 from detloop.learners import checkpoint as ckpt
+from detloop.learners.consistency import Content, Detect, ViewDetections, view_signals
 from detloop.learners.decode import decode_boxes
 from detloop.learners.device import memory_format, resolve_device
 from detloop.learners.loss import make_anchors
@@ -165,18 +168,61 @@ class Predictor:
             t0 = time.perf_counter()
             ids = [data.image_ids[i] for i in batch["index"].tolist()]
             outputs = self.forward(batch["image"], ids, seed)
-            for b, index in enumerate(batch["index"].tolist()):
-                scale = float(batch["scale"][b])
-                size = (float(widths[index]), float(heights[index]))
-                det = _to_original(self.postprocess(outputs, b, scale, size, seed), scale, size)
+            scales = [float(s) for s in batch["scale"].tolist()]
+            sizes = [(float(widths[i]), float(heights[i])) for i in batch["index"].tolist()]
+            dets = []
+            for b in range(len(ids)):
+                det = self.postprocess(outputs, b, scales[b], sizes[b], seed)
+                det = _to_original(det, scales[b], sizes[b])
                 det["image_id"] = ids[b]
-                rows.append(det)
+                dets.append(det)
+            if self.cfg.predict.consistency_ssl:
+                content = Content.of_batch(scales, sizes, ids, self.model.spec.image_size)
+                self._add_consistency(batch["image"], content, seed, dets)
+            rows += dets
             self.seconds += time.perf_counter() - t0
             bar.update(len(ids))
         bar.close()
         # epistemic columns only from T > 1 samples: an MC model predicted with
         # mc_dropoutsamp 1 (deterministic) has no MC estimate, so they are null
-        return build_table(rows, self.model.spec.loss_attenuation, self.mc_samples > 1)
+        return build_table(
+            rows,
+            self.model.spec.loss_attenuation,
+            self.mc_samples > 1,
+            consistency=self.cfg.predict.consistency_ssl,
+        )
+
+    def _add_consistency(
+        self, images: Tensor, content: Content, seed: int, dets: list[dict[str, Any]]
+    ) -> None:
+        """``cons_iou`` and ``cons_cls`` of each image's kept detections ``dets`` (original
+        pixels), from one more pass per view (learners/consistency.py, ALGORITHMS §11.6)."""
+        x = images.to(self.device)
+        kept = [(d["box"], d["class_id"]) for d in dets]
+        mode = self.cfg.predict.cons_cls_mode
+        found = view_signals(self._view_detections(content, seed), x, content, seed, kept, mode)
+        for det, (cons_iou, cons_cls) in zip(dets, found, strict=True):
+            det["cons_iou"], det["cons_cls"] = cons_iou, cons_cls
+
+    def _view_detections(self, content: Content, seed: int) -> Detect:
+        """The view pass: each image's kept boxes (network pixels) and classes, decoded and
+        NMS-ed as the ordinary pass (same seeds); the bound statistics of views are not
+        counted (they describe the table)."""
+
+        def detect(x: Tensor) -> ViewDetections:
+            saved = self.stats, self.last_stats
+            self.stats, self.last_stats = PredictStats(), PredictStats()
+            try:
+                out = self.forward(x, content.image_ids, seed)
+                found = [
+                    self.postprocess(out, b, content.scales[b], content.sizes[b], seed)
+                    for b in range(len(content.image_ids))
+                ]
+            finally:
+                self.stats, self.last_stats = saved
+            return [(d["box"], d["class_id"]) for d in found]
+
+        return detect
 
     @torch.no_grad()
     def forward(self, images: Tensor, image_ids: list[str], seed: int) -> dict[str, Tensor | None]:
@@ -396,8 +442,12 @@ def _list_column(arrays: list[np.ndarray], width: int) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
 
 
-def build_table(rows: list[dict[str, Any]], aleatoric: bool, epistemic: bool) -> pa.Table:
-    """Assemble per-image detections into the validated predictions table."""
+def build_table(
+    rows: list[dict[str, Any]], aleatoric: bool, epistemic: bool, *, consistency: bool = False
+) -> pa.Table:
+    """Assemble per-image detections into the validated predictions table; with
+    ``consistency`` the rows carry ``cons_iou`` and ``cons_cls`` (§11.6), else the table has
+    no such columns (an absent column reads as null)."""
     n_per = [len(r["score"]) for r in rows]
     n = sum(n_per)
 
@@ -440,6 +490,9 @@ def build_table(rows: list[dict[str, Any]], aleatoric: bool, epistemic: bool) ->
         if epistemic
         else pa.nulls(n, pa.list_(pa.float32()))
     )
+    if consistency:
+        cols["cons_iou"] = pa.array(cat("cons_iou").astype(np.float32), pa.float32())
+        cols["cons_cls"] = pa.array(cat("cons_cls").astype(bool), pa.bool_())
     table = pa.table(cols)
     return schema.with_metadata(
         schema.validate_table(table, schema.PREDICTIONS), schema.PREDICTIONS

@@ -10,7 +10,8 @@ stream cycles, so both sets are traversed every epoch; the reference replaced on
 other in one branch). Integer arithmetic throughout, so the pins hold exactly (B = 8,
 n_l = 598, n_u = 5 387: L = 1, U = 7, 770 steps). Orders are seeded by (seed, epoch, stream,
 cycle), so a resumed run takes the same batches, and the one-stream order is the one a
-supervised run always had.
+supervised run always had. CSD (§11.9, ``Streams.csd``) fills the second stream with
+unlabeled images and takes B // (ratio + 1) labeled images per batch instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from detloop.selectors.ssl_csd import csd_split
 
 _LABELED, _PSEUDO = 7, 8  # stream tags in the seeds (7: the supervised order since day one)
 
@@ -45,6 +48,21 @@ class Streams:
         n_u = max(1, batch_size * n_pseudo // n)
         steps = max(-(-n_labeled // n_l), -(-n_pseudo // n_u))
         return cls(n_labeled, n_pseudo, n_l, n_u, steps)
+
+    @classmethod
+    def csd(cls, batch_size: int, n_labeled: int, n_unlabeled: int, ratio: int) -> Streams:
+        """CSD's batches (ALGORITHMS §11.9): B // (ratio + 1) labeled images, the rest
+        unlabeled (``ratio`` is unlabeled : labeled; the unlabeled stream takes the place of the
+        pseudo-labeled one). An epoch traverses both streams, as the student's (§11.1)."""
+        per = csd_split(n_labeled + n_unlabeled, batch_size, ratio)
+        if n_labeled < 1 or n_unlabeled < 1 or per.labeled_per_batch < 1:
+            raise ValueError(
+                f"no CSD batches for n_l={n_labeled}, n_u={n_unlabeled}, B={batch_size}, "
+                f"ratio={ratio} (each batch needs a labeled and an unlabeled image)"
+            )
+        n_l, n_u = per.labeled_per_batch, per.unlabeled_per_batch
+        steps = max(-(-n_labeled // n_l), -(-n_unlabeled // n_u))
+        return cls(n_labeled, n_unlabeled, n_l, n_u, steps)
 
     @property
     def batch_size(self) -> int:

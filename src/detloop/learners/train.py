@@ -17,7 +17,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,13 @@ from detloop.console import Bar, Progress, progress_bar
 from detloop.data.dataset import Augment, DetectionDataset, StrongAugment, collate
 from detloop.data.errors import DataError
 from detloop.learners import checkpoint as ckpt
+from detloop.learners.csd import CsdSettings, consistency_losses
+from detloop.learners.curriculum import (
+    CurriculumStreams,
+    copy_range,
+    curriculum_streams,
+    with_copies,
+)
 from detloop.learners.data_parallel import DataParallel, sync_batchnorm
 from detloop.learners.device import memory_format, resolve_device
 from detloop.learners.loss import (
@@ -125,6 +132,43 @@ def _strong_augment(cfg: ExperimentConfig) -> StrongAugment | None:
     return RandAugment(magnitude=cfg.ssl.randaug_magnitude)
 
 
+def _augment(job: _Job, jitter: tuple[float, float]) -> Augment:
+    """The training augmentation: flip and scale jitter; the strong RandAugment on the
+    pseudo-labeled part (``ssl.stac_randaug``) and on RCF's copies of rare images (``aug``)."""
+    copies = copy_range(job.streams)
+    strong = _strong_augment(job.cfg) if job.streams.n_pseudo and job.csd is None else None
+    strong_from = job.streams.n_labeled if strong is not None else 2**62
+    if copies[1] > copies[0] and strong is None:
+        from detloop.learners.box_augment import RandAugment
+
+        strong = RandAugment(magnitude=job.cfg.ssl.randaug_magnitude)
+    return Augment(
+        job.tcfg.hflip,
+        jitter,
+        job.seed,
+        strong=strong,
+        strong_from=strong_from,
+        strong_between=copies,
+    )
+
+
+def _with_curriculum(
+    cfg: ExperimentConfig,
+    streams: Streams,
+    images: pa.Table,
+    labels: pa.Table,
+    num_classes: int,
+) -> Streams | CurriculumStreams:
+    """RCF's curriculum batches (``ssl.teacher_strategy`` ``curriculum_learning``/``aug``/
+    ``curr``, §11.4) for the trainings of an SSL run; ``streams`` itself otherwise."""
+    if cfg.loop != "ssl":
+        return streams
+    weights = (cfg.ssl.rcf_lowest, cfg.ssl.rcf_highest)
+    return curriculum_streams(
+        cfg.ssl.teacher_strategy, streams, images, labels, num_classes, weights
+    )
+
+
 @dataclass(frozen=True)
 class _Job:
     """The fixed inputs of one ``train_model`` call, resolved (what every helper reads)."""
@@ -135,7 +179,7 @@ class _Job:
     device: torch.device
     out_dir: Path
     fingerprint: str
-    streams: Streams
+    streams: Streams | CurriculumStreams
     val: tuple[pa.Table, pa.Table] | None = None
     root: Path | None = None
     stop_at_step: int | None = None
@@ -144,6 +188,7 @@ class _Job:
     online: OnlineSelection | None = None
     class_names: Sequence[str] | None = None
     dp: DataParallel | None = None
+    csd: CsdSettings | None = None  # CSD (§11.9): the second stream is unlabeled
 
     @property
     def is_main(self) -> bool:
@@ -172,7 +217,7 @@ class _Schedule:
     warmup: int
 
     @classmethod
-    def of(cls, tcfg: TrainConfig, streams: Streams) -> _Schedule:
+    def of(cls, tcfg: TrainConfig, streams: Streams | CurriculumStreams) -> _Schedule:
         per_epoch = streams.steps_per_epoch
         total = per_epoch * tcfg.epochs
         total = min(total, tcfg.max_steps) if tcfg.max_steps else total
@@ -207,19 +252,10 @@ class _LossBench:
         its weight a_i (``label_batch``), so ā = 1, or the sub-batch mean of a_i under the
         compat ``ssl.pseudo_weighting: reference`` (weighting twice, as the reference did).
         """
-        model, tcfg = loop.model, job.tcfg
-        targets = label_batch(
-            self.labeler,
-            batch["boxes"],
-            batch["classes"],
-            batch["weights"],
-            mode=tcfg.loss_weighting,
-            empty_weight=tcfg.empty_image_weight,
-        ).to(job.device)
-        autocast = torch.autocast("cuda") if loop.scaler.is_enabled() else nullcontext()
-        with autocast:
-            images = batch["image"].to(job.device, memory_format=loop.memory_format)
-            cls_maps, box_maps = loop.forward(images, generator=loop.generator)
+        if job.csd is not None:
+            return self._csd_losses(loop, batch, job)
+        model = loop.model
+        targets, _, (cls_maps, box_maps) = self._forward(loop, batch, job)
         mu, s = split_box_maps(model, box_maps)
         cls = flatten_levels(cls_maps, model.spec.num_classes)
         monitors = box_monitors(mu, s, targets, self.settings)
@@ -255,6 +291,55 @@ class _LossBench:
         sup, unsup = float(parts[0][0].detach()), float(parts[1][0].detach())
         return loss, (*values, *monitors, sup, unsup, n_pseudo)
 
+    def _forward(
+        self, loop: LoopState, batch: dict[str, torch.Tensor], job: _Job
+    ) -> tuple[Targets, torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """The batch's anchor targets, its images on the device and the model's (class, box)
+        maps: one training forward pass, under autocast with AMP."""
+        tcfg = job.tcfg
+        targets = label_batch(
+            self.labeler,
+            batch["boxes"],
+            batch["classes"],
+            batch["weights"],
+            mode=tcfg.loss_weighting,
+            empty_weight=tcfg.empty_image_weight,
+        ).to(job.device)
+        with _autocast(loop):
+            images = batch["image"].to(job.device, memory_format=loop.memory_format)
+            maps = loop.forward(images, generator=loop.generator)
+        return targets, images, maps
+
+    def _csd_losses(
+        self, loop: LoopState, batch: dict[str, torch.Tensor], job: _Job
+    ) -> tuple[torch.Tensor, tuple[float, ...]]:
+        """CSD's loss (ALGORITHMS §11.9): the detection loss of the labeled images (the
+        batch's first n_l) + w(t)·(L_cls_cons + L_box_cons) of the whole batch against its
+        horizontal flip, a second forward pass (``learners.csd``); w(t) is ``csd_ramp`` at
+        this step of the schedule, or 1 without the ramp. ``cls_loss`` and ``box_loss`` are
+        the supervised parts; ``unsup_loss`` is the consistency before w(t)."""
+        assert job.csd is not None
+        model = loop.model
+        targets, images, maps = self._forward(loop, batch, job)
+        mu, s = split_box_maps(model, maps[1])
+        cls = flatten_levels(maps[0], model.spec.num_classes)
+        monitors = box_monitors(mu, s, targets, self.settings)  # positives: labeled images only
+        lab = slice(0, int((batch["index"] < job.streams.n_labeled).sum()))
+        s_lab = None if s is None else s[lab]
+        sup = detection_loss(
+            cls[lab], mu[lab], s_lab, targets.slice(lab), self.sizes, self.settings
+        )
+        with _autocast(loop):
+            mirrored = images.flip(-1).contiguous(memory_format=loop.memory_format)
+            flipped = loop.forward(mirrored, generator=loop.generator)
+        l_cls, l_box = consistency_losses(maps, flipped, model.num_anchors, job.csd)
+        unsup = l_cls + l_box
+        w = job.csd.weight(loop.step, _Schedule.of(job.tcfg, job.streams).total)
+        loss = sup[0] + w * unsup
+        values = (float(loss.detach()), float(sup[1].detach()), float(sup[2].detach()))
+        consistency = (float(sup[0].detach()), float(unsup.detach()), float("nan"))
+        return loss, (*values, *monitors, *consistency)
+
     @staticmethod
     def _normalisers(
         targets: Targets, parts: tuple[slice, slice], job: _Job
@@ -281,6 +366,11 @@ class _LossBench:
         return mean[0], mean[1]
 
 
+def _autocast(loop: LoopState) -> AbstractContextManager[Any]:
+    """CUDA autocast when AMP is on (the scaler is enabled), else nothing."""
+    return torch.autocast("cuda") if loop.scaler.is_enabled() else nullcontext()
+
+
 def train_model(
     cfg: ExperimentConfig,
     images: pa.Table,
@@ -300,6 +390,7 @@ def train_model(
     online: OnlineSelection | None = None,
     class_names: Sequence[str] | None = None,
     data_parallel: DataParallel | None = None,
+    unlabeled: pa.Table | None = None,
 ) -> TrainResult:
     """Train a detector on ``images``/``labels`` and write its checkpoint to ``out_dir``.
 
@@ -333,6 +424,10 @@ def train_model(
         data_parallel: this process's rank of a data-parallel training
             (``learners.data_parallel``; ``torch.distributed`` set up by the caller): the
             global batch is ``train.batch_size``, only rank 0 writes checkpoints.
+        unlabeled: images of a CSD training (ALGORITHMS §11.9, options ``ssl.csd_*``): batches
+            of B // (ratio + 1) labeled images and the rest unlabeled (``Streams.csd``); loss
+            L_det(labeled) + w(t)·(L_cls_cons + L_box_cons) of each image and its flip
+            (``learners.csd``). Not with ``pseudo``, ``online`` or ``data_parallel``.
 
     Raises:
         DataError: missing weights file or unreadable image.
@@ -340,15 +435,24 @@ def train_model(
     _check_labels(images, labels, num_classes)
     tcfg = effective_train_config(cfg)
     # long: the one training entry point; most of its lines are the arguments and their docs
+    csd = _csd_settings(cfg, unlabeled, pseudo, online, data_parallel)
+    if unlabeled is not None:  # CSD: the unlabeled images are the second stream
+        pseudo = (unlabeled, labels.slice(0, 0))
     images, labels, n_pseudo = _with_pseudo(images, labels, pseudo, num_classes)
-    streams = Streams.of(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo)
+    streams: Streams | CurriculumStreams
+    if csd is None:
+        streams = Streams.of(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo)
+    else:
+        streams = Streams.csd(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo, csd.ratio)
+    streams = _with_curriculum(cfg, streams, images, labels, num_classes)
+    images = with_copies(images, streams)
     job = _Job(
         cfg,
         tcfg,
         seed,
         resolve_device(device or tcfg.device),
         Path(out_dir),
-        run_fingerprint(cfg, images, labels, seed, num_classes, _stream_key(n_pseudo, online)),
+        run_fingerprint(cfg, images, labels, seed, num_classes, _stream_key(n_pseudo, online, csd)),
         streams,
         val=val,
         online=online if pseudo is not None else None,
@@ -358,6 +462,7 @@ def train_model(
         on_epoch=on_epoch,
         class_names=class_names,
         dp=data_parallel,
+        csd=csd,
     )
     loop = _new_loop(job, num_classes, init_weights)
     if not _run(loop, job, images, labels):  # stopped at stop_at_step: the partial checkpoint
@@ -438,6 +543,8 @@ def _finish(loop: LoopState, job: _Job, num_classes: int) -> TrainResult:
     }
     if loop.ema is not None:
         meta["moving_average_decay"] = loop.ema.decay
+    if isinstance(job.streams, CurriculumStreams):
+        meta["curriculum"] = job.streams.summary()
     state = {k: v.detach().cpu() for k, v in loop.model.state_dict().items()}
     ckpt.write_checkpoint(job.out_dir, state, meta)
     shutil.rmtree(job.partial_dir, ignore_errors=True)
@@ -473,11 +580,36 @@ def _with_pseudo(
     return images, labels, pseudo[0].num_rows
 
 
-def _stream_key(n_pseudo: int, online: OnlineSelection | None) -> str:
-    """What the fingerprint adds for an SSL student: its pseudo stream and online teacher."""
+def _stream_key(
+    n_pseudo: int, online: OnlineSelection | None, csd: CsdSettings | None = None
+) -> str:
+    """What the fingerprint adds for an SSL student: its pseudo stream and online teacher (a
+    CSD training: its unlabeled stream and options)."""
     if not n_pseudo:
         return ""
+    if csd is not None:
+        return f"u{n_pseudo}/{csd.key}"
     return f"u{n_pseudo}" + (f"/ema{online.decay}/{online.spec.name}" if online else "")
+
+
+def _csd_settings(
+    cfg: ExperimentConfig,
+    unlabeled: pa.Table | None,
+    pseudo: tuple[pa.Table, pa.Table] | None,
+    online: OnlineSelection | None,
+    data_parallel: DataParallel | None,
+) -> CsdSettings | None:
+    """CSD's options when ``unlabeled`` images are given (None otherwise), refusing what a
+    CSD training cannot take."""
+    if unlabeled is None:
+        return None
+    if pseudo is not None or online is not None:
+        raise ValueError("a CSD training takes unlabeled images, not pseudo-labels or a teacher")
+    if data_parallel is not None:  # the config refuses ssl.method: csd with train.workers > 1
+        raise ValueError("a CSD training runs on one worker (train.workers: 1)")
+    if unlabeled.num_rows == 0:
+        raise DataError("images", None, None, "no unlabeled images to train CSD on")
+    return CsdSettings.from_config(cfg.ssl)
 
 
 def _image_rows(images: pa.Table) -> pa.Table:
@@ -518,13 +650,11 @@ def _epochs(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> N
     """Run epochs from ``loop.step`` until the step budget, early stop or ``stop_at_step``."""
     tcfg = job.tcfg
     jitter = (tcfg.scale_jitter[0], tcfg.scale_jitter[1])
-    n_l = job.streams.n_labeled
-    strong = _strong_augment(job.cfg) if job.streams.n_pseudo else None
     data = DetectionDataset(
         images,
         labels,
         loop.model.spec.image_size,
-        augment=Augment(tcfg.hflip, jitter, job.seed, strong=strong, strong_from=n_l),
+        augment=_augment(job, jitter),
         max_instances=tcfg.max_instances,
         root=job.root,
     )

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from detloop.data import schema
 from detloop.data.labels import box_rows, labels_from_boxes
-from detloop.selectors.columns import DetColumns, FloatArray
+from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
 from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
 from detloop.selectors.ssl_3d import greedy_match
 from detloop.selectors.ssl_pls import pls_d, rarity
@@ -158,6 +158,45 @@ def parse_pseudo_strategy(name: str) -> PseudoSpec:
     return PseudoSpec(score=score, **flags)
 
 
+@dataclass(frozen=True)
+class ConsistencyFilter:
+    """What a pseudo-label must also pass on the consistency signals (§11.6): ``cons_iou`` ≥
+    ``min_cons_iou`` (None: no test) and, with ``cons_cls``, ``cons_cls`` true. A null signal
+    passes no test."""
+
+    min_cons_iou: float | None = None
+    cons_cls: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.min_cons_iou is not None or self.cons_cls
+
+    def keep(self, predictions: pa.Table) -> BoolArray:
+        """Per row, whether it passes.
+
+        Raises:
+            ValueError: a column the filter needs is missing (predictions made without
+                ``predict.consistency_ssl``).
+        """
+        keep = np.ones(predictions.num_rows, dtype=bool)
+        needed = {"cons_iou": self.min_cons_iou is not None, "cons_cls": self.cons_cls}
+        for column, on in needed.items():
+            if on and column not in predictions.column_names:
+                raise ValueError(
+                    f"pseudo-label filter on {column!r}: the predictions have no such column "
+                    "(they were made without predict.consistency_ssl)"
+                )
+        if self.min_cons_iou is not None:
+            cons = np.asarray(
+                predictions["cons_iou"].to_numpy(zero_copy_only=False), dtype=np.float32
+            )
+            keep &= cons >= _as_stored(self.min_cons_iou)  # NaN (null) fails
+        if self.cons_cls:
+            same = pc.fill_null(predictions["cons_cls"], False)
+            keep &= np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+        return keep
+
+
 def _inverse_certainty(mean_uncertainty: FloatArray) -> FloatArray:
     """min-max(1 / max(ε, u)) over the given detections (§11.2)."""
     return min_max(1.0 / np.maximum(EPS, mean_uncertainty))
@@ -213,6 +252,7 @@ def select_pseudo_labels(
     spec: PseudoSpec | str,
     tau: float = 0.4,
     thresholds: Mapping[str, Any] | None = None,
+    consistency: ConsistencyFilter | None = None,
 ) -> pa.Table:
     """The teacher detections kept as pseudo-labels, with ``certainty``, ``u`` and ``weight``.
 
@@ -221,6 +261,8 @@ def select_pseudo_labels(
         spec: selection strategy.
         tau: δ_S; every strategy keeps score > τ (a column strategy filters that column).
         thresholds: thresholding result, for ``combo`` (weights and δ̄ = threshold_mean).
+        consistency: also keep only detections passing these consistency tests (§11.6); the
+            strategy's certainty (its min-max) is computed over all detections as before.
 
     Returns:
         image_id, det_id, class_id, score, x1..y2, certainty (null where the strategy has
@@ -230,6 +272,8 @@ def select_pseudo_labels(
     spec = parse_pseudo_strategy(spec) if isinstance(spec, str) else spec
     cols = DetColumns(predictions, calib=spec.calib)
     certainty, u, keep = _certainty_and_keep(cols, spec, tau, thresholds)
+    if consistency is not None and consistency.active:
+        keep = keep & consistency.keep(predictions)
     rows = pa.array(np.flatnonzero(keep))
     base = predictions.select(["image_id", "det_id", "class_id", "score", *schema.COORDS])
     out = base.take(rows)

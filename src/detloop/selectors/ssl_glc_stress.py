@@ -160,7 +160,9 @@ def corrupt_labels(
     area = (new[left, 2] - new[left, 0]) * (new[left, 3] - new[left, 1])
     kept = kept.set_column(kept.column_names.index("area"), "area", pa.array(area))
     extra = box_rows(add_ids, np.reshape(add_box, (-1, 4)), add_cls, first_box_id=first)
-    out = schema.validate_table(pa.concat_tables([kept, extra]), schema.GT, "stress gt")
+    # a validated input has non-nullable fields, box_rows' are nullable: unify the schemas
+    both = pa.concat_tables([kept, extra], promote_options="default")
+    out = schema.validate_table(both, schema.GT, "stress gt")
     return out, _changes_table(changes)
 
 

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from detloop import __version__, console
-from detloop.config import ConfigError, ExperimentConfig, build_config, config_snapshot
+from detloop.config import (
+    ConfigError,
+    ExperimentConfig,
+    SSLConfig,
+    build_config,
+    config_snapshot,
+)
 from detloop.data.rundir import RunDir, RunsRoot, al_run_name, autolabel_run_name, ssl_run_name
 
 logger = logging.getLogger(__name__)
@@ -40,15 +46,61 @@ def strategy_name(cfg: ExperimentConfig) -> str:
     """The canonical strategy of the config's loop, as run names and MLflow tags show it: the
     AL query strategy (``+ssl_<selection>`` with ``al.ssl``), or the SSL pseudo-label selection
     (``ema_<selection>`` with the online mean teacher, ``<teacher_strategy>+<selection>``
-    with teacher building blocks), so that a grid's runs never share a directory."""
+    with teacher building blocks, then ``ssl_study_marks``), so that a grid's runs never share
+    a directory."""
     if cfg.loop == "ssl":
         ema = "ema_" if cfg.ssl.teacher == "ema" else ""
         blocks = cfg.ssl.teacher_strategy.name
-        return ema + (f"{blocks}+" if blocks else "") + cfg.ssl.selection_strategy.name
+        name = ema + (f"{blocks}+" if blocks else "") + cfg.ssl.selection_strategy.name
+        if cfg.ssl.method == "csd":  # no pseudo-label selection: the method names the run
+            name = (f"{blocks}+" if blocks else "") + csd_name(cfg.ssl)
+        return "".join([name, *(f"+{m}" for m in ssl_study_marks(cfg))])
     if cfg.loop == "autolabel":
         return "autolabel"
     ssl = f"+ssl_{cfg.ssl.selection_strategy.name}" if cfg.al.ssl else ""
     return cfg.al.strategy.name + ssl
+
+
+def csd_name(ssl: SSLConfig) -> str:
+    """An SSL run's name part under ``ssl.method: csd`` (§11.9): ``csd``, then a mark for each
+    CSD option off its default (``_r<csd_ratio>``, ``_kl``, ``_nobe``, ``_bebatch``,
+    ``_noramp``, ``_refsplit``), so that runs of different options never share a directory."""
+    default_ratio = type(ssl).model_fields["csd_ratio"].default
+    marks = [
+        f"_r{ssl.csd_ratio}" if ssl.csd_ratio != default_ratio else "",
+        "_kl" if ssl.csd_consistency == "kl" else "",
+        "_nobe" if not ssl.csd_be else "_bebatch" if ssl.csd_be_scope == "batch" else "",
+        "_noramp" if not ssl.csd_ramp else "",
+        "_refsplit" if ssl.csd_split == "reference" else "",
+    ]
+    return "csd" + "".join(marks)
+
+
+def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
+    """What PLS (§11.7) and the 3D study (§11.8) add to an SSL run's strategy name:
+    ``pls_<variant>`` (with ``_k``, ``_b``, ``_t`` and the value of ``pls_top_k``, ``pls_beta``,
+    ``pls_tau`` when not the default) and ``3d_<variant>``; none when they are off."""
+    ssl = cfg.ssl
+    marks: list[str] = []
+    if ssl.pls != "none":
+        fields = type(ssl).model_fields
+        options = (("k", "pls_top_k"), ("b", "pls_beta"), ("t", "pls_tau"))
+        changed = [
+            f"_{short}{getattr(ssl, key):g}"
+            for short, key in options
+            if getattr(ssl, key) != fields[key].default
+        ]
+        marks.append(f"pls_{ssl.pls}" + "".join(changed))
+    if ssl.oracle_variant != "none":
+        marks.append(f"3d_{ssl.oracle_variant}")
+    return marks
+
+
+def study_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """MLflow tags of an SSL run's PLS variant and 3D-study variant (none for other loops)."""
+    if cfg.loop != "ssl":
+        return {}
+    return {"pls": cfg.ssl.pls, "oracle_variant": cfg.ssl.oracle_variant}
 
 
 def run_dir_for(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:

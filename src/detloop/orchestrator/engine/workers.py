@@ -71,6 +71,9 @@ class TrainJob:
     # the data's class names in class-id order (a model bundle in model.weights is matched to
     # them by name)
     class_names: list[str] | None = None
+    # ``ssl.method: csd``: the unlabeled images a CSD model trains on beside ``images``
+    # (consistency with their flips, ALGORITHMS §11.9); never with ``pseudo``
+    unlabeled: pa.Table | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,7 @@ def run_train_job(
         online=job.online,
         class_names=job.class_names,
         data_parallel=data_parallel,
+        unlabeled=job.unlabeled,
     )
     return TrainOutcome(
         checkpoint=Path(result.checkpoint),

@@ -11,7 +11,7 @@ from detloop.config import ExperimentConfig
 from detloop.data.errors import DataError
 from detloop.data.rundir import RunDir
 from detloop.orchestrator.engine.journaled import JournaledLoop, resume_command
-from detloop.orchestrator.engine.runs import code_version, ray_job_id, strategy_name
+from detloop.orchestrator.engine.runs import code_version, ray_job_id, strategy_name, study_tags
 from detloop.orchestrator.engine.tracking import LoopCallback, MlflowTracker
 from detloop.orchestrator.loops.active_learning import ActiveLearningLoop
 from detloop.orchestrator.loops.autolabel_run import AutoLabelRun
@@ -72,6 +72,7 @@ def execute(run: RunDir, cfg: ExperimentConfig) -> LoopOutcome:
             "seed": str(cfg.seed),
             "code_version": code_version(),
             "ray_job_id": ray_job_id() or "",
+            **study_tags(cfg),  # an SSL run's PLS and 3D-study variants
         }
         callbacks.append(MlflowTracker(cfg, tags))
     loop = loop_class(cfg)(run, cfg, callbacks)

@@ -69,7 +69,8 @@ class ModelLoop(JournaledLoop):
 
     def evaluate(self, iteration: int, test: bool = False) -> dict[str, Any]:
         """mAP of model ``iteration`` on validation (its predictions kept for calibration)
-        and, with ``test``, on the test split too (``test_*`` metrics) when the run has one;
+        and, with ``test``, on the test split too (``test_map``, ``test_map50`` and the per-class
+        ``test_ap/<class>``) when the run has one;
         written to the iteration's ``metrics.json``."""
         split, images, gt = splits.eval_split(self.run)
         table, seconds, stats = self.predict(
@@ -89,7 +90,13 @@ class ModelLoop(JournaledLoop):
             )
             seconds += t_seconds
             t_metrics = steps.evaluate(t_table, t_gt, t_images, self.categories)
-            metrics.update({f"test_{k}": v for k, v in t_metrics.items() if k in ("map", "map50")})
+            metrics.update(
+                {
+                    f"test_{k}": v
+                    for k, v in t_metrics.items()
+                    if k in ("map", "map50") or k[:3] == "ap/"
+                }
+            )
         seconds += time.perf_counter() - t0
         write_json(metrics, self.run.metrics_file(iteration))
         out = {"compute": seconds, "map": metrics.get("map"), "map50": metrics.get("map50")}

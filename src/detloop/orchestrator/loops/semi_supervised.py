@@ -11,7 +11,12 @@ the ``selftrain`` rounds, each from the previous student for ``selftrain_epochs`
 ``ssl.teacher: ema`` round 1 trains an online mean teacher instead (the burn-in is round 0).
 ``ssl.teacher_strategy``'s blocks (§11.3, §11.4; ``ssl_blocks``): ``rcc`` adds rare-class
 collages to the labeled part in the split phase, once; ``imscore`` weighs every round's labeled
-objects by their class.
+objects by their class. ``ssl.pls`` (PLS, §11.7) and ``ssl.oracle_variant`` (the 3D study,
+§11.8) narrow and correct each round's pseudo-labels before they are stored
+(``pseudo_refine``). With ``ssl.method: csd`` (§11.9) round 0 is the same teacher (the
+comparison; compat ``csd_split: reference`` takes the reference's number of labeled images)
+and round 1, the last, trains a CSD model from the initial weights on the labeled part and
+every unlabeled image (consistency with their flips): no predict, no pseudo-labels.
 
 Every phase is journaled and idempotent like the AL loop's, so a run killed anywhere resumes
 with the same pseudo-labels and the same labeled set. The teacher (round 0) is shared by every
@@ -28,34 +33,46 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from detloop.config import ExperimentConfig
 from detloop.data import schema, splits
 from detloop.data.collage import is_generated
 from detloop.data.io import read_json, read_table, write_table
 from detloop.data.pool import PoolState
+from detloop.learners.presets import PRESETS
 from detloop.orchestrator.engine.journal import Phase
 from detloop.orchestrator.engine.journaled import Handler, Step
 from detloop.orchestrator.engine.workers import TrainJob
-from detloop.orchestrator.loops import ssl_blocks, steps
+from detloop.orchestrator.loops import pseudo_refine, ssl_blocks, steps
 from detloop.orchestrator.loops.model_phases import ModelLoop
 from detloop.orchestrator.loops.warmup import WarmupCache
 from detloop.selectors.budgets import iteration_sizes
 from detloop.selectors.pseudo import PseudoSpec
+from detloop.selectors.ssl_csd import csd_split
 
 logger = logging.getLogger(__name__)
 
 
-def round_name(r: int) -> str:
-    """``teacher``, ``student``, ``selftrain1``, ... (the MLflow series prefix of a round)."""
+def round_name(r: int, method: str = "stac") -> str:
+    """``teacher``, ``student``, ``selftrain1``, ... (the MLflow series prefix of a round);
+    ``csd`` for round 1 of ``ssl.method: csd``."""
+    if r == 1 and method == "csd":
+        return "csd"
     return "teacher" if r == 0 else "student" if r == 1 else f"selftrain{r - 1}"
 
 
-def labeled_split(images: pa.Table, portion: float, mode: str, seed: int) -> list[str]:
+def labeled_split(
+    images: pa.Table, portion: float, mode: str, seed: int, csd: tuple[int, int] | None = None
+) -> list[str]:
     """The labeled part of the pool (§11.1, detloop decision 12): ``round(portion % · n)``
     images (at least 1), a seeded random set, or the first ones in file order (``first_n``).
-    Generated images (RCC collages of an earlier pass) are not part of the pool drawn from."""
+    With ``csd`` = (B, ratio), CSD's reference count int((n // B)·B/(ratio + 1)) instead
+    (§11.9). Generated images (RCC collages of an earlier pass) are not part of the pool."""
     real = pc.and_(pc.equal(images["split"], "pool"), pc.invert(is_generated(images["image_id"])))
     pool = images.filter(real).sort_by("file")
-    n = max(1, iteration_sizes(pool.num_rows, [portion])[0])
+    if csd is not None:
+        n = max(1, csd_split(pool.num_rows, *csd).num_labeled)
+    else:
+        n = max(1, iteration_sizes(pool.num_rows, [portion])[0])
     ids = pool["image_id"].to_pylist()
     if mode == "first_n":
         return sorted(ids[:n])
@@ -73,15 +90,30 @@ class SemiSupervisedLoop(ModelLoop):
         self.spec: PseudoSpec = self.cfg.ssl.selection_strategy
         ident: dict[str, Any] = {"ssl": [self.cfg.ssl.portion_labeled, self.cfg.ssl.ssl_split]}
         ident.update(ssl_blocks.teacher_ident(self.cfg))  # rcc, imscore: their options
+        reference = self.csd_reference_split()
+        if reference is not None:  # CSD's reference count: another split, another teacher
+            ident["csd_split"] = list(reference)
         self.teacher_cache = WarmupCache.for_run(self.run, self.cfg, ident)
 
     # ---- schedule --------------------------------------------------------------------------
     def n_rounds(self) -> int:
-        """Models after the teacher: the student, then the ``selftrain`` rounds."""
+        """Models after the teacher: the student, then the ``selftrain`` rounds (none with
+        ``ssl.teacher_only``: comparing teacher strategies needs no student)."""
+        if self.cfg.ssl.teacher_only:
+            return 0
+        if self.cfg.ssl.method == "csd":  # one CSD model, no self-training (§11.9)
+            return 1
         return 1 + (self.cfg.ssl.selftrain_rounds if self.spec.selftrain else 0)
 
     def needs_calibration(self) -> bool:
         return steps.pseudo_needs_calibration(self.cfg)
+
+    def csd_reference_split(self) -> tuple[int, int] | None:
+        """(B, ratio) when the labeled split is CSD's reference count (``ssl.csd_split``)."""
+        ssl = self.cfg.ssl
+        if ssl.method != "csd" or ssl.csd_split != "reference":
+            return None
+        return _batch_size(self.cfg), ssl.csd_ratio
 
     def plan(self) -> list[Step]:
         out = [Step(0, p) for p in (Phase.SPLIT, Phase.TRAIN, Phase.EVALUATE, Phase.LOG)]
@@ -92,6 +124,8 @@ class SemiSupervisedLoop(ModelLoop):
             if self.spec.needs_thresholds:
                 phases.append(Phase.THRESHOLD)
             phases += [Phase.PSEUDO_LABEL, Phase.TRAIN, Phase.EVALUATE, Phase.LOG]
+            if self.cfg.ssl.method == "csd":  # trains on the unlabeled images themselves
+                phases = [Phase.TRAIN, Phase.EVALUATE, Phase.LOG]
             out += [Step(r, p) for p in phases]
         if self.cfg.autolabel.after_loop:  # the last model auto-labels the unlabeled part
             k = self.n_rounds() + 1
@@ -141,6 +175,7 @@ class SemiSupervisedLoop(ModelLoop):
                 self.cfg.ssl.portion_labeled,
                 self.cfg.ssl.ssl_split,
                 self.seed(0, "split"),
+                csd=self.csd_reference_split(),
             )
             write_table(_selection_table(ids), schema.SELECTION, out)
             self.teacher_cache.store_selection(out)
@@ -166,10 +201,16 @@ class SemiSupervisedLoop(ModelLoop):
         return {"compute": seconds, "detections": table.num_rows, **stats}
 
     def _phase_pseudo_label(self, iteration: int) -> dict[str, Any]:
+        """The round's pseudo-labels; with ``ssl.pls`` / ``ssl.oracle_variant`` narrowed by PLS
+        and corrected by the 3D study (``pseudo_refine``) before they are stored."""
         pool = PoolState.load(self.run)
         preds = read_table(schema.PREDICTIONS, self.run.predictions_file(iteration))
         candidates = ssl_blocks.unlabeled_images(pool)
-        pool, info = steps.pseudo_label(self.run, self.cfg, pool, preds, candidates, iteration)
+        seed = self.seed(iteration, "pls") if self.cfg.ssl.pls == "rand" else 0
+        refine = pseudo_refine.refiner(self.run, self.cfg, preds, iteration, seed)
+        pool, info = steps.pseudo_label(
+            self.run, self.cfg, pool, preds, candidates, iteration, refine=refine
+        )
         self.run.write_labels(pool.labels)
         if info["pseudo_labels"] == 0:
             self.warn(
@@ -201,6 +242,9 @@ class SemiSupervisedLoop(ModelLoop):
             init = self.run.weights_file(0)
             pseudo = (ssl_blocks.unlabeled_images(pool), schema.LABELS.empty())
             online = self._online_selection(iteration)
+        unlabeled = None
+        if iteration == 1 and ssl.method == "csd":  # consistency on every unlabeled image
+            pseudo, unlabeled = None, ssl_blocks.unlabeled_images(pool)
         job = TrainJob(
             images=pool.images_in("labeled"),
             labels=self._training_labels(pool),
@@ -212,11 +256,12 @@ class SemiSupervisedLoop(ModelLoop):
             pseudo=pseudo,
             epochs=epochs,
             online=online,
+            unlabeled=unlabeled,
         )
         result = self.train(iteration, job)
         if iteration == 0:
             self.teacher_cache.store_checkpoint(ckpt)
-        self.notify_history(round_name(iteration), result.history)
+        self.notify_history(round_name(iteration, ssl.method), result.history)
         unsup = [h["unsup_loss"] for h in result.history if "unsup_loss" in h]
         if unsup and max(unsup) == 0.0:
             self.warn("unsup_loss_zero", f"round {iteration}: the unsupervised loss stayed 0")
@@ -278,7 +323,8 @@ class SemiSupervisedLoop(ModelLoop):
         numbers.update(self.bound_numbers(iteration))
         for phase, seconds in self.journal.phase_seconds(iteration).items():
             numbers[f"time_{phase}"] = seconds
-        return self.publish(iteration, metrics, numbers, self.last_iteration() or 0)
+        pls = (self.run.pls_scores_file(iteration),)  # PLS's per-image table, when it ran
+        return self.publish(iteration, metrics, numbers, self.last_iteration() or 0, pls)
 
 
 def _selection_table(ids: list[str]) -> pa.Table:
@@ -296,6 +342,13 @@ def _selection_table(ids: list[str]) -> pa.Table:
             "components": pa.nulls(n, pa.list_(pa.float64())),
         }
     )
+
+
+def _batch_size(cfg: ExperimentConfig) -> int:
+    """The training's batch size B: ``train.batch_size``, or the model preset's default."""
+    if "batch_size" in cfg.train.model_fields_set:
+        return cfg.train.batch_size
+    return int(PRESETS[cfg.model.preset].train.get("batch_size", cfg.train.batch_size))
 
 
 def _last(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:

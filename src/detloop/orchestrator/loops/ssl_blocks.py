@@ -12,6 +12,10 @@
   the labeled object counts, ``ssl.rcf_lowest`` … ``ssl.rcf_highest``), applied once through
   ``labels.weight`` (§11.2) in every round's labeled part; pseudo-labels keep their own
   weights.
+* ``curriculum_learning`` (with ``aug``) and ``curr``: the rare/common curriculum batches of
+  the teacher, the student's labeled part and (``curr``) its pseudo-labeled part are built by
+  the train bench itself (``learners.curriculum``) from the same class weights; they enter
+  the teacher's cache key here.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def teacher_ident(cfg: ExperimentConfig) -> dict[str, Any]:
             "seed": ssl.rcc_seed,
             "options": [spec.rcc_scale, spec.rcc_manual_augmentations, spec.rcc_full_im],
         }
-    if spec.imscore:
+    if spec.imscore or spec.curriculum or spec.curriculum_pseudo:
         out["rcf"] = [ssl.rcf_lowest, ssl.rcf_highest]
     return out
 

@@ -299,10 +299,14 @@ def pseudo_label(
     predictions: pa.Table,
     candidates: pa.Table,
     iteration: int,
+    refine: Callable[[pa.Table], tuple[pa.Table, dict[str, Any]]] | None = None,
 ) -> tuple[PoolState, dict[str, Any]]:
     """Select the pseudo-labels of ``iteration`` from the teacher's ``predictions`` of the
     ``candidates`` images (ALGORITHMS §11.1-11.2) and put them in the pool's labels (source
     ``pseudo``; this iteration's earlier ones replaced, nothing else touched).
+
+    ``refine`` (the SSL loop's PLS and 3D study, ``pseudo_refine.refiner``) gets the selected
+    pseudo-labels (with their scores) and returns those to store and its numbers.
 
     Returns the new pool state and the numbers: pseudo-labels, images with one, per image,
     and — when the pool's ground truth is known (simulated runs) — their precision and recall
@@ -323,8 +327,13 @@ def pseudo_label(
     thresholds = None
     if run.thresholds_file(iteration).exists():
         thresholds = read_json(run.thresholds_file(iteration))
-    kept = select_pseudo_labels(preds, ssl.selection_strategy, ssl.tau, thresholds)
+    kept = select_pseudo_labels(
+        preds, ssl.selection_strategy, ssl.tau, thresholds, ssl.consistency_filter
+    )
     kept = cap_per_image(kept, ssl.max_per_image)
+    refined: dict[str, Any] = {}
+    if refine is not None:
+        kept, refined = refine(kept)
     pool = pool.without_labels("pseudo", iteration=iteration)
     gt = run.read_gt()
     first = next_box_id(pool.labels, gt)
@@ -335,6 +344,7 @@ def pseudo_label(
         "pseudo_labels": kept.num_rows,
         "pseudo_images": n_images,
         "pseudo_per_image": kept.num_rows / n_images if n_images else 0.0,
+        **refined,
     }
     if pc.any(pc.is_in(gt["image_id"], value_set=ids)).as_py():
         quality = pseudo_quality(kept, gt, ids.to_pylist())

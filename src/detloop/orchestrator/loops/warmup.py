@@ -22,15 +22,29 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from detloop.config import ExperimentConfig
+from detloop.data import schema
 from detloop.data.collage import is_generated
 from detloop.data.rundir import RunDir, RunsRoot
 
 logger = logging.getLogger(__name__)
 
 _EVAL_FILES = ("metrics.json", "val_predictions.parquet")
+
+
+def _gt_digest(gt: pa.Table) -> bytes:
+    """The ground truth's content (image, class, box of every row, in a fixed order): two
+    pools with the same images but other boxes (e.g. corrected labels) get other keys."""
+    cols = ["image_id", "class_id", *schema.COORDS]
+    rows = gt.select(cols).sort_by([(c, "ascending") for c in cols])
+    h = hashlib.sha256("\n".join(rows["image_id"].to_pylist()).encode())
+    for name in cols[1:]:
+        h.update(np.asarray(rows[name].to_numpy(), dtype=np.float64).tobytes())
+    return h.digest()
 
 
 def warmup_key(run: RunDir, cfg: ExperimentConfig, ident: dict[str, Any]) -> str:
@@ -58,9 +72,9 @@ def warmup_key(run: RunDir, cfg: ExperimentConfig, ident: dict[str, Any]) -> str
         "model": cfg.model.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json"),
         "predict": cfg.predict.model_dump(mode="json"),
-        "n_gt": gt.filter(pc.invert(is_generated(gt["image_id"]))).num_rows,
     }
     h.update(json.dumps(ident, sort_keys=True).encode())
+    h.update(_gt_digest(gt.filter(pc.invert(is_generated(gt["image_id"])))))
     return h.hexdigest()[:16]
 
 
