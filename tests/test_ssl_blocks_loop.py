@@ -211,3 +211,14 @@ def test_dry_run_shows_the_blocks(
     assert "# teacher strategy: rcc_scale_imscore" in out
     assert "#   rcc: rare-class collages of the 2 rarest classes (seed 42; options: scale)" in out
     assert "#   imscore: each labeled object weighs its RCF class weight [1, 10]" in out
+
+
+def test_teacher_only_trains_and_evaluates_round_0_only(cfg: ExperimentConfig) -> None:
+    """``ssl.teacher_only`` (comparing teacher strategies): the split, the teacher, its
+    evaluation and log; no prediction, pseudo-labels or student."""
+    only = build_config(config_snapshot(cfg), ["ssl.teacher_only=true"])
+    loop, workers = _loop(only)
+    assert {s.iteration for s in loop.plan()} == {0}
+    loop.execute()
+    assert len(workers.jobs) == 1  # the teacher's training only
+    assert loop.run.metrics_file(0).exists() and not loop.run.predictions_file(1).exists()
