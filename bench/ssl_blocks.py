@@ -35,6 +35,7 @@ import json
 import multiprocessing
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ TEACHERS = {
 PLS = ("top", "rand", "bot")
 VARIANTS = ("nofd", "nomd", "nomdfd", "fixmd", "highprec", "nonoise")
 PARTS = ("teachers", "glc", "pls", "3d", "csd")
-NAMES = ("ssl_blocks", "ssl_blocks_glc_corrupted", "ssl_blocks_glc_corrected")
+NAME = "ssl_blocks"
+NAMES = (NAME, "ssl_blocks_glc_corrupted", "ssl_blocks_glc_corrected")
 
 
 def _data() -> Path:
@@ -104,8 +106,9 @@ class Bench:
         run = create_run(cfg)
         t0 = time.perf_counter()
         print(f"== {name} seed {seed}: {' '.join(sets)}", flush=True)
-        if execute(run, stored_config(run)).exit_code != 0:
-            raise SystemExit(f"loop failed: {run.name}")
+        outcome = execute(run, stored_config(run))
+        if outcome.exit_code != 0:
+            raise RuntimeError(f"loop {run.name} ended {outcome.status}: {outcome.problem}")
         print(f"   {time.perf_counter() - t0:.0f} s", flush=True)
         return run
 
@@ -275,8 +278,8 @@ def part_glc(bench: Bench, seed: int, clean: dict[str, float]) -> dict[str, Any]
     from detloop.selectors.ssl_glc import glc_correct
     from detloop.selectors.ssl_glc_stress import corrupt_labels, glc_recovery
 
-    sets = ["ssl.teacher_only=true"]
-    plain = bench.run("ssl_blocks", seed, sets)  # the clean teacher (cached): its split
+    sets = ["ssl.teacher_only=true", "ssl.teacher_strategy="]
+    plain = bench.run(NAME, seed, sets)  # the clean teacher (the teachers part's): its split
     images, labels = labeled_set(plain)
     corrupted, changes = corrupt_labels(labels, images, seed)
     folder = Path(bench.args.runs_root) / "glc_pools" / f"s{seed}"
@@ -407,20 +410,22 @@ def seed_records(
     local_env()
     bench = Bench(args, data)
     out: dict[str, Any] = {}
-    if "teachers" in parts:
-        out["teachers"] = part_teachers(bench, seed, rare)
-    if "glc" in parts:
-        clean = out["teachers"]["plain"] if "teachers" in out else _teacher_record(
-            bench.run("ssl_blocks", seed, ["ssl.teacher_only=true"]), rare
-        )  # fmt: skip
-        out["glc"] = part_glc(bench, seed, clean)
-    for part, fn in (("csd", part_csd), ("pls", part_pls), ("3d", part_3d)):
-        if part in parts:
-            try:
-                out[part] = fn(bench, seed)
-            except Exception:  # one broken part must not lose the seed's other figures
-                traceback.print_exc()
-                out[part] = {"failed": {"error": 1.0}}
+    plain = ["ssl.teacher_only=true", "ssl.teacher_strategy="]
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("teachers", lambda: part_teachers(bench, seed, rare)),
+        ("glc", lambda: part_glc(bench, seed, _teacher_record(bench.run(NAME, seed, plain), rare))),
+        ("csd", lambda: part_csd(bench, seed)),
+        ("pls", lambda: part_pls(bench, seed)),
+        ("3d", lambda: part_3d(bench, seed)),
+    ]
+    for part, fn in steps:
+        if part not in parts:
+            continue
+        try:
+            out[part] = fn()
+        except Exception:  # one broken part must not lose the seed's other figures
+            traceback.print_exc()
+            out[part] = {"failed": {"error": 1.0}}
     return out
 
 

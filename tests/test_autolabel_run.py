@@ -169,11 +169,11 @@ def _driver(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_every_phase_boundary_resumes_to_the_same_verdicts(
+def test_sigkill_at_phase_boundaries_resumes_to_the_same_verdicts(
     al_run: tuple[Path, RunDir], digits_tiny: Path, tmp_path: Path
 ) -> None:
-    """A driver SIGKILLed after each phase (and once mid-prediction) resumes to the verdicts,
-    labels and selection of an uninterrupted run."""
+    """A driver SIGKILLed after phases of both iterations (and once mid-prediction) resumes to
+    the verdicts, labels and selection of an uninterrupted run."""
     _, source = al_run
     images = str(digits_tiny / "images" / "test")
     val_source, val_images = digits_source(digits_tiny, "val")  # not ci.yaml's (not built in CI)
@@ -184,8 +184,9 @@ def test_sigkill_at_every_phase_boundary_resumes_to_the_same_verdicts(
     ref_root, root = tmp_path / "ref", tmp_path / "killed"
     ref_run = _driver([*base, "--set", f"runs_root={ref_root}"])
     assert ref_run.returncode == 0, ref_run.stderr[-3000:]
-    kills = ["0:import", "0:evaluate", "1:predict:mid", "1:predict", "1:calibrate",
-             "1:threshold", "1:decide", "1:export"]  # fmt: skip
+    # after a phase of each kind (the journal's record) and once mid-phase (its idempotency):
+    # every boundary costs a driver start, so not all of them
+    kills = ["0:evaluate", "1:predict:mid", "1:calibrate", "1:decide"]
     argv = [*base, "--set", f"runs_root={root}", "--set", f"fault.kill_at=[{','.join(kills)}]"]
     first = _driver(argv)
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]

@@ -218,6 +218,7 @@ def test_teacher_only_trains_and_evaluates_round_0_only(cfg: ExperimentConfig) -
     evaluation and log; no prediction, pseudo-labels or student."""
     only = build_config(config_snapshot(cfg), ["ssl.teacher_only=true"])
     loop, workers = _loop(only)
+    assert loop.run.path.name == "ssl-rcc_imscore+teacher-s0"  # never a student's directory
     assert {s.iteration for s in loop.plan()} == {0}
     loop.execute()
     assert len(workers.jobs) == 1  # the teacher's training only

@@ -46,14 +46,16 @@ def strategy_name(cfg: ExperimentConfig) -> str:
     """The canonical strategy of the config's loop, as run names and MLflow tags show it: the
     AL query strategy (``+ssl_<selection>`` with ``al.ssl``), or the SSL pseudo-label selection
     (``ema_<selection>`` with the online mean teacher, ``<teacher_strategy>+<selection>``
-    with teacher building blocks, then ``ssl_study_marks``), so that a grid's runs never share
-    a directory."""
+    with teacher building blocks, then ``ssl_study_marks``; ``<teacher_strategy>+teacher`` for
+    ``ssl.teacher_only``), so that a grid's runs never share a directory."""
     if cfg.loop == "ssl":
         ema = "ema_" if cfg.ssl.teacher == "ema" else ""
         blocks = cfg.ssl.teacher_strategy.name
         name = ema + (f"{blocks}+" if blocks else "") + cfg.ssl.selection_strategy.name
         if cfg.ssl.method == "csd":  # no pseudo-label selection: the method names the run
             name = (f"{blocks}+" if blocks else "") + csd_name(cfg.ssl)
+        if cfg.ssl.teacher_only:  # no student: a run of its own beside the students
+            name = (f"{blocks}+" if blocks else "") + "teacher"
         return "".join([name, *(f"+{m}" for m in ssl_study_marks(cfg))])
     if cfg.loop == "autolabel":
         return "autolabel"
