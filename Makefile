@@ -37,6 +37,7 @@ lint: setup
 
 # The figures the issues ask for; each script prints them and writes bench/results/*.json.
 # bench/al_compare.py (3 strategies x 3 seeds of AL) takes hours on 2 cores: run it by hand.
+# So do bench/ssl_bench.py and bench/ssl_blocks.py (about an hour each on 2 cores).
 BENCHES := data_scale decode selection_scale mc_dropout train_tiny calibration autolabel \
 	predict_scaling loop_overhead
 bench: setup
