@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -137,7 +138,8 @@ def _augment(job: _Job, jitter: tuple[float, float]) -> Augment:
     pseudo-labeled part (``ssl.stac_randaug``) and on RCF's copies of rare images (``aug``)."""
     copies = copy_range(job.streams)
     strong = _strong_augment(job.cfg) if job.streams.n_pseudo and job.csd is None else None
-    strong_from = job.streams.n_labeled if strong is not None else 2**62
+    # no strong view of the pseudo part: the rows from which it applies start past the data
+    strong_from = job.streams.n_labeled if strong is not None else sys.maxsize
     if copies[1] > copies[0] and strong is None:
         from detloop.learners.box_augment import RandAugment
 
