@@ -65,3 +65,35 @@ def quick_model(config: Path, tmp: Path, steps: int, n_images: int = 200) -> tup
     lab = lab.append_column("iteration", pa.array([0] * lab.num_rows, pa.int32()))
     res = train_model(cfg, sub, lab, n_cls, tmp / "ckpt", seed=0, progress=False)
     return (res.checkpoint / "model.pt").read_bytes(), n_cls, images
+
+
+def seed_stats(values: list[float]) -> dict[str, float]:
+    """Mean, sample std and count over seeds of the finite values (NaN mean/std when none)."""
+    import numpy as np
+
+    arr = np.asarray([v for v in values if v == v], dtype=float)
+    if not len(arr):
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
+
+
+#: an SSL round's figures (bench name: logged metric): test mAP, val mAP and the
+#: pseudo-labels' count, precision and recall against the hidden ground truth
+SSL_ROUND_KEYS = {
+    "map": "test_map",
+    "map50": "test_map50",
+    "val_map": "map",
+    "pseudo_labels": "pseudo_label_pseudo_labels",
+    "precision": "pseudo_label_pseudo_precision",
+    "recall": "pseudo_label_pseudo_recall",
+}
+
+
+def ssl_round_figures(run: Any) -> list[dict[str, float]]:
+    """``SSL_ROUND_KEYS`` of every finished round of an SSL run, as the loop logged them."""
+    from detloop.reports.ssl_report import round_rows
+
+    return [
+        {k: float(row[v]) for k, v in SSL_ROUND_KEYS.items() if v in row} for row in round_rows(run)
+    ]

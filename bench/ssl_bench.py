@@ -32,9 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from benchkit import REPO, RESULTS, local_env, write_result
+from benchkit import REPO, RESULTS, local_env, seed_stats, ssl_round_figures, write_result
 
 VARIANTS: dict[str, list[str]] = {
     "stac": ["ssl.selection_strategy=score"],
@@ -82,30 +80,7 @@ def _run_variant(variant: str, seed: int, args: argparse.Namespace, data: Path) 
 
 def _record(run: Any) -> dict[str, Any]:
     """Per round: test mAP, mAP50 and the pseudo-labels' count, precision, recall."""
-    from detloop.reports.ssl_report import round_rows
-
-    keys = {
-        "map": "test_map",
-        "map50": "test_map50",
-        "val_map": "map",
-        "pseudo_labels": "pseudo_label_pseudo_labels",
-        "precision": "pseudo_label_pseudo_precision",
-        "recall": "pseudo_label_pseudo_recall",
-    }
-    return {
-        "rounds": [
-            {k: float(row[v]) for k, v in keys.items() if v in row} for row in round_rows(run)
-        ],
-        "run": str(run.path),
-    }
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    arr = np.asarray([v for v in values if v == v], dtype=float)
-    if not len(arr):
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1) if len(arr) > 1 else 0.0),
-            "n": len(arr)}  # fmt: skip
+    return {"rounds": ssl_round_figures(run), "run": str(run.path)}
 
 
 def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -114,17 +89,17 @@ def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     any_variant = next(iter(records.values()))
     teacher = {seed: rec["rounds"][0] for seed, rec in any_variant.items()}
-    out["teacher"] = {m: _stats([t[m] for t in teacher.values()]) for m in ("map", "map50")}
+    out["teacher"] = {m: seed_stats([t[m] for t in teacher.values()]) for m in ("map", "map50")}
     for variant, by_seed in records.items():
         finals = {seed: rec["rounds"][-1] for seed, rec in by_seed.items()}
         firsts = {seed: rec["rounds"][1] for seed, rec in by_seed.items()}
         gains = [100 * (finals[s]["map"] / teacher[s]["map"] - 1) for s in finals]
         out[variant] = {
-            "map": _stats([f["map"] for f in finals.values()]),
-            "map50": _stats([f["map50"] for f in finals.values()]),
-            "gain_pct": _stats(gains),
+            "map": seed_stats([f["map"] for f in finals.values()]),
+            "map50": seed_stats([f["map50"] for f in finals.values()]),
+            "gain_pct": seed_stats(gains),
             **{
-                k: _stats([f.get(k, float("nan")) for f in firsts.values()])
+                k: seed_stats([f.get(k, float("nan")) for f in firsts.values()])
                 for k in ("pseudo_labels", "precision", "recall")
             },
         }

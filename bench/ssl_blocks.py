@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from benchkit import REPO, RESULTS, local_env, write_result
+from benchkit import REPO, RESULTS, local_env, seed_stats, ssl_round_figures, write_result
 
 TEACHERS = {
     "plain": "",
@@ -152,29 +152,8 @@ def part_teachers(bench: Bench, seed: int, rare: list[str]) -> dict[str, Any]:
 def _student_record(run: Any) -> dict[str, float]:
     """The student's test mAP and its pseudo-labels' count, precision and recall (IoU 0.5
     against the hidden ground truth), as the loop logged them."""
-    from detloop.reports.ssl_report import round_rows
-
-    row = round_rows(run)[1]
-    keys = {
-        "map": "test_map",
-        "map50": "test_map50",
-        "pseudo_labels": "pseudo_label_pseudo_labels",
-        "precision": "pseudo_label_pseudo_precision",
-        "recall": "pseudo_label_pseudo_recall",
-    }
-    return {k: float(row[v]) for k, v in keys.items() if v in row}
-
-
-def part_students(bench: Bench, seed: int, arms: dict[str, list[str]]) -> dict[str, Any]:
-    return {arm: _student_record(bench.run("ssl_blocks", seed, sets)) for arm, sets in arms.items()}
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    arr = np.asarray([v for v in values if v == v], dtype=float)
-    if not len(arr):
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1) if len(arr) > 1 else 0.0),
-            "n": len(arr)}  # fmt: skip
+    row = ssl_round_figures(run)[1]
+    return {k: v for k, v in row.items() if k != "val_map"}
 
 
 def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -187,7 +166,9 @@ def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
                 for key, value in fields.items():
                     if isinstance(value, int | float):
                         arms.setdefault(arm, {}).setdefault(key, []).append(float(value))
-        out[part] = {arm: {k: _stats(v) for k, v in fields.items()} for arm, fields in arms.items()}
+        out[part] = {
+            arm: {k: seed_stats(v) for k, v in fields.items()} for arm, fields in arms.items()
+        }
     return out
 
 

@@ -22,7 +22,7 @@ from detloop.data.labels import box_rows, labels_from_boxes
 from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
 from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
 from detloop.selectors.ssl_3d import greedy_match
-from detloop.selectors.ssl_pls import pls_d, rarity
+from detloop.selectors.ssl_pls import pls_d, pls_detections, rarity
 from detloop.selectors.ssl_pls import pls_select as pls_select  # re-exported: PLS of §11.7
 from detloop.selectors.stages import min_max
 from detloop.selectors.vocabulary import COLUMN_SCORES, StrategyError, did_you_mean
@@ -394,6 +394,7 @@ def pls_scores(
     C_i = mean over the image's pseudo-labels of (1 − share of its class among all
     pseudo-labels); D_i = (1 − β)·S_i + β·C_i.
     """
+    teacher = pls_detections(teacher)
     t_ids = teacher["image_id"].combine_chunks()
     t_score = np.asarray(teacher["score"].to_numpy(), dtype=np.float64)
     ids = pc.unique(pseudo["image_id"].combine_chunks())

@@ -23,6 +23,7 @@ from typing import Final, Literal
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from detloop import seeding
 from detloop.selectors.columns import FloatArray, IntArray
@@ -42,6 +43,15 @@ __all__ = [
 
 LEVELS: Final = 11  # k = 0 … 10
 MISSING_LEVELS: Final = (0.0, 0.25, 0.5, 0.75)
+
+
+#: §11.7: PLS counts the teacher detections with score ≥ 0.1 (as float32 stores it)
+PLS_MIN_SCORE: Final = float(np.float32(0.1))
+
+
+def pls_detections(predictions: pa.Table) -> pa.Table:
+    """The teacher detections PLS counts (drate, S_i): score ≥ ``PLS_MIN_SCORE``."""
+    return predictions.filter(pc.greater_equal(predictions["score"], PLS_MIN_SCORE))
 
 
 def drate(scores_per_image: Sequence[npt.ArrayLike]) -> IntArray:

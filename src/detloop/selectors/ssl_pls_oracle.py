@@ -24,10 +24,15 @@ from detloop.data import schema
 from detloop.selectors.columns import FloatArray
 from detloop.selectors.pseudo import pls_scores
 from detloop.selectors.ssl_3d import match_pseudo_to_gt, rows_by_image
-from detloop.selectors.ssl_pls import MISSING_LEVELS, drate, drate_drops, missing_rate, pls_aucs
+from detloop.selectors.ssl_pls import (
+    MISSING_LEVELS,
+    drate,
+    drate_drops,
+    missing_rate,
+    pls_aucs,
+    pls_detections,
+)
 
-#: §11.7: the drate levels count the teacher detections with score ≥ 0.1 (as float32 stores it)
-MIN_SCORE: Final = float(np.float32(0.1))
 #: the signals whose AUCs the report gives, in table order
 SIGNALS: Final = ("S", "C", "D", "drop_max", "drop_mean", "drop_std", "n_det", "mean_score")
 
@@ -62,7 +67,7 @@ def pls_oracle_table(
         iteration: the round, written into the table.
         trained: images whose pseudo-labels the run kept for its student (``trained``).
     """
-    teacher = teacher.filter(pc.greater_equal(teacher["score"], MIN_SCORE))
+    teacher = pls_detections(teacher)
     scores = pls_scores(teacher, pseudo, tau=tau, beta=beta)
     ids = [str(i) for i in scores["image_id"].to_pylist()]
     groups = rows_by_image(teacher)

@@ -34,7 +34,7 @@ from detloop.data.io import write_table
 from detloop.data.rundir import RunDir
 from detloop.selectors.pseudo import pls_scores, pls_select
 from detloop.selectors.ssl_3d import Variant, match_pseudo_to_gt, oracle_variant
-from detloop.selectors.ssl_pls_oracle import MIN_SCORE  # §11.7: S_i counts scores ≥ 0.1
+from detloop.selectors.ssl_pls import pls_detections
 
 #: kept pseudo-labels in, (pseudo-labels to store, numbers for the phase's info) out
 Refine = Callable[[pa.Table], tuple[pa.Table, dict[str, Any]]]
@@ -80,7 +80,7 @@ def pls_filter(
         rng: the generator of ``rand``.
         iteration: the round, written into the table.
     """
-    teacher = predictions.filter(pc.greater_equal(predictions["score"], MIN_SCORE))
+    teacher = pls_detections(predictions)
     scores = pls_scores(teacher, kept, tau=tau, beta=beta)
     ids = scores["image_id"].combine_chunks()
     chosen = pa.array(pls_select(scores, top_k, variant, rng), pa.string())
