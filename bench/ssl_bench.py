@@ -3,9 +3,14 @@
 (Named ssl_bench.py, not ssl.py: a script's folder comes first on sys.path, and a bench/ssl.py
 would shadow the standard library's ssl module that pyarrow and MLflow import.)
 
-For each seed: the supervised teacher (round 0, shared by every variant of the seed through
-the teacher cache) and one student per variant —
+For each seed: the supervised teacher (round 0, trained for ``--teacher-steps``; shared by every
+variant of the seed through the teacher cache) and one student per variant, each trained for
+``--student-steps`` from the teacher's weights (``ssl.student_init: teacher``; ``--student-init
+initial`` starts it from the pretrained backbone instead, as the reference did) —
 
+    restart    the control: no pseudo-label passes τ = 1, so the "student" is the teacher
+               trained the students' budget more on the labeled part (a schedule restart):
+               what extra training alone gives, to be told apart from what SSL gives
     stac       STAC: pseudo-labels with teacher score > τ = 0.4 (§11.1)
     alluncert  uncertainty selection: certainty of (rel. MC std, rel. aleatoric std, MC class)
     ental      uncertainty selection: entropy + aleatoric certainty, weighted
@@ -15,26 +20,32 @@ the teacher cache) and one student per variant —
 
 — with test mAP@[.5:.95] and mAP50 of every model and the precision/recall of its pseudo-labels
 at IoU 0.5 against the hidden ground truth. Prints a table (mean ± std over seeds, relative gain
-over the teacher), writes bench/results/ssl.json and bench/results/ssl.png, and the wall time.
+over the teacher and over the restart control), writes bench/results/ssl.json and
+bench/results/ssl.png, and the wall time. Seeds run side by side (``--jobs``, one torch thread
+each); runs resume, so an interrupted bench picks up where it stopped.
 
-    python bench/ssl_bench.py [--seeds 0,1,2] [--variants stac,alluncert,ema]
-        [--set train.max_steps=500]
+    python bench/ssl_bench.py [--seeds 0,1,2] [--variants restart,stac,alluncert,selftrain,ema]
+        [--teacher-steps 2000] [--student-steps 1000] [--student-init teacher] [--jobs 3]
+        [--set ssl.tau=0.5]
 
-Models start from the config's pretrained backbone (built once, as ``make demo`` does) and train
-for its budget (``configs/ssl_demo.yaml``: 1,000 steps, about 40 teacher epochs and 4 student
-epochs); ``--set train.early_stopping=true`` stops on val mAP50 instead.
+The default budgets come from a training curve on seed 0 (the teacher's test mAP after 1,000,
+2,000 and 3,000 steps, each its own cosine schedule), see the README's SSL section.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from benchkit import REPO, RESULTS, local_env, seed_stats, ssl_round_figures, write_result
 
 VARIANTS: dict[str, list[str]] = {
+    "restart": ["ssl.selection_strategy=score", "ssl.tau=1"],
     "stac": ["ssl.selection_strategy=score"],
     "alluncert": ["ssl.selection_strategy=pseudoscore_alluncert"],
     "ental": ["ssl.selection_strategy=pseudoscore_ental"],
@@ -42,6 +53,7 @@ VARIANTS: dict[str, list[str]] = {
     "selftrain": ["ssl.selection_strategy=selftrain_score"],
     "ema": ["ssl.selection_strategy=score", "ssl.teacher=ema"],
 }
+NAME = "ssl_bench"
 
 
 def _data() -> Path:
@@ -53,29 +65,59 @@ def _data() -> Path:
     return data
 
 
-def _run_variant(variant: str, seed: int, args: argparse.Namespace, data: Path) -> Any:
+def _config(args: argparse.Namespace, data: Path, seed: int, sets: list[str]) -> Any:
     from detloop.config import load_config
+
+    base = [
+        f"name={NAME}",
+        f"runs_root={args.runs_root}",
+        f"seed={seed}",
+        "ray.in_process=true",
+        "train.torch_threads=1",
+        "train.epochs=200",  # §11.1's epochs; the step caps below end every training
+        f"train.max_steps={args.teacher_steps}",
+        f"ssl.student_max_steps={args.student_steps}",
+        f"ssl.student_init={args.student_init}",
+        f"ssl.selftrain_rounds={args.selftrain_rounds}",
+        *(f"data.{s}.source={data / (s + '.json')}" for s in ("pool", "val", "test")),
+        *(f"data.{s}.images={data / 'images' / s}" for s in ("pool", "val", "test")),
+    ]
+    return load_config(REPO / "configs" / "ssl_demo.yaml", [*base, *sets, *args.overrides])
+
+
+def _run_variant(variant: str, seed: int, args: argparse.Namespace, data: Path) -> Any:
     from detloop.demo import ensure_pretrained
     from detloop.orchestrator.engine.runs import create_run, stored_config
     from detloop.orchestrator.loops.execute import execute
 
-    sets = [
-        "name=ssl_bench",
-        f"runs_root={args.runs_root}",
-        f"seed={seed}",
-        f"ssl.selftrain_rounds={args.selftrain_rounds}",
-        *(f"data.{s}.source={data / (s + '.json')}" for s in ("pool", "val", "test")),
-        *(f"data.{s}.images={data / 'images' / s}" for s in ("pool", "val", "test")),
-        *VARIANTS[variant],
-        *args.overrides,
-    ]
-    cfg = load_config(REPO / "configs" / "ssl_demo.yaml", sets)
+    cfg = _config(args, data, seed, VARIANTS[variant])
     ensure_pretrained([cfg], REPO / "data" / "pretrained-digits-tiny")  # the config's backbone
     run = create_run(cfg)
+    t0 = time.perf_counter()
     print(f"== {variant} seed {seed}: {run.path}", flush=True)
-    if execute(run, stored_config(run)).exit_code != 0:
-        raise SystemExit(f"loop failed: {run.path}")
+    outcome = execute(run, stored_config(run))
+    if outcome.exit_code != 0:
+        raise RuntimeError(f"loop {run.name} ended {outcome.status}: {outcome.problem}")
+    print(f"   {variant} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     return run
+
+
+def seed_records(
+    args: argparse.Namespace, data: Path, variants: list[str], seed: int
+) -> dict[str, Any]:
+    """Every variant of one seed (in its own process, one torch thread); the first trains
+    the teacher, the others restore it from the teacher cache."""
+    import torch
+
+    torch.set_num_threads(1)
+    local_env()
+    out: dict[str, Any] = {}
+    for variant in variants:
+        try:
+            out[variant] = _record(_run_variant(variant, seed, args, data))
+        except Exception:  # one broken variant must not lose the seed's other figures
+            traceback.print_exc()
+    return out
 
 
 def _record(run: Any) -> dict[str, Any]:
@@ -85,19 +127,24 @@ def _record(run: Any) -> dict[str, Any]:
 
 def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     """Mean ± std over seeds of the teacher and of each variant's final model, with the
-    relative mAP gain over the teacher of the same seed and the pseudo-labels' quality."""
+    relative mAP gain over the teacher (and over the restart control) of the same seed and
+    the pseudo-labels' quality."""
     out: dict[str, Any] = {}
-    any_variant = next(iter(records.values()))
-    teacher = {seed: rec["rounds"][0] for seed, rec in any_variant.items()}
+    teacher = {
+        seed: rec["rounds"][0] for by_seed in records.values() for seed, rec in by_seed.items()
+    }
     out["teacher"] = {m: seed_stats([t[m] for t in teacher.values()]) for m in ("map", "map50")}
+    restart = {s: rec["rounds"][-1] for s, rec in records.get("restart", {}).items()}
     for variant, by_seed in records.items():
         finals = {seed: rec["rounds"][-1] for seed, rec in by_seed.items()}
         firsts = {seed: rec["rounds"][1] for seed, rec in by_seed.items()}
         gains = [100 * (finals[s]["map"] / teacher[s]["map"] - 1) for s in finals]
+        over = [100 * (finals[s]["map"] / restart[s]["map"] - 1) for s in finals if s in restart]
         out[variant] = {
             "map": seed_stats([f["map"] for f in finals.values()]),
             "map50": seed_stats([f["map50"] for f in finals.values()]),
             "gain_pct": seed_stats(gains),
+            "gain_vs_restart_pct": seed_stats(over),
             **{
                 k: seed_stats([f.get(k, float("nan")) for f in firsts.values()])
                 for k in ("pseudo_labels", "precision", "recall")
@@ -111,8 +158,8 @@ def _table(summary: dict[str, Any]) -> str:
         return f"{d['mean']:{fmt}} ± {d['std']:{fmt}}"
 
     lines = [
-        f"{'model':<10} {'test mAP':>17} {'test mAP50':>17} {'gain %':>14} "
-        f"{'pseudo':>13} {'precision':>13} {'recall':>13}"
+        f"{'model':<10} {'test mAP':>17} {'test mAP50':>17} {'gain %':>13} {'vs restart %':>13} "
+        f"{'pseudo':>11} {'precision':>13} {'recall':>13}"
     ]
     t = summary["teacher"]
     lines.append(f"{'teacher':<10} {pm(t['map']):>17} {pm(t['map50']):>17}")
@@ -120,9 +167,9 @@ def _table(summary: dict[str, Any]) -> str:
         if name == "teacher":
             continue
         lines.append(
-            f"{name:<10} {pm(s['map']):>17} {pm(s['map50']):>17} {pm(s['gain_pct'], '.1f'):>14} "
-            f"{pm(s['pseudo_labels'], '.0f'):>13} {pm(s['precision'], '.3f'):>13} "
-            f"{pm(s['recall'], '.3f'):>13}"
+            f"{name:<10} {pm(s['map']):>17} {pm(s['map50']):>17} {pm(s['gain_pct'], '.1f'):>13} "
+            f"{pm(s['gain_vs_restart_pct'], '.1f'):>13} {pm(s['pseudo_labels'], '.0f'):>11} "
+            f"{pm(s['precision'], '.3f'):>13} {pm(s['recall'], '.3f'):>13}"
         )
     return "\n".join(lines)
 
@@ -139,6 +186,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         means = [summary[n][metric]["mean"] for n in names]
         stds = [summary[n][metric]["std"] for n in names]
         ax.bar(names, means, yerr=stds, capsize=4, color=["grey"] + ["C0"] * (len(names) - 1))
+        ax.axhline(means[0], color="grey", lw=0.8, ls="--")
         ax.set_title(f"test {'mAP@[.5:.95]' if metric == 'map' else 'mAP50'} (mean ± std)")
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle("SSL on digits-det small (r = 0.7), 10 % labeled")
@@ -147,13 +195,65 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _prepare_tracking(args: argparse.Namespace, data: Path) -> None:
+    """The MLflow store and the bench's experiment, created once before the seed processes
+    open them (SQLite schema creation is not safe to race)."""
+    from detloop.orchestrator.engine.tracking import prepare_store
+
+    prepare_store(_config(args, data, 0, []))
+
+
+def _save(
+    args: argparse.Namespace,
+    variants: list[str],
+    records: dict[str, dict[int, dict[str, Any]]],
+    wall: float,
+    final: bool = False,
+) -> None:
+    """Summary, JSON and plot of what is done so far (after every seed); the table at the end."""
+    done = {v: r for v, r in records.items() if r}
+    if not done:
+        return
+    summary = summarise(done)
+    if final:
+        print(_table(summary))
+        print(f"wall time: {wall / 60:.1f} min for seeds {args.seeds} x {len(variants)} variants")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"ssl_{args.tag}" if args.tag else "ssl"
+    _plot(summary, RESULTS / f"{name}.png")
+    budget = {
+        "teacher_steps": args.teacher_steps,
+        "student_steps": args.student_steps,
+        "student_init": args.student_init,
+        "selftrain_rounds": args.selftrain_rounds,
+    }
+    doc = {
+        "seeds": [int(s) for s in args.seeds.split(",") if s],
+        "variants": variants,
+        "budget": budget,
+        "overrides": args.overrides,
+        "wall_s": wall,
+        "complete": final,
+        "summary": summary,
+        "records": records,
+    }
+    path = write_result(name, doc)
+    if final:
+        print(f"wrote {path} and {RESULTS / (name + '.png')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--variants", default="stac,alluncert,combo,selftrain,ema")
+    parser.add_argument("--variants", default="restart,stac,alluncert,selftrain,ema")
+    parser.add_argument("--teacher-steps", type=int, default=2000)
+    parser.add_argument("--student-steps", type=int, default=1000)
+    parser.add_argument("--student-init", choices=("teacher", "initial"), default="teacher")
     parser.add_argument("--selftrain-rounds", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=3, help="seeds run side by side")
     parser.add_argument("--runs-root", type=Path, default=REPO / "runs" / "bench_ssl")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--tag", default="", help="results as ssl_<tag>.json (default ssl.json)")
     args = parser.parse_args()
     local_env()
     data = _data()
@@ -162,29 +262,17 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    _prepare_tracking(args, data)
     t0 = time.perf_counter()
     records: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in variants}
-    for seed in seeds:
-        for variant in variants:
-            records[variant][seed] = _record(_run_variant(variant, seed, args, data))
-    wall = time.perf_counter() - t0
-    summary = summarise(records)
-    print(_table(summary))
-    print(f"wall time: {wall / 60:.1f} min for {len(seeds)} seeds x {len(variants)} variants")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _plot(summary, RESULTS / "ssl.png")
-    path = write_result(
-        "ssl",
-        {
-            "seeds": seeds,
-            "variants": variants,
-            "overrides": args.overrides,
-            "wall_s": wall,
-            "summary": summary,
-            "records": records,
-        },
-    )
-    print(f"wrote {path} and {RESULTS / 'ssl.png'}")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = {pool.submit(seed_records, args, data, variants, s): s for s in seeds}
+        for future in as_completed(futures):
+            for variant, record in future.result().items():
+                records[variant][futures[future]] = record
+            _save(args, variants, records, time.perf_counter() - t0)
+    _save(args, variants, records, time.perf_counter() - t0, final=True)
 
 
 if __name__ == "__main__":

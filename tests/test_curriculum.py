@@ -139,7 +139,7 @@ def test_ssl_run_with_rcc_curriculum_learning(digits_tiny: Path, tmp_path: Path)
         "model.mc_dropoutsamp=2",
     )
     assert main(["run", str(REPO / "configs" / "ci.yaml"), *args]) == 0
-    run = RunsRoot(tmp_path).run("ci", "ssl-rcc_curriculum_learning_aug+score-s0")
+    run = RunsRoot(tmp_path).run("ci", "ssl-rcc_curriculum_learning_aug+score+tau0-s0")
     assert "map" in read_json(run.metrics_file(0)) and "map" in read_json(run.metrics_file(1))
     teacher, student = (read_metadata(run.checkpoint(r))["curriculum"] for r in (0, 1))
     # 4 steps of B = 4: 3 common + 1 rare + 2 augmented rare copies; the collages are labeled

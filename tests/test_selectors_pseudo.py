@@ -228,3 +228,36 @@ def test_teacher_strategy_tokens() -> None:
         parse_teacher_strategy("rcc_curriculm")
     with pytest.raises(StrategyError, match="aug needs 'curriculum_learning'"):
         parse_teacher_strategy("aug")
+
+
+def test_ignore_regions_follow_the_pseudo_labels_of_stream_images() -> None:
+    """``with_ignore_regions``: the pseudo rows first, then every teacher detection with score
+    ≥ min_score on an image that has a pseudo-label (class ``IGNORE_CLASS_ID``); detections on
+    other images and below the score floor are left out."""
+    from detloop.data.labels import IGNORE_CLASS_ID
+    from detloop.selectors.pseudo import STREAM_COLUMNS, with_ignore_regions
+
+    pseudo = pa.table(
+        {
+            "image_id": ["a", "b"],
+            "class_id": pa.array([2, 0], pa.int32()),
+            "x1": [1.0, 2.0], "y1": [1.0, 2.0], "x2": [5.0, 6.0], "y2": [5.0, 6.0],
+            "weight": pa.array([0.5, 1.0], pa.float32()),
+            "source": ["pseudo", "pseudo"],
+        }
+    )  # fmt: skip
+    preds = pa.table(
+        {
+            "image_id": ["a", "a", "b", "c"],
+            "score": pa.array([0.9, 0.05, 0.3, 0.95], pa.float32()),
+            "x1": [1.0, 7.0, 8.0, 9.0], "y1": [1.0, 7.0, 8.0, 9.0],
+            "x2": [5.0, 9.0, 12.0, 19.0], "y2": [5.0, 9.0, 12.0, 19.0],
+        }
+    )  # fmt: skip
+    out = with_ignore_regions(pseudo, preds, min_score=0.1)
+    assert out.column_names == list(STREAM_COLUMNS)
+    assert out.slice(0, 2).to_pylist() == pseudo.select(list(STREAM_COLUMNS)).to_pylist()
+    regions = out.slice(2)
+    assert regions["image_id"].to_pylist() == ["a", "b"]  # not c (no pseudo-label), not 0.05
+    assert set(regions["class_id"].to_pylist()) == {IGNORE_CLASS_ID}
+    assert regions["x1"].to_pylist() == [1.0, 8.0] and regions["y2"].to_pylist() == [5.0, 12.0]

@@ -225,6 +225,74 @@ def test_ema_teacher_round(cfg: ExperimentConfig) -> None:
     )
 
 
+def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> None:
+    """``ssl.student_init: teacher`` starts the first student from round 0's weights (a run
+    of its own, marked ``from_teacher``); ``student_epochs`` / ``student_max_steps`` are the
+    student's budget only: the teacher keeps ``train``'s and self-training its own epochs."""
+    from detloop.config import build_config, config_snapshot
+    from detloop.orchestrator.engine.workers import job_config
+
+    sets = ["ssl.student_init=teacher", "ssl.student_epochs=7", "ssl.student_max_steps=30"]
+    cfg = build_config(config_snapshot(cfg), sets)
+    loop, workers = _loop(cfg)
+    assert loop.execute() == "done"
+    assert loop.run.name == "ssl-selftrain_score+from_teacher-s0"
+    teacher, student, selftrain = workers.jobs
+    assert teacher.init_weights is None and (teacher.epochs, teacher.max_steps) == (None, None)
+    assert student.init_weights == str(loop.run.weights_file(0))
+    assert (student.epochs, student.max_steps) == (7, 30)
+    assert selftrain.init_weights == str(loop.run.weights_file(1))
+    assert (selftrain.epochs, selftrain.max_steps) == (2, None)
+    # what the train worker trains with: the job's budget in place of train's
+    trained = job_config(cfg, student).train
+    assert (trained.epochs, trained.max_steps) == (7, 30)
+    assert job_config(cfg, teacher) is cfg
+
+
+def test_rejected_detections_become_ignore_regions(cfg: ExperimentConfig) -> None:
+    """``ssl.rejected: ignore``: the student's stream is the stored pseudo-labels followed by
+    the teacher's detections (score ≥ teacher_min_score) of those images as ignore regions;
+    the stored labels never hold a region; refused with the online teacher."""
+    from detloop.config import ConfigError, build_config, config_snapshot
+    from detloop.data import schema
+    from detloop.data.io import read_table
+    from detloop.data.labels import IGNORE_CLASS_ID
+
+    cfg = build_config(
+        config_snapshot(cfg), ["ssl.rejected=ignore", "ssl.selection_strategy=score"]
+    )
+    loop, workers = _loop(cfg)
+    assert loop.execute() == "done"
+    assert loop.run.name == "ssl-score+ignore-s0"
+    stream = workers.jobs[1].pseudo[1]
+    kept = stream.filter(pc.not_equal(stream["class_id"], IGNORE_CLASS_ID))
+    regions = stream.filter(pc.equal(stream["class_id"], IGNORE_CLASS_ID))
+    stored = loop.run.read_labels()
+    pseudo = stored.filter(pc.equal(stored["source"], "pseudo"))
+    assert kept.num_rows == pseudo.num_rows > 0 and stream.slice(0, kept.num_rows).equals(kept)
+    preds = read_table(schema.PREDICTIONS, loop.run.predictions_file(1))
+    on = pc.is_in(preds["image_id"], value_set=pseudo["image_id"])
+    expected = preds.filter(pc.and_(on, pc.greater_equal(preds["score"], 0.1)))
+    assert regions.num_rows == expected.num_rows > kept.num_rows  # rejected ones too
+    assert IGNORE_CLASS_ID not in stored["class_id"].to_pylist()
+    with pytest.raises(ConfigError, match="rejected: ignore"):
+        build_config(config_snapshot(cfg), ["ssl.teacher=ema"])
+
+
+def test_run_names_mark_tau_off_its_default(cfg: ExperimentConfig) -> None:
+    """Two thresholds are two runs (a grid over ``ssl.tau`` never shares a directory)."""
+    from detloop.config import build_config, config_snapshot
+    from detloop.orchestrator.engine.runs import strategy_name
+
+    def name(*sets: str) -> str:
+        return strategy_name(build_config(config_snapshot(cfg), list(sets)))
+
+    assert name("ssl.tau=0.4") == "selftrain_score"
+    assert name("ssl.tau=0.9") == "selftrain_score+tau0.9"
+    assert name("ssl.tau=1", "ssl.student_init=teacher") == "selftrain_score+tau1+from_teacher"
+    assert name("ssl.tau=0.9", "ssl.teacher_only=true") == "teacher"
+
+
 def test_ema_teacher_refuses_selftrain() -> None:
     from detloop.config import ConfigError, build_config
 

@@ -57,7 +57,7 @@ def ssl_reference(
     root = tmp_path_factory.mktemp("ssl_ref")
     args = ci_overrides(digits_tiny, root, f"ray.address={local_ray}", *SSL)
     assert main(["run", str(CI_CONFIG), *args]) == 0
-    return RunsRoot(root).run("ci", "ssl-selftrain_score-s0")
+    return RunsRoot(root).run("ci", "ssl-selftrain_score+tau0-s0")
 
 
 def test_ssl_run_end_to_end(ssl_reference: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,7 +105,7 @@ def test_ssl_sigkill_and_resume(
     )
     first = _driver(["run", str(CI_CONFIG), *args])
     assert first.returncode == -9, first.stderr[-2000:]
-    run = RunsRoot(tmp_path).run("ci", "ssl-selftrain_score-s0")
+    run = RunsRoot(tmp_path).run("ci", "ssl-selftrain_score+tau0-s0")
     second = _driver(["resume", str(run.path)])
     assert second.returncode == -9, second.stderr[-2000:]
     assert (run.checkpoint(1).with_name(run.checkpoint(1).name + ".partial")).exists()

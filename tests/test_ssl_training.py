@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 from effdet.anchors import AnchorLabeler
+from torchvision.ops import box_iou as torchvision_iou
 
 from detloop.config import ExperimentConfig
 from detloop.learners.checkpoint import load_state_dict, read_metadata
@@ -115,6 +116,43 @@ def test_image_weights_scale_each_image_and_nothing_else() -> None:
     assert a.tolist() == [2.0, 0.5, 1.0]
 
 
+def test_ignore_regions_silence_the_anchors_they_cover_and_nothing_else() -> None:
+    """``ssl.rejected: ignore``: an anchor matched to no object that an ignore region (class
+    0) would be matched to (IoU ≥ 0.5, or its best anchor) gets class -2 (no class loss);
+    anchors matched to an object keep their class even inside a region; positives, their
+    count and the image weight a_i (the region is no object) are those of the image without
+    the region."""
+    cfg = ExperimentConfig.model_validate({"model": {"uncertainty": "lossatt"}})
+    spec = resolve_spec(cfg.model, 3)
+    anchors = make_anchors(spec)
+    labeler = AnchorLabeler(anchors, 3, match_threshold=0.5)
+    obj, region = [4.0, 4.0, 30.0, 20.0], [40.0, 40.0, 60.0, 64.0]
+    plain = label_batch(
+        labeler, torch.tensor([[obj, [0.0] * 4]]), torch.tensor([[1, -1]]),
+        torch.tensor([[2.0, 0.0]]),
+    )  # fmt: skip
+    # the region twice: once apart, once over the object (the object's anchors stay positive)
+    with_regions = label_batch(
+        labeler, torch.tensor([[obj, region, obj]]), torch.tensor([[1, 0, 0]]),
+        torch.tensor([[2.0, 1.0, 1.0]]),
+    )  # fmt: skip
+    iou = torchvision_iou(anchors.boxes, torch.tensor([region])).squeeze(1)
+    would_match = iou >= 0.5
+    would_match[iou.argmax()] = True  # the forced match of a region as small as the anchors
+    expected = plain.cls[0].clone()
+    expected[would_match & (plain.cls[0] == -1)] = -2
+    assert int((expected == -2).sum()) > 0  # the region does cover background anchors
+    assert torch.equal(with_regions.cls[0], expected)
+    assert torch.equal(with_regions.num_pos, plain.num_pos)
+    assert torch.equal(with_regions.box, plain.box) and torch.equal(
+        with_regions.weight, plain.weight
+    )
+    a = image_weights(torch.tensor([[1, 0, -1]]), torch.tensor([[2.0, 9.0, 9.0]]), empty=1.0)
+    assert a.tolist() == [2.0]  # a region is not an object: a_i = 2, not the mean with 9
+    only = image_weights(torch.tensor([[0, -1]]), torch.tensor([[9.0, 9.0]]), empty=1.0)
+    assert only.tolist() == [1.0]  # an image with regions only weighs as an empty image
+
+
 @pytest.fixture(scope="module")
 def pool(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -141,6 +179,48 @@ def test_student_trains_on_both_streams(pool: tuple[pa.Table, pa.Table], tmp_pat
         assert h["sup_loss"] > 0 and h["unsup_loss"] > 0 and h["pseudo_per_image"] > 0
         # loss = L_l + λ·L_u, averaged over the same steps
         assert h["loss"] == pytest.approx(h["sup_loss"] + 0.5 * h["unsup_loss"], rel=1e-5)
+
+
+def test_student_trains_with_ignore_regions(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path
+) -> None:
+    """A pseudo stream with ignore regions (``with_ignore_regions``) trains; a region is no
+    pseudo-label in the health numbers."""
+    from detloop.selectors.pseudo import with_ignore_regions
+
+    images, labels = pool
+    lab_imgs, pse_imgs = images.slice(0, 6), images.slice(6, 18)
+    on = pa.compute.is_in(labels["image_id"], value_set=pse_imgs["image_id"])
+    pseudo_labels = labels.filter(on)
+    preds = pseudo_labels.select(["image_id", "x1", "y1", "x2", "y2"]).append_column(
+        "score", pa.array(np.full(pseudo_labels.num_rows, 0.5), pa.float32())
+    )
+    stream = with_ignore_regions(pseudo_labels.slice(0, 0), preds, 0.1)
+    assert stream.num_rows == 0  # no pseudo-labeled image: no region either
+    # one pseudo-label per image (its first box): the image's other boxes become regions
+    ids = pseudo_labels["image_id"].to_pylist()
+    first = [k for k, i in enumerate(ids) if k == 0 or ids[k - 1] != i]
+    half = pseudo_labels.take(pa.array(first))
+    assert half.num_rows < pseudo_labels.num_rows
+    stream = with_ignore_regions(half, preds, 0.1)
+    cfg = ExperimentConfig.model_validate(
+        {"train": {"device": "cpu", "epochs": 1, "batch_size": 4}}
+    )
+
+    lab_labels = labels.filter(pa.compute.is_in(labels["image_id"], value_set=lab_imgs["image_id"]))
+
+    def train(rows: pa.Table, out: str) -> list[dict[str, float]]:
+        result = train_model(
+            cfg, lab_imgs, lab_labels, 10, tmp_path / out, seed=0, progress=False,
+            pseudo=(pse_imgs, rows),
+        )  # fmt: skip
+        assert result.steps == 6 and np.isfinite(result.final_loss)
+        return result.history
+
+    with_regions, without = train(stream, "regions"), train(half, "plain")
+    # the same pseudo-labels per image (objects only, never regions), another loss
+    assert with_regions[-1]["pseudo_per_image"] == without[-1]["pseudo_per_image"] > 0
+    assert with_regions[-1]["unsup_loss"] != without[-1]["unsup_loss"]
 
 
 def _selection(decay: float = 0.9) -> OnlineSelection:

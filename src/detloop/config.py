@@ -296,7 +296,20 @@ class SSLConfig(Section):
     randaug_magnitude: float = Field(15.0, ge=0)
     teacher_min_score: float = Field(0.1, ge=0, le=1)  # teacher predictions kept (§11.1)
     max_per_image: int = Field(99, ge=1)  # pseudo-labels per image at most
-    student_epochs: int | None = Field(None, ge=1)  # None: train.epochs
+    # the student's budget: epochs (None: train.epochs) and step cap (None: train.max_steps).
+    # §11.1 trains teacher and student for the same epochs; a student's epoch is longer (both
+    # streams traversed), so one step cap for both gives the student fewer labeled views
+    student_epochs: int | None = Field(None, ge=1)
+    student_max_steps: int | None = Field(None, ge=1)
+    # where the first student starts: `initial` = the config's model weights, as the teacher
+    # (§11.1, the reference); `teacher` = the teacher's weights (burn-in, as mean-teacher
+    # systems do), so the student refines the teacher with gt + pseudo-labels
+    student_init: Literal["initial", "teacher"] = "initial"
+    # the teacher's detections the selection did not keep (score >= teacher_min_score) on a
+    # pseudo-labeled image: `background` for the student's class loss (§11.1, the reference)
+    # or `ignore` regions, neither object nor background (a missed object is not taught as
+    # background: what a low-recall pseudo-label set does otherwise)
+    rejected: Literal["background", "ignore"] = "background"
     selftrain_rounds: int = Field(3, ge=0)
     selftrain_epochs: int = Field(20, ge=1)
     # train and evaluate the teacher (round 0) only: e.g. to compare teacher strategies
@@ -367,6 +380,16 @@ class SSLConfig(Section):
     def pls_delta(self) -> float:
         """δ_S of PLS's S_i: ``pls_tau``, else ``tau``."""
         return self.tau if self.pls_tau is None else self.pls_tau
+
+    @model_validator(mode="after")
+    def _ignore_needs_offline_pseudo(self) -> SSLConfig:
+        # ignore regions come from the stored predictions the pseudo-labels were selected from
+        if self.rejected == "ignore" and (self.teacher == "ema" or self.method == "csd"):
+            raise ValueError(
+                "rejected: ignore turns the teacher's rejected detections of the pseudo_label "
+                "phase into ignore regions; it needs teacher: stac and method: stac"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ema_has_no_selftrain(self) -> SSLConfig:

@@ -3,7 +3,8 @@
 Images are letterboxed (ALGORITHMS §1.1): resized by s = min(H/H_in, W/W_in), padded at the
 bottom and right, ImageNet-normalised. Training adds a horizontal flip and scale jitter
 (s·r, r ~ U(lo, hi), then a random crop of the network size). Targets are what effdet's
-anchor labeler takes: boxes y1, x1, y2, x2 in network pixels, classes 1-based, padding -1.
+anchor labeler takes: boxes y1, x1, y2, x2 in network pixels, classes 1-based, padding -1
+(an ignore region, ``labels.IGNORE_CLASS_ID``, becomes class 0).
 Augmentation draws come from ``(seed, epoch, index)``, so any worker order gives the same data.
 """
 

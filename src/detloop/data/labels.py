@@ -9,6 +9,7 @@ truncation unknown, no original id, weight 1) are written once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detloop.data import schema
+
+# class_id of an ignore region in a training stream's labels (``ssl.rejected: ignore``): anchors
+# it covers are neither object nor background in the class loss. Only inside a training job,
+# never in a stored labels table (whose class ids index the categories).
+IGNORE_CLASS_ID: Final = -1
 
 
 def next_box_id(*tables: pa.Table, empty: int = 0) -> int:

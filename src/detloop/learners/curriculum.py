@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detloop import seeding
+from detloop.data.labels import IGNORE_CLASS_ID
 from detloop.learners.streams import Streams
 from detloop.selectors.pseudo import TeacherSpec
 from detloop.selectors.ssl_rcf import (
@@ -192,6 +193,7 @@ def curriculum_streams(
     if pseudo_on:
         p_ids = ids[n_l:]
         p_rows = labels.filter(pc.invert(pc.is_in(labels["image_id"], value_set=in_labeled)))
+        p_rows = p_rows.filter(pc.not_equal(p_rows["class_id"], IGNORE_CLASS_ID))
         p_rare, p_common = curriculum_split(
             p_ids, image_scores(p_rows, weights, p_ids), base.pseudo
         )

@@ -13,10 +13,15 @@ import torch.nn.functional as F
 from effdet.anchors import AnchorLabeler, Anchors
 from effdet.object_detection.box_list import BoxList
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from detloop.config import ModelConfig
 from detloop.learners.model import TH, TW, ModelSpec, effdet_config, sigma_squared
 
+# an anchor covered this much by an ignore region (and matched to no object) is ignored: the
+# IoU at which it would have been a positive had the region been a pseudo-label (effdet's
+# match threshold)
+IGNORE_IOU = 0.5
 _SIZE_MASK = torch.tensor([0.0, 0.0, 0.0, 0.0])
 _SIZE_MASK[TH] = 1.0
 _SIZE_MASK[TW] = 1.0
@@ -103,12 +108,14 @@ def label_batch(
     mode: str = "image",
     empty_weight: float = 1.0,
 ) -> Targets:
-    """Assign anchors to ground truth (IoU ≥ 0.5, forced match per GT).
+    """Assign anchors to ground truth (IoU ≥ 0.5, forced match per GT). An anchor matched to
+    no object that an ignore region (class 0) would have been matched to (``region_anchors``)
+    is ignored (-2): neither object nor background in the class loss.
 
     Args:
         labeler: effdet's labeler over the model's anchors.
         boxes: [B, M, 4] yxyx network pixels, padded rows have class -1.
-        classes: [B, M] 1-based classes, -1 = padding.
+        classes: [B, M] 1-based classes, -1 = padding, 0 = an ignore region.
         weights: [B, M] loss weight per object.
         mode: ``image`` — every anchor of image i gets a_i = mean of its object weights
             (ALGORITHMS §11.2); ``box`` — positives get their object's weight, the rest a_i.
@@ -117,7 +124,7 @@ def label_batch(
     anchor_list = BoxList(labeler.anchors.boxes)
     cls_out, box_out, w_out, npos = [], [], [], []
     for i in range(boxes.shape[0]):
-        valid = classes[i] > -1
+        valid = classes[i] > 0
         gt_w = weights[i][valid].float()
         cls_t, box_t, matches = labeler.target_assigner.assign(
             anchor_list, BoxList(boxes[i][valid]), classes[i][valid]
@@ -128,13 +135,26 @@ def label_batch(
         if mode == "box" and gt_w.numel():
             pos = match > -1
             w[pos] = gt_w[match[pos]]
-        cls_out.append((cls_t - 1).long())
+        cls_i = (cls_t - 1).long()
+        regions = boxes[i][classes[i] == 0]
+        if len(regions):
+            cls_i[region_anchors(labeler, regions) & (match < 0)] = -2
+        cls_out.append(cls_i)
         box_out.append(box_t)
         w_out.append(w)
         npos.append((match > -1).float().sum())
     return Targets(
         torch.stack(cls_out), torch.stack(box_out), torch.stack(w_out), torch.stack(npos)
     )
+
+
+def region_anchors(labeler: AnchorLabeler, regions: Tensor) -> Tensor:
+    """[N] bool: the anchors that ``regions`` ([K, 4] yxyx) would be matched to were they
+    objects — IoU ≥ the match threshold, and each region's best anchor (the forced match)."""
+    iou = box_iou(labeler.anchors.boxes, regions)
+    covered = iou.amax(1) >= IGNORE_IOU
+    covered[iou.argmax(0)] = True
+    return covered
 
 
 def focal_loss(logits: Tensor, cls: Tensor, weight: Tensor, alpha: float, gamma: float) -> Tensor:

@@ -33,6 +33,7 @@ from detloop.config import ExperimentConfig, TrainConfig
 from detloop.console import Bar, Progress, progress_bar
 from detloop.data.dataset import Augment, DetectionDataset, StrongAugment, collate
 from detloop.data.errors import DataError
+from detloop.data.labels import IGNORE_CLASS_ID
 from detloop.learners import checkpoint as ckpt
 from detloop.learners.csd import CsdSettings, consistency_losses
 from detloop.learners.curriculum import (
@@ -288,7 +289,7 @@ class _LossBench:
         loss = a_l * parts[0][0] + lam * a_u * parts[1][0]
         l_cls = a_l * parts[0][1] + lam * a_u * parts[1][1]
         l_box = a_l * parts[0][2] + lam * a_u * parts[1][2]
-        n_pseudo = float((batch["classes"][n_l:] > -1).sum()) / max(1, len(batch["index"]) - n_l)
+        n_pseudo = float((batch["classes"][n_l:] > 0).sum()) / max(1, len(batch["index"]) - n_l)
         values = (float(loss.detach()), float(l_cls.detach()), float(l_box.detach()))
         sup, unsup = float(parts[0][0].detach()), float(parts[1][0].detach())
         return loss, (*values, *monitors, sup, unsup, n_pseudo)
@@ -556,13 +557,15 @@ def _finish(loop: LoopState, job: _Job, num_classes: int) -> TrainResult:
 def _check_labels(
     images: pa.Table, labels: pa.Table, num_classes: int, what: str = "labels"
 ) -> None:
-    """At least one image; class ids must index the C foreground classes."""
+    """At least one image; class ids must index the C foreground classes (a pseudo-labeled
+    stream may also hold ignore regions, ``IGNORE_CLASS_ID``)."""
     if images.num_rows == 0:
         raise DataError("images", None, None, f"no images to train on ({what})")
     if labels.num_rows == 0:
         return
     classes = labels.column("class_id").to_numpy()
-    bad = np.flatnonzero((classes < 0) | (classes >= num_classes))
+    ignore = (classes == IGNORE_CLASS_ID) if what == "pseudo-labels" else False
+    bad = np.flatnonzero(((classes < 0) | (classes >= num_classes)) & ~ignore)
     if len(bad):
         row = int(bad[0])
         msg = f"class_id {int(classes[row])} outside 0..{num_classes - 1} ({len(bad)} rows)"
@@ -627,9 +630,10 @@ def _label_rows(labels: pa.Table) -> pa.Table:
 
 
 def image_weights(classes: torch.Tensor, weights: torch.Tensor, empty: float) -> torch.Tensor:
-    """a_i per image of a padded batch: the mean weight of its objects (class > -1), or
-    ``empty`` for an image without any (ALGORITHMS §11.2; never NaN)."""
-    valid = (classes > -1).float()
+    """a_i per image of a padded batch: the mean weight of its objects (1-based class > 0:
+    not padding, -1, nor an ignore region, 0), or ``empty`` for an image without any
+    (ALGORITHMS §11.2; never NaN)."""
+    valid = (classes > 0).float()
     count = valid.sum(1)
     total = (weights.float() * valid).sum(1)
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, empty))

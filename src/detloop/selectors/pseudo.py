@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detloop.data import schema
-from detloop.data.labels import box_rows, labels_from_boxes
+from detloop.data.labels import IGNORE_CLASS_ID, box_rows, labels_from_boxes
 from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
 from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
 from detloop.selectors.ssl_3d import greedy_match
@@ -299,6 +299,38 @@ def pseudo_labels_table(kept: pa.Table, iteration: int | None, first_box_id: int
     )
     weight = kept["weight"].to_numpy() if kept.num_rows else None
     return labels_from_boxes(boxes, source="pseudo", iteration=iteration, weight=weight)
+
+
+# the columns of a training stream's label rows (pseudo-labels and ignore regions alike)
+STREAM_COLUMNS: Final = ("image_id", "class_id", *schema.COORDS, "weight")
+
+
+def with_ignore_regions(pseudo: pa.Table, predictions: pa.Table, min_score: float) -> pa.Table:
+    """A student's pseudo-label rows followed by ignore regions (``ssl.rejected: ignore``):
+    every teacher detection with score ≥ ``min_score`` on an image of ``pseudo``, class
+    ``IGNORE_CLASS_ID``. The detections the selection rejected are then neither object nor
+    background for the student (an anchor matched to a pseudo-label stays positive; one that
+    only a rejected detection covers is ignored), instead of the background they are when
+    the reference trains on the kept boxes alone.
+
+    Returns:
+        ``STREAM_COLUMNS`` rows: ``pseudo``'s first, then the regions (weight 1, unused).
+    """
+    kept = pseudo.select(list(STREAM_COLUMNS))
+    on_stream = pc.is_in(predictions["image_id"], value_set=pc.unique(pseudo["image_id"]))
+    dets = predictions.filter(pc.and_(on_stream, pc.greater_equal(predictions["score"], min_score)))
+    n = dets.num_rows
+    types = {f.name: f.type for f in kept.schema}
+    regions = pa.table(
+        {
+            "image_id": dets["image_id"].cast(types["image_id"]),
+            "class_id": pa.array(np.full(n, IGNORE_CLASS_ID), types["class_id"]),
+            **{c: dets[c].cast(types[c]) for c in schema.COORDS},
+            "weight": pa.array(np.ones(n), types["weight"]),
+        },
+        schema=kept.schema,
+    )
+    return pa.concat_tables([kept, regions])
 
 
 def cap_per_image(kept: pa.Table, max_per_image: int) -> pa.Table:

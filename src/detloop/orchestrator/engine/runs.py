@@ -79,11 +79,16 @@ def csd_name(ssl: SSLConfig) -> str:
 
 
 def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
-    """What PLS (§11.7) and the 3D study (§11.8) add to an SSL run's strategy name:
-    ``pls_<variant>`` (with ``_k``, ``_b``, ``_t`` and the value of ``pls_top_k``, ``pls_beta``,
-    ``pls_tau`` when not the default) and ``3d_<variant>``; none when they are off."""
+    """What the pseudo-label threshold, PLS (§11.7) and the 3D study (§11.8) add to an SSL
+    run's strategy name: ``tau<τ>`` when τ is not the default 0.4, ``pls_<variant>`` (with
+    ``_k``, ``_b``, ``_t`` and the value of ``pls_top_k``, ``pls_beta``, ``pls_tau`` when not
+    the default), ``3d_<variant>``, ``ignore`` (``ssl.rejected``) and ``from_teacher`` (a
+    student that starts from the teacher, ``ssl.student_init``); none when they are off."""
     ssl = cfg.ssl
     marks: list[str] = []
+    selects = ssl.method == "stac" and not ssl.teacher_only
+    if selects and ssl.tau != type(ssl).model_fields["tau"].default:
+        marks.append(f"tau{ssl.tau:g}")
     if ssl.pls != "none":
         fields = type(ssl).model_fields
         options = (("k", "pls_top_k"), ("b", "pls_beta"), ("t", "pls_tau"))
@@ -95,14 +100,23 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
         marks.append(f"pls_{ssl.pls}" + "".join(changed))
     if ssl.oracle_variant != "none":
         marks.append(f"3d_{ssl.oracle_variant}")
+    if ssl.rejected == "ignore" and selects:
+        marks.append("ignore")
+    if ssl.student_init == "teacher" and not ssl.teacher_only:
+        marks.append("from_teacher")
     return marks
 
 
 def study_tags(cfg: ExperimentConfig) -> dict[str, str]:
-    """MLflow tags of an SSL run's PLS variant and 3D-study variant (none for other loops)."""
+    """MLflow tags of an SSL run's PLS variant, 3D-study variant and student start (none for
+    other loops)."""
     if cfg.loop != "ssl":
         return {}
-    return {"pls": cfg.ssl.pls, "oracle_variant": cfg.ssl.oracle_variant}
+    return {
+        "pls": cfg.ssl.pls,
+        "oracle_variant": cfg.ssl.oracle_variant,
+        "student_init": cfg.ssl.student_init,
+    }
 
 
 def run_dir_for(cfg: ExperimentConfig, fresh: bool = False) -> RunDir:

@@ -58,10 +58,11 @@ class TrainJob:
     seed: int
     val: tuple[pa.Table, pa.Table] | None = None
     init_weights: str | None = None
-    # SSL student: (images, pseudo-labels) of the second stream, and the epochs when they
-    # differ from ``train.epochs`` (self-training rounds)
+    # SSL student: (images, pseudo-labels) of the second stream, and the epochs and step cap
+    # when they differ from ``train.epochs`` / ``train.max_steps`` (students, self-training)
     pseudo: tuple[pa.Table, pa.Table] | None = None
     epochs: int | None = None
+    max_steps: int | None = None
     # stop after this step, keeping the partial checkpoint (fault injection: a driver killed
     # mid-training leaves one behind, and the next attempt resumes from it)
     stop_at_step: int | None = None
@@ -202,6 +203,15 @@ class TrainWorker(_WorkerProcess):
         return run_train_job(self.cfg, job, self._progress)
 
 
+def job_config(cfg: ExperimentConfig, job: TrainJob) -> ExperimentConfig:
+    """``cfg`` with the job's ``epochs`` and ``max_steps`` (when set) in place of ``train``'s."""
+    update = {"epochs": job.epochs, "max_steps": job.max_steps}
+    given = {k: v for k, v in update.items() if v is not None}
+    if not given:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=given)})
+
+
 def run_train_job(
     cfg: ExperimentConfig,
     job: TrainJob,
@@ -209,15 +219,14 @@ def run_train_job(
     data_parallel: Any = None,
     torch_threads: int | None = None,
 ) -> TrainOutcome:
-    """``job`` trained with ``cfg`` (its ``epochs`` overriding ``train.epochs``); what a train
-    worker does, in whichever process runs it (``data_parallel``: its rank of a data-parallel
+    """``job`` trained with ``cfg`` (``job_config``); what a train worker does, in whichever
+    process runs it (``data_parallel``: its rank of a data-parallel
     training, ``learners.data_parallel.DataParallel``)."""
     from detloop.learners.train import train_model
 
     _set_threads(torch_threads)
     t0 = time.perf_counter()
-    if job.epochs is not None:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": job.epochs})})
+    cfg = job_config(cfg, job)
     result = train_model(
         cfg,
         job.images,

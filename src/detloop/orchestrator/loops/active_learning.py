@@ -222,7 +222,8 @@ class ActiveLearningLoop(ModelLoop):
         pseudo, info = None, dict[str, Any]()
         if self.cfg.al.ssl and iteration > 0:
             pool, info = self._pseudo_labels(pool, iteration)
-            pseudo = steps.pseudo_stream(pool, iteration)
+            preds = self.run.predictions_file(iteration)
+            pseudo = steps.pseudo_stream(pool, iteration, self.cfg, preds)
         job = TrainJob(
             images=images,
             labels=steps.training_labels(pool.labels),

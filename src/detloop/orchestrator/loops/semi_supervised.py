@@ -227,15 +227,20 @@ class SemiSupervisedLoop(ModelLoop):
         pool = PoolState.load(self.run)
         ssl = self.cfg.ssl
         # the teacher and the student start from the config's weights (model.weights, loaded as
-        # weights_kind says); self-training rounds from the previous student, whole
-        init = None if iteration <= 1 else self.run.weights_file(iteration - 1)
-        epochs = None
-        if iteration == 1 and ssl.student_epochs is not None:
-            epochs = ssl.student_epochs
+        # weights_kind says), or the student from the teacher's (ssl.student_init); self-
+        # training rounds from the previous student, whole
+        from_teacher = iteration == 1 and ssl.student_init == "teacher"
+        init = self.run.weights_file(iteration - 1) if iteration > 1 or from_teacher else None
+        epochs, max_steps = None, None
+        if iteration == 1:
+            epochs, max_steps = ssl.student_epochs, ssl.student_max_steps
         elif iteration > 1:
             epochs = ssl.selftrain_epochs
         val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
-        pseudo = steps.pseudo_stream(pool, iteration) if iteration > 0 else None
+        pseudo = None
+        if iteration > 0:
+            preds = self.run.predictions_file(iteration)
+            pseudo = steps.pseudo_stream(pool, iteration, self.cfg, preds)
         online = None
         if iteration > 0 and ssl.teacher == "ema":
             # burn-in = round 0; the mean teacher labels the unlabeled part every step
@@ -255,6 +260,7 @@ class SemiSupervisedLoop(ModelLoop):
             init_weights=str(init) if init else None,
             pseudo=pseudo,
             epochs=epochs,
+            max_steps=max_steps,
             online=online,
             unlabeled=unlabeled,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from detloop.data.splits import count_pool, eval_split
 from detloop.learners.predict_stats import PredictStats
 from detloop.orchestrator.engine.journal import Journal
 from detloop.orchestrator.engine.workers import PredictJob, ShardResult, Workers
+from detloop.selectors.pseudo import with_ignore_regions
 from detloop.selectors.strategy import StrategySpec
 
 logger = logging.getLogger(__name__)
@@ -281,14 +283,21 @@ def pseudo_needs_calibration(cfg: ExperimentConfig) -> bool:
     return spec.needs_calibration or combo or c.always
 
 
-def pseudo_stream(pool: PoolState, iteration: int) -> tuple[pa.Table, pa.Table] | None:
+def pseudo_stream(
+    pool: PoolState, iteration: int, cfg: ExperimentConfig, predictions: Path
+) -> tuple[pa.Table, pa.Table] | None:
     """(images, pseudo-labels) of the student's second stream for ``iteration``; None when
-    no image has a pseudo-label (images without a surviving detection are dropped, §11.1)."""
+    no image has a pseudo-label (images without a surviving detection are dropped, §11.1).
+    Under ``ssl.rejected: ignore`` the teacher's detections on those images (``predictions``,
+    those the pseudo-labels were selected from) follow as ignore regions."""
     rows = pseudo_rows(pool.labels, iteration)
     if rows.num_rows == 0:
         return None
     ids = pc.unique(rows["image_id"].combine_chunks())
     images = pool.images.filter(pc.is_in(pool.images["image_id"], value_set=ids))
+    if cfg.ssl.rejected == "ignore":
+        preds = read_table(schema.PREDICTIONS, predictions)
+        rows = with_ignore_regions(rows, preds, cfg.ssl.teacher_min_score)
     return images.sort_by("image_id"), rows
 
 
