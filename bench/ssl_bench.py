@@ -13,6 +13,8 @@ initial`` starts it from the pretrained backbone instead, as the reference did) 
                what extra training alone gives, to be told apart from what SSL gives
     stac       STAC: pseudo-labels with teacher score > τ = 0.4 (§11.1)
     alluncert  uncertainty selection: certainty of (rel. MC std, rel. aleatoric std, MC class)
+    +ignore    (stac+ignore, alluncert+ignore) the teacher's detections the selection rejected
+               are ignore regions of the student's class loss, not background (ssl.rejected)
     ental      uncertainty selection: entropy + aleatoric certainty, weighted
     combo      cost-sensitive selection: u = w·(entropy, rel. al) < δ̄ of §7 on calibrated columns
     selftrain  STAC then self-training rounds (re-predict with the student, retrain from it)
@@ -48,6 +50,8 @@ VARIANTS: dict[str, list[str]] = {
     "restart": ["ssl.selection_strategy=score", "ssl.tau=1"],
     "stac": ["ssl.selection_strategy=score"],
     "alluncert": ["ssl.selection_strategy=pseudoscore_alluncert"],
+    "stac+ignore": ["ssl.selection_strategy=score", "ssl.rejected=ignore"],
+    "alluncert+ignore": ["ssl.selection_strategy=pseudoscore_alluncert", "ssl.rejected=ignore"],
     "ental": ["ssl.selection_strategy=pseudoscore_ental"],
     "combo": ["ssl.selection_strategy=calib_combo"],
     "selftrain": ["ssl.selection_strategy=selftrain_score"],

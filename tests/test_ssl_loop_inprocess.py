@@ -335,5 +335,10 @@ def test_dry_run_names_the_loop_and_its_strategies(
     out = capsys.readouterr().out
     assert "# loop: semi-supervised" in out and "# selection strategy: calib_combo" in out
     assert "teacher strategy: (plain STAC)" in out
+    assert "# student: from model.weights; rejected teacher detections are background" in out
+    sets = ["--set", "ssl.student_init=teacher", "--set", "ssl.rejected=ignore"]
+    assert main(["run", str(path), "--dry-run", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "# student: from the teacher's weights; rejected teacher detections are ignore" in out
     assert main(["run", str(path), "--dry-run", "--set", "ssl.selection_strategy=alluncrt"]) == 2
     assert "did you mean 'alluncert'" in capsys.readouterr().err

@@ -105,6 +105,10 @@ def _print_config(cfg: ExperimentConfig) -> None:
         for line in _teacher_blocks(cfg):
             _out(f"#   {line}")
         _out(f"# teacher: {ssl.teacher}; tau {ssl.tau}; lambda {ssl.stac_lambda}")
+        if ssl.method == "stac":
+            start = "the teacher's weights" if ssl.student_init == "teacher" else "model.weights"
+            rejected = "ignore regions" if ssl.rejected == "ignore" else "background"
+            _out(f"# student: from {start}; rejected teacher detections are {rejected}")
         if ssl.pls != "none":  # §11.7
             _out(
                 f"# PLS: {ssl.pls} (top_k {ssl.pls_top_k:g} of the pseudo-labeled images by "

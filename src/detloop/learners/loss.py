@@ -152,7 +152,7 @@ def region_anchors(labeler: AnchorLabeler, regions: Tensor) -> Tensor:
     """[N] bool: the anchors that ``regions`` ([K, 4] yxyx) would be matched to were they
     objects — IoU ≥ the match threshold, and each region's best anchor (the forced match)."""
     iou = box_iou(labeler.anchors.boxes, regions)
-    covered = iou.amax(1) >= IGNORE_IOU
+    covered: Tensor = iou.amax(1) >= IGNORE_IOU
     covered[iou.argmax(0)] = True
     return covered
 
