@@ -15,6 +15,8 @@ initial`` starts it from the pretrained backbone instead, as the reference did) 
     alluncert  uncertainty selection: certainty of (rel. MC std, rel. aleatoric std, MC class)
     +ignore    (stac+ignore, alluncert+ignore) the teacher's detections the selection rejected
                are ignore regions of the student's class loss, not background (ssl.rejected)
+    +L4        4 labeled + 4 pseudo-labeled images a step (ssl.labeled_per_batch) instead of
+               §11.1's 1 + 7 at 10 % labeled
     ental      uncertainty selection: entropy + aleatoric certainty, weighted
     combo      cost-sensitive selection: u = w·(entropy, rel. al) < δ̄ of §7 on calibrated columns
     selftrain  STAC then self-training rounds (re-predict with the student, retrain from it)
@@ -52,6 +54,13 @@ VARIANTS: dict[str, list[str]] = {
     "alluncert": ["ssl.selection_strategy=pseudoscore_alluncert"],
     "stac+ignore": ["ssl.selection_strategy=score", "ssl.rejected=ignore"],
     "alluncert+ignore": ["ssl.selection_strategy=pseudoscore_alluncert", "ssl.rejected=ignore"],
+    "stac+L4": ["ssl.selection_strategy=score", "ssl.labeled_per_batch=4"],
+    "stac+ignore+L4": [
+        "ssl.selection_strategy=score",
+        "ssl.rejected=ignore",
+        "ssl.labeled_per_batch=4",
+    ],
+    "alluncert+L4": ["ssl.selection_strategy=pseudoscore_alluncert", "ssl.labeled_per_batch=4"],
     "ental": ["ssl.selection_strategy=pseudoscore_ental"],
     "combo": ["ssl.selection_strategy=calib_combo"],
     "selftrain": ["ssl.selection_strategy=selftrain_score"],

@@ -64,6 +64,24 @@ def test_both_streams_are_traversed_each_epoch(n_l: int, n_u: int, b: int) -> No
     assert s.epoch_batches(3, 0) == s.epoch_batches(3, 0) != s.epoch_batches(3, 1)
 
 
+def test_labeled_per_batch_overrides_the_arithmetic() -> None:
+    """``ssl.labeled_per_batch`` k: k labeled + B − k pseudo-labeled images a step, both
+    streams still traversed each epoch; refused when it leaves no pseudo-labeled image."""
+    from detloop.config import ConfigError, build_config
+
+    s = Streams.of(8, 598, 5387, labeled=4)
+    assert (s.labeled, s.pseudo, s.steps_per_epoch) == (4, 4, 1347)  # ceil(5387 / 4)
+    s = Streams.of(8, 200, 20, labeled=4)
+    assert s.steps_per_epoch == 50  # the labeled stream is the longer one now
+    assert Streams.of(8, 200, 0, labeled=4).labeled == 8  # no pseudo stream: supervised
+    with pytest.raises(ValueError, match=r"outside 1\.\.7"):
+        Streams.of(8, 598, 5387, labeled=8)
+    with pytest.raises(ConfigError, match="leaves no pseudo-labeled image"):
+        build_config({"loop": "ssl", "ssl": {"labeled_per_batch": 8}})
+    with pytest.raises(ConfigError, match="CSD's batch"):
+        build_config({"loop": "ssl", "ssl": {"labeled_per_batch": 2, "method": "csd"}})
+
+
 def test_one_stream_order_is_the_supervised_one() -> None:
     """Without pseudo-labels the batches are the seeded permutation cut every B (unchanged)."""
     perm = np.random.default_rng([5, 2, 7]).permutation(10).tolist()

@@ -310,6 +310,9 @@ class SSLConfig(Section):
     # or `ignore` regions, neither object nor background (a missed object is not taught as
     # background: what a low-recall pseudo-label set does otherwise)
     rejected: Literal["background", "ignore"] = "background"
+    # a student's batch: None = §11.1's L labeled + U pseudo-labeled images (L = 1 at 10 %
+    # labeled, B = 8); k = k labeled + B − k pseudo-labeled (1:1 as mean-teacher systems: B/2)
+    labeled_per_batch: int | None = Field(None, ge=1)
     selftrain_rounds: int = Field(3, ge=0)
     selftrain_epochs: int = Field(20, ge=1)
     # train and evaluate the teacher (round 0) only: e.g. to compare teacher strategies
@@ -389,6 +392,12 @@ class SSLConfig(Section):
                 "rejected: ignore turns the teacher's rejected detections of the pseudo_label "
                 "phase into ignore regions; it needs teacher: stac and method: stac"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _labeled_per_batch_is_stac(self) -> SSLConfig:
+        if self.labeled_per_batch is not None and self.method == "csd":
+            raise ValueError("labeled_per_batch is a STAC student's; CSD's batch is csd_ratio's")
         return self
 
     @model_validator(mode="after")
@@ -674,6 +683,16 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"ssl.method: csd takes batch_size // (csd_ratio + 1) labeled images per batch: "
                 f"train.batch_size {train.batch_size} < csd_ratio + 1 = {ssl.csd_ratio + 1}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _labeled_per_batch_fits(self) -> ExperimentConfig:
+        per, batch = self.ssl.labeled_per_batch, self.train.batch_size
+        if per is not None and per >= batch:
+            raise ValueError(
+                f"ssl.labeled_per_batch {per} leaves no pseudo-labeled image in a batch of "
+                f"train.batch_size {batch} (at most {batch - 1})"
             )
         return self
 

@@ -37,8 +37,11 @@ class Streams:
     steps_per_epoch: int
 
     @classmethod
-    def of(cls, batch_size: int, n_labeled: int, n_pseudo: int = 0) -> Streams:
-        """The §11.1 arithmetic (one stream of ``batch_size`` when ``n_pseudo`` is 0)."""
+    def of(
+        cls, batch_size: int, n_labeled: int, n_pseudo: int = 0, labeled: int | None = None
+    ) -> Streams:
+        """The §11.1 arithmetic (one stream of ``batch_size`` when ``n_pseudo`` is 0); with
+        ``labeled`` (``ssl.labeled_per_batch``) L = labeled and U = B − L instead."""
         if n_labeled < 1 or n_pseudo < 0 or batch_size < 1:
             raise ValueError(f"no batches for n_l={n_labeled}, n_u={n_pseudo}, B={batch_size}")
         if n_pseudo == 0:
@@ -46,6 +49,10 @@ class Streams:
         n = n_labeled + n_pseudo
         n_l = max(1, -(-batch_size * n_labeled // n))
         n_u = max(1, batch_size * n_pseudo // n)
+        if labeled is not None:
+            if not 1 <= labeled < batch_size:
+                raise ValueError(f"labeled per batch {labeled} outside 1..{batch_size - 1}")
+            n_l, n_u = labeled, batch_size - labeled
         steps = max(-(-n_labeled // n_l), -(-n_pseudo // n_u))
         return cls(n_labeled, n_pseudo, n_l, n_u, steps)
 

@@ -444,7 +444,8 @@ def train_model(
     images, labels, n_pseudo = _with_pseudo(images, labels, pseudo, num_classes)
     streams: Streams | CurriculumStreams
     if csd is None:
-        streams = Streams.of(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo)
+        per = cfg.ssl.labeled_per_batch
+        streams = Streams.of(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo, per)
     else:
         streams = Streams.csd(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo, csd.ratio)
     streams = _with_curriculum(cfg, streams, images, labels, num_classes)
