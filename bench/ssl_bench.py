@@ -135,7 +135,9 @@ def seed_records(
 
 def _record(run: Any) -> dict[str, Any]:
     """Per round: test mAP, mAP50 and the pseudo-labels' count, precision, recall."""
-    return {"rounds": ssl_round_figures(run), "run": str(run.path)}
+    path = Path(run.path).resolve()
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else Path(path.name)
+    return {"rounds": ssl_round_figures(run), "run": str(shown)}  # never this machine's path
 
 
 def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -171,16 +173,16 @@ def _table(summary: dict[str, Any]) -> str:
         return f"{d['mean']:{fmt}} ± {d['std']:{fmt}}"
 
     lines = [
-        f"{'model':<10} {'test mAP':>17} {'test mAP50':>17} {'gain %':>13} {'vs restart %':>13} "
+        f"{'model':<16} {'test mAP':>17} {'test mAP50':>17} {'gain %':>13} {'vs restart %':>13} "
         f"{'pseudo':>11} {'precision':>13} {'recall':>13}"
     ]
     t = summary["teacher"]
-    lines.append(f"{'teacher':<10} {pm(t['map']):>17} {pm(t['map50']):>17}")
+    lines.append(f"{'teacher':<16} {pm(t['map']):>17} {pm(t['map50']):>17}")
     for name, s in summary.items():
         if name == "teacher":
             continue
         lines.append(
-            f"{name:<10} {pm(s['map']):>17} {pm(s['map50']):>17} {pm(s['gain_pct'], '.1f'):>13} "
+            f"{name:<16} {pm(s['map']):>17} {pm(s['map50']):>17} {pm(s['gain_pct'], '.1f'):>13} "
             f"{pm(s['gain_vs_restart_pct'], '.1f'):>13} {pm(s['pseudo_labels'], '.0f'):>11} "
             f"{pm(s['precision'], '.3f'):>13} {pm(s['recall'], '.3f'):>13}"
         )
