@@ -17,6 +17,7 @@ initial`` starts it from the pretrained backbone instead, as the reference did) 
                are ignore regions of the student's class loss, not background (ssl.rejected)
     +L4        4 labeled + 4 pseudo-labeled images a step (ssl.labeled_per_batch) instead of
                §11.1's 1 + 7 at 10 % labeled
+    +weakaug   pseudo-labeled images without STAC's strong RandAugment (flip and scale only)
     ental      uncertainty selection: entropy + aleatoric certainty, weighted
     combo      cost-sensitive selection: u = w·(entropy, rel. al) < δ̄ of §7 on calibrated columns
     selftrain  STAC then self-training rounds (re-predict with the student, retrain from it)
@@ -61,6 +62,7 @@ VARIANTS: dict[str, list[str]] = {
         "ssl.labeled_per_batch=4",
     ],
     "alluncert+L4": ["ssl.selection_strategy=pseudoscore_alluncert", "ssl.labeled_per_batch=4"],
+    "stac+weakaug": ["ssl.selection_strategy=score", "ssl.stac_randaug=false"],
     "ental": ["ssl.selection_strategy=pseudoscore_ental"],
     "combo": ["ssl.selection_strategy=calib_combo"],
     "selftrain": ["ssl.selection_strategy=selftrain_score"],

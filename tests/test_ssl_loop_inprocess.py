@@ -292,6 +292,7 @@ def test_run_names_mark_tau_off_its_default(cfg: ExperimentConfig) -> None:
     assert name("ssl.tau=1", "ssl.student_init=teacher") == "selftrain_score+tau1+from_teacher"
     assert name("ssl.tau=0.9", "ssl.teacher_only=true") == "teacher"
     assert name("ssl.rejected=ignore", "ssl.labeled_per_batch=2") == "selftrain_score+ignore+L2"
+    assert name("ssl.stac_randaug=false") == "selftrain_score+weakaug"
 
 
 def test_ema_teacher_refuses_selftrain() -> None:

@@ -83,8 +83,8 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
     run's strategy name: ``tau<τ>`` when τ is not the default 0.4, ``pls_<variant>`` (with
     ``_k``, ``_b``, ``_t`` and the value of ``pls_top_k``, ``pls_beta``, ``pls_tau`` when not
     the default), ``3d_<variant>``, ``ignore`` (``ssl.rejected``), ``L<k>``
-    (``ssl.labeled_per_batch``) and ``from_teacher`` (a student that starts from the teacher,
-    ``ssl.student_init``); none when they are off."""
+    (``ssl.labeled_per_batch``), ``weakaug`` (``ssl.stac_randaug`` off) and ``from_teacher`` (a
+    student that starts from the teacher, ``ssl.student_init``); none when they are off."""
     ssl = cfg.ssl
     marks: list[str] = []
     selects = ssl.method == "stac" and not ssl.teacher_only
@@ -105,6 +105,8 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
         marks.append("ignore")
     if ssl.labeled_per_batch is not None and selects:
         marks.append(f"L{ssl.labeled_per_batch}")
+    if not ssl.stac_randaug and selects:
+        marks.append("weakaug")
     if ssl.student_init == "teacher" and not ssl.teacher_only:
         marks.append("from_teacher")
     return marks
