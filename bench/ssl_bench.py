@@ -136,10 +136,14 @@ def seed_records(
 
 
 def _record(run: Any) -> dict[str, Any]:
-    """Per round: test mAP, mAP50 and the pseudo-labels' count, precision, recall."""
+    """Per round: test mAP, mAP50 and the pseudo-labels' count, precision, recall; the run's
+    directory and its phase time."""
     path = Path(run.path).resolve()
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else Path(path.name)
-    return {"rounds": ssl_round_figures(run), "run": str(shown)}  # never this machine's path
+    # the run's own phase time (a teacher restored from the cache costs ~0): what a resumed,
+    # already finished bench still reports, where its wall time would be ~0
+    seconds = sum(float(h.get("seconds") or 0.0) for h in run.read_meta().get("history", []))
+    return {"rounds": ssl_round_figures(run), "run": str(shown), "run_seconds": seconds}
 
 
 def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
