@@ -556,16 +556,20 @@ def _finish(loop: LoopState, job: _Job, num_classes: int) -> TrainResult:
 
 
 def _check_labels(
-    images: pa.Table, labels: pa.Table, num_classes: int, what: str = "labels"
+    images: pa.Table,
+    labels: pa.Table,
+    num_classes: int,
+    what: str = "labels",
+    regions: bool = False,
 ) -> None:
-    """At least one image; class ids must index the C foreground classes (a pseudo-labeled
-    stream may also hold ignore regions, ``IGNORE_CLASS_ID``)."""
+    """At least one image; class ids must index the C foreground classes (``regions``: a
+    pseudo-labeled stream, which may also hold ignore regions, ``IGNORE_CLASS_ID``)."""
     if images.num_rows == 0:
         raise DataError("images", None, None, f"no images to train on ({what})")
     if labels.num_rows == 0:
         return
     classes = labels.column("class_id").to_numpy()
-    ignore = (classes == IGNORE_CLASS_ID) if what == "pseudo-labels" else False
+    ignore = (classes == IGNORE_CLASS_ID) if regions else False
     bad = np.flatnonzero(((classes < 0) | (classes >= num_classes)) & ~ignore)
     if len(bad):
         row = int(bad[0])
@@ -580,7 +584,7 @@ def _with_pseudo(
     after the labeled ones), and the size of that stream."""
     if pseudo is None:
         return images, labels, 0
-    _check_labels(pseudo[0], pseudo[1], num_classes, what="pseudo-labels")
+    _check_labels(pseudo[0], pseudo[1], num_classes, what="pseudo-labels", regions=True)
     images = pa.concat_tables([_image_rows(images), _image_rows(pseudo[0])])
     labels = pa.concat_tables([_label_rows(labels), _label_rows(pseudo[1])])
     return images, labels, pseudo[0].num_rows
