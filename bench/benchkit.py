@@ -97,3 +97,41 @@ def ssl_round_figures(run: Any) -> list[dict[str, float]]:
     return [
         {k: float(row[v]) for k, v in SSL_ROUND_KEYS.items() if v in row} for row in round_rows(run)
     ]
+
+
+def digits_data(imbalance: float) -> Path:
+    """digits-det small with class imbalance r = ``imbalance`` under ``data/``, built once."""
+    from detloop.data.digits import make_digits
+
+    data = REPO / "data" / f"digits-small-imb{round(imbalance * 10):02d}"
+    if not (data / "test.json").exists():
+        make_digits(data, "small", seed=0, imbalance=imbalance)
+    return data
+
+
+def data_sets(data: Path, pool: Path | None = None) -> list[str]:
+    """``--set`` items pointing a config's pool/val/test at ``data`` (the pool's labels at
+    ``pool`` when given)."""
+    out = [f"data.pool.source={pool or data / 'pool.json'}"]
+    out += [f"data.{s}.source={data / (s + '.json')}" for s in ("val", "test")]
+    out += [f"data.{s}.images={data / 'images' / s}" for s in ("pool", "val", "test")]
+    return out
+
+
+def run_loop(cfg: Any, label: str) -> Any:
+    """Create (or find, to resume) ``cfg``'s run, with the digits backbone it names built
+    first, and execute its loop in this process; the run directory. A loop that does not end
+    done raises."""
+    from detloop.demo import ensure_pretrained
+    from detloop.orchestrator.engine.runs import create_run, stored_config
+    from detloop.orchestrator.loops.execute import execute
+
+    ensure_pretrained([cfg], REPO / "data" / "pretrained-digits-tiny")  # the config's backbone
+    run = create_run(cfg)
+    t0 = time.perf_counter()
+    print(f"== {label}: {run.path.name}", flush=True)
+    outcome = execute(run, stored_config(run))
+    if outcome.exit_code != 0:
+        raise RuntimeError(f"loop {run.name} ended {outcome.status}: {outcome.problem}")
+    print(f"   {label}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return run

@@ -47,7 +47,17 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from benchkit import REPO, RESULTS, local_env, seed_stats, ssl_round_figures, write_result
+from benchkit import (
+    REPO,
+    RESULTS,
+    data_sets,
+    digits_data,
+    local_env,
+    run_loop,
+    seed_stats,
+    ssl_round_figures,
+    write_result,
+)
 
 VARIANTS: dict[str, list[str]] = {
     "restart": ["ssl.selection_strategy=score", "ssl.tau=1"],
@@ -71,15 +81,6 @@ VARIANTS: dict[str, list[str]] = {
 NAME = "ssl_bench"
 
 
-def _data() -> Path:
-    from detloop.data.digits import make_digits
-
-    data = REPO / "data" / "digits-small-imb07"
-    if not (data / "test.json").exists():
-        make_digits(data, "small", seed=0, imbalance=0.7)
-    return data
-
-
 def _config(args: argparse.Namespace, data: Path, seed: int, sets: list[str]) -> Any:
     from detloop.config import load_config
 
@@ -94,27 +95,13 @@ def _config(args: argparse.Namespace, data: Path, seed: int, sets: list[str]) ->
         f"ssl.student_max_steps={args.student_steps}",
         f"ssl.student_init={args.student_init}",
         f"ssl.selftrain_rounds={args.selftrain_rounds}",
-        *(f"data.{s}.source={data / (s + '.json')}" for s in ("pool", "val", "test")),
-        *(f"data.{s}.images={data / 'images' / s}" for s in ("pool", "val", "test")),
+        *data_sets(data),
     ]
     return load_config(REPO / "configs" / "ssl_demo.yaml", [*base, *sets, *args.overrides])
 
 
 def _run_variant(variant: str, seed: int, args: argparse.Namespace, data: Path) -> Any:
-    from detloop.demo import ensure_pretrained
-    from detloop.orchestrator.engine.runs import create_run, stored_config
-    from detloop.orchestrator.loops.execute import execute
-
-    cfg = _config(args, data, seed, VARIANTS[variant])
-    ensure_pretrained([cfg], REPO / "data" / "pretrained-digits-tiny")  # the config's backbone
-    run = create_run(cfg)
-    t0 = time.perf_counter()
-    print(f"== {variant} seed {seed}: {run.path}", flush=True)
-    outcome = execute(run, stored_config(run))
-    if outcome.exit_code != 0:
-        raise RuntimeError(f"loop {run.name} ended {outcome.status}: {outcome.problem}")
-    print(f"   {variant} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return run
+    return run_loop(_config(args, data, seed, VARIANTS[variant]), f"{variant} seed {seed}")
 
 
 def seed_records(
@@ -277,7 +264,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="results as ssl_<tag>.json (default ssl.json)")
     args = parser.parse_args()
     local_env()
-    data = _data()
+    data = digits_data(0.7)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))

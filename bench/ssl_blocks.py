@@ -42,7 +42,17 @@ from typing import Any
 
 import numpy as np
 
-from benchkit import REPO, RESULTS, local_env, seed_stats, ssl_round_figures, write_result
+from benchkit import (
+    REPO,
+    RESULTS,
+    data_sets,
+    digits_data,
+    local_env,
+    run_loop,
+    seed_stats,
+    ssl_round_figures,
+    write_result,
+)
 
 TEACHERS = {
     "plain": "",
@@ -55,22 +65,6 @@ VARIANTS = ("nofd", "nomd", "nomdfd", "fixmd", "highprec", "nonoise")
 PARTS = ("teachers", "glc", "pls", "3d", "csd")
 NAME = "ssl_blocks"
 NAMES = (NAME, "ssl_blocks_glc_corrupted", "ssl_blocks_glc_corrected")
-
-
-def _data() -> Path:
-    from detloop.data.digits import make_digits
-
-    data = REPO / "data" / "digits-small-imb05"
-    if not (data / "test.json").exists():
-        make_digits(data, "small", seed=0, imbalance=0.5)
-    return data
-
-
-def _data_sets(data: Path, pool: Path | None = None) -> list[str]:
-    out = [f"data.pool.source={pool or data / 'pool.json'}"]
-    out += [f"data.{s}.source={data / (s + '.json')}" for s in ("val", "test")]
-    out += [f"data.{s}.images={data / 'images' / s}" for s in ("pool", "val", "test")]
-    return out
 
 
 class Bench:
@@ -92,25 +86,13 @@ class Bench:
             f"train.max_steps={self.args.steps}",
             "train.torch_threads=1",
             "model.mc_dropoutsamp=2",
-            *_data_sets(self.data, pool),
+            *data_sets(self.data, pool),
         ]
         return load_config(REPO / "configs" / "ssl_demo.yaml", [*base, *sets, *self.args.overrides])
 
     def run(self, name: str, seed: int, sets: list[str], pool: Path | None = None) -> Any:
-        from detloop.demo import ensure_pretrained
-        from detloop.orchestrator.engine.runs import create_run, stored_config
-        from detloop.orchestrator.loops.execute import execute
-
-        cfg = self.config(name, seed, sets, pool)
-        ensure_pretrained([cfg], REPO / "data" / "pretrained-digits-tiny")
-        run = create_run(cfg)
-        t0 = time.perf_counter()
-        print(f"== {name} seed {seed}: {' '.join(sets)}", flush=True)
-        outcome = execute(run, stored_config(run))
-        if outcome.exit_code != 0:
-            raise RuntimeError(f"loop {run.name} ended {outcome.status}: {outcome.problem}")
-        print(f"   {time.perf_counter() - t0:.0f} s", flush=True)
-        return run
+        label = f"{name} seed {seed}: {' '.join(sets)}"
+        return run_loop(self.config(name, seed, sets, pool), label)
 
 
 def _metrics(run: Any, it: int) -> dict[str, Any]:
@@ -351,7 +333,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="seeds run side by side")
     args = parser.parse_args()
     local_env()
-    data = _data()
+    data = digits_data(0.5)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
