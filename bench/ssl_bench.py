@@ -73,6 +73,24 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "alluncert+L4": ["ssl.selection_strategy=pseudoscore_alluncert", "ssl.labeled_per_batch=4"],
     "stac+weakaug": ["ssl.selection_strategy=score", "ssl.stac_randaug=false"],
+    "stac+lam0.5": ["ssl.selection_strategy=score", "ssl.stac_lambda=0.5"],
+    "stac+mag5": ["ssl.selection_strategy=score", "ssl.randaug_magnitude=5"],
+    "stac+nobox": ["ssl.selection_strategy=score", "ssl.pseudo_box_weight=0"],
+    "stac+weakaug+nobox": [
+        "ssl.selection_strategy=score",
+        "ssl.stac_randaug=false",
+        "ssl.pseudo_box_weight=0",
+    ],
+    "alluncert+weakaug+nobox": [
+        "ssl.selection_strategy=pseudoscore_alluncert",
+        "ssl.stac_randaug=false",
+        "ssl.pseudo_box_weight=0",
+    ],
+    # the 3D study's oracles (§11.8, the pool's hidden gt): what the pseudo-labels' misses and
+    # false detections cost the student
+    "stac+fixmd": ["ssl.selection_strategy=score", "ssl.oracle_variant=fixmd"],
+    "stac+nofd": ["ssl.selection_strategy=score", "ssl.oracle_variant=nofd"],
+    "stac+tau0.7+ignore": ["ssl.selection_strategy=score", "ssl.tau=0.7", "ssl.rejected=ignore"],
     "ental": ["ssl.selection_strategy=pseudoscore_ental"],
     "combo": ["ssl.selection_strategy=calib_combo"],
     "selftrain": ["ssl.selection_strategy=selftrain_score"],

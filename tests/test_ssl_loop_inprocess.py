@@ -293,6 +293,10 @@ def test_run_names_mark_tau_off_its_default(cfg: ExperimentConfig) -> None:
     assert name("ssl.tau=0.9", "ssl.teacher_only=true") == "teacher"
     assert name("ssl.rejected=ignore", "ssl.labeled_per_batch=2") == "selftrain_score+ignore+L2"
     assert name("ssl.stac_randaug=false") == "selftrain_score+weakaug"
+    assert name("ssl.stac_lambda=0.5", "ssl.pseudo_box_weight=0") == "selftrain_score+lam0.5+box0"
+    assert name("ssl.randaug_magnitude=5") == "selftrain_score+mag5"
+    # the magnitude of an augmentation that is off changes nothing: no mark
+    assert name("ssl.randaug_magnitude=5", "ssl.stac_randaug=false") == "selftrain_score+weakaug"
 
 
 def test_ema_teacher_refuses_selftrain() -> None:

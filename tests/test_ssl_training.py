@@ -199,6 +199,40 @@ def test_student_trains_on_both_streams(pool: tuple[pa.Table, pa.Table], tmp_pat
         assert h["loss"] == pytest.approx(h["sup_loss"] + 0.5 * h["unsup_loss"], rel=1e-5)
 
 
+def test_pseudo_box_weight_scales_the_pseudo_part_box_loss_only(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path
+) -> None:
+    """``ssl.pseudo_box_weight`` w: loss = L_l + λ·(cls_u + w_box·w·box_u); w = 0 leaves the
+    pseudo-labels a class target only (the labeled part's box loss stays)."""
+    images, labels = pool
+    lab_imgs, pse_imgs = images.slice(0, 6), images.slice(6, 18)
+    on = pa.compute.is_in(labels["image_id"], value_set=pse_imgs["image_id"])
+    lab_labels = labels.filter(pa.compute.is_in(labels["image_id"], value_set=lab_imgs["image_id"]))
+
+    def step(weight: float) -> dict[str, float]:
+        cfg = ExperimentConfig.model_validate(
+            {
+                "train": {"device": "cpu", "epochs": 1, "batch_size": 4, "max_steps": 1},
+                "ssl": {"stac_lambda": 0.5, "pseudo_box_weight": weight},
+            }
+        )
+        result = train_model(
+            cfg, lab_imgs, lab_labels, 10, tmp_path / f"w{weight}", seed=0, progress=False,
+            pseudo=(pse_imgs, labels.filter(on)),
+        )  # fmt: skip
+        return result.history[-1]
+
+    one, none = step(1.0), step(0.0)
+    # the first step's forward pass is the same (same weights, same batch): only the sum differs
+    assert none["sup_loss"] == pytest.approx(one["sup_loss"], rel=1e-6)
+    assert none["unsup_loss"] == pytest.approx(one["unsup_loss"], rel=1e-6)
+    assert none["cls_loss"] == pytest.approx(one["cls_loss"], rel=1e-6)
+    assert none["box_loss"] < one["box_loss"] and none["loss"] < one["loss"]
+    # loss = cls + w_box·box in both (w_box: the model's box weight, 100 with LA)
+    for h in (one, none):
+        assert h["loss"] == pytest.approx(h["cls_loss"] + 100.0 * h["box_loss"], rel=1e-5)
+
+
 def test_student_trains_with_ignore_regions(
     pool: tuple[pa.Table, pa.Table], tmp_path: Path
 ) -> None:

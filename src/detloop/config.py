@@ -292,6 +292,11 @@ class SSLConfig(Section):
     # (burn-in = the teacher, then the EMA of the student labels each step's unlabeled images)
     teacher: Literal["stac", "ema"] = "stac"
     ema_decay: float = Field(0.999, gt=0, lt=1)
+    # weight of the pseudo-labeled part's box regression inside its loss, relative to the
+    # labeled part's (1: §11.1, the reference); 0 = the pseudo-labels teach classes only, as
+    # Unbiased Teacher: a pseudo-box is a detection, not a drawn box, and its localisation
+    # error becomes the student's regression target
+    pseudo_box_weight: float = Field(1.0, ge=0)
     stac_randaug: bool = True  # strong, box-aware RandAugment of pseudo-labeled images
     randaug_magnitude: float = Field(15.0, ge=0)
     teacher_min_score: float = Field(0.1, ge=0, le=1)  # teacher predictions kept (§11.1)

@@ -251,7 +251,8 @@ class _LossBench:
         """The loss to minimise for ``batch`` and the values ``_STEP_VALUES`` names.
 
         One forward pass; with a pseudo-labeled part (indices ≥ n_l, after the labeled ones)
-        the loss is ā_l·L_l + λ·ā_u·L_u (ALGORITHMS §11.1): each image's anchors already carry
+        the loss is ā_l·L_l + λ·ā_u·L_u (ALGORITHMS §11.1), L_u's box term scaled by
+        ``ssl.pseudo_box_weight`` (1: as L_l's; 0: class only): each image's anchors already carry
         its weight a_i (``label_batch``), so ā = 1, or the sub-batch mean of a_i under the
         compat ``ssl.pseudo_weighting: reference`` (weighting twice, as the reference did).
         """
@@ -286,9 +287,10 @@ class _LossBench:
             )
         a_l, a_u = self._mean_weights(batch, n_l, job)
         lam = job.cfg.ssl.stac_lambda
-        loss = a_l * parts[0][0] + lam * a_u * parts[1][0]
+        pseudo_box = job.cfg.ssl.pseudo_box_weight
         l_cls = a_l * parts[0][1] + lam * a_u * parts[1][1]
-        l_box = a_l * parts[0][2] + lam * a_u * parts[1][2]
+        l_box = a_l * parts[0][2] + lam * a_u * pseudo_box * parts[1][2]
+        loss = l_cls + self.settings.w_box * l_box
         n_pseudo = float((batch["classes"][n_l:] > 0).sum()) / max(1, len(batch["index"]) - n_l)
         values = (float(loss.detach()), float(l_cls.detach()), float(l_box.detach()))
         sup, unsup = float(parts[0][0].detach()), float(parts[1][0].detach())

@@ -83,15 +83,17 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
     run's strategy name: ``tau<τ>`` when τ is not the default 0.4, ``pls_<variant>`` (with
     ``_k``, ``_b``, ``_t`` and the value of ``pls_top_k``, ``pls_beta``, ``pls_tau`` when not
     the default), ``3d_<variant>``, ``ignore`` (``ssl.rejected``), ``L<k>``
-    (``ssl.labeled_per_batch``), ``weakaug`` (``ssl.stac_randaug`` off) and ``from_teacher`` (a
+    (``ssl.labeled_per_batch``), ``weakaug`` (``ssl.stac_randaug`` off), ``lam<λ>``,
+    ``box<w>`` and ``mag<m>`` (``ssl.stac_lambda``, ``ssl.pseudo_box_weight`` and, with the
+    strong augmentation on, ``ssl.randaug_magnitude`` off their defaults) and ``from_teacher`` (a
     student that starts from the teacher, ``ssl.student_init``); none when they are off."""
     ssl = cfg.ssl
+    fields = type(ssl).model_fields
     marks: list[str] = []
     selects = ssl.method == "stac" and not ssl.teacher_only
-    if selects and ssl.tau != type(ssl).model_fields["tau"].default:
+    if selects and ssl.tau != fields["tau"].default:
         marks.append(f"tau{ssl.tau:g}")
     if ssl.pls != "none":
-        fields = type(ssl).model_fields
         options = (("k", "pls_top_k"), ("b", "pls_beta"), ("t", "pls_tau"))
         changed = [
             f"_{short}{getattr(ssl, key):g}"
@@ -107,6 +109,14 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
         marks.append(f"L{ssl.labeled_per_batch}")
     if not ssl.stac_randaug and selects:
         marks.append("weakaug")
+    tuned = (("lam", "stac_lambda"), ("box", "pseudo_box_weight"))
+    if ssl.stac_randaug:
+        tuned += (("mag", "randaug_magnitude"),)
+    marks += [
+        f"{short}{getattr(ssl, key):g}"
+        for short, key in tuned
+        if selects and getattr(ssl, key) != fields[key].default
+    ]
     if ssl.student_init == "teacher" and not ssl.teacher_only:
         marks.append("from_teacher")
     return marks
