@@ -73,6 +73,10 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "alluncert+L4": ["ssl.selection_strategy=pseudoscore_alluncert", "ssl.labeled_per_batch=4"],
     "stac+weakaug": ["ssl.selection_strategy=score", "ssl.stac_randaug=false"],
+    "alluncert+weakaug": [
+        "ssl.selection_strategy=pseudoscore_alluncert",
+        "ssl.stac_randaug=false",
+    ],
     "stac+lam0.5": ["ssl.selection_strategy=score", "ssl.stac_lambda=0.5"],
     "stac+mag5": ["ssl.selection_strategy=score", "ssl.randaug_magnitude=5"],
     "stac+nobox": ["ssl.selection_strategy=score", "ssl.pseudo_box_weight=0"],
@@ -200,23 +204,45 @@ def _table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(summary: dict[str, Any], path: Path) -> None:
+def _colour(name: str) -> str:
+    """Teacher grey, the restart control orange, the 3D study's oracles (they read the hidden
+    gt: bounds, not methods) purple, the methods blue."""
+    if name == "teacher":
+        return "grey"
+    if name == "restart":
+        return "C1"
+    return "C4" if any(o in name for o in ("fixmd", "nofd")) else "C0"
+
+
+def _plot(summary: dict[str, Any], path: Path, title: str) -> None:
+    """Test mAP@[.5:.95] and the gain over the teacher (mean ± std over seeds), one row per
+    model: horizontal bars, so that any number of variants stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in ((ax1, "map"), (ax2, "map50")):
-        means = [summary[n][metric]["mean"] for n in names]
-        stds = [summary[n][metric]["std"] for n in names]
-        ax.bar(names, means, yerr=stds, capsize=4, color=["grey"] + ["C0"] * (len(names) - 1))
-        ax.axhline(means[0], color="grey", lw=0.8, ls="--")
-        ax.set_title(f"test {'mAP@[.5:.95]' if metric == 'map' else 'mAP50'} (mean ± std)")
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle("SSL on digits-det small (r = 0.7), 10 % labeled")
-    fig.tight_layout()
+    rows = range(len(names))
+    colours = [_colour(n) for n in names]
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(11, 1.2 + 0.32 * len(names)), sharey=True, constrained_layout=True
+    )
+    means = [summary[n]["map"]["mean"] for n in names]
+    ax1.barh(rows, means, xerr=[summary[n]["map"]["std"] for n in names], color=colours,
+             capsize=3)  # fmt: skip
+    ax1.axvline(means[0], color="grey", lw=0.8, ls="--")
+    ax1.set_xlabel("test mAP@[.5:.95] (mean ± std)")
+    gains = [summary[n].get("gain_pct", {"mean": 0.0, "std": 0.0}) for n in names]
+    ax2.barh(rows, [g["mean"] for g in gains], xerr=[g["std"] for g in gains], color=colours,
+             capsize=3)  # fmt: skip
+    ax2.axvline(0.0, color="grey", lw=0.8)
+    ax2.axvline(6.0, color="green", lw=0.8, ls=":", label="target +6 %")
+    ax2.set_xlabel("gain over the same seed's teacher, % (mean ± std)")
+    ax2.legend(loc="lower right", fontsize=8)
+    ax1.set_yticks(list(rows), names)
+    ax1.invert_yaxis()
+    fig.suptitle(title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -246,7 +272,12 @@ def _save(
         print(f"wall time: {wall / 60:.1f} min for seeds {args.seeds} x {len(variants)} variants")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"ssl_{args.tag}" if args.tag else "ssl"
-    _plot(summary, RESULTS / f"{name}.png")
+    seeds = args.seeds.replace(",", ", ")
+    title = (
+        f"SSL on digits-det small (r = 0.7), 10 % labeled, seeds {seeds}: teacher "
+        f"{args.teacher_steps} steps, students {args.student_steps} from the {args.student_init}"
+    )
+    _plot(summary, RESULTS / f"{name}.png", title)
     budget = {
         "teacher_steps": args.teacher_steps,
         "student_steps": args.student_steps,
@@ -258,7 +289,11 @@ def _save(
         "variants": variants,
         "budget": budget,
         "overrides": args.overrides,
-        "wall_s": wall,
+        "wall_s": wall,  # this invocation's (a resumed bench reuses finished runs)
+        # every run's own phase time, summed: the compute the results cost, resumed or not
+        "run_seconds_total": sum(
+            float(r.get("run_seconds", 0.0)) for runs in records.values() for r in runs.values()
+        ),
         "complete": final,
         "summary": summary,
         "records": records,
