@@ -109,7 +109,7 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
         marks.append(f"L{ssl.labeled_per_batch}")
     if not ssl.stac_randaug and selects:
         marks.append("weakaug")
-    tuned = (("lam", "stac_lambda"), ("box", "pseudo_box_weight"))
+    tuned: tuple[tuple[str, str], ...] = (("lam", "stac_lambda"), ("box", "pseudo_box_weight"))
     if ssl.stac_randaug:
         tuned += (("mag", "randaug_magnitude"),)
     marks += [
