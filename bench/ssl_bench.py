@@ -94,6 +94,11 @@ VARIANTS: dict[str, list[str]] = {
     # false detections cost the student
     "stac+fixmd": ["ssl.selection_strategy=score", "ssl.oracle_variant=fixmd"],
     "stac+nofd": ["ssl.selection_strategy=score", "ssl.oracle_variant=nofd"],
+    "stac+weakaug+fixmd": [
+        "ssl.selection_strategy=score",
+        "ssl.stac_randaug=false",
+        "ssl.oracle_variant=fixmd",
+    ],
     "stac+tau0.7+ignore": ["ssl.selection_strategy=score", "ssl.tau=0.7", "ssl.rejected=ignore"],
     "ental": ["ssl.selection_strategy=pseudoscore_ental"],
     "combo": ["ssl.selection_strategy=calib_combo"],
