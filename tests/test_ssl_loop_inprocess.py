@@ -341,6 +341,7 @@ def test_dry_run_names_the_loop_and_its_strategies(
     out = capsys.readouterr().out
     assert "# loop: semi-supervised" in out and "# selection strategy: calib_combo" in out
     assert "teacher strategy: (plain STAC)" in out
+    assert "# teacher: stac; tau 0.4; lambda 1.0; pseudo box weight 1" in out
     assert "# student: from model.weights; rejected teacher detections are background" in out
     sets = ["--set", "ssl.student_init=teacher", "--set", "ssl.rejected=ignore"]
     assert main(["run", str(path), "--dry-run", *sets]) == 0

@@ -104,7 +104,10 @@ def _print_config(cfg: ExperimentConfig) -> None:
         _out(f"# teacher strategy: {ssl.teacher_strategy.name or '(plain STAC)'}")
         for line in _teacher_blocks(cfg):
             _out(f"#   {line}")
-        _out(f"# teacher: {ssl.teacher}; tau {ssl.tau}; lambda {ssl.stac_lambda}")
+        _out(
+            f"# teacher: {ssl.teacher}; tau {ssl.tau}; lambda {ssl.stac_lambda}; "
+            f"pseudo box weight {ssl.pseudo_box_weight:g}"
+        )
         if ssl.method == "stac":
             start = "the teacher's weights" if ssl.student_init == "teacher" else "model.weights"
             rejected = "ignore regions" if ssl.rejected == "ignore" else "background"
