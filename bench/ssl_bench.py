@@ -287,7 +287,8 @@ def _save(
     seeds = args.seeds.replace(",", ", ")
     title = (
         f"SSL on digits-det small (r = 0.7), 10 % labeled, seeds {seeds}: teacher "
-        f"{args.teacher_steps} steps, students {args.student_steps} from the {args.student_init}"
+        f"{args.teacher_steps} steps, students {args.student_steps} from "
+        + ("the teacher" if args.student_init == "teacher" else "the initial weights")
     )
     _plot(summary, RESULTS / f"{name}.png", title)
     budget = _budget(args)
