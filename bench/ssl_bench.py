@@ -251,7 +251,7 @@ def _plot(summary: dict[str, Any], path: Path, title: str) -> None:
     ax2.axvline(0.0, color="grey", lw=0.8)
     ax2.axvline(6.0, color="green", lw=0.8, ls=":", label="target +6 %")
     ax2.set_xlabel("gain over the same seed's teacher, % (mean ± std)")
-    ax2.legend(loc="lower right", fontsize=8)
+    ax2.legend(loc="best", fontsize=8)
     ax1.set_yticks(list(rows), names)
     ax1.invert_yaxis()
     fig.suptitle(title)
