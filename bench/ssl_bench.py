@@ -66,52 +66,44 @@ from benchkit import (
     write_result,
 )
 
-VARIANTS: dict[str, list[str]] = {
+#: a variant is ``<base>[+<modifier>...]``: the base's --set items, then each modifier's
+BASES: dict[str, list[str]] = {
     "restart": ["ssl.selection_strategy=score", "ssl.tau=1"],
     "stac": ["ssl.selection_strategy=score"],
     "alluncert": ["ssl.selection_strategy=pseudoscore_alluncert"],
-    "stac+ignore": ["ssl.selection_strategy=score", "ssl.rejected=ignore"],
-    "alluncert+ignore": ["ssl.selection_strategy=pseudoscore_alluncert", "ssl.rejected=ignore"],
-    "stac+L4": ["ssl.selection_strategy=score", "ssl.labeled_per_batch=4"],
-    "stac+ignore+L4": [
-        "ssl.selection_strategy=score",
-        "ssl.rejected=ignore",
-        "ssl.labeled_per_batch=4",
-    ],
-    "alluncert+L4": ["ssl.selection_strategy=pseudoscore_alluncert", "ssl.labeled_per_batch=4"],
-    "stac+weakaug": ["ssl.selection_strategy=score", "ssl.stac_randaug=false"],
-    "alluncert+weakaug": [
-        "ssl.selection_strategy=pseudoscore_alluncert",
-        "ssl.stac_randaug=false",
-    ],
-    "stac+lam0.5": ["ssl.selection_strategy=score", "ssl.stac_lambda=0.5"],
-    "stac+mag5": ["ssl.selection_strategy=score", "ssl.randaug_magnitude=5"],
-    "stac+nobox": ["ssl.selection_strategy=score", "ssl.pseudo_box_weight=0"],
-    "stac+weakaug+nobox": [
-        "ssl.selection_strategy=score",
-        "ssl.stac_randaug=false",
-        "ssl.pseudo_box_weight=0",
-    ],
-    "alluncert+weakaug+nobox": [
-        "ssl.selection_strategy=pseudoscore_alluncert",
-        "ssl.stac_randaug=false",
-        "ssl.pseudo_box_weight=0",
-    ],
-    # the 3D study's oracles (§11.8, the pool's hidden gt): what the pseudo-labels' misses and
-    # false detections cost the student
-    "stac+fixmd": ["ssl.selection_strategy=score", "ssl.oracle_variant=fixmd"],
-    "stac+nofd": ["ssl.selection_strategy=score", "ssl.oracle_variant=nofd"],
-    "stac+weakaug+fixmd": [
-        "ssl.selection_strategy=score",
-        "ssl.stac_randaug=false",
-        "ssl.oracle_variant=fixmd",
-    ],
-    "stac+tau0.7+ignore": ["ssl.selection_strategy=score", "ssl.tau=0.7", "ssl.rejected=ignore"],
     "ental": ["ssl.selection_strategy=pseudoscore_ental"],
     "combo": ["ssl.selection_strategy=calib_combo"],
     "selftrain": ["ssl.selection_strategy=selftrain_score"],
     "ema": ["ssl.selection_strategy=score", "ssl.teacher=ema"],
 }
+MODIFIERS: dict[str, list[str]] = {
+    "ignore": ["ssl.rejected=ignore"],
+    "L4": ["ssl.labeled_per_batch=4"],
+    "weakaug": ["ssl.stac_randaug=false"],
+    "nobox": ["ssl.pseudo_box_weight=0"],
+    "lam0.5": ["ssl.stac_lambda=0.5"],
+    "mag5": ["ssl.randaug_magnitude=5"],
+    "tau0.7": ["ssl.tau=0.7"],
+    # the 3D study's oracles (§11.8, the pool's hidden gt): what the pseudo-labels' misses and
+    # false detections cost the student
+    "fixmd": ["ssl.oracle_variant=fixmd"],
+    "nofd": ["ssl.oracle_variant=nofd"],
+}
+
+
+def variant_sets(variant: str) -> list[str]:
+    """The --set items of ``variant`` (``stac+weakaug+fixmd``: the base's, then each
+    modifier's, in the name's order); ValueError naming what is unknown."""
+    base, *mods = variant.split("+")
+    unknown = [t for t in mods if t not in MODIFIERS]
+    if base not in BASES or unknown:
+        raise ValueError(
+            f"unknown variant {variant!r}: a base of {', '.join(BASES)}, then +modifiers of "
+            f"{', '.join(MODIFIERS)}"
+        )
+    return [*BASES[base], *(item for mod in mods for item in MODIFIERS[mod])]
+
+
 NAME = "ssl_bench"
 
 
@@ -135,7 +127,7 @@ def _config(args: argparse.Namespace, data: Path, seed: int, sets: list[str]) ->
 
 
 def _run_variant(variant: str, seed: int, args: argparse.Namespace, data: Path) -> Any:
-    return run_loop(_config(args, data, seed, VARIANTS[variant]), f"{variant} seed {seed}")
+    return run_loop(_config(args, data, seed, variant_sets(variant)), f"{variant} seed {seed}")
 
 
 def seed_records(
@@ -379,9 +371,11 @@ def main() -> None:
     data = digits_data(0.7)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    for variant in variants:
+        try:
+            variant_sets(variant)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     _claim_root(args)
     _prepare_tracking(args, data)
     t0 = time.perf_counter()
