@@ -91,12 +91,21 @@ SSL_ROUND_KEYS = {
 
 
 def ssl_round_figures(run: Any) -> list[dict[str, float]]:
-    """``SSL_ROUND_KEYS`` of every finished round of an SSL run, as the loop logged them."""
+    """``SSL_ROUND_KEYS`` of every finished round of an SSL run, as the loop logged them, and
+    the ``rank_*`` figures of its pseudo-label candidates' rankings."""
     from detloop.reports.ssl_report import round_rows
 
     return [
-        {k: float(row[v]) for k, v in SSL_ROUND_KEYS.items() if v in row} for row in round_rows(run)
+        {
+            **{k: float(row[v]) for k, v in SSL_ROUND_KEYS.items() if v in row},
+            # each selection signal's ranking of the candidates (selectors.pseudo_ranking)
+            **{k[len(_RANK) - 5 :]: float(v) for k, v in row.items() if k.startswith(_RANK)},
+        }
+        for row in round_rows(run)
     ]
+
+
+_RANK = "pseudo_label_rank_"
 
 
 def digits_data(imbalance: float) -> Path:

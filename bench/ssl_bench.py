@@ -20,6 +20,8 @@ initial`` starts it from the pretrained backbone instead, as the reference did) 
     +weakaug   pseudo-labeled images without STAC's strong RandAugment (flip and scale only)
     +nobox     class-only pseudo-labels: no box regression on them (ssl.pseudo_box_weight 0)
     +lam0.5, +mag5, +tau0.7   λ, the RandAugment magnitude, τ off their defaults
+    +p0.9      τ fitted on the teacher's validation predictions for pseudo-label precision
+               0.9 (ssl.target_precision): strategies compared at equal precision
     +fixmd, +nofd   the 3D study's oracles (§11.8, the hidden gt; bounds, not methods): the
                pseudo-labels' misses filled in from gt / their false detections removed
     ental      uncertainty selection: entropy + aleatoric certainty, weighted
@@ -84,6 +86,9 @@ MODIFIERS: dict[str, list[str]] = {
     "lam0.5": ["ssl.stac_lambda=0.5"],
     "mag5": ["ssl.randaug_magnitude=5"],
     "tau0.7": ["ssl.tau=0.7"],
+    # τ fitted per run on the teacher's validation predictions for this pseudo-label
+    # precision: every selection strategy at the same precision, told apart by what it keeps
+    "p0.9": ["ssl.target_precision=0.9"],
     # the 3D study's oracles (§11.8, the pool's hidden gt): what the pseudo-labels' misses and
     # false detections cost the student
     "fixmd": ["ssl.oracle_variant=fixmd"],
@@ -187,6 +192,45 @@ def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
+def rankings(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per selection signal, mean ± std over seeds of how it ranks the teacher's candidates
+    (selectors.pseudo_ranking: AP against the hidden gt, precision and recall at the count
+    STAC's τ = 0.4 keeps). The candidates are the teacher's, so each seed's figures come from
+    the first variant that logged them (variants with another τ, whose count differs, and the
+    restart control, which keeps none, left out; a fitted τ does not change STAC's count)."""
+    per_seed: dict[int, dict[str, float]] = {}
+    for variant, by_seed in records.items():
+        if variant.split("+")[0] == "restart" or "+tau" in variant:
+            continue
+        for seed, rec in by_seed.items():
+            first = rec["rounds"][1] if len(rec["rounds"]) > 1 else {}
+            for key, value in first.items():
+                if key.startswith("rank_"):
+                    per_seed.setdefault(seed, {}).setdefault(key, value)
+    signals = sorted(
+        {k.removeprefix("rank_ap_") for f in per_seed.values() for k in f if "rank_ap_" in k}
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for signal in signals:
+        out[signal] = {}
+        for figure in ("ap", "precision_at_k", "recall_at_k"):
+            key = f"rank_{figure}_{signal}"
+            out[signal][figure] = seed_stats([f[key] for f in per_seed.values() if key in f])
+    return out
+
+
+def _ranking_table(ranked: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "pseudo-label candidates ranked by each signal (teacher's detections on the unlabeled "
+        "part, IoU 0.5 against the hidden gt; at k = STAC's count):",
+        f"{'signal':<22} {'AP':>15} {'precision@k':>15} {'recall@k':>15}",
+    ]
+    for signal, figures in ranked.items():
+        cells = [f"{figures[f]['mean']:.3f} ± {figures[f]['std']:.3f}" for f in figures]
+        lines.append(f"{signal:<22} " + " ".join(f"{c:>15}" for c in cells))
+    return "\n".join(lines)
+
+
 def _table(summary: dict[str, Any]) -> str:
     def pm(d: dict[str, float], fmt: str = ".4f") -> str:
         return f"{d['mean']:{fmt}} ± {d['std']:{fmt}}"
@@ -271,8 +315,11 @@ def _save(
     if not done:
         return
     summary = summarise(done)
+    ranked = rankings(done)
     if final:
         print(_table(summary))
+        if ranked:
+            print(_ranking_table(ranked))
         print(f"wall time: {wall / 60:.1f} min for seeds {args.seeds} x {len(variants)} variants")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"ssl_{args.tag}" if args.tag else "ssl"
@@ -296,6 +343,7 @@ def _save(
         ),
         "complete": final,
         "summary": summary,
+        "rankings": ranked,
         "records": records,
     }
     path = write_result(name, doc)

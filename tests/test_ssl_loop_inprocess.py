@@ -148,6 +148,13 @@ def test_ssl_loop_end_to_end(cfg: ExperimentConfig) -> None:
     assert (
         0.5 < m1["pseudo_label_pseudo_precision"] <= 1 and 0 < m1["pseudo_label_pseudo_recall"] <= 1
     )
+    # every selection signal's ranking of the candidates; the score's, at STAC's own count,
+    # is this (score-selected) run's pseudo-label recall
+    for signal in ("score", "alluncert", "alluncert_and_score", "ental", "epuncert"):
+        assert 0 < m1[f"pseudo_label_rank_ap_{signal}"] <= 1
+    assert m1["pseudo_label_rank_recall_at_k_score"] == pytest.approx(
+        m1["pseudo_label_pseudo_recall"]
+    )
     assert [int(m["round"]) for m in cb.iterations] == [0, 1, 2] and not cb.tags
 
 
@@ -344,8 +351,38 @@ def test_dry_run_names_the_loop_and_its_strategies(
     assert "# teacher: stac; tau 0.4; lambda 1.0; pseudo box weight 1" in out
     assert "# student: from model.weights; rejected teacher detections are background" in out
     sets = ["--set", "ssl.student_init=teacher", "--set", "ssl.rejected=ignore"]
+    sets += ["--set", "ssl.target_precision=0.9"]
     assert main(["run", str(path), "--dry-run", *sets]) == 0
     out = capsys.readouterr().out
     assert "# student: from the teacher's weights; rejected teacher detections are ignore" in out
+    assert "# teacher: stac; tau fitted on validation for precision 0.9; lambda 1.0" in out
     assert main(["run", str(path), "--dry-run", "--set", "ssl.selection_strategy=alluncrt"]) == 2
     assert "did you mean 'alluncert'" in capsys.readouterr().err
+
+
+def test_precision_target_fits_tau_on_the_teachers_validation(cfg: ExperimentConfig) -> None:
+    """``ssl.target_precision``: τ fitted on model 0's validation predictions against the val
+    gt, then the pseudo-labels are the pool detections above it; run marked ``+p0.9``."""
+    import numpy as np
+
+    from detloop.config import build_config, config_snapshot
+    from detloop.data import schema
+    from detloop.data.io import read_table
+    from detloop.selectors.pseudo import select_pseudo_labels
+
+    sets = ["ssl.target_precision=0.9", "ssl.selection_strategy=score", "ssl.selftrain_rounds=0"]
+    loop, _ = _loop(build_config(config_snapshot(cfg), sets))
+    assert loop.execute() == "done"
+    run = loop.run
+    assert run.path.name == "ssl-score+p0.9-s0"
+    m1 = read_json(run.metrics_file(1))
+    assert m1["pseudo_label_pseudo_tau_reached"] == 1.0
+    assert m1["pseudo_label_pseudo_tau_val_precision"] >= 0.9
+    tau = m1["pseudo_label_pseudo_tau"]
+    preds = read_table(schema.PREDICTIONS, run.predictions_file(1))
+    unlabeled = pa.array(sorted(set(preds["image_id"].to_pylist()) - set(labeled(run))))
+    preds = preds.filter(pc.is_in(preds["image_id"], value_set=unlabeled))
+    preds = preds.filter(pc.greater_equal(preds["score"], 0.1))
+    expected = select_pseudo_labels(preds, "score", tau)
+    assert m1["pseudo_label_pseudo_labels"] == expected.num_rows > 0
+    assert np.float32(tau) == tau  # a float32 value, as the scores it is compared with

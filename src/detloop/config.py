@@ -285,6 +285,11 @@ class SSLConfig(Section):
     portion_labeled: float = Field(10, gt=0, lt=100)  # % of the pool labeled
     ssl_split: Literal["random", "first_n"] = "random"
     tau: float = Field(0.4, ge=0, le=1)  # δ_S
+    # a precision target for the pseudo-labels instead of a fixed τ: each round fits the
+    # selection rule's threshold on the labeling model's validation predictions (the lowest τ
+    # whose kept detections reach this precision at IoU 0.5) and selects with it, so every
+    # selection strategy is compared at the same pseudo-label precision; None: τ as set
+    target_precision: float | None = Field(None, gt=0, le=1)
     stac_lambda: float = Field(1.0, ge=0)  # λ, weight of the pseudo-labeled part of the loss
     selection_strategy: Selection = Field(default_factory=lambda: parse_pseudo_strategy("score"))
     teacher_strategy: TeacherStrategy = Field(default_factory=lambda: _parse_teacher(""))

@@ -104,8 +104,13 @@ def _print_config(cfg: ExperimentConfig) -> None:
         _out(f"# teacher strategy: {ssl.teacher_strategy.name or '(plain STAC)'}")
         for line in _teacher_blocks(cfg):
             _out(f"#   {line}")
+        tau = (
+            f"tau fitted on validation for precision {ssl.target_precision:g}"
+            if ssl.target_precision is not None
+            else f"tau {ssl.tau}"
+        )
         _out(
-            f"# teacher: {ssl.teacher}; tau {ssl.tau}; lambda {ssl.stac_lambda}; "
+            f"# teacher: {ssl.teacher}; {tau}; lambda {ssl.stac_lambda}; "
             f"pseudo box weight {ssl.pseudo_box_weight:g}"
         )
         if ssl.method == "stac":

@@ -197,35 +197,84 @@ class ConsistencyFilter:
         return keep
 
 
-def _inverse_certainty(mean_uncertainty: FloatArray) -> FloatArray:
-    """min-max(1 / max(ε, u)) over the given detections (§11.2)."""
-    return min_max(1.0 / np.maximum(EPS, mean_uncertainty))
+def vector_certainty(
+    cols: DetColumns, score: str, reference: DetColumns | None = None
+) -> FloatArray:
+    """The certainty of a vector strategy (``alluncert``, ``epuncert``, ``ental``) per
+    detection: min-max(1 / max(ε, m)) of m, the mean of the AL score's own components
+    (relative box stds, class uncertainty) (§11.2). The min and max are ``cols``' own, or
+    ``reference``'s (clipped to [0, 1]): the scale of another set of detections, so that a
+    threshold fitted on one set (validation) means the same on the other (the pool).
+
+    Raises:
+        ValueError: ``score`` is not a vector score.
+    """
+    inverse = _inverse_uncertainty(cols, score)
+    if reference is None:
+        return min_max(inverse)
+    ref = _inverse_uncertainty(reference, score)
+    if len(ref) == 0:
+        return np.zeros_like(inverse)
+    lo, span = ref.min(), ref.max() - ref.min()
+    if span <= 0:
+        return np.zeros_like(inverse)
+    out: FloatArray = np.clip((inverse - lo) / span, 0.0, 1.0)
+    return out
 
 
-def _certainty_and_keep(
-    cols: DetColumns, spec: PseudoSpec, tau: float, thresholds: Mapping[str, Any] | None
-) -> tuple[FloatArray, FloatArray, np.ndarray]:
-    """(certainty, u, keep) per detection for the strategies of §11.2."""
+def _inverse_uncertainty(cols: DetColumns, score: str) -> FloatArray:
+    info = get_score(score) if score in registered_scores() else None
+    if info is None or info.kind != "vector":
+        raise ValueError(f"{score!r} is not a vector uncertainty score")
+    out: FloatArray = 1.0 / np.maximum(EPS, info.fn(cols, ScoreContext()).mean(axis=1))
+    return out
+
+
+def _certainty_and_signal(
+    cols: DetColumns,
+    spec: PseudoSpec,
+    thresholds: Mapping[str, Any] | None,
+    reference: DetColumns | None = None,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """(certainty, u, signal) per detection for the strategies of §11.2; a detection is kept
+    iff signal > τ:
+
+    - ``score`` or a column strategy: the value (score > τ);
+    - ``combo``: the score where u < δ̄, else −∞ (score > τ and u < δ̄);
+    - ``alluncert``: min(score, certainty) (score > τ and, as the reference, certainty > τ);
+    - ``epuncert``, ``ental``: the score (their certainty only weighs).
+    """
     score = cols.get("score")
-    tau32 = _as_stored(tau)
     n = cols.n_rows
     nan = np.full(n, np.nan)
     if spec.score == "combo":
         u = combo_values(cols, thresholds)
         assert thresholds is not None  # combo_values raised otherwise
         delta = _threshold_mean(thresholds)
-        return 1.0 - u / delta if delta > 0 else nan, u, (score > tau32) & (u < delta)
+        certainty = 1.0 - u / delta if delta > 0 else nan
+        return certainty, u, np.where(u < delta, score, -np.inf)
     info = get_score(spec.score) if spec.score in registered_scores() else None
     if info is not None and info.kind == "vector":
-        # the AL score's own components (relative box stds, class uncertainty), averaged
-        components = info.fn(cols, ScoreContext())
-        certainty = _inverse_certainty(components.mean(axis=1))
-        keep = score > tau32
-        if spec.score == "alluncert":  # the reference also thresholds alluncert's certainty
-            keep &= certainty > tau
-        return certainty, nan, keep
+        certainty = vector_certainty(cols, spec.score, reference)
+        signal = np.minimum(score, certainty) if spec.score == "alluncert" else score
+        return certainty, nan, signal
     value = cols.get(spec.score)  # `score` or any predictions column, filtered like the score
-    return np.clip(value, 0.0, 1.0), nan, value > tau32
+    return np.clip(value, 0.0, 1.0), nan, value
+
+
+def selection_signal(
+    predictions: pa.Table,
+    spec: PseudoSpec | str,
+    thresholds: Mapping[str, Any] | None = None,
+    reference: pa.Table | None = None,
+) -> FloatArray:
+    """Per detection, the value whose threshold is the strategy's keep rule (kept iff > τ;
+    see ``_certainty_and_signal``), on the certainty scale of ``reference``'s detections when
+    given (alluncert's min-max; None: ``predictions``' own)."""
+    spec = parse_pseudo_strategy(spec) if isinstance(spec, str) else spec
+    cols = DetColumns(predictions, calib=spec.calib)
+    ref = None if reference is None else DetColumns(reference, calib=spec.calib)
+    return _certainty_and_signal(cols, spec, thresholds, ref)[2]
 
 
 def _as_stored(threshold: float) -> float:
@@ -271,7 +320,8 @@ def select_pseudo_labels(
     """
     spec = parse_pseudo_strategy(spec) if isinstance(spec, str) else spec
     cols = DetColumns(predictions, calib=spec.calib)
-    certainty, u, keep = _certainty_and_keep(cols, spec, tau, thresholds)
+    certainty, u, signal = _certainty_and_signal(cols, spec, thresholds)
+    keep = signal > _as_stored(tau)
     if consistency is not None and consistency.active:
         keep = keep & consistency.keep(predictions)
     rows = pa.array(np.flatnonzero(keep))

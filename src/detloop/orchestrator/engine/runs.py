@@ -80,7 +80,8 @@ def csd_name(ssl: SSLConfig) -> str:
 
 def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
     """What the pseudo-label threshold, PLS (§11.7) and the 3D study (§11.8) add to an SSL
-    run's strategy name: ``tau<τ>`` when τ is not the default 0.4, ``pls_<variant>`` (with
+    run's strategy name: ``tau<τ>`` when τ is not the default 0.4 (``p<target>`` instead with
+    ``ssl.target_precision``, which replaces it), ``pls_<variant>`` (with
     ``_k``, ``_b``, ``_t`` and the value of ``pls_top_k``, ``pls_beta``, ``pls_tau`` when not
     the default), ``3d_<variant>``, ``ignore`` (``ssl.rejected``), ``L<k>``
     (``ssl.labeled_per_batch``), ``weakaug`` (``ssl.stac_randaug`` off), ``lam<λ>``,
@@ -91,7 +92,9 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
     fields = type(ssl).model_fields
     marks: list[str] = []
     selects = ssl.method == "stac" and not ssl.teacher_only
-    if selects and ssl.tau != fields["tau"].default:
+    if selects and ssl.target_precision is not None:  # replaces τ
+        marks.append(f"p{ssl.target_precision:g}")
+    elif selects and ssl.tau != fields["tau"].default:
         marks.append(f"tau{ssl.tau:g}")
     if ssl.pls != "none":
         options = (("k", "pls_top_k"), ("b", "pls_beta"), ("t", "pls_tau"))

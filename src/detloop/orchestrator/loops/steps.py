@@ -8,10 +8,11 @@ methods to ``detloop.selectors`` (selection, budgets, pruning), ``detloop.learne
 from __future__ import annotations
 
 import logging
+import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 
 from detloop.config import ExperimentConfig
 from detloop.data import schema
+from detloop.data.errors import DataError
 from detloop.data.io import read_json, read_table
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
@@ -28,6 +30,9 @@ from detloop.orchestrator.engine.journal import Journal
 from detloop.orchestrator.engine.workers import PredictJob, ShardResult, Workers
 from detloop.selectors.pseudo import with_ignore_regions
 from detloop.selectors.strategy import StrategySpec
+
+if TYPE_CHECKING:
+    from detloop.selectors.pseudo_ranking import TauFit
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +306,34 @@ def pseudo_stream(
     return images.sort_by("image_id"), rows
 
 
+def fit_pseudo_tau(
+    run: RunDir,
+    cfg: ExperimentConfig,
+    predictions: pa.Table,
+    thresholds: Mapping[str, Any] | None,
+    iteration: int,
+) -> TauFit:
+    """``ssl.target_precision``: the selection rule's τ fitted on the validation predictions
+    of the model that labels ``iteration`` (model ``iteration − 1``, kept by its evaluation)
+    against the validation gt, the certainty on ``predictions``' scale (the pool's)."""
+    from detloop.selectors.pseudo import selection_signal
+    from detloop.selectors.pseudo_ranking import fit_tau, rank_true
+
+    ssl = cfg.ssl
+    assert ssl.target_precision is not None
+    path = run.val_predictions_file(iteration - 1)
+    if not path.exists():
+        raise DataError(
+            str(path), None, None, "ssl.target_precision needs the model's validation predictions"
+        )
+    val = read_table(schema.PREDICTIONS, path)
+    val = val.filter(pc.greater_equal(val["score"], ssl.teacher_min_score))
+    _, _, gt = eval_split(run)
+    spec = ssl.selection_strategy
+    signal = selection_signal(val, spec, thresholds, reference=predictions)
+    return fit_tau(signal, rank_true(val, signal, gt), gt.num_rows, ssl.target_precision)
+
+
 def pseudo_label(
     run: RunDir,
     cfg: ExperimentConfig,
@@ -328,6 +361,7 @@ def pseudo_label(
         pseudo_quality,
         select_pseudo_labels,
     )
+    from detloop.selectors.pseudo_ranking import ranking_report
 
     ssl = cfg.ssl
     ids = candidates["image_id"].combine_chunks()
@@ -336,8 +370,12 @@ def pseudo_label(
     thresholds = None
     if run.thresholds_file(iteration).exists():
         thresholds = read_json(run.thresholds_file(iteration))
+    tau, fitted = ssl.tau, {}
+    if ssl.target_precision is not None:
+        fit = fit_pseudo_tau(run, cfg, preds, thresholds, iteration)
+        tau, fitted = fit.tau, fit.as_dict()
     kept = select_pseudo_labels(
-        preds, ssl.selection_strategy, ssl.tau, thresholds, ssl.consistency_filter
+        preds, ssl.selection_strategy, tau, thresholds, ssl.consistency_filter
     )
     kept = cap_per_image(kept, ssl.max_per_image)
     refined: dict[str, Any] = {}
@@ -353,9 +391,13 @@ def pseudo_label(
         "pseudo_labels": kept.num_rows,
         "pseudo_images": n_images,
         "pseudo_per_image": kept.num_rows / n_images if n_images else 0.0,
+        **{k: v for k, v in fitted.items() if math.isfinite(v)},
         **refined,
     }
     if pc.any(pc.is_in(gt["image_id"], value_set=ids)).as_py():
         quality = pseudo_quality(kept, gt, ids.to_pylist())
         info.update({k: v for k, v in quality.as_dict().items() if v == v})
+        # how well each selection signal ranks the candidates, at STAC's count (simulated)
+        for name, ranked in ranking_report(preds, gt, ssl.tau, thresholds).items():
+            info.update({k: v for k, v in ranked.as_dict(name).items() if v == v})
     return pool, info
