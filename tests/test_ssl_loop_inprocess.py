@@ -365,7 +365,7 @@ def test_precision_target_fits_tau_on_the_teachers_validation(cfg: ExperimentCon
     gt, then the pseudo-labels are the pool detections above it; run marked ``+p0.9``."""
     import numpy as np
 
-    from detloop.config import build_config, config_snapshot
+    from detloop.config import ConfigError, build_config, config_snapshot
     from detloop.data import schema
     from detloop.data.io import read_table
     from detloop.selectors.pseudo import select_pseudo_labels
@@ -386,3 +386,5 @@ def test_precision_target_fits_tau_on_the_teachers_validation(cfg: ExperimentCon
     expected = select_pseudo_labels(preds, "score", tau)
     assert m1["pseudo_label_pseudo_labels"] == expected.num_rows > 0
     assert np.float32(tau) == tau  # a float32 value, as the scores it is compared with
+    with pytest.raises(ConfigError, match="target_precision"):  # the mean teacher is online
+        build_config(config_snapshot(cfg), [*sets, "ssl.teacher=ema"])

@@ -405,6 +405,16 @@ class SSLConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _target_precision_is_offline(self) -> SSLConfig:
+        # τ is fitted in the pseudo_label phase; the mean teacher selects online with its τ
+        if self.target_precision is not None and (self.teacher == "ema" or self.method == "csd"):
+            raise ValueError(
+                "target_precision fits τ in the pseudo_label phase of an offline teacher; it "
+                "needs teacher: stac and method: stac (the mean teacher selects online by tau)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _labeled_per_batch_is_stac(self) -> SSLConfig:
         if self.labeled_per_batch is not None and self.method == "csd":
             raise ValueError("labeled_per_batch is a STAC student's; CSD's batch is csd_ratio's")
