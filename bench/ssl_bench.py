@@ -26,6 +26,8 @@ initial`` starts it from the pretrained backbone instead, as the reference did) 
                pseudo-labels' misses filled in from gt / their false detections removed
     ental      uncertainty selection: entropy + aleatoric certainty, weighted
     combo      cost-sensitive selection: u = w·(entropy, rel. al) < δ̄ of §7 on calibrated columns
+    pcorrect   P(right) of a logistic regression on score and uncertainties, fitted on the
+               teacher's validation detections (selectors.pseudo_correctness)
     selftrain  STAC then self-training rounds (re-predict with the student, retrain from it)
     ema        an online mean teacher labeling each step (burn-in = the teacher)
 
@@ -75,6 +77,7 @@ BASES: dict[str, list[str]] = {
     "alluncert": ["ssl.selection_strategy=pseudoscore_alluncert"],
     "ental": ["ssl.selection_strategy=pseudoscore_ental"],
     "combo": ["ssl.selection_strategy=calib_combo"],
+    "pcorrect": ["ssl.selection_strategy=pcorrect"],
     "selftrain": ["ssl.selection_strategy=selftrain_score"],
     "ema": ["ssl.selection_strategy=score", "ssl.teacher=ema"],
 }

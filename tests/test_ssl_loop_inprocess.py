@@ -150,7 +150,7 @@ def test_ssl_loop_end_to_end(cfg: ExperimentConfig) -> None:
     )
     # every selection signal's ranking of the candidates; the score's, at STAC's own count,
     # is this (score-selected) run's pseudo-label recall
-    for signal in ("score", "alluncert", "alluncert_and_score", "ental", "epuncert"):
+    for signal in ("score", "alluncert", "alluncert_and_score", "ental", "epuncert", "pcorrect"):
         assert 0 < m1[f"pseudo_label_rank_ap_{signal}"] <= 1
     assert m1["pseudo_label_rank_recall_at_k_score"] == pytest.approx(
         m1["pseudo_label_pseudo_recall"]
@@ -387,4 +387,38 @@ def test_precision_target_fits_tau_on_the_teachers_validation(cfg: ExperimentCon
     assert m1["pseudo_label_pseudo_labels"] == expected.num_rows > 0
     assert np.float32(tau) == tau  # a float32 value, as the scores it is compared with
     with pytest.raises(ConfigError, match="target_precision"):  # the mean teacher is online
+        build_config(config_snapshot(cfg), [*sets, "ssl.teacher=ema"])
+
+
+def test_pcorrect_fits_its_model_on_validation_and_selects_by_it(cfg: ExperimentConfig) -> None:
+    """``pcorrect``: the round's model fitted on model 0's validation detections is stored
+    beside the round and its coefficients logged; the pseudo-labels are the pool detections
+    with P(right) above the τ fitted for the precision target."""
+    import numpy as np
+
+    from detloop.config import ConfigError, build_config, config_snapshot
+    from detloop.data import schema
+    from detloop.data.io import read_table
+    from detloop.orchestrator.loops.steps import CORRECTNESS_FILE
+    from detloop.selectors.pseudo import select_pseudo_labels
+    from detloop.selectors.pseudo_correctness import CorrectnessModel
+
+    sets = ["ssl.selection_strategy=pcorrect", "ssl.selftrain_rounds=0"]
+    loop, _ = _loop(build_config(config_snapshot(cfg), [*sets, "ssl.target_precision=0.8"]))
+    assert loop.execute() == "done"
+    run = loop.run
+    assert run.path.name == "ssl-pcorrect+p0.8-s0"
+    model = CorrectnessModel.from_dict(read_json(run.iteration_dir(1) / CORRECTNESS_FILE))
+    m1 = read_json(run.metrics_file(1))
+    assert m1["pseudo_label_pcorrect_coef_logit_score"] == model.coef[0]
+    assert m1["pseudo_label_pcorrect_n_fit"] == model.n_fit > 0
+    preds = read_table(schema.PREDICTIONS, run.predictions_file(1))
+    unlabeled = pa.array(sorted(set(preds["image_id"].to_pylist()) - set(labeled(run))))
+    preds = preds.filter(pc.is_in(preds["image_id"], value_set=unlabeled))
+    preds = preds.filter(pc.greater_equal(preds["score"], 0.1))
+    tau = m1["pseudo_label_pseudo_tau"]
+    expected = select_pseudo_labels(preds, "pcorrect", tau, correctness=model)
+    assert m1["pseudo_label_pseudo_labels"] == expected.num_rows > 0
+    assert np.isfinite(m1["pseudo_label_rank_ap_pcorrect"])
+    with pytest.raises(ConfigError, match="pcorrect"):  # the mean teacher is online
         build_config(config_snapshot(cfg), [*sets, "ssl.teacher=ema"])

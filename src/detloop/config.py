@@ -412,6 +412,11 @@ class SSLConfig(Section):
                 "target_precision fits τ in the pseudo_label phase of an offline teacher; it "
                 "needs teacher: stac and method: stac (the mean teacher selects online by tau)"
             )
+        if self.selection_strategy.needs_correctness and self.teacher == "ema":
+            raise ValueError(
+                "selection 'pcorrect' fits its model in the pseudo_label phase of an offline "
+                "teacher; it needs teacher: stac"
+            )
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,10 @@ _SCORES = {
     ),
     "epuncert": "class score > τ; certainty = min-max(1/mean(rel(mc), mc_class))",
     "ental": "class score > τ; certainty = min-max(1/mean(rel(al), entropy))",
+    "pcorrect": (
+        "P(right) > τ, P = a logistic regression on (logit score, entropy, mc_class, log rel(al), "
+        "log rel(mc), log size) fitted on the labeling model's validation detections"
+    ),
 }
 
 

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from detloop.data import schema
 from detloop.data.labels import IGNORE_CLASS_ID, box_rows, labels_from_boxes
 from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
+from detloop.selectors.pseudo_correctness import CorrectnessModel
 from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
 from detloop.selectors.ssl_3d import greedy_match
 from detloop.selectors.ssl_pls import pls_d, pls_detections, rarity
@@ -28,7 +29,7 @@ from detloop.selectors.stages import min_max
 from detloop.selectors.vocabulary import COLUMN_SCORES, StrategyError, did_you_mean
 
 EPS: Final = 1e-12
-PSEUDO_SCORES: Final = ("score", "combo", "alluncert", "epuncert", "ental")
+PSEUDO_SCORES: Final = ("score", "combo", "alluncert", "epuncert", "ental", "pcorrect")
 _FLAGS: Final = ("calib", "box", "norm", "pseudoscore", "selftrain")
 
 
@@ -51,6 +52,12 @@ class PseudoSpec:
     def needs_thresholds(self) -> bool:
         """``combo`` keeps u < δ̄ of the teacher's cost-sensitive thresholds (§7)."""
         return self.score == "combo"
+
+    @property
+    def needs_correctness(self) -> bool:
+        """``pcorrect`` keeps P(right) > τ of a model fitted on validation
+        (``selectors.pseudo_correctness``)."""
+        return self.score == "pcorrect"
 
     @property
     def needs_calibration(self) -> bool:
@@ -235,6 +242,7 @@ def _certainty_and_signal(
     spec: PseudoSpec,
     thresholds: Mapping[str, Any] | None,
     reference: DetColumns | None = None,
+    correctness: CorrectnessModel | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """(certainty, u, signal) per detection for the strategies of §11.2; a detection is kept
     iff signal > τ:
@@ -242,11 +250,20 @@ def _certainty_and_signal(
     - ``score`` or a column strategy: the value (score > τ);
     - ``combo``: the score where u < δ̄, else −∞ (score > τ and u < δ̄);
     - ``alluncert``: min(score, certainty) (score > τ and, as the reference, certainty > τ);
-    - ``epuncert``, ``ental``: the score (their certainty only weighs).
+    - ``epuncert``, ``ental``: the score (their certainty only weighs);
+    - ``pcorrect``: P(right) of ``correctness`` (its certainty too).
+
+    Raises:
+        ValueError: ``pcorrect`` without a correctness model.
     """
     score = cols.get("score")
     n = cols.n_rows
     nan = np.full(n, np.nan)
+    if spec.needs_correctness:
+        if correctness is None:
+            raise ValueError("'pcorrect' needs the correctness model fitted on validation")
+        p = correctness.predict(cols)
+        return p, nan, p
     if spec.score == "combo":
         u = combo_values(cols, thresholds)
         assert thresholds is not None  # combo_values raised otherwise
@@ -267,6 +284,7 @@ def selection_signal(
     spec: PseudoSpec | str,
     thresholds: Mapping[str, Any] | None = None,
     reference: pa.Table | None = None,
+    correctness: CorrectnessModel | None = None,
 ) -> FloatArray:
     """Per detection, the value whose threshold is the strategy's keep rule (kept iff > τ;
     see ``_certainty_and_signal``), on the certainty scale of ``reference``'s detections when
@@ -274,7 +292,7 @@ def selection_signal(
     spec = parse_pseudo_strategy(spec) if isinstance(spec, str) else spec
     cols = DetColumns(predictions, calib=spec.calib)
     ref = None if reference is None else DetColumns(reference, calib=spec.calib)
-    return _certainty_and_signal(cols, spec, thresholds, ref)[2]
+    return _certainty_and_signal(cols, spec, thresholds, ref, correctness)[2]
 
 
 def _as_stored(threshold: float) -> float:
@@ -302,6 +320,7 @@ def select_pseudo_labels(
     tau: float = 0.4,
     thresholds: Mapping[str, Any] | None = None,
     consistency: ConsistencyFilter | None = None,
+    correctness: CorrectnessModel | None = None,
 ) -> pa.Table:
     """The teacher detections kept as pseudo-labels, with ``certainty``, ``u`` and ``weight``.
 
@@ -312,6 +331,7 @@ def select_pseudo_labels(
         thresholds: thresholding result, for ``combo`` (weights and δ̄ = threshold_mean).
         consistency: also keep only detections passing these consistency tests (§11.6); the
             strategy's certainty (its min-max) is computed over all detections as before.
+        correctness: the validation-fitted model of ``pcorrect``.
 
     Returns:
         image_id, det_id, class_id, score, x1..y2, certainty (null where the strategy has
@@ -320,7 +340,7 @@ def select_pseudo_labels(
     """
     spec = parse_pseudo_strategy(spec) if isinstance(spec, str) else spec
     cols = DetColumns(predictions, calib=spec.calib)
-    certainty, u, signal = _certainty_and_signal(cols, spec, thresholds)
+    certainty, u, signal = _certainty_and_signal(cols, spec, thresholds, None, correctness)
     keep = signal > _as_stored(tau)
     if consistency is not None and consistency.active:
         keep = keep & consistency.keep(predictions)
@@ -328,7 +348,7 @@ def select_pseudo_labels(
     base = predictions.select(["image_id", "det_id", "class_id", "score", *schema.COORDS])
     out = base.take(rows)
     cert = certainty[keep]
-    has_cert = spec.score in ("alluncert", "epuncert", "ental", "combo")
+    has_cert = spec.score in ("alluncert", "epuncert", "ental", "combo", "pcorrect")
     weight = cert if spec.pseudoscore else np.ones(len(cert))
     out = out.append_column(
         "certainty", pa.array(cert, pa.float64(), mask=np.isnan(cert) | (not has_cert))

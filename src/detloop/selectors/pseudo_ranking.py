@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from detloop.data import schema
 from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
 from detloop.selectors.pseudo import vector_certainty
+from detloop.selectors.pseudo_correctness import CorrectnessModel
 from detloop.selectors.scores import combo_values
 from detloop.selectors.ssl_3d import greedy_match
 
@@ -56,7 +57,9 @@ class RankingQuality:
 
 
 def ranking_signals(
-    predictions: pa.Table, thresholds: Mapping[str, Any] | None = None
+    predictions: pa.Table,
+    thresholds: Mapping[str, Any] | None = None,
+    correctness: CorrectnessModel | None = None,
 ) -> dict[str, FloatArray]:
     """The signals to rank ``predictions`` by (higher = more trusted), per detection.
 
@@ -64,7 +67,8 @@ def ranking_signals(
     ``CERTAINTY_STRATEGIES`` its certainty (min-max of 1 / mean relative uncertainty, §11.2)
     and ``<name>_and_score`` = min(score, certainty), the joint rule ``alluncert`` selects by
     (score > τ and certainty > τ: ``alluncert_and_score`` is its own ranking); ``combo`` = −u
-    when a thresholding result is given (kept iff u < δ̄).
+    when a thresholding result is given (kept iff u < δ̄); ``pcorrect`` = P(right) when a
+    correctness model (fitted on validation, on the stored columns) is given.
     """
     cols = DetColumns(predictions)
     score = cols.get("score")
@@ -77,6 +81,8 @@ def ranking_signals(
         out[f"{name}_and_score"] = np.minimum(score, certainty)
     if thresholds is not None:
         out["combo"] = -combo_values(cols, thresholds)
+    if correctness is not None:
+        out["pcorrect"] = correctness.predict(cols)
     return out
 
 
@@ -175,6 +181,7 @@ def ranking_report(
     tau: float,
     thresholds: Mapping[str, Any] | None = None,
     iou: float = 0.5,
+    correctness: CorrectnessModel | None = None,
 ) -> dict[str, RankingQuality]:
     """Every signal of ``ranking_signals`` ranked over ``predictions`` (the candidates: the
     teacher's detections on the unlabeled images) against the gt of those images, each at
@@ -183,7 +190,7 @@ def ranking_report(
     gt = gt.filter(pc.is_in(gt["image_id"], value_set=ids))
     k = int(np.count_nonzero(DetColumns(predictions).get("score") > np.float32(tau)))
     out = {}
-    for name, values in ranking_signals(predictions, thresholds).items():
+    for name, values in ranking_signals(predictions, thresholds, correctness).items():
         tp = rank_true(predictions, values, gt, iou)
         out[name] = ranking_quality(values, tp, gt.num_rows, k)
     return out

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from detloop.config import ExperimentConfig
 from detloop.data import schema
 from detloop.data.errors import DataError
-from detloop.data.io import read_json, read_table
+from detloop.data.io import read_json, read_table, write_json
 from detloop.data.pool import PoolState
 from detloop.data.rundir import RunDir
 from detloop.data.splits import count_pool, eval_split
@@ -32,7 +32,11 @@ from detloop.selectors.pseudo import with_ignore_regions
 from detloop.selectors.strategy import StrategySpec
 
 if TYPE_CHECKING:
+    from detloop.selectors.pseudo_correctness import CorrectnessModel
     from detloop.selectors.pseudo_ranking import TauFit
+
+#: the round's ``pcorrect`` model, in its iteration directory
+CORRECTNESS_FILE = "pseudo_correctness.json"
 
 logger = logging.getLogger(__name__)
 
@@ -306,31 +310,49 @@ def pseudo_stream(
     return images.sort_by("image_id"), rows
 
 
+def validation_detections(
+    run: RunDir, cfg: ExperimentConfig, iteration: int
+) -> tuple[pa.Table, pa.Table] | None:
+    """The validation detections (score ≥ ``ssl.teacher_min_score``) of the model that labels
+    ``iteration`` (model ``iteration − 1``, kept by its evaluation) and the validation gt;
+    None when that model kept none."""
+    path = run.val_predictions_file(iteration - 1)
+    if not path.exists():
+        return None
+    val = read_table(schema.PREDICTIONS, path)
+    val = val.filter(pc.greater_equal(val["score"], cfg.ssl.teacher_min_score))
+    return val, eval_split(run)[2]
+
+
+def fit_pseudo_correctness(validation: tuple[pa.Table, pa.Table], calib: bool) -> CorrectnessModel:
+    """``pcorrect``'s model: the validation detections labeled right or wrong (matched in
+    descending score order at IoU 0.5), fitted on their (calibrated with ``calib``) columns."""
+    from detloop.selectors.columns import DetColumns
+    from detloop.selectors.pseudo_correctness import fit_correctness
+    from detloop.selectors.pseudo_ranking import rank_true
+
+    val, gt = validation
+    right = rank_true(val, DetColumns(val).get("score"), gt)
+    return fit_correctness(DetColumns(val, calib=calib), right)
+
+
 def fit_pseudo_tau(
-    run: RunDir,
     cfg: ExperimentConfig,
+    validation: tuple[pa.Table, pa.Table],
     predictions: pa.Table,
     thresholds: Mapping[str, Any] | None,
-    iteration: int,
+    correctness: CorrectnessModel | None,
 ) -> TauFit:
-    """``ssl.target_precision``: the selection rule's τ fitted on the validation predictions
-    of the model that labels ``iteration`` (model ``iteration − 1``, kept by its evaluation)
-    against the validation gt, the certainty on ``predictions``' scale (the pool's)."""
+    """``ssl.target_precision``: the selection rule's τ fitted on the ``validation``
+    detections against their gt, the certainty on ``predictions``' scale (the pool's)."""
     from detloop.selectors.pseudo import selection_signal
     from detloop.selectors.pseudo_ranking import fit_tau, rank_true
 
     ssl = cfg.ssl
     assert ssl.target_precision is not None
-    path = run.val_predictions_file(iteration - 1)
-    if not path.exists():
-        raise DataError(
-            str(path), None, None, "ssl.target_precision needs the model's validation predictions"
-        )
-    val = read_table(schema.PREDICTIONS, path)
-    val = val.filter(pc.greater_equal(val["score"], ssl.teacher_min_score))
-    _, _, gt = eval_split(run)
+    val, gt = validation
     spec = ssl.selection_strategy
-    signal = selection_signal(val, spec, thresholds, reference=predictions)
+    signal = selection_signal(val, spec, thresholds, predictions, correctness)
     return fit_tau(signal, rank_true(val, signal, gt), gt.num_rows, ssl.target_precision)
 
 
@@ -370,12 +392,27 @@ def pseudo_label(
     thresholds = None
     if run.thresholds_file(iteration).exists():
         thresholds = read_json(run.thresholds_file(iteration))
-    tau, fitted = ssl.tau, {}
+    spec = ssl.selection_strategy
+    validation = validation_detections(run, cfg, iteration)
+    if validation is None and (ssl.target_precision is not None or spec.needs_correctness):
+        raise DataError(
+            str(run.val_predictions_file(iteration - 1)), None, None,
+            "ssl.target_precision and 'pcorrect' need the labeling model's validation "
+            "predictions",
+        )  # fmt: skip
+    tau, fitted, correctness = ssl.tau, dict[str, float](), None
+    if spec.needs_correctness:
+        assert validation is not None
+        correctness = fit_pseudo_correctness(validation, spec.calib)
+        write_json(correctness.as_dict(), run.iteration_dir(iteration) / CORRECTNESS_FILE)
+        fitted.update(correctness.numbers())
     if ssl.target_precision is not None:
-        fit = fit_pseudo_tau(run, cfg, preds, thresholds, iteration)
-        tau, fitted = fit.tau, fit.as_dict()
+        assert validation is not None
+        fit = fit_pseudo_tau(cfg, validation, preds, thresholds, correctness)
+        tau = fit.tau
+        fitted.update(fit.as_dict())
     kept = select_pseudo_labels(
-        preds, ssl.selection_strategy, tau, thresholds, ssl.consistency_filter
+        preds, spec, tau, thresholds, ssl.consistency_filter, correctness=correctness
     )
     kept = cap_per_image(kept, ssl.max_per_image)
     refined: dict[str, Any] = {}
@@ -398,6 +435,11 @@ def pseudo_label(
         quality = pseudo_quality(kept, gt, ids.to_pylist())
         info.update({k: v for k, v in quality.as_dict().items() if v == v})
         # how well each selection signal ranks the candidates, at STAC's count (simulated)
-        for name, ranked in ranking_report(preds, gt, ssl.tau, thresholds).items():
+        # (pcorrect on the stored columns: the strategy's own model unless it read calibrated)
+        model = correctness if correctness is not None and not spec.calib else None
+        if model is None and validation is not None:
+            model = fit_pseudo_correctness(validation, calib=False)
+        report = ranking_report(preds, gt, ssl.tau, thresholds, correctness=model)
+        for name, ranked in report.items():
             info.update({k: v for k, v in ranked.as_dict(name).items() if v == v})
     return pool, info
