@@ -399,7 +399,8 @@ def test_pcorrect_fits_its_model_on_validation_and_selects_by_it(cfg: Experiment
     from detloop.config import ConfigError, build_config, config_snapshot
     from detloop.data import schema
     from detloop.data.io import read_table
-    from detloop.orchestrator.loops.steps import CORRECTNESS_FILE
+    from detloop.data.errors import DataError
+    from detloop.orchestrator.loops.steps import CORRECTNESS_FILE, fit_selection_rule
     from detloop.selectors.pseudo import select_pseudo_labels
     from detloop.selectors.pseudo_correctness import CorrectnessModel
 
@@ -420,5 +421,8 @@ def test_pcorrect_fits_its_model_on_validation_and_selects_by_it(cfg: Experiment
     expected = select_pseudo_labels(preds, "pcorrect", tau, correctness=model)
     assert m1["pseudo_label_pseudo_labels"] == expected.num_rows > 0
     assert np.isfinite(m1["pseudo_label_rank_ap_pcorrect"])
+    # a labeling model without validation predictions: a data error naming the file
+    with pytest.raises(DataError, match=r"val_predictions.*validation predictions"):
+        fit_selection_rule(run, loop.cfg, 1, None, preds, None)
     with pytest.raises(ConfigError, match="pcorrect"):  # the mean teacher is online
         build_config(config_snapshot(cfg), [*sets, "ssl.teacher=ema"])

@@ -356,6 +356,42 @@ def fit_pseudo_tau(
     return fit_tau(signal, rank_true(val, signal, gt), gt.num_rows, ssl.target_precision)
 
 
+def fit_selection_rule(
+    run: RunDir,
+    cfg: ExperimentConfig,
+    iteration: int,
+    validation: tuple[pa.Table, pa.Table] | None,
+    predictions: pa.Table,
+    thresholds: Mapping[str, Any] | None,
+) -> tuple[float, CorrectnessModel | None, dict[str, float]]:
+    """What the selection rule fits on validation before it selects: ``pcorrect``'s model
+    (stored beside the round) and, with ``ssl.target_precision``, τ; with their numbers.
+
+    Raises:
+        DataError: either is asked for and the labeling model kept no validation predictions.
+    """
+    ssl = cfg.ssl
+    spec = ssl.selection_strategy
+    tau, correctness, numbers = ssl.tau, None, dict[str, float]()
+    if ssl.target_precision is None and not spec.needs_correctness:
+        return tau, correctness, numbers
+    if validation is None:
+        raise DataError(
+            str(run.val_predictions_file(iteration - 1)), None, None,
+            "ssl.target_precision and 'pcorrect' need the labeling model's validation "
+            "predictions",
+        )  # fmt: skip
+    if spec.needs_correctness:
+        correctness = fit_pseudo_correctness(validation, spec.calib)
+        write_json(correctness.as_dict(), run.iteration_dir(iteration) / CORRECTNESS_FILE)
+        numbers.update(correctness.numbers())
+    if ssl.target_precision is not None:
+        fit = fit_pseudo_tau(cfg, validation, predictions, thresholds, correctness)
+        tau = fit.tau
+        numbers.update(fit.as_dict())
+    return tau, correctness, numbers
+
+
 def pseudo_label(
     run: RunDir,
     cfg: ExperimentConfig,
@@ -394,23 +430,7 @@ def pseudo_label(
         thresholds = read_json(run.thresholds_file(iteration))
     spec = ssl.selection_strategy
     validation = validation_detections(run, cfg, iteration)
-    if validation is None and (ssl.target_precision is not None or spec.needs_correctness):
-        raise DataError(
-            str(run.val_predictions_file(iteration - 1)), None, None,
-            "ssl.target_precision and 'pcorrect' need the labeling model's validation "
-            "predictions",
-        )  # fmt: skip
-    tau, fitted, correctness = ssl.tau, dict[str, float](), None
-    if spec.needs_correctness:
-        assert validation is not None
-        correctness = fit_pseudo_correctness(validation, spec.calib)
-        write_json(correctness.as_dict(), run.iteration_dir(iteration) / CORRECTNESS_FILE)
-        fitted.update(correctness.numbers())
-    if ssl.target_precision is not None:
-        assert validation is not None
-        fit = fit_pseudo_tau(cfg, validation, preds, thresholds, correctness)
-        tau = fit.tau
-        fitted.update(fit.as_dict())
+    tau, correctness, fitted = fit_selection_rule(run, cfg, iteration, validation, preds, thresholds)
     kept = select_pseudo_labels(
         preds, spec, tau, thresholds, ssl.consistency_filter, correctness=correctness
     )
