@@ -398,8 +398,8 @@ def test_pcorrect_fits_its_model_on_validation_and_selects_by_it(cfg: Experiment
 
     from detloop.config import ConfigError, build_config, config_snapshot
     from detloop.data import schema
-    from detloop.data.io import read_table
     from detloop.data.errors import DataError
+    from detloop.data.io import read_table
     from detloop.orchestrator.loops.steps import CORRECTNESS_FILE, fit_selection_rule
     from detloop.selectors.pseudo import select_pseudo_labels
     from detloop.selectors.pseudo_correctness import CorrectnessModel

@@ -430,7 +430,9 @@ def pseudo_label(
         thresholds = read_json(run.thresholds_file(iteration))
     spec = ssl.selection_strategy
     validation = validation_detections(run, cfg, iteration)
-    tau, correctness, fitted = fit_selection_rule(run, cfg, iteration, validation, preds, thresholds)
+    tau, correctness, fitted = fit_selection_rule(
+        run, cfg, iteration, validation, preds, thresholds
+    )
     kept = select_pseudo_labels(
         preds, spec, tau, thresholds, ssl.consistency_filter, correctness=correctness
     )
