@@ -298,6 +298,37 @@ def _plot(summary: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _plot_rankings(ranked: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Per selection signal, the AP of its ranking of the teacher's candidates and its
+    precision at STAC's count (mean ± std over seeds), the score's drawn across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(ranked, key=lambda n: -ranked[n]["ap"]["mean"])
+    rows = range(len(names))
+    colours = ["C1" if n == "score" else "C2" if n == "pcorrect" else "C0" for n in names]
+    fig, axes = plt.subplots(
+        1, 2, figsize=(10, 1.2 + 0.32 * len(names)), sharey=True, constrained_layout=True
+    )
+    for ax, figure, label in (
+        (axes[0], "ap", "AP of the ranking against the hidden gt"),
+        (axes[1], "precision_at_k", "precision at STAC's count (score > 0.4)"),
+    ):
+        stats = [ranked[n][figure] for n in names]
+        ax.barh(rows, [s["mean"] for s in stats], xerr=[s["std"] for s in stats],
+                color=colours, capsize=3)  # fmt: skip
+        ax.axvline(ranked["score"][figure]["mean"], color="C1", lw=0.8, ls="--")
+        ax.set_xlabel(label)
+        ax.set_xlim(0, 1)
+    axes[0].set_yticks(list(rows), names)
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _prepare_tracking(args: argparse.Namespace, data: Path) -> None:
     """The MLflow store and the bench's experiment, created once before the seed processes
     open them (SQLite schema creation is not safe to race)."""
@@ -333,6 +364,12 @@ def _save(
         + ("the teacher" if args.student_init == "teacher" else "the initial weights")
     )
     _plot(summary, RESULTS / f"{name}.png", title)
+    if "score" in ranked:
+        _plot_rankings(
+            ranked,
+            RESULTS / f"{name}_rankings.png",
+            f"Pseudo-label candidates of the teachers (seeds {seeds}) ranked by each signal",
+        )
     budget = _budget(args)
     doc = {
         "seeds": [int(s) for s in args.seeds.split(",") if s],
