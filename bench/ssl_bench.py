@@ -45,7 +45,10 @@ Budgets: the teacher's 5,000 steps are §11.1's 200 epochs of 200 images (seed 0
 after 1,000 / 2,000 / 5,000 steps, each its own cosine schedule: 0.19 / 0.34 / 0.42). Students
 of 500 steps are the quick setting (results: ssl.json); 3,000 steps (``--student-steps 3000
 --runs-root runs/bench_ssl_s3000 --teachers-from runs/bench_ssl --tag s3000``) the one where
-the pseudo-labels' data can show (ssl_s3000.json). A runs root holds one budget.
+the pseudo-labels' data can show (ssl_s3000.json; the calibrated `combo`, the rankings and the
+comparison at equal pseudo-label precision, ``--variants stac+weakaug+p0.9,pcorrect+weakaug+p0.9,
+combo+weakaug --seeds 0,1,2,3,4 --tag s3000_p09``: ssl_s3000_p09.json, its _rankings.png). A
+runs root holds one budget.
 """
 
 from __future__ import annotations
