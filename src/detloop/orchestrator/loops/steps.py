@@ -409,41 +409,30 @@ def pseudo_label(
     pseudo-labels (with their scores) and returns those to store and its numbers.
 
     Returns the new pool state and the numbers: pseudo-labels, images with one, per image,
-    and — when the pool's ground truth is known (simulated runs) — their precision and recall
-    at IoU 0.5 against it.
+    what the rule fitted on validation and — when the pool's gt is known (simulated runs) —
+    their precision and recall at IoU 0.5 and the signals' rankings (``_ranking_numbers``).
     """
     from detloop.data.labels import next_box_id
-    from detloop.selectors.pseudo import (
-        cap_per_image,
-        pseudo_labels_table,
-        pseudo_quality,
-        select_pseudo_labels,
-    )
-    from detloop.selectors.pseudo_ranking import ranking_report
+    from detloop.selectors import pseudo as rules
 
     ssl = cfg.ssl
     ids = candidates["image_id"].combine_chunks()
     preds = predictions.filter(pc.is_in(predictions["image_id"], value_set=ids))
     preds = preds.filter(pc.greater_equal(preds["score"], ssl.teacher_min_score))
-    thresholds = None
-    if run.thresholds_file(iteration).exists():
-        thresholds = read_json(run.thresholds_file(iteration))
-    spec = ssl.selection_strategy
+    thr_file = run.thresholds_file(iteration)
+    thresholds = read_json(thr_file) if thr_file.exists() else None
     validation = validation_detections(run, cfg, iteration)
-    tau, correctness, fitted = fit_selection_rule(
-        run, cfg, iteration, validation, preds, thresholds
-    )
-    kept = select_pseudo_labels(
-        preds, spec, tau, thresholds, ssl.consistency_filter, correctness=correctness
-    )
-    kept = cap_per_image(kept, ssl.max_per_image)
+    tau, model, fitted = fit_selection_rule(run, cfg, iteration, validation, preds, thresholds)
+    spec = ssl.selection_strategy
+    kept = rules.select_pseudo_labels(preds, spec, tau, thresholds, ssl.consistency_filter, model)
+    kept = rules.cap_per_image(kept, ssl.max_per_image)
     refined: dict[str, Any] = {}
     if refine is not None:
         kept, refined = refine(kept)
     pool = pool.without_labels("pseudo", iteration=iteration)
     gt = run.read_gt()
     first = next_box_id(pool.labels, gt)
-    pool = pool.with_labels(pseudo_labels_table(kept, iteration, first_box_id=first))
+    pool = pool.with_labels(rules.pseudo_labels_table(kept, iteration, first_box_id=first))
     n_images = len(pc.unique(kept["image_id"])) if kept.num_rows else 0
     info: dict[str, Any] = {
         "candidates": candidates.num_rows,
@@ -454,14 +443,30 @@ def pseudo_label(
         **refined,
     }
     if pc.any(pc.is_in(gt["image_id"], value_set=ids)).as_py():
-        quality = pseudo_quality(kept, gt, ids.to_pylist())
+        quality = rules.pseudo_quality(kept, gt, ids.to_pylist())
         info.update({k: v for k, v in quality.as_dict().items() if v == v})
-        # how well each selection signal ranks the candidates, at STAC's count (simulated)
-        # (pcorrect on the stored columns: the strategy's own model unless it read calibrated)
-        model = correctness if correctness is not None and not spec.calib else None
-        if model is None and validation is not None:
-            model = fit_pseudo_correctness(validation, calib=False)
-        report = ranking_report(preds, gt, ssl.tau, thresholds, correctness=model)
-        for name, ranked in report.items():
-            info.update({k: v for k, v in ranked.as_dict(name).items() if v == v})
+        model = None if spec.calib else model  # the ranking reads the stored columns
+        info.update(_ranking_numbers(cfg, preds, gt, thresholds, validation, model))
     return pool, info
+
+
+def _ranking_numbers(
+    cfg: ExperimentConfig,
+    candidates: pa.Table,
+    gt: pa.Table,
+    thresholds: Mapping[str, Any] | None,
+    validation: tuple[pa.Table, pa.Table] | None,
+    correctness: CorrectnessModel | None,
+) -> dict[str, float]:
+    """How well each selection signal ranks the ``candidates`` against the hidden ``gt``, at
+    STAC's count (simulated runs); ``pcorrect`` on the stored columns — ``correctness`` when
+    given, else fitted on ``validation`` when there is one."""
+    from detloop.selectors.pseudo_ranking import ranking_report
+
+    if correctness is None and validation is not None:
+        correctness = fit_pseudo_correctness(validation, calib=False)
+    report = ranking_report(candidates, gt, cfg.ssl.tau, thresholds, correctness=correctness)
+    out: dict[str, float] = {}
+    for name, ranked in report.items():
+        out.update({k: v for k, v in ranked.as_dict(name).items() if v == v})
+    return out
