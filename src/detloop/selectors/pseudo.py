@@ -3,7 +3,10 @@
 ``selection_strategy`` uses the AL prefixes ``calib``, ``box``, ``norm`` plus ``pseudoscore``
 (weight the pseudo-labels) and ``selftrain`` (re-predict and retrain; the loop's business),
 then one of ``score`` (default), ``combo``, ``alluncert`` (alias ``all_uncert``), ``epuncert``,
-``ental`` or any predictions column.
+``ental``, ``pcorrect`` (P(right) learned on validation, ``pseudo_correctness``; beyond the
+reference) or any predictions column. Every rule keeps a detection iff one signal exceeds τ
+(``selection_signal``), so τ can also be fitted for a precision target
+(``pseudo_ranking.fit_tau``).
 """
 
 from __future__ import annotations
