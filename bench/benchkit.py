@@ -99,7 +99,11 @@ def ssl_round_figures(run: Any) -> list[dict[str, float]]:
         {
             **{k: float(row[v]) for k, v in SSL_ROUND_KEYS.items() if v in row},
             # each selection signal's ranking of the candidates (selectors.pseudo_ranking)
-            **{k[len(_RANK) - 5 :]: float(v) for k, v in row.items() if k.startswith(_RANK)},
+            **{
+                "rank_" + k.removeprefix(_RANK): float(v)
+                for k, v in row.items()
+                if k.startswith(_RANK)
+            },
         }
         for row in round_rows(run)
     ]

@@ -27,12 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detloop.data import schema
 from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
 from detloop.selectors.pseudo import vector_certainty
 from detloop.selectors.pseudo_correctness import CorrectnessModel
 from detloop.selectors.scores import combo_values
-from detloop.selectors.ssl_3d import greedy_match
+from detloop.selectors.ssl_3d import box_coords, greedy_match, rows_by_image
 
 #: the uncertainty strategies whose certainty is ranked (each also ranked joined with the
 #: score as its selection joins them: ``min(score, certainty)``, kept iff both pass τ)
@@ -94,14 +93,11 @@ def rank_true(
     tp = np.zeros(predictions.num_rows, dtype=bool)
     if predictions.num_rows == 0 or gt.num_rows == 0:
         return tp
-    p_img = np.asarray(predictions["image_id"].to_numpy(zero_copy_only=False), dtype=object)
-    g_img = np.asarray(gt["image_id"].to_numpy(zero_copy_only=False), dtype=object)
-    p_box = _boxes(predictions)
-    g_box = _boxes(gt)
+    p_box, g_box = box_coords(predictions), box_coords(gt)
     p_cls = np.asarray(predictions["class_id"].to_numpy(), dtype=np.int64)
     g_cls = np.asarray(gt["class_id"].to_numpy(), dtype=np.int64)
-    g_rows = _rows_by_image(g_img)
-    for image_id, rows in _rows_by_image(p_img).items():
+    g_rows = rows_by_image(gt)
+    for image_id, rows in rows_by_image(predictions).items():
         g = g_rows.get(image_id)
         if g is None:
             continue
@@ -194,17 +190,3 @@ def ranking_report(
         tp = rank_true(predictions, values, gt, iou)
         out[name] = ranking_quality(values, tp, gt.num_rows, k)
     return out
-
-
-def _boxes(table: pa.Table) -> FloatArray:
-    return np.stack([table[c].to_numpy() for c in schema.COORDS], axis=1).astype(np.float64)
-
-
-def _rows_by_image(ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Row indices of each image id, in row order."""
-    if len(ids) == 0:
-        return {}
-    uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(inverse, minlength=len(uniq)))]
-    return {str(u): order[bounds[i] : bounds[i + 1]] for i, u in enumerate(uniq)}
