@@ -25,7 +25,7 @@ from detloop.data.labels import IGNORE_CLASS_ID, box_rows, labels_from_boxes
 from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
 from detloop.selectors.pseudo_correctness import CorrectnessModel
 from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
-from detloop.selectors.ssl_3d import greedy_match
+from detloop.selectors.ssl_3d import match_rows
 from detloop.selectors.ssl_pls import pls_d, pls_detections, rarity
 from detloop.selectors.ssl_pls import pls_select as pls_select  # re-exported: PLS of §11.7
 from detloop.selectors.stages import min_max
@@ -456,35 +456,9 @@ def pseudo_quality(
     wanted = pa.array(sorted(set(candidate_ids)), pa.string())
     gt = gt.filter(pc.is_in(gt["image_id"], value_set=wanted))
     pseudo = pseudo.filter(pc.is_in(pseudo["image_id"], value_set=wanted))
-    score = "score" if "score" in pseudo.column_names else "weight"
-    matched = 0
-    gt_groups = _by_image(gt)
-    for image_id, (p_box, p_cls, p_score) in _by_image(pseudo, score).items():
-        if image_id not in gt_groups:
-            continue
-        g_box, g_cls, _ = gt_groups[image_id]
-        same_class = p_cls[:, None] == g_cls[None, :]
-        gt_of, _ = greedy_match(p_box, p_score, g_box, iou, allowed=same_class)
-        matched += int((gt_of >= 0).sum())
-    return PseudoQuality(pseudo.num_rows, gt.num_rows, matched)
-
-
-def _by_image(
-    table: pa.Table, score: str | None = None
-) -> dict[str, tuple[FloatArray, np.ndarray, FloatArray]]:
-    """Boxes, classes and scores of each image of a box table."""
-    ids = np.asarray(table["image_id"].to_numpy(zero_copy_only=False), dtype=object)
-    boxes = np.stack([table[c].to_numpy() for c in schema.COORDS], axis=1).astype(np.float64)
-    classes = np.asarray(table["class_id"].to_numpy(), dtype=np.int64)
-    scores = np.asarray(table[score].to_numpy(), dtype=np.float64) if score else np.ones(len(ids))
-    order = np.argsort(ids.astype(str), kind="stable")
-    uniq, starts = np.unique(ids[order].astype(str), return_index=True)
-    out: dict[str, tuple[FloatArray, np.ndarray, FloatArray]] = {}
-    ends = [*starts[1:], len(order)] if len(order) else []
-    for image_id, a, b in zip(uniq, starts, ends, strict=True):
-        m = order[a:b]
-        out[str(image_id)] = (boxes[m].reshape(-1, 4), classes[m], scores[m])
-    return out
+    order = pseudo["score" if "score" in pseudo.column_names else "weight"].to_numpy()
+    gt_row, _ = match_rows(pseudo, np.asarray(order, dtype=np.float64), gt, iou)
+    return PseudoQuality(pseudo.num_rows, gt.num_rows, int((gt_row >= 0).sum()))
 
 
 # ---- PLS (§11.7) -----------------------------------------------------------------------------

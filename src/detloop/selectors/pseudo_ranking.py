@@ -31,7 +31,7 @@ from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
 from detloop.selectors.pseudo import vector_certainty
 from detloop.selectors.pseudo_correctness import CorrectnessModel
 from detloop.selectors.scores import combo_values
-from detloop.selectors.ssl_3d import box_coords, greedy_match, rows_by_image
+from detloop.selectors.ssl_3d import match_rows
 
 #: the uncertainty strategies whose certainty is ranked (each also ranked joined with the
 #: score as its selection joins them: ``min(score, certainty)``, kept iff both pass τ)
@@ -90,21 +90,8 @@ def rank_true(
 ) -> BoolArray:
     """Per detection of ``predictions``, whether it matches a gt box when detections are
     matched in descending ``values`` order (see the module docstring)."""
-    tp = np.zeros(predictions.num_rows, dtype=bool)
-    if predictions.num_rows == 0 or gt.num_rows == 0:
-        return tp
-    p_box, g_box = box_coords(predictions), box_coords(gt)
-    p_cls = np.asarray(predictions["class_id"].to_numpy(), dtype=np.int64)
-    g_cls = np.asarray(gt["class_id"].to_numpy(), dtype=np.int64)
-    g_rows = rows_by_image(gt)
-    for image_id, rows in rows_by_image(predictions).items():
-        g = g_rows.get(image_id)
-        if g is None:
-            continue
-        allowed = p_cls[rows][:, None] == g_cls[g][None, :]
-        gt_of, _ = greedy_match(p_box[rows], values[rows], g_box[g], iou, allowed=allowed)
-        tp[rows] = gt_of >= 0
-    return tp
+    gt_row, _ = match_rows(predictions, values, gt, iou)
+    return gt_row >= 0
 
 
 def ranking_quality(values: FloatArray, tp: BoolArray, n_gt: int, k: int) -> RankingQuality:

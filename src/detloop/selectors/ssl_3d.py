@@ -97,6 +97,38 @@ def rows_by_image(table: pa.Table) -> dict[str, IntArray]:
     return {str(u): order[a:b] for u, a, b in zip(uniq, starts, ends, strict=True)}
 
 
+def match_rows(
+    detections: pa.Table,
+    order: FloatArray,
+    gt: pa.Table,
+    iou_thr: float = MATCH_IOU,
+    class_aware: bool = True,
+) -> tuple[IntArray, FloatArray]:
+    """Every image's detections matched to its gt boxes by ``greedy_match`` in descending
+    ``order`` (a score, or any ranking of the detections): per detection the row of ``gt`` it
+    matched (−1: none) and that IoU (0). With ``class_aware`` only a gt box of the detection's
+    class can match. The one matching of the pseudo-label studies: the 3D oracles, pseudo-label
+    precision/recall and the rankings all read it."""
+    gt_row = np.full(detections.num_rows, -1, dtype=np.int64)
+    iou = np.zeros(detections.num_rows)
+    if detections.num_rows == 0 or gt.num_rows == 0:
+        return gt_row, iou
+    p_box, g_box = box_coords(detections), box_coords(gt)
+    values = np.asarray(order, dtype=np.float64)
+    p_cls, g_cls = (np.asarray(t["class_id"].to_numpy(), dtype=np.int64) for t in (detections, gt))
+    g_groups = rows_by_image(gt)
+    for image_id, p_rows in rows_by_image(detections).items():
+        g_rows = g_groups.get(image_id)
+        if g_rows is None:
+            continue
+        allowed = p_cls[p_rows][:, None] == g_cls[g_rows][None, :] if class_aware else None
+        j, v = greedy_match(p_box[p_rows], values[p_rows], g_box[g_rows], iou_thr, allowed)
+        hit = j >= 0
+        gt_row[p_rows[hit]] = g_rows[j[hit]]
+        iou[p_rows] = v
+    return gt_row, iou
+
+
 def match_pseudo_to_gt(
     pseudo: pa.Table,
     gt: pa.Table,
@@ -105,24 +137,13 @@ def match_pseudo_to_gt(
     class_aware: bool = True,
 ) -> PseudoMatch:
     """Match the pseudo-labels of ``image_ids`` (default: the images holding one) to their GT
-    with ``greedy_match``."""
+    by descending score (``match_rows``)."""
     ids = sorted(set(pseudo["image_id"].to_pylist() if image_ids is None else image_ids))
     wanted = pa.array(ids, pa.string())
     pseudo = pseudo.filter(pc.is_in(pseudo["image_id"], value_set=wanted))
     gt = gt.filter(pc.is_in(gt["image_id"], value_set=wanted))
-    p_box, g_box = box_coords(pseudo), box_coords(gt)
     p_score = np.asarray(pseudo["score"].to_numpy(), dtype=np.float64)
-    p_cls, g_cls = (np.asarray(t["class_id"].to_numpy(), dtype=np.int64) for t in (pseudo, gt))
-    gt_row = np.full(pseudo.num_rows, -1, dtype=np.int64)
-    iou = np.zeros(pseudo.num_rows)
-    g_groups = rows_by_image(gt)
-    for image_id, p_rows in rows_by_image(pseudo).items():
-        g_rows = g_groups.get(image_id, np.zeros(0, np.int64))
-        allowed = p_cls[p_rows][:, None] == g_cls[g_rows][None, :] if class_aware else None
-        j, v = greedy_match(p_box[p_rows], p_score[p_rows], g_box[g_rows], iou_thr, allowed)
-        hit = j >= 0
-        gt_row[p_rows[hit]] = g_rows[j[hit]]
-        iou[p_rows] = v
+    gt_row, iou = match_rows(pseudo, p_score, gt, iou_thr, class_aware)
     matched = np.zeros(gt.num_rows, dtype=bool)
     matched[gt_row[gt_row >= 0]] = True
     return PseudoMatch(ids, pseudo, gt, gt_row, iou, matched)
