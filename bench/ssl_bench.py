@@ -70,6 +70,7 @@ from benchkit import (
     run_loop,
     seed_stats,
     ssl_round_figures,
+    val_curves,
     write_result,
 )
 
@@ -148,26 +149,34 @@ def seed_records(
     the teacher, the others restore it from the teacher cache."""
     import torch
 
+    from detloop.orchestrator.engine.tracking import tracking_uri
+
     torch.set_num_threads(1)
     local_env()
+    uri = tracking_uri(_config(args, data, seed, []))
     out: dict[str, Any] = {}
     for variant in variants:
         try:
-            out[variant] = _record(_run_variant(variant, seed, args, data))
+            out[variant] = _record(_run_variant(variant, seed, args, data), uri)
         except Exception:  # one broken variant must not lose the seed's other figures
             traceback.print_exc()
     return out
 
 
-def _record(run: Any) -> dict[str, Any]:
+def _record(run: Any, uri: str) -> dict[str, Any]:
     """Per round: test mAP, mAP50 and the pseudo-labels' count, precision, recall; the run's
-    directory and its phase time."""
+    directory, its phase time and its val mAP50 curves (with ``train.early_stopping``)."""
     path = Path(run.path).resolve()
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else Path(path.name)
     # the run's own phase time (a teacher restored from the cache costs ~0): what a resumed,
     # already finished bench still reports, where its wall time would be ~0
     seconds = sum(float(h.get("seconds") or 0.0) for h in run.read_meta().get("history", []))
-    return {"rounds": ssl_round_figures(run), "run": str(shown), "run_seconds": seconds}
+    return {
+        "rounds": ssl_round_figures(run),
+        "run": str(shown),
+        "run_seconds": seconds,
+        "val_map50": val_curves(run, uri),
+    }
 
 
 def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -223,6 +232,42 @@ def rankings(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[st
             key = f"rank_{figure}_{signal}"
             out[signal][figure] = seed_stats([f[key] for f in per_seed.values() if key in f])
     return out
+
+
+def plateaus(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per trained round (teacher, student, ...) and seed, where its val mAP50 curve peaked
+    (the weights early stopping kept) and how much its second half added: the evidence for
+    or against a plateau. Each seed's teacher curve is in the run that trained it."""
+    out: dict[str, dict[str, Any]] = {}
+    for variant, by_seed in records.items():
+        for seed, rec in by_seed.items():
+            for stage, curve in rec.get("val_map50", {}).items():
+                if len(curve) < 2:
+                    continue
+                key = stage if stage == "teacher" else f"{variant} {stage}"
+                epochs = [e for e, _ in curve]
+                values = [v for _, v in curve]
+                best = max(range(len(values)), key=values.__getitem__)
+                half = max(values[: (len(values) + 1) // 2])
+                out.setdefault(key, {})[str(seed)] = {
+                    "best": values[best],
+                    "best_epoch": epochs[best],
+                    "last_epoch": epochs[-1],
+                    "second_half_gain": max(values) - half,
+                }
+    return out
+
+
+def _plateau_table(curves: dict[str, dict[str, Any]]) -> str:
+    lines = ["val mAP50 curves (every map_freq epochs): best, its epoch / last, 2nd-half gain"]
+    for key, by_seed in curves.items():
+        cells = [
+            f"s{seed} {c['best']:.3f} @{c['best_epoch']:.0f}/{c['last_epoch']:.0f} "
+            f"+{c['second_half_gain']:.3f}"
+            for seed, c in by_seed.items()
+        ]
+        lines.append(f"  {key:<32} " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def _ranking_table(ranked: dict[str, dict[str, Any]]) -> str:
@@ -353,10 +398,13 @@ def _save(
         return
     summary = summarise(done)
     ranked = rankings(done)
+    curves = plateaus(done)
     if final:
         print(_table(summary))
         if ranked:
             print(_ranking_table(ranked))
+        if curves:
+            print(_plateau_table(curves))
         print(f"wall time: {wall / 60:.1f} min for seeds {args.seeds} x {len(variants)} variants")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"ssl_{args.tag}" if args.tag else "ssl"
@@ -387,6 +435,7 @@ def _save(
         "complete": final,
         "summary": summary,
         "rankings": ranked,
+        "plateaus": curves,
         "records": records,
     }
     path = write_result(name, doc)
