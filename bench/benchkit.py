@@ -90,14 +90,24 @@ SSL_ROUND_KEYS = {
 }
 
 
+#: an online mean teacher's round: the precision and recall of the pseudo-labels it gave the
+#: student during training (its pseudo_label phase scores the burn-in teacher's offline pick)
+ONLINE_KEYS = {
+    "precision": "train_online_pseudo_precision",
+    "recall": "train_online_pseudo_recall",
+}
+
+
 def ssl_round_figures(run: Any) -> list[dict[str, float]]:
-    """``SSL_ROUND_KEYS`` of every finished round of an SSL run, as the loop logged them, and
-    the ``rank_*`` figures of its pseudo-label candidates' rankings."""
+    """``SSL_ROUND_KEYS`` of every finished round of an SSL run, as the loop logged them (an
+    online teacher's pseudo-label quality from ``ONLINE_KEYS``), and the ``rank_*`` figures
+    of its pseudo-label candidates' rankings."""
     from detloop.reports.ssl_report import round_rows
 
     return [
         {
             **{k: float(row[v]) for k, v in SSL_ROUND_KEYS.items() if v in row},
+            **{k: float(row[v]) for k, v in ONLINE_KEYS.items() if v in row},
             # each selection signal's ranking of the candidates (selectors.pseudo_ranking)
             **{
                 "rank_" + k.removeprefix(_RANK): float(v)

@@ -47,6 +47,12 @@ class SslWorkers(FakeWorkers):
             extra = sorted(job.pseudo[1]["image_id"].to_pylist())
             model.write_bytes(model.read_bytes() + json.dumps(extra).encode())
         history = [{"epoch": 0.0, "loss": 1.0, "sup_loss": 0.6, "unsup_loss": 0.4}]
+        if job.online is not None:  # what the trainer records of an online teacher's labels
+            counts = ("pseudo_boxes", "pseudo_gt_boxes", "pseudo_matched")
+            history = [
+                {**history[0], **dict(zip(counts, (10.0, 8.0, 6.0), strict=True))},
+                {**history[0], "epoch": 1.0, **dict(zip(counts, (6.0, 12.0, 4.0), strict=True))},
+            ]
         return TrainOutcome(outcome.checkpoint, 4, 1.0, 0.01, {}, history if job.pseudo else [])
 
 
@@ -221,6 +227,16 @@ def test_ema_teacher_round(cfg: ExperimentConfig) -> None:
     student = workers.jobs[1]
     assert student.init_weights == str(loop.run.weights_file(0))
     assert student.online is not None and student.online.spec.name == "score"
+    # the simulated pool's hidden gt of exactly the unlabeled part scores the online labels
+    unlabeled = set(student.pseudo[0]["image_id"].to_pylist()) if student.pseudo else set()
+    assert student.online.gt is not None
+    assert set(student.online.gt["image_id"].to_pylist()) <= unlabeled
+    # the round's online pseudo-labels over the whole training: the epochs' counts summed
+    (train,) = (
+        h for h in loop.run.read_meta()["history"] if (h["iteration"], h["phase"]) == (1, "train")
+    )
+    assert train["online_pseudo_labels"] == 16
+    assert train["online_pseudo_precision"] == 10 / 16 and train["online_pseudo_recall"] == 0.5
     assert student.pseudo is not None and student.pseudo[1].num_rows == 0
     assert sorted(student.pseudo[0]["image_id"].to_pylist()) == sorted(
         set(

@@ -3,10 +3,12 @@ traversed, image weights applied once, the two-part loss."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from effdet.anchors import AnchorLabeler
@@ -314,10 +316,14 @@ def test_online_teacher_trains_and_resumes_exactly(
     )
     empty = labels.slice(0, 0)
 
+    # the unlabeled images' hidden gt: scores the online pseudo-labels, selects none
+    gt = labels.filter(pc.is_in(labels["image_id"], value_set=unl_imgs["image_id"]))
+    online = replace(_selection(0.5), gt=gt)
+
     def run(out: str, stop: int | None = None) -> Path:
         result = train_model(
             cfg, lab_imgs, labels, 10, tmp_path / out, seed=1, progress=False,
-            pseudo=(unl_imgs, empty), online=_selection(0.5), stop_at_step=stop,
+            pseudo=(unl_imgs, empty), online=online, stop_at_step=stop,
         )  # fmt: skip
         return Path(result.checkpoint)
 
@@ -331,6 +337,17 @@ def test_online_teacher_trains_and_resumes_exactly(
     assert read_metadata(whole)["steps"] == 4
     # (strong augmentation may push a box out of the image)
     assert 1.0 <= hist[-1]["pseudo_per_image"] <= 3.0 and hist[-1]["unsup_loss"] > 0
+    # the epoch's online pseudo-labels scored: each unlabeled image labeled once with 3 boxes
+    # (τ = 0, cap 3), against all of its gt boxes; a resumed run records the epoch's two
+    # parts, whose counts add up to the whole's
+    q, n = hist[-1], 3 * unl_imgs.num_rows
+    assert q["pseudo_boxes"] == n and q["pseudo_gt_boxes"] == gt.num_rows
+    assert q["pseudo_precision"] == q["pseudo_matched"] / n
+    assert q["pseudo_recall"] == q["pseudo_matched"] / gt.num_rows
+    parts = read_metadata(resumed)["history"]
+    assert [h["step"] for h in parts] == [2, 4]
+    for key in ("pseudo_boxes", "pseudo_gt_boxes", "pseudo_matched"):
+        assert sum(h[key] for h in parts) == q[key]
 
 
 def test_init_weights_load_whole_even_when_the_config_starts_from_a_backbone(

@@ -39,6 +39,7 @@ from detloop.selectors.pseudo import (
     ConsistencyFilter,
     PseudoSpec,
     cap_per_image,
+    pseudo_quality,
     select_pseudo_labels,
 )
 
@@ -47,7 +48,9 @@ from detloop.selectors.pseudo import (
 class OnlineSelection:
     """How the mean teacher turns its detections into pseudo-labels: the SSL selection
     (``spec``, τ, the teacher's score floor, the cap per image) with the thresholds (for
-    ``combo``) and calibrators (for ``calib``) fitted on the burn-in teacher's validation."""
+    ``combo``) and calibrators (for ``calib``) fitted on the burn-in teacher's validation.
+    ``gt``: the hidden ground truth of the unlabeled images in a simulated run — it scores the
+    online pseudo-labels (``MeanTeacher.take_quality``) and never selects one."""
 
     spec: PseudoSpec
     tau: float
@@ -57,6 +60,7 @@ class OnlineSelection:
     thresholds: Mapping[str, Any] | None = None
     calibration_dir: str | None = None
     consistency: ConsistencyFilter | None = None
+    gt: pa.Table | None = None
 
     @classmethod
     def from_config(
@@ -64,6 +68,7 @@ class OnlineSelection:
         cfg: ExperimentConfig,
         thresholds: Mapping[str, Any] | None,
         calibration_dir: Path | None,
+        gt: pa.Table | None = None,
     ) -> OnlineSelection:
         ssl = cfg.ssl
         return cls(
@@ -75,6 +80,7 @@ class OnlineSelection:
             thresholds=thresholds,
             calibration_dir=str(calibration_dir) if calibration_dir else None,
             consistency=ssl.consistency_filter,
+            gt=gt if gt is not None and gt.num_rows else None,
         )
 
 
@@ -90,6 +96,9 @@ class MeanTeacher:
         self.selection = selection
         self.cfg = cfg
         self.updates = 0
+        # the online pseudo-labels scored against ``selection.gt`` since the last
+        # ``take_quality``: pseudo-labels, gt boxes of their images, matched
+        self.counts = [0, 0, 0]
         self._predictor: Any = None
         self._calibration: Any = None
 
@@ -107,11 +116,28 @@ class MeanTeacher:
 
     def state_dict(self) -> dict[str, Any]:
         weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return {"updates": self.updates, "weights": weights}
+        return {"updates": self.updates, "weights": weights, "counts": list(self.counts)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.updates = int(state["updates"])
         self.model.load_state_dict(state["weights"])
+        self.counts = [int(c) for c in state.get("counts", (0, 0, 0))]
+
+    def take_quality(self) -> dict[str, float]:
+        """Precision and recall (IoU 0.5, as ``pseudo_quality``) of the online pseudo-labels
+        given since the last call, with their counts (a ratio of zero counts left out); {}
+        without hidden gt. Resets the counts (the trainer takes them once per epoch)."""
+        if self.selection.gt is None:
+            return {}
+        n_pseudo, n_gt, matched = self.counts
+        self.counts = [0, 0, 0]
+        out = {"pseudo_boxes": float(n_pseudo), "pseudo_gt_boxes": float(n_gt)}
+        out["pseudo_matched"] = float(matched)
+        if n_pseudo:
+            out["pseudo_precision"] = matched / n_pseudo
+        if n_gt:
+            out["pseudo_recall"] = matched / n_gt
+        return out
 
     def _predict(self, images: pa.Table, seed: int, root: Path | None) -> pa.Table:
         from detloop.learners.predict import Predictor
@@ -136,6 +162,10 @@ class MeanTeacher:
         preds = preds.filter(pc.greater_equal(preds["score"], sel.min_score))
         kept = select_pseudo_labels(preds, sel.spec, sel.tau, sel.thresholds, sel.consistency)
         kept = cap_per_image(kept, sel.max_per_image)
+        if sel.gt is not None:
+            q = pseudo_quality(kept, sel.gt, images["image_id"].to_pylist())
+            self.counts = [self.counts[0] + q.n_pseudo, self.counts[1] + q.n_gt,
+                           self.counts[2] + q.matched]  # fmt: skip
         cols = ["image_id", "class_id", "x1", "y1", "x2", "y2"]
         out = kept.select(cols).append_column(
             "weight", pa.array(np.asarray(kept["weight"].to_numpy(), np.float32))

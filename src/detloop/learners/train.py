@@ -682,6 +682,8 @@ def _epochs(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> N
             epoch = loop.step // schedule.per_epoch
             parts = _epoch(loop, job, data, images, schedule, bench, bar)
             loop.history.append(_record(loop, parts, epoch, schedule.lr(loop.step - 1, tcfg)))
+            if loop.teacher is not None:  # the online pseudo-labels' quality (simulated runs)
+                loop.history[-1].update(loop.teacher.take_quality())
             if _after_epoch(loop, job, schedule):
                 break
     finally:

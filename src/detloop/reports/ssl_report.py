@@ -39,6 +39,11 @@ def ssl_summary(run: RunDir) -> str:
         f"{'pseudo':>7} {'prec':>6} {'recall':>6}"
     )
     for row in round_rows(run):
+        # an online mean teacher's round: the labels the student was given, not the burn-in
+        # teacher's offline pick its pseudo_label phase scored
+        for key in ("precision", "recall"):
+            if f"train_online_pseudo_{key}" in row:
+                row[f"pseudo_label_pseudo_{key}"] = row[f"train_online_pseudo_{key}"]
         r = int(row["round"])
         name = "teacher" if r == 0 else "student" if r == 1 else f"selftrain{r - 1}"
         lines.append(

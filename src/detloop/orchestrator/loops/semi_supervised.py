@@ -277,6 +277,7 @@ class SemiSupervisedLoop(ModelLoop):
             "loss": result.final_loss,
             **result.monitors,
             **_last(result.history, ("sup_loss", "unsup_loss")),
+            **_online_quality(result.history),
         }
 
     def _training_labels(self, pool: PoolState) -> pa.Table:
@@ -294,10 +295,13 @@ class SemiSupervisedLoop(ModelLoop):
 
         thr = self.run.thresholds_file(iteration)
         cal = self.run.calibration_dir(iteration)
+        unlabeled = ssl_blocks.unlabeled_images(PoolState.load(self.run))["image_id"]
+        gt = self.run.read_gt()  # hidden gt of the unlabeled part: scores, never selects
         return OnlineSelection.from_config(
             self.cfg,
             read_json(thr) if thr.exists() else None,
             cal if self.spec.needs_calibration and cal.exists() else None,
+            gt.filter(pc.is_in(gt["image_id"], value_set=unlabeled)),
         )
 
     def _phase_evaluate(self, iteration: int) -> dict[str, Any]:
@@ -355,6 +359,21 @@ def _batch_size(cfg: ExperimentConfig) -> int:
     if "batch_size" in cfg.train.model_fields_set:
         return cfg.train.batch_size
     return int(PRESETS[cfg.model.preset].train.get("batch_size", cfg.train.batch_size))
+
+
+def _online_quality(history: list[dict[str, float]]) -> dict[str, float]:
+    """An online mean teacher's pseudo-labels over the whole training, scored against the
+    hidden gt (the per-epoch counts the trainer recorded; none outside simulated runs)."""
+    n_pseudo, n_gt, matched = (
+        sum(h.get(k, 0.0) for h in history)
+        for k in ("pseudo_boxes", "pseudo_gt_boxes", "pseudo_matched")
+    )
+    out = {"online_pseudo_labels": n_pseudo} if n_gt else {}
+    if n_pseudo and n_gt:
+        out["online_pseudo_precision"] = matched / n_pseudo
+    if n_gt:
+        out["online_pseudo_recall"] = matched / n_gt
+    return out
 
 
 def _last(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
