@@ -256,6 +256,7 @@ def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> 
     from detloop.orchestrator.engine.workers import job_config
 
     sets = ["ssl.student_init=teacher", "ssl.student_epochs=7", "ssl.student_max_steps=30"]
+    sets.append("ssl.student_eval_steps=50")
     cfg = build_config(config_snapshot(cfg), sets)
     loop, workers = _loop(cfg)
     assert loop.execute() == "done"
@@ -266,6 +267,8 @@ def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> 
     assert (student.epochs, student.max_steps) == (7, 30)
     assert selftrain.init_weights == str(loop.run.weights_file(1))
     assert (selftrain.epochs, selftrain.max_steps) == (2, None)
+    # students and self-training rounds evaluate val in steps; the teacher as any training
+    assert (teacher.eval_steps, student.eval_steps, selftrain.eval_steps) == (None, 50, 50)
     # what the train worker trains with: the job's budget in place of train's
     trained = job_config(cfg, student).train
     assert (trained.epochs, trained.max_steps) == (7, 30)

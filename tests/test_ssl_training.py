@@ -201,6 +201,33 @@ def test_student_trains_on_both_streams(pool: tuple[pa.Table, pa.Table], tmp_pat
         assert h["loss"] == pytest.approx(h["sup_loss"] + 0.5 * h["unsup_loss"], rel=1e-5)
 
 
+def test_eval_steps_set_a_students_val_evaluations_in_steps(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path
+) -> None:
+    """``eval_steps`` (``ssl.student_eval_steps``): early stopping evaluates val mAP50 every
+    round(eval_steps / steps per epoch) epochs; without it every ``train.map_freq`` epochs
+    (here 100: never)."""
+    images, labels = pool
+    lab_imgs, pse_imgs = images.slice(0, 6), images.slice(6, 18)
+    pseudo_labels = labels.filter(pc.is_in(labels["image_id"], value_set=pse_imgs["image_id"]))
+    val_imgs = images.slice(18, 2)
+    val = (val_imgs, labels.filter(pc.is_in(labels["image_id"], value_set=val_imgs["image_id"])))
+    train = {"device": "cpu", "epochs": 3, "batch_size": 4, "early_stopping": True}
+    cfg = ExperimentConfig.model_validate({"train": {**train, "map_freq": 100}})
+
+    def evaluated(out: str, eval_steps: int | None) -> list[float]:
+        result = train_model(
+            cfg, lab_imgs, labels, 10, tmp_path / out, seed=0, progress=False,
+            pseudo=(pse_imgs, pseudo_labels), val=val, eval_steps=eval_steps,
+        )  # fmt: skip
+        return [h["epoch"] for h in result.history if "val_map50" in h]
+
+    # 6 steps per epoch (test_student_trains_on_both_streams): 12 steps = every 2nd epoch
+    assert evaluated("steps", 12) == [1.0]
+    assert evaluated("steps_small", 1) == [0.0, 1.0, 2.0]  # at least every epoch
+    assert evaluated("epochs", None) == []
+
+
 def test_pseudo_box_weight_scales_the_pseudo_part_box_loss_only(
     pool: tuple[pa.Table, pa.Table], tmp_path: Path
 ) -> None:

@@ -311,6 +311,11 @@ class SSLConfig(Section):
     # streams traversed), so one step cap for both gives the student fewer labeled views
     student_epochs: int | None = Field(None, ge=1)
     student_max_steps: int | None = Field(None, ge=1)
+    # with train.early_stopping: a student (and self-training round) evaluates val mAP50
+    # about every this many steps (whole epochs of its stream), keeping the best weights;
+    # None = every train.map_freq epochs, as any training — a student's epoch traverses the
+    # pseudo stream too (~10x a teacher's at 10 % labeled), so it may never be evaluated
+    student_eval_steps: int | None = Field(None, ge=1)
     # where the first student starts: `initial` = the config's model weights, as the teacher
     # (§11.1, the reference); `teacher` = the teacher's weights (burn-in, as mean-teacher
     # systems do), so the student refines the teacher with gt + pseudo-labels

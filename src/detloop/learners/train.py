@@ -396,6 +396,7 @@ def train_model(
     class_names: Sequence[str] | None = None,
     data_parallel: DataParallel | None = None,
     unlabeled: pa.Table | None = None,
+    eval_steps: int | None = None,
 ) -> TrainResult:
     """Train a detector on ``images``/``labels`` and write its checkpoint to ``out_dir``.
 
@@ -433,6 +434,9 @@ def train_model(
             of B // (ratio + 1) labeled images and the rest unlabeled (``Streams.csd``); loss
             L_det(labeled) + w(t)·(L_cls_cons + L_box_cons) of each image and its flip
             (``learners.csd``). Not with ``pseudo``, ``online`` or ``data_parallel``.
+        eval_steps: with ``train.early_stopping``, evaluate val mAP50 every
+            max(1, round(eval_steps / steps per epoch)) epochs instead of every
+            ``train.map_freq`` (an SSL student's epoch is both streams' traversal).
 
     Raises:
         DataError: missing weights file or unreadable image.
@@ -452,6 +456,9 @@ def train_model(
         streams = Streams.csd(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo, csd.ratio)
     streams = _with_curriculum(cfg, streams, images, labels, num_classes)
     images = with_copies(images, streams)
+    if eval_steps is not None:
+        every = max(1, round(eval_steps / streams.steps_per_epoch))
+        tcfg = tcfg.model_copy(update={"map_freq": every})
     job = _Job(
         cfg,
         tcfg,

@@ -63,6 +63,9 @@ class TrainJob:
     pseudo: tuple[pa.Table, pa.Table] | None = None
     epochs: int | None = None
     max_steps: int | None = None
+    # early stopping's val evaluations about every this many steps instead of every
+    # ``train.map_freq`` epochs (``ssl.student_eval_steps``)
+    eval_steps: int | None = None
     # stop after this step, keeping the partial checkpoint (fault injection: a driver killed
     # mid-training leaves one behind, and the next attempt resumes from it)
     stop_at_step: int | None = None
@@ -243,6 +246,7 @@ def run_train_job(
         class_names=job.class_names,
         data_parallel=data_parallel,
         unlabeled=job.unlabeled,
+        eval_steps=job.eval_steps,
     )
     return TrainOutcome(
         checkpoint=Path(result.checkpoint),

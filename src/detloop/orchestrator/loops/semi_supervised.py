@@ -236,6 +236,7 @@ class SemiSupervisedLoop(ModelLoop):
             epochs, max_steps = ssl.student_epochs, ssl.student_max_steps
         elif iteration > 1:
             epochs = ssl.selftrain_epochs
+        eval_steps = ssl.student_eval_steps if iteration > 0 else None
         val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
         pseudo = None
         if iteration > 0:
@@ -261,6 +262,7 @@ class SemiSupervisedLoop(ModelLoop):
             pseudo=pseudo,
             epochs=epochs,
             max_steps=max_steps,
+            eval_steps=eval_steps,
             online=online,
             unlabeled=unlabeled,
         )
