@@ -2,7 +2,7 @@
 model's mAP, and whether it beats `random` beyond seed-to-seed noise.
 
 On digits-det small with class imbalance (r = 0.7), every model starting from the pretrained
-digits backbone (``configs/demo.yaml``) and trained to a plateau (early stopping on val mAP50,
+digits backbone (``configs/demo.yaml``) and trained to a plateau (early stopping on val mAP,
 best weights kept, an epoch and step cap as a backstop; each training's steps and whether the
 cap stopped it are recorded):
 

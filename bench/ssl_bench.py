@@ -165,7 +165,7 @@ def seed_records(
 
 def _record(run: Any, uri: str) -> dict[str, Any]:
     """Per round: test mAP, mAP50 and the pseudo-labels' count, precision, recall; the run's
-    directory, its phase time and its val mAP50 curves (with ``train.early_stopping``)."""
+    directory, its phase time and its val mAP and mAP50 curves (``train.early_stopping``)."""
     path = Path(run.path).resolve()
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else Path(path.name)
     # the run's own phase time (a teacher restored from the cache costs ~0): what a resumed,
@@ -175,7 +175,8 @@ def _record(run: Any, uri: str) -> dict[str, Any]:
         "rounds": ssl_round_figures(run),
         "run": str(shown),
         "run_seconds": seconds,
-        "val_map50": val_curves(run, uri),
+        "val_map50": val_curves(run, uri, "map50"),
+        "val_map": val_curves(run, uri, "map"),
     }
 
 
@@ -234,14 +235,16 @@ def rankings(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[st
     return out
 
 
-def plateaus(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per trained round (teacher, student, ...) and seed, where its val mAP50 curve peaked
-    (the weights early stopping kept) and how much its second half added: the evidence for
-    or against a plateau. Each seed's teacher curve is in the run that trained it."""
+def plateaus(
+    records: dict[str, dict[int, dict[str, Any]]], metric: str = "val_map50"
+) -> dict[str, dict[str, Any]]:
+    """Per trained round (teacher, student, ...) and seed, where its val curve of ``metric``
+    (``val_map50`` or ``val_map``) peaked and how much its second half added: the evidence
+    for or against a plateau. Each seed's teacher curve is in the run that trained it."""
     out: dict[str, dict[str, Any]] = {}
     for variant, by_seed in records.items():
         for seed, rec in by_seed.items():
-            for stage, curve in rec.get("val_map50", {}).items():
+            for stage, curve in rec.get(metric, {}).items():
                 if len(curve) < 2:
                     continue
                 key = stage if stage == "teacher" else f"{variant} {stage}"
@@ -258,8 +261,8 @@ def plateaus(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[st
     return out
 
 
-def _plateau_table(curves: dict[str, dict[str, Any]]) -> str:
-    lines = ["val mAP50 curves (every map_freq epochs): best, its epoch / last, 2nd-half gain"]
+def _plateau_table(curves: dict[str, dict[str, Any]], metric: str) -> str:
+    lines = [f"{metric} curves (every map_freq epochs): best, its epoch / last, 2nd-half gain"]
     for key, by_seed in curves.items():
         cells = [
             f"s{seed} {c['best']:.3f} @{c['best_epoch']:.0f}/{c['last_epoch']:.0f} "
@@ -398,13 +401,14 @@ def _save(
         return
     summary = summarise(done)
     ranked = rankings(done)
-    curves = plateaus(done)
+    curves = {m: plateaus(done, m) for m in ("val_map", "val_map50")}
     if final:
         print(_table(summary))
         if ranked:
             print(_ranking_table(ranked))
-        if curves:
-            print(_plateau_table(curves))
+        for metric, by_round in curves.items():
+            if by_round:
+                print(_plateau_table(by_round, metric))
         print(f"wall time: {wall / 60:.1f} min for seeds {args.seeds} x {len(variants)} variants")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"ssl_{args.tag}" if args.tag else "ssl"

@@ -132,19 +132,27 @@ def test_weights_files(pool: tuple[pa.Table, pa.Table], tmp_path: Path) -> None:
 def test_early_stopping_on_val_map(
     pool: tuple[pa.Table, pa.Table], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Scripted val mAP50 per epoch (one step each): 0.1, 0.3 (best), 0.2, 0.3 → with patience 2
-    training stops after epoch 4 of 6 and the checkpoint holds epoch 2's weights. Scores that
-    keep improving run all 6 epochs."""
+    """Scripted val mAP per epoch (one step each): 0.1, 0.3 (best), 0.2, 0.3 → with patience 2
+    training stops after epoch 4 of 6 and the checkpoint holds epoch 2's weights, although
+    mAP50 kept rising (``early_stopping_metric: map``, the default). Watching mAP50 instead,
+    the same training runs all 6 epochs."""
     from detloop.learners import evaluate_run
 
     images, labels = pool
     images = images.slice(0, 4)
     labels = labels.filter(pc.is_in(labels.column("image_id"), images.column("image_id")))
-    cfg = config(epochs=6, batch_size=4, early_stopping=True, map_freq=1, patience=2)
+    maps, map50s = [0.1, 0.3, 0.2, 0.3, 0.9, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 
-    def train(scores: list[float], out: str) -> tuple[TrainResult, dict[int, dict[str, Tensor]]]:
-        script = iter(scores)
-        monkeypatch.setattr(evaluate_run, "evaluate_model", lambda *a, **k: {"map50": next(script)})
+    def train(metric: str, out: str) -> tuple[TrainResult, dict[int, dict[str, Tensor]]]:
+        cfg = config(epochs=6, batch_size=4, early_stopping=True, map_freq=1, patience=2,
+                     early_stopping_metric=metric)  # fmt: skip
+        script = iter(zip(maps, map50s, strict=True))
+
+        def evaluate(*args: object, **kwargs: object) -> dict[str, float]:
+            m, m50 = next(script)
+            return {"map": m, "map50": m50}
+
+        monkeypatch.setattr(evaluate_run, "evaluate_model", evaluate)
         seen: dict[int, dict[str, Tensor]] = {}
 
         def keep(epoch: int, model: torch.nn.Module) -> None:
@@ -156,12 +164,13 @@ def test_early_stopping_on_val_map(
         )  # fmt: skip
         return result, seen
 
-    stopped, seen = train([0.1, 0.3, 0.2, 0.3, 0.9, 0.9], "es")
-    assert stopped.steps == 4 and [h["val_map50"] for h in stopped.history] == [0.1, 0.3, 0.2, 0.3]
+    stopped, seen = train("map", "es")
+    assert stopped.steps == 4 and [h["val_map"] for h in stopped.history] == maps[:4]
+    assert [h["val_map50"] for h in stopped.history] == map50s[:4]
     saved = load_state_dict(stopped.checkpoint)
     assert all(torch.equal(saved[k], seen[2][k]) for k in saved)
     assert not all(torch.equal(saved[k], seen[4][k]) for k in saved)
-    full, _ = train([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "all")
+    full, _ = train("map50", "all")
     assert full.steps == 6 and len(full.history) == 6
 
 

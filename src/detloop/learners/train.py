@@ -870,8 +870,9 @@ def _step(
 
 
 def _early_stop(loop: LoopState, job: _Job, epochs_done: int) -> bool:
-    """Evaluate val mAP50 (of the weights a checkpoint would get) every ``map_freq`` epochs;
-    keep the best weights; True when ``patience`` evaluations in a row did not improve."""
+    """Evaluate val mAP and mAP50 (of the weights a checkpoint would get) every ``map_freq``
+    epochs; keep the best weights by ``early_stopping_metric``; True when ``patience``
+    evaluations in a row did not improve it."""
     tcfg = job.tcfg
     if not tcfg.early_stopping or job.val is None or epochs_done % tcfg.map_freq:
         return False
@@ -880,13 +881,14 @@ def _early_stop(loop: LoopState, job: _Job, epochs_done: int) -> bool:
     images, labels = job.val
     with saved_weights(loop) as model:
         score = evaluate_model(model, job.cfg, images, labels, seed=job.seed, root=job.root)
-        better = score["map50"] > loop.best_map
+        value = float(score[tcfg.early_stopping_metric])
+        better = value > loop.best_map
         if better:
             loop.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     loop.model.train()
-    loop.history[-1]["val_map50"] = float(score["map50"])
+    loop.history[-1].update({"val_map": float(score["map"]), "val_map50": float(score["map50"])})
     if better:
-        loop.best_map, loop.bad_evals = float(score["map50"]), 0
+        loop.best_map, loop.bad_evals = value, 0
         return False
     loop.bad_evals += 1
     return loop.bad_evals >= tcfg.patience

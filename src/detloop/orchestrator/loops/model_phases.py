@@ -136,7 +136,7 @@ class ModelLoop(JournaledLoop):
         """A training's per-epoch losses (and an SSL student's supervised and unsupervised
         losses and pseudo-labels per image; an online teacher's pseudo-label precision and
         recall in simulated runs) as MLflow series ``<stage>_<key>``, one step per epoch."""
-        keys = ("loss", "sup_loss", "unsup_loss", "pseudo_per_image", "val_map50")
+        keys = ("loss", "sup_loss", "unsup_loss", "pseudo_per_image", "val_map", "val_map50")
         for key in (*keys, "pseudo_precision", "pseudo_recall"):
             points = [(int(h["epoch"]), float(h[key])) for h in history if key in h]
             if points:
