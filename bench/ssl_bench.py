@@ -47,8 +47,12 @@ of 500 steps are the quick setting (results: ssl.json); 3,000 steps (``--student
 --runs-root runs/bench_ssl_s3000 --teachers-from runs/bench_ssl --tag s3000``) the one where
 the pseudo-labels' data can show (ssl_s3000.json; the calibrated `combo`, the rankings and the
 comparison at equal pseudo-label precision, ``--variants stac+weakaug+p0.9,pcorrect+weakaug+p0.9,
-combo+weakaug --seeds 0,1,2,3,4 --tag s3000_p09``: ssl_s3000_p09.json, its _rankings.png). A
-runs root holds one budget.
+combo+weakaug --seeds 0,1,2,3,4 --tag s3000_p09``: ssl_s3000_p09.json, its _rankings.png).
+Longer-trained teachers (ssl_t10k.json): ``--teacher-steps 10000 --runs-root
+runs/bench_ssl_t10k --tag t10k --set train.epochs=1000 --set train.early_stopping=true --set
+train.patience=6 --set train.early_stopping_metric=map50`` (the teacher stops when val mAP50
+stops rising, 7,000-8,000 steps; ``map``, now the default, watches mAP@[.5:.95]); the JSON's
+``plateaus`` say where each training's val curve peaked. A runs root holds one budget.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detloop.config import ExperimentConfig
+from detloop.config import ExperimentConfig, SSLConfig
 from detloop.data import schema, splits
 from detloop.data.collage import is_generated
 from detloop.data.io import read_json, read_table, write_table
@@ -231,12 +231,7 @@ class SemiSupervisedLoop(ModelLoop):
         # training rounds from the previous student, whole
         from_teacher = iteration == 1 and ssl.student_init == "teacher"
         init = self.run.weights_file(iteration - 1) if iteration > 1 or from_teacher else None
-        epochs, max_steps = None, None
-        if iteration == 1:
-            epochs, max_steps = ssl.student_epochs, ssl.student_max_steps
-        elif iteration > 1:
-            epochs = ssl.selftrain_epochs
-        eval_steps = ssl.student_eval_steps if iteration > 0 else None
+        epochs, max_steps, eval_steps = _round_budget(ssl, iteration)
         val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
         pseudo = None
         if iteration > 0:
@@ -361,6 +356,17 @@ def _batch_size(cfg: ExperimentConfig) -> int:
     if "batch_size" in cfg.train.model_fields_set:
         return cfg.train.batch_size
     return int(PRESETS[cfg.model.preset].train.get("batch_size", cfg.train.batch_size))
+
+
+def _round_budget(ssl: SSLConfig, iteration: int) -> tuple[int | None, int | None, int | None]:
+    """A round's epochs, step cap and val evaluation interval in steps (None: ``train``'s):
+    the teacher trains as any model, the first student on its own budget, self-training
+    rounds for ``selftrain_epochs``; students evaluate val every ``student_eval_steps``."""
+    if iteration == 0:
+        return None, None, None
+    if iteration == 1:
+        return ssl.student_epochs, ssl.student_max_steps, ssl.student_eval_steps
+    return ssl.selftrain_epochs, None, ssl.student_eval_steps
 
 
 def _online_quality(history: list[dict[str, float]]) -> dict[str, float]:
