@@ -417,9 +417,11 @@ def _save(
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"ssl_{args.tag}" if args.tag else "ssl"
     seeds = args.seeds.replace(",", ", ")
+    # with early stopping the step counts are caps, not what each model trained
+    cap = "≤ " if "train.early_stopping=true" in args.overrides else ""
     title = (
         f"SSL on digits-det small (r = 0.7), 10 % labeled, seeds {seeds}: teacher "
-        f"{args.teacher_steps} steps, students {args.student_steps} from "
+        f"{cap}{args.teacher_steps} steps, students {cap}{args.student_steps} from "
         + ("the teacher" if args.student_init == "teacher" else "the initial weights")
     )
     _plot(summary, RESULTS / f"{name}.png", title)

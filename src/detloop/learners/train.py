@@ -434,8 +434,8 @@ def train_model(
             of B // (ratio + 1) labeled images and the rest unlabeled (``Streams.csd``); loss
             L_det(labeled) + w(t)·(L_cls_cons + L_box_cons) of each image and its flip
             (``learners.csd``). Not with ``pseudo``, ``online`` or ``data_parallel``.
-        eval_steps: with ``train.early_stopping``, evaluate val mAP50 every
-            max(1, round(eval_steps / steps per epoch)) epochs instead of every
+        eval_steps: with ``train.early_stopping``, evaluate val (``early_stopping_metric``)
+            every max(1, round(eval_steps / steps per epoch)) epochs instead of every
             ``train.map_freq`` (an SSL student's epoch is both streams' traversal).
 
     Raises:
