@@ -69,3 +69,20 @@ def test_pcorrect_selection_keeps_p_above_tau_and_weighs_p() -> None:
     assert kept["weight"].to_numpy() == pytest.approx(p[p > np.float32(0.6)], abs=1e-6)
     with pytest.raises(ValueError, match="correctness model"):
         select_pseudo_labels(preds, "pcorrect", 0.6)
+
+
+def test_pcorrect_iou_sets_what_counts_as_right() -> None:
+    """``ssl.pcorrect_iou``: a detection overlapping its gt box at IoU 0.6 is right for a fit
+    at 0.5 and wrong at 0.75; exact boxes are right at both."""
+    from detloop.orchestrator.loops.steps import fit_pseudo_correctness
+
+    gt = pa.table(
+        {"image_id": [f"i{k}" for k in range(4)], "class_id": [0] * 4,
+         "x1": [0.0] * 4, "y1": [0.0] * 4, "x2": [10.0] * 4, "y2": [10.0] * 4}
+    )  # fmt: skip
+    # 100 / (10 · 50 / 3) = 0.6: the box 10 × 16.67 holding the gt box
+    rows = [{"image_id": f"i{k}", "y2": 10.0 if k < 2 else 50 / 3, "score": 0.9 - 0.1 * k}
+            for k in range(4)]  # fmt: skip
+    validation = (predictions_from_rows(rows), gt)
+    assert fit_pseudo_correctness(validation, calib=False).n_right == 4
+    assert fit_pseudo_correctness(validation, calib=False, iou=0.75).n_right == 2

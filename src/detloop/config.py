@@ -294,6 +294,10 @@ class SSLConfig(Section):
     # whose kept detections reach this precision at IoU 0.5) and selects with it, so every
     # selection strategy is compared at the same pseudo-label precision; None: τ as set
     target_precision: float | None = Field(None, gt=0, le=1)
+    # `pcorrect`'s notion of right: a validation detection matched to a gt box of its class at
+    # IoU >= this (0.5: right as mAP50 and pseudo-label precision count it; higher asks for
+    # well-localised boxes, what mAP@[.5:.95] rewards)
+    pcorrect_iou: float = Field(0.5, gt=0, lt=1)
     stac_lambda: float = Field(1.0, ge=0)  # λ, weight of the pseudo-labeled part of the loss
     selection_strategy: Selection = Field(default_factory=lambda: parse_pseudo_strategy("score"))
     teacher_strategy: TeacherStrategy = Field(default_factory=lambda: _parse_teacher(""))

@@ -86,7 +86,8 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
     the default), ``3d_<variant>``, ``ignore`` (``ssl.rejected``), ``L<k>``
     (``ssl.labeled_per_batch``), ``weakaug`` (``ssl.stac_randaug`` off), ``lam<λ>``,
     ``box<w>`` and ``mag<m>`` (``ssl.stac_lambda``, ``ssl.pseudo_box_weight`` and, with the
-    strong augmentation on, ``ssl.randaug_magnitude`` off their defaults) and ``from_teacher`` (a
+    strong augmentation on, ``ssl.randaug_magnitude`` off their defaults), ``pciou<v>``
+    (``ssl.pcorrect_iou`` off 0.5 under ``pcorrect``) and ``from_teacher`` (a
     student that starts from the teacher, ``ssl.student_init``); none when they are off."""
     ssl = cfg.ssl
     fields = type(ssl).model_fields
@@ -120,6 +121,9 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
         for short, key in tuned
         if selects and getattr(ssl, key) != fields[key].default
     ]
+    if selects and ssl.selection_strategy.needs_correctness:
+        if ssl.pcorrect_iou != fields["pcorrect_iou"].default:
+            marks.append(f"pciou{ssl.pcorrect_iou:g}")
     if ssl.student_init == "teacher" and not ssl.teacher_only:
         marks.append("from_teacher")
     return marks

@@ -324,15 +324,18 @@ def validation_detections(
     return val, eval_split(run)[2]
 
 
-def fit_pseudo_correctness(validation: tuple[pa.Table, pa.Table], calib: bool) -> CorrectnessModel:
+def fit_pseudo_correctness(
+    validation: tuple[pa.Table, pa.Table], calib: bool, iou: float = 0.5
+) -> CorrectnessModel:
     """``pcorrect``'s model: the validation detections labeled right or wrong (matched in
-    descending score order at IoU 0.5), fitted on their (calibrated with ``calib``) columns."""
+    descending score order at IoU ``iou``, ``ssl.pcorrect_iou``), fitted on their (calibrated
+    with ``calib``) columns."""
     from detloop.selectors.columns import DetColumns
     from detloop.selectors.pseudo_correctness import fit_correctness
     from detloop.selectors.pseudo_ranking import rank_true
 
     val, gt = validation
-    right = rank_true(val, DetColumns(val).get("score"), gt)
+    right = rank_true(val, DetColumns(val).get("score"), gt, iou)
     return fit_correctness(DetColumns(val, calib=calib), right)
 
 
@@ -382,7 +385,7 @@ def fit_selection_rule(
             "predictions",
         )  # fmt: skip
     if spec.needs_correctness:
-        correctness = fit_pseudo_correctness(validation, spec.calib)
+        correctness = fit_pseudo_correctness(validation, spec.calib, cfg.ssl.pcorrect_iou)
         write_json(correctness.as_dict(), run.iteration_dir(iteration) / CORRECTNESS_FILE)
         numbers.update(correctness.numbers())
     if ssl.target_precision is not None:
@@ -464,7 +467,7 @@ def _ranking_numbers(
     from detloop.selectors.pseudo_ranking import ranking_report
 
     if correctness is None and validation is not None:
-        correctness = fit_pseudo_correctness(validation, calib=False)
+        correctness = fit_pseudo_correctness(validation, False, cfg.ssl.pcorrect_iou)
     report = ranking_report(candidates, gt, cfg.ssl.tau, thresholds, correctness=correctness)
     out: dict[str, float] = {}
     for name, ranked in report.items():
