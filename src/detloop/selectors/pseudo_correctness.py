@@ -3,9 +3,9 @@ validation from the score and the uncertainties together.
 
 The score, the class entropy and the box uncertainties each rank detections; none of them is
 the probability that a detection matches an object. Validation has gt, so the labeling model's
-validation detections can be labeled right (matched at IoU 0.5 to a gt box of their class,
-in descending score order) or wrong, and a logistic regression on their standardised
-features learns how much each signal says beyond the others:
+validation detections can be labeled right (matched to a gt box of their class at IoU
+``ssl.pcorrect_iou``, default 0.5, in descending score order) or wrong, and a logistic
+regression on their standardised features learns how much each signal says beyond the others:
 
     features   logit(score), entropy, mc_class, log rel(al), log rel(mc), log √(w·h)
     model      P(right | x) = σ(b + w·(x − μ)/s), fitted by Newton's method on
