@@ -122,26 +122,25 @@ def ssl_round_figures(run: Any) -> list[dict[str, float]]:
 _RANK = "pseudo_label_rank_"
 
 
-def val_curves(run: Any, uri: str, metric: str = "map50") -> dict[str, list[list[float]]]:
-    """Every ``<round>_val_<metric>`` series (``map`` or ``map50``) the run logged to MLflow
-    (``train.early_stopping`` evaluates val every ``map_freq`` epochs) as [epoch, value]
-    pairs: the training curves that say whether a model reached a plateau. A teacher restored
-    from the cache logged none (its curve is in the run that trained it)."""
+def val_curves(run: Any, uri: str) -> dict[str, dict[str, list[list[float]]]]:
+    """Every ``<round>_val_map`` and ``<round>_val_map50`` series the run logged to MLflow
+    (``train.early_stopping`` evaluates val every ``map_freq`` epochs), as ``{"val_map":
+    {round: [[epoch, value], ...]}, "val_map50": {...}}``: the training curves that say whether
+    a model reached a plateau. A teacher restored from the cache logged none (its curve is in
+    the run that trained it)."""
     from mlflow.tracking import MlflowClient
 
+    out: dict[str, dict[str, list[list[float]]]] = {"val_map": {}, "val_map50": {}}
     run_id = run.read_meta().get("mlflow_run_id")
     if not run_id:
-        return {}
+        return out
     client = MlflowClient(tracking_uri=uri)
-    suffix = f"_val_{metric}"
-    names = [k for k in client.get_run(run_id).data.metrics if k.endswith(suffix)]
-    return {
-        name.removesuffix(suffix): [
-            [float(m.step), float(m.value)]
-            for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
-        ]
-        for name in sorted(names)
-    }
+    for name in sorted(client.get_run(run_id).data.metrics):
+        stage, sep, metric = name.rpartition("_val_")
+        if sep and f"val_{metric}" in out:
+            history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+            out[f"val_{metric}"][stage] = [[float(m.step), float(m.value)] for m in history]
+    return out
 
 
 def digits_data(imbalance: float) -> Path:

@@ -182,8 +182,7 @@ def _record(run: Any, uri: str) -> dict[str, Any]:
         "rounds": ssl_round_figures(run),
         "run": str(shown),
         "run_seconds": seconds,
-        "val_map50": val_curves(run, uri, "map50"),
-        "val_map": val_curves(run, uri, "map"),
+        **val_curves(run, uri),
     }
 
 

@@ -37,6 +37,7 @@ from detloop.config import ExperimentConfig
 from detloop.learners.model import UncertainEfficientDet
 from detloop.selectors.pseudo import (
     ConsistencyFilter,
+    PseudoQuality,
     PseudoSpec,
     cap_per_image,
     pseudo_quality,
@@ -97,8 +98,8 @@ class MeanTeacher:
         self.cfg = cfg
         self.updates = 0
         # the online pseudo-labels scored against ``selection.gt`` since the last
-        # ``take_quality``: pseudo-labels, gt boxes of their images, matched
-        self.counts = [0, 0, 0]
+        # ``take_quality`` (the trainer takes it at every epoch end, before any save)
+        self.quality = PseudoQuality(0, 0, 0)
         self._predictor: Any = None
         self._calibration: Any = None
 
@@ -116,12 +117,11 @@ class MeanTeacher:
 
     def state_dict(self) -> dict[str, Any]:
         weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return {"updates": self.updates, "weights": weights, "counts": list(self.counts)}
+        return {"updates": self.updates, "weights": weights}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.updates = int(state["updates"])
         self.model.load_state_dict(state["weights"])
-        self.counts = [int(c) for c in state.get("counts", (0, 0, 0))]
 
     def take_quality(self) -> dict[str, float]:
         """Precision and recall (IoU 0.5, as ``pseudo_quality``) of the online pseudo-labels
@@ -129,15 +129,9 @@ class MeanTeacher:
         without hidden gt. Resets the counts (the trainer takes them once per epoch)."""
         if self.selection.gt is None:
             return {}
-        n_pseudo, n_gt, matched = self.counts
-        self.counts = [0, 0, 0]
-        out = {"pseudo_boxes": float(n_pseudo), "pseudo_gt_boxes": float(n_gt)}
-        out["pseudo_matched"] = float(matched)
-        if n_pseudo:
-            out["pseudo_precision"] = matched / n_pseudo
-        if n_gt:
-            out["pseudo_recall"] = matched / n_gt
-        return out
+        quality, self.quality = self.quality, PseudoQuality(0, 0, 0)
+        out = {k: v for k, v in quality.as_dict().items() if v == v}
+        return {**out, "pseudo_matched": float(quality.matched)}
 
     def _predict(self, images: pa.Table, seed: int, root: Path | None) -> pa.Table:
         from detloop.learners.predict import Predictor
@@ -163,9 +157,7 @@ class MeanTeacher:
         kept = select_pseudo_labels(preds, sel.spec, sel.tau, sel.thresholds, sel.consistency)
         kept = cap_per_image(kept, sel.max_per_image)
         if sel.gt is not None:
-            q = pseudo_quality(kept, sel.gt, images["image_id"].to_pylist())
-            self.counts = [self.counts[0] + q.n_pseudo, self.counts[1] + q.n_gt,
-                           self.counts[2] + q.matched]  # fmt: skip
+            self.quality += pseudo_quality(kept, sel.gt, images["image_id"].to_pylist())
         cols = ["image_id", "class_id", "x1", "y1", "x2", "y2"]
         out = kept.select(cols).append_column(
             "weight", pa.array(np.asarray(kept["weight"].to_numpy(), np.float32))

@@ -41,16 +41,16 @@ def ssl_summary(run: RunDir) -> str:
     for row in round_rows(run):
         # an online mean teacher's round: the labels the student was given, not the burn-in
         # teacher's offline pick its pseudo_label phase scored
-        for key in ("precision", "recall"):
-            if f"train_online_pseudo_{key}" in row:
-                row[f"pseudo_label_pseudo_{key}"] = row[f"train_online_pseudo_{key}"]
+        prec, rec = (
+            row.get(f"train_online_pseudo_{k}", row.get(f"pseudo_label_pseudo_{k}"))
+            for k in ("precision", "recall")
+        )
         r = int(row["round"])
         name = "teacher" if r == 0 else "student" if r == 1 else f"selftrain{r - 1}"
         lines.append(
             f"{r:>5} {name:>10} {_fmt(row.get('map'), '.4f'):>7} "
             f"{_fmt(row.get('map50'), '.4f'):>7} {_fmt(row.get('test_map'), '.4f'):>8} "
             f"{_fmt(row.get('pseudo_label_pseudo_labels'), '.0f'):>7} "
-            f"{_fmt(row.get('pseudo_label_pseudo_precision'), '.3f'):>6} "
-            f"{_fmt(row.get('pseudo_label_pseudo_recall'), '.3f'):>6}"
+            f"{_fmt(prec, '.3f'):>6} {_fmt(rec, '.3f'):>6}"
         )
     return "\n".join(lines)

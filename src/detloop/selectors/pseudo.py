@@ -439,6 +439,12 @@ class PseudoQuality:
     def recall(self) -> float:
         return self.matched / self.n_gt if self.n_gt else float("nan")
 
+    def __add__(self, other: PseudoQuality) -> PseudoQuality:
+        """The quality of both sets of pseudo-labels together (counts add)."""
+        return PseudoQuality(
+            self.n_pseudo + other.n_pseudo, self.n_gt + other.n_gt, self.matched + other.matched
+        )
+
     def as_dict(self) -> dict[str, float]:
         return {
             "pseudo_precision": self.precision,

@@ -46,7 +46,7 @@ from detloop.orchestrator.loops import pseudo_refine, ssl_blocks, steps
 from detloop.orchestrator.loops.model_phases import ModelLoop
 from detloop.orchestrator.loops.warmup import WarmupCache
 from detloop.selectors.budgets import iteration_sizes
-from detloop.selectors.pseudo import PseudoSpec
+from detloop.selectors.pseudo import PseudoQuality, PseudoSpec
 from detloop.selectors.ssl_csd import csd_split
 
 logger = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class SemiSupervisedLoop(ModelLoop):
             # burn-in = round 0; the mean teacher labels the unlabeled part every step
             init = self.run.weights_file(0)
             pseudo = (ssl_blocks.unlabeled_images(pool), schema.LABELS.empty())
-            online = self._online_selection(iteration)
+            online = self._online_selection(iteration, pseudo[0]["image_id"])
         unlabeled = None
         if iteration == 1 and ssl.method == "csd":  # consistency on every unlabeled image
             pseudo, unlabeled = None, ssl_blocks.unlabeled_images(pool)
@@ -285,14 +285,14 @@ class SemiSupervisedLoop(ModelLoop):
         ssl = self.cfg.ssl
         return ssl_blocks.imscore_labels(labels, self.num_classes, ssl.rcf_lowest, ssl.rcf_highest)
 
-    def _online_selection(self, iteration: int) -> Any:
+    def _online_selection(self, iteration: int, unlabeled: pa.ChunkedArray) -> Any:
         """The mean teacher's selection: this run's rules with the burn-in teacher's
-        thresholds and calibrators (fitted on validation in this round's phases)."""
+        thresholds and calibrators (fitted on validation in this round's phases), and the
+        hidden gt of the ``unlabeled`` images (simulated runs) to score its labels."""
         from detloop.learners.mean_teacher import OnlineSelection
 
         thr = self.run.thresholds_file(iteration)
         cal = self.run.calibration_dir(iteration)
-        unlabeled = ssl_blocks.unlabeled_images(PoolState.load(self.run))["image_id"]
         gt = self.run.read_gt()  # hidden gt of the unlabeled part: scores, never selects
         return OnlineSelection.from_config(
             self.cfg,
@@ -372,16 +372,15 @@ def _round_budget(ssl: SSLConfig, iteration: int) -> tuple[int | None, int | Non
 def _online_quality(history: list[dict[str, float]]) -> dict[str, float]:
     """An online mean teacher's pseudo-labels over the whole training, scored against the
     hidden gt (the per-epoch counts the trainer recorded; none outside simulated runs)."""
-    n_pseudo, n_gt, matched = (
-        sum(h.get(k, 0.0) for h in history)
-        for k in ("pseudo_boxes", "pseudo_gt_boxes", "pseudo_matched")
+    keys = ("pseudo_boxes", "pseudo_gt_boxes", "pseudo_matched")
+    total = sum(
+        (PseudoQuality(*(int(h.get(k, 0)) for k in keys)) for h in history),
+        PseudoQuality(0, 0, 0),
     )
-    out = {"online_pseudo_labels": n_pseudo} if n_gt else {}
-    if n_pseudo and n_gt:
-        out["online_pseudo_precision"] = matched / n_pseudo
-    if n_gt:
-        out["online_pseudo_recall"] = matched / n_gt
-    return out
+    if not total.n_gt:
+        return {}
+    out = {"labels": float(total.n_pseudo), "precision": total.precision, "recall": total.recall}
+    return {f"online_pseudo_{k}": v for k, v in out.items() if v == v}
 
 
 def _last(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
