@@ -23,6 +23,7 @@ initial`` starts it from the pretrained backbone instead, as the reference did) 
     +p0.9      τ fitted on the teacher's validation predictions for pseudo-label precision
                0.9 (ssl.target_precision): strategies compared at equal precision
     +pciou0.75 pcorrect fitted on right = matched at IoU ≥ 0.75 (ssl.pcorrect_iou)
+    +pcioucoco pcorrect fitted on the fraction of IoU 0.5:0.95 at which it matches
     +fixmd, +nofd   the 3D study's oracles (§11.8, the hidden gt; bounds, not methods): the
                pseudo-labels' misses filled in from gt / their false detections removed
     ental      uncertainty selection: entropy + aleatoric certainty, weighted
@@ -103,6 +104,7 @@ MODIFIERS: dict[str, list[str]] = {
     "p0.9": ["ssl.target_precision=0.9"],
     # pcorrect fitted on "right" = IoU >= 0.75 (well-localised pseudo-labels) instead of 0.5
     "pciou0.75": ["ssl.pcorrect_iou=0.75"],
+    "pcioucoco": ["ssl.pcorrect_iou=coco"],
     # the 3D study's oracles (§11.8, the pool's hidden gt): what the pseudo-labels' misses and
     # false detections cost the student
     "fixmd": ["ssl.oracle_variant=fixmd"],

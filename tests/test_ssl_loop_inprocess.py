@@ -323,6 +323,7 @@ def test_run_names_mark_tau_off_its_default(cfg: ExperimentConfig) -> None:
     assert name("ssl.randaug_magnitude=5") == "selftrain_score+mag5"
     # pcorrect's notion of right off IoU 0.5; no mark where pcorrect does not select
     assert name("ssl.selection_strategy=pcorrect", "ssl.pcorrect_iou=0.75") == "pcorrect+pciou0.75"
+    assert name("ssl.selection_strategy=pcorrect", "ssl.pcorrect_iou=coco") == "pcorrect+pcioucoco"
     assert name("ssl.pcorrect_iou=0.75") == "selftrain_score"
     # the magnitude of an augmentation that is off changes nothing: no mark
     assert name("ssl.randaug_magnitude=5", "ssl.stac_randaug=false") == "selftrain_score+weakaug"

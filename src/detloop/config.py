@@ -296,8 +296,9 @@ class SSLConfig(Section):
     target_precision: float | None = Field(None, gt=0, le=1)
     # `pcorrect`'s notion of right: a validation detection matched to a gt box of its class at
     # IoU >= this (0.5: right as mAP50 and pseudo-label precision count it; higher asks for
-    # well-localised boxes, what mAP@[.5:.95] rewards)
-    pcorrect_iou: float = Field(0.5, gt=0, lt=1)
+    # well-localised boxes, what mAP@[.5:.95] rewards); `coco`: the fraction of the IoU
+    # thresholds 0.5, 0.55, ..., 0.95 at which it matches (a soft target, mAP@[.5:.95]'s own)
+    pcorrect_iou: Annotated[float, Field(gt=0, lt=1)] | Literal["coco"] = 0.5
     stac_lambda: float = Field(1.0, ge=0)  # λ, weight of the pseudo-labeled part of the loss
     selection_strategy: Selection = Field(default_factory=lambda: parse_pseudo_strategy("score"))
     teacher_strategy: TeacherStrategy = Field(default_factory=lambda: _parse_teacher(""))

@@ -4,13 +4,17 @@ validation from the score and the uncertainties together.
 The score, the class entropy and the box uncertainties each rank detections; none of them is
 the probability that a detection matches an object. Validation has gt, so the labeling model's
 validation detections can be labeled right (matched to a gt box of their class at IoU
-``ssl.pcorrect_iou``, default 0.5, in descending score order) or wrong, and a logistic
-regression on their standardised features learns how much each signal says beyond the others:
+``ssl.pcorrect_iou``, default 0.5, in descending score order) or wrong — or, with
+``pcorrect_iou: coco``, given the fraction of COCO's IoU thresholds 0.5, 0.55, …, 0.95 at which
+they are matched (a soft target: how well the box is localised, what mAP@[.5:.95] rewards) —
+and a logistic regression on their standardised features learns how much each signal says
+beyond the others:
 
     features   logit(score), entropy, mc_class, log rel(al), log rel(mc), log √(w·h)
     model      P(right | x) = σ(b + w·(x − μ)/s), fitted by Newton's method on
                ½‖w‖² + C·Σ logloss (the intercept b not penalised; equals scikit-learn's
-               ``LogisticRegression(C=C)``), μ and s the validation mean and std
+               ``LogisticRegression(C=C)``; a soft target y weighs the logloss of
+               right by y and of wrong by 1 − y), μ and s the validation mean and std
 
 and P becomes the selection signal: a pseudo-label is kept when P > τ (or τ fitted for a
 precision target), and with ``pseudoscore`` weighs P.
@@ -56,7 +60,7 @@ class CorrectnessModel:
     coef: tuple[float, ...]
     intercept: float
     n_fit: int
-    n_right: int
+    n_right: float  # the targets' sum: the right detections' count, or a soft target's total
     c: float = 1.0
 
     def predict(self, cols: DetColumns) -> FloatArray:
@@ -78,7 +82,7 @@ class CorrectnessModel:
             coef=tuple(float(v) for v in data["coef"]),
             intercept=float(data["intercept"]),
             n_fit=int(data["n_fit"]),
-            n_right=int(data["n_right"]),
+            n_right=float(data["n_right"]),
             c=float(data.get("c", 1.0)),
         )
 
@@ -89,20 +93,23 @@ class CorrectnessModel:
 
 
 def fit_correctness(
-    cols: DetColumns, right: BoolArray, c: float = 1.0, max_iter: int = 100
+    cols: DetColumns, right: BoolArray | FloatArray, c: float = 1.0, max_iter: int = 100
 ) -> CorrectnessModel:
-    """Fit ``pcorrect`` on detections ``cols`` labeled ``right`` (see the module docstring).
-    With only right or only wrong detections the model is the constant rate (clipped to
-    [1e-6, 1 − 1e-6]): nothing to tell them apart by."""
+    """Fit ``pcorrect`` on detections ``cols`` labeled ``right`` (booleans, or soft targets in
+    [0, 1]; see the module docstring). With one target value for all (only right or only wrong
+    detections) the model is that constant rate (clipped to [1e-6, 1 − 1e-6]): nothing to tell
+    them apart by."""
     x = correctness_features(cols)
     y = np.asarray(right, dtype=np.float64)
+    if y.size and (y.min() < 0 or y.max() > 1):
+        raise ValueError(f"correctness targets must lie in [0, 1], got [{y.min()}, {y.max()}]")
     n, d = x.shape
     mean = x.mean(axis=0) if n else np.zeros(d)
     std = x.std(axis=0) if n else np.ones(d)
     scale = np.where(std > 0, std, 1.0)
-    n_right = int(y.sum())
-    if n_right in (0, n):
-        rate = float(np.clip(n_right / n if n else 0.5, _EPS, 1.0 - _EPS))
+    n_right = float(y.sum())
+    if n == 0 or np.all(y == y[0]):
+        rate = float(np.clip(y[0] if n else 0.5, _EPS, 1.0 - _EPS))
         coef, b = np.zeros(d), float(np.log(rate / (1.0 - rate)))
     else:
         coef, b = _newton((x - mean) / scale, y, c, max_iter)

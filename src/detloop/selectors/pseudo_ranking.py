@@ -94,6 +94,19 @@ def rank_true(
     return gt_row >= 0
 
 
+#: COCO's IoU thresholds of mAP@[.5:.95]: 0.50, 0.55, …, 0.95
+COCO_IOUS: Final = tuple(float(t) for t in np.round(np.arange(0.5, 0.951, 0.05), 2))
+
+
+def rank_true_coco(predictions: pa.Table, values: FloatArray, gt: pa.Table) -> FloatArray:
+    """Per detection of ``predictions``, the fraction of ``COCO_IOUS`` at which it matches a
+    gt box (matched in descending ``values`` order at each threshold, as COCO's mAP does): 1 for
+    a box right at IoU 0.95, 0.5 for one right up to 0.7, 0 for a wrong one."""
+    hits = [rank_true(predictions, values, gt, iou) for iou in COCO_IOUS]
+    out: FloatArray = np.mean(np.stack(hits), axis=0)
+    return out
+
+
 def ranking_quality(values: FloatArray, tp: BoolArray, n_gt: int, k: int) -> RankingQuality:
     """AP of the ranking by ``values`` (ties in row order) and its precision and recall over
     the top ``k``; NaN where undefined (no gt box, k = 0)."""

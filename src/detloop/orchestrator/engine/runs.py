@@ -123,7 +123,8 @@ def ssl_study_marks(cfg: ExperimentConfig) -> list[str]:
     ]
     if selects and ssl.selection_strategy.needs_correctness:
         if ssl.pcorrect_iou != fields["pcorrect_iou"].default:
-            marks.append(f"pciou{ssl.pcorrect_iou:g}")
+            iou = ssl.pcorrect_iou
+            marks.append(f"pciou{iou}" if iou == "coco" else f"pciou{iou:g}")
     if ssl.student_init == "teacher" and not ssl.teacher_only:
         marks.append("from_teacher")
     return marks

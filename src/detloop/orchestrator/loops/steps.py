@@ -12,7 +12,7 @@ import math
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -325,17 +325,19 @@ def validation_detections(
 
 
 def fit_pseudo_correctness(
-    validation: tuple[pa.Table, pa.Table], calib: bool, iou: float = 0.5
+    validation: tuple[pa.Table, pa.Table], calib: bool, iou: float | Literal["coco"] = 0.5
 ) -> CorrectnessModel:
     """``pcorrect``'s model: the validation detections labeled right or wrong (matched in
-    descending score order at IoU ``iou``, ``ssl.pcorrect_iou``), fitted on their (calibrated
-    with ``calib``) columns."""
+    descending score order at IoU ``iou``, ``ssl.pcorrect_iou``; with ``coco`` the fraction
+    of COCO's IoU thresholds at which they match), fitted on their (calibrated with
+    ``calib``) columns."""
     from detloop.selectors.columns import DetColumns
     from detloop.selectors.pseudo_correctness import fit_correctness
-    from detloop.selectors.pseudo_ranking import rank_true
+    from detloop.selectors.pseudo_ranking import rank_true, rank_true_coco
 
     val, gt = validation
-    right = rank_true(val, DetColumns(val).get("score"), gt, iou)
+    score = DetColumns(val).get("score")
+    right = rank_true_coco(val, score, gt) if iou == "coco" else rank_true(val, score, gt, iou)
     return fit_correctness(DetColumns(val, calib=calib), right)
 
 
