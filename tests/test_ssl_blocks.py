@@ -15,7 +15,13 @@ from detloop.data import schema
 from detloop.data.labels import box_rows, labels_from_boxes
 from detloop.data.synthetic import predictions_from_rows
 from detloop.selectors.pseudo import pls_scores
-from detloop.selectors.ssl_3d import VARIANTS, match_pseudo_to_gt, oracle_variant
+from detloop.selectors.ssl_3d import (
+    VARIANTS,
+    greedy_match,
+    greedy_match_at,
+    match_pseudo_to_gt,
+    oracle_variant,
+)
 from detloop.selectors.ssl_csd import csd_ramp, csd_split
 from detloop.selectors.ssl_glc import GlcParams, glc_correct, reference_match
 from detloop.selectors.ssl_glc_stress import StressParams, corrupt_labels, glc_recovery
@@ -251,6 +257,49 @@ def test_3d_greedy_matching_hand_example() -> None:
     assert m.images_with_misses() == {"a"}
     agnostic = match_pseudo_to_gt(pseudo, gt, class_aware=False)
     assert agnostic.gt_row[3] == 2 and agnostic.gt_matched.all()
+
+
+def _greedy_reference(
+    p_box: np.ndarray, score: np.ndarray, g_box: np.ndarray, thr: float, allowed: np.ndarray
+) -> tuple[list[int], list[float]]:
+    """The greedy matching written plainly: box by box in descending score (row order on ties),
+    the free allowed gt box of highest IoU (first on ties) if that IoU ≥ thr."""
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+        return float(w * h / (area - w * h))
+
+    gt_of, iou_of, free = [-1] * len(p_box), [0.0] * len(p_box), set(range(len(g_box)))
+    for k in sorted(range(len(p_box)), key=lambda k: (-score[k], k)):
+        cands = [(iou(p_box[k], g_box[j]), -j) for j in sorted(free) if allowed[k, j]]
+        best = max(cands, default=(-1.0, 0))
+        if best[0] >= thr:
+            gt_of[k], iou_of[k] = -best[1], best[0]
+            free.discard(-best[1])
+    return gt_of, iou_of
+
+
+def test_matching_at_several_thresholds_equals_one_matching_per_threshold() -> None:
+    """``greedy_match_at`` runs the T matchings side by side: each row equals the plain greedy
+    matching at that threshold alone (random boxes, tied scores, a class mask), and
+    ``greedy_match`` is its one-threshold case."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        g = rng.uniform(0, 40, (6, 2))
+        g_box = np.hstack([g, g + rng.uniform(5, 15, (6, 2))])
+        p_box = g_box[rng.integers(0, 6, 25)] + rng.normal(0, 2.5, (25, 4))
+        score = rng.choice([0.3, 0.5, 0.9], 25)  # ties: stable row order decides
+        allowed = rng.random((25, 6)) < 0.7
+        thr = (0.3, 0.5, 0.75, 0.9)
+        gt_of, iou_of = greedy_match_at(p_box, score, g_box, thr, allowed)
+        for t, iou_thr in enumerate(thr):
+            j, v = _greedy_reference(p_box, score, g_box, iou_thr, allowed)
+            np.testing.assert_array_equal(gt_of[t], j)
+            np.testing.assert_allclose(iou_of[t], v, atol=1e-12)
+        j, v = greedy_match(p_box, score, g_box, 0.5, allowed)
+        np.testing.assert_array_equal(j, gt_of[1])
 
 
 def _dets(table: pa.Table) -> list[int | None]:

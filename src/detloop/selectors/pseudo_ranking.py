@@ -31,7 +31,7 @@ from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
 from detloop.selectors.pseudo import vector_certainty
 from detloop.selectors.pseudo_correctness import CorrectnessModel
 from detloop.selectors.scores import combo_values
-from detloop.selectors.ssl_3d import match_rows
+from detloop.selectors.ssl_3d import match_rows, match_rows_at
 
 #: the uncertainty strategies whose certainty is ranked (each also ranked joined with the
 #: score as its selection joins them: ``min(score, certainty)``, kept iff both pass τ)
@@ -102,8 +102,8 @@ def rank_true_coco(predictions: pa.Table, values: FloatArray, gt: pa.Table) -> F
     """Per detection of ``predictions``, the fraction of ``COCO_IOUS`` at which it matches a
     gt box (matched in descending ``values`` order at each threshold, as COCO's mAP does): 1 for
     a box right at IoU 0.95, 0.5 for one right up to 0.7, 0 for a wrong one."""
-    hits = [rank_true(predictions, values, gt, iou) for iou in COCO_IOUS]
-    out: FloatArray = np.mean(np.stack(hits), axis=0)
+    gt_row, _ = match_rows_at(predictions, values, gt, COCO_IOUS)
+    out: FloatArray = (gt_row >= 0).mean(axis=0)
     return out
 
 

@@ -45,20 +45,36 @@ def greedy_match(
     Pseudo-labels in descending score order (stable) each take the unused GT of highest IoU
     (first on ties) if that IoU ≥ ``iou_thr``; ``allowed`` [n, m] masks pairs (class check).
     """
-    gt_of = np.full(len(p_box), -1, dtype=np.int64)
-    iou_of = np.zeros(len(p_box))
+    gt_of, iou_of = greedy_match_at(p_box, p_score, g_box, (iou_thr,), allowed)
+    return gt_of[0], iou_of[0]
+
+
+def greedy_match_at(
+    p_box: FloatArray,
+    p_score: FloatArray,
+    g_box: FloatArray,
+    thresholds: Sequence[float],
+    allowed: BoolArray | None = None,
+) -> tuple[IntArray, FloatArray]:
+    """``greedy_match`` at each of ``thresholds`` at once (one pass over the pseudo-labels, the
+    T matchings side by side, as COCO matches at each of its IoU thresholds): [T, n] arrays."""
+    thr = np.asarray(thresholds, dtype=np.float64)
+    gt_of = np.full((len(thr), len(p_box)), -1, dtype=np.int64)
+    iou_of = np.zeros((len(thr), len(p_box)))
     if len(p_box) == 0 or len(g_box) == 0:
         return gt_of, iou_of
     ious = box_iou(np.asarray(p_box, np.float64), np.asarray(g_box, np.float64))
     if allowed is not None:
         ious = np.where(allowed, ious, -1.0)
-    free = np.ones(len(g_box), dtype=bool)
+    free = np.ones((len(thr), len(g_box)), dtype=bool)
+    rows = np.arange(len(thr))
     for k in np.argsort(-np.asarray(p_score, np.float64), kind="stable"):
         cand = np.where(free, ious[k], -1.0)
-        j = int(np.argmax(cand))
-        if cand[j] >= iou_thr:
-            free[j] = False
-            gt_of[k], iou_of[k] = j, cand[j]
+        j = np.argmax(cand, axis=1)
+        best = cand[rows, j]
+        hit = best >= thr
+        free[rows[hit], j[hit]] = False
+        gt_of[hit, k], iou_of[hit, k] = j[hit], best[hit]
     return gt_of, iou_of
 
 
@@ -109,8 +125,20 @@ def match_rows(
     matched (−1: none) and that IoU (0). With ``class_aware`` only a gt box of the detection's
     class can match. The one matching of the pseudo-label studies: the 3D oracles, pseudo-label
     precision/recall and the rankings all read it."""
-    gt_row = np.full(detections.num_rows, -1, dtype=np.int64)
-    iou = np.zeros(detections.num_rows)
+    gt_row, iou = match_rows_at(detections, order, gt, (iou_thr,), class_aware)
+    return gt_row[0], iou[0]
+
+
+def match_rows_at(
+    detections: pa.Table,
+    order: FloatArray,
+    gt: pa.Table,
+    thresholds: Sequence[float],
+    class_aware: bool = True,
+) -> tuple[IntArray, FloatArray]:
+    """``match_rows`` at each of ``thresholds`` (``greedy_match_at``): [T, n] arrays."""
+    gt_row = np.full((len(thresholds), detections.num_rows), -1, dtype=np.int64)
+    iou = np.zeros((len(thresholds), detections.num_rows))
     if detections.num_rows == 0 or gt.num_rows == 0:
         return gt_row, iou
     p_box, g_box = box_coords(detections), box_coords(gt)
@@ -122,10 +150,9 @@ def match_rows(
         if g_rows is None:
             continue
         allowed = p_cls[p_rows][:, None] == g_cls[g_rows][None, :] if class_aware else None
-        j, v = greedy_match(p_box[p_rows], values[p_rows], g_box[g_rows], iou_thr, allowed)
-        hit = j >= 0
-        gt_row[p_rows[hit]] = g_rows[j[hit]]
-        iou[p_rows] = v
+        j, v = greedy_match_at(p_box[p_rows], values[p_rows], g_box[g_rows], thresholds, allowed)
+        gt_row[:, p_rows] = np.where(j >= 0, g_rows[np.maximum(j, 0)], -1)
+        iou[:, p_rows] = v
     return gt_row, iou
 
 
