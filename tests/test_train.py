@@ -38,6 +38,8 @@ def test_schedule_and_preset_defaults() -> None:
     assert lr_at(10, 100, 10, 0.1, 0.01) == pytest.approx(0.1)
     assert lr_at(100, 100, 10, 0.1, 0.01) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(55, 100, 10, 0.1, 0.01) == pytest.approx(0.05)
+    assert lr_at(5, 100, 10, 0.1, 0.01, plateau=0.01) == pytest.approx(0.055)  # warm-up
+    assert lr_at(99, 100, 10, 0.1, 0.01, plateau=0.01) == pytest.approx(0.001)
     explicit = effective_train_config(config(lr=0.003, batch_size=4))
     assert explicit.lr == 0.003 and explicit.batch_size == 4
     d0 = effective_train_config(ExperimentConfig.model_validate({"model": {"preset": "d0"}}))
@@ -172,6 +174,50 @@ def test_early_stopping_on_val_map(
     assert not all(torch.equal(saved[k], seen[4][k]) for k in saved)
     full, _ = train("map50", "all")
     assert full.steps == 6 and len(full.history) == 6
+
+
+@pytest.mark.slow
+def test_plateau_schedule_lowers_the_rate_before_it_stops(
+    pool: tuple[pa.Table, pa.Table], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lr_schedule: plateau``, patience 2, one drop of × 0.1, one step per epoch, scripted
+    val mAP 0.1, 0.3 (best), 0.2, 0.2 → the rate drops after epoch 4 (where cosine would
+    stop), 0.4 (best) at epoch 5, then 0.3, 0.3 → stop after epoch 7 with epoch 5's weights;
+    the same training interrupted after epoch 5 and resumed keeps the drop."""
+    from detloop.learners import evaluate_run
+
+    images, labels = pool
+    images = images.slice(0, 4)
+    labels = labels.filter(pc.is_in(labels.column("image_id"), images.column("image_id")))
+    cfg = config(epochs=10, batch_size=4, early_stopping=True, map_freq=1, save_freq=1,
+                 patience=2, lr_schedule="plateau", lr_drops=1, lr_drop_factor=0.1)  # fmt: skip
+    script = iter([0.1, 0.3, 0.2, 0.2, 0.4, 0.3, 0.3] * 2)
+    monkeypatch.setattr(
+        evaluate_run, "evaluate_model", lambda *a, **k: {"map": (m := next(script)), "map50": m}
+    )
+    seen: dict[int, dict[str, Tensor]] = {}
+
+    def keep(epoch: int, model: torch.nn.Module) -> None:
+        seen[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def train(out: str, stop: int | None = None) -> TrainResult:
+        return train_model(
+            cfg, images, labels, 10, tmp_path / out, seed=0, progress=False,
+            val=(images, labels), on_epoch=keep, stop_at_step=stop,
+        )  # fmt: skip
+
+    result = train("whole")
+    assert result.steps == 7
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[1:4] == pytest.approx([lrs[1]] * 3) and lrs[1] > 0
+    assert lrs[4:] == pytest.approx([0.1 * lrs[1]] * 3)
+    saved = load_state_dict(result.checkpoint)
+    assert all(torch.equal(saved[k], seen[5][k]) for k in saved)
+    train("parts", stop=5)
+    resumed = train("parts")
+    assert resumed.steps == 7 and [h["lr"] for h in resumed.history] == pytest.approx(lrs)
+    with pytest.raises(ValueError, match="needs early_stopping"):
+        config(lr_schedule="plateau")
 
 
 def test_weight_ema_on_a_hand_tensor() -> None:

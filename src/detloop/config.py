@@ -134,6 +134,14 @@ class TrainConfig(Section):
     # val mAP50 flat for its last 2,500 steps while 3,000 more steps added +9 % test mAP)
     early_stopping_metric: Literal["map", "map50"] = "map"
     map_freq: int = 20
+    # the learning rate after warm-up: `cosine` decays to 0 over the run's steps; `plateau`
+    # holds it and, when `patience` val evaluations in a row do not improve the early-stopping
+    # metric, multiplies it by `lr_drop_factor` (at most `lr_drops` times) before early stopping
+    # ends the run: a run that stops has converged at a low rate, whatever its step cap (a
+    # cosine run stopped early ends mid-schedule, where more steps at a falling rate still pay)
+    lr_schedule: Literal["cosine", "plateau"] = "cosine"
+    lr_drops: int = Field(2, ge=0)
+    lr_drop_factor: float = Field(0.1, gt=0, lt=1)
     save_freq: int = 20
     num_workers: int = 0
     device: str = "auto"
@@ -147,6 +155,15 @@ class TrainConfig(Section):
     workers: int = Field(1, ge=1)
     sync_bn: bool = True  # BatchNorm statistics over the global batch when workers > 1
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
+
+    @model_validator(mode="after")
+    def _plateau_needs_early_stopping(self) -> TrainConfig:
+        if self.lr_schedule == "plateau" and not self.early_stopping:
+            raise ValueError(
+                "lr_schedule 'plateau' lowers the rate when val stops improving: it needs "
+                "early_stopping: true (val evaluations every map_freq epochs)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_covers_the_workers(self) -> TrainConfig:

@@ -24,10 +24,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,11 @@ class DataParallel:
         """True when ``flag`` holds on every rank."""
         return bool(self.all_sum(torch.tensor([0.0 if flag else 1.0]))[0] == 0)
 
-    def from_main(self, flag: bool) -> bool:
-        """Rank 0's ``flag``, on every rank."""
-        box = [flag]
+    def from_main(self, value: _T) -> _T:
+        """Rank 0's ``value`` (any picklable object), on every rank."""
+        box: list[object] = [value]
         dist.broadcast_object_list(box, src=0)
-        return bool(box[0])
+        return cast(_T, box[0])
 
 
 class _SyncBatchNormMixin(nn.Module):

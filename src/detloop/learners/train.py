@@ -117,10 +117,15 @@ def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Opt
     )
 
 
-def lr_at(step: int, total: int, warmup: int, lr: float, warmup_lr: float) -> float:
-    """Linear warm-up from ``warmup_lr`` over ``warmup`` steps, then cosine decay to 0."""
+def lr_at(
+    step: int, total: int, warmup: int, lr: float, warmup_lr: float, plateau: float | None = None
+) -> float:
+    """Linear warm-up from ``warmup_lr`` over ``warmup`` steps, then cosine decay to 0 — or,
+    with ``plateau`` (the factor of the drops so far), ``lr · plateau`` after the warm-up."""
     if step < warmup:
         return warmup_lr + (lr - warmup_lr) * step / warmup
+    if plateau is not None:
+        return lr * plateau
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -227,8 +232,10 @@ class _Schedule:
         warmup = round(tcfg.warmup_epochs * per_epoch)
         return cls(streams.batch_size, per_epoch, total, warmup)
 
-    def lr(self, step: int, tcfg: TrainConfig) -> float:
-        return lr_at(step, self.total, self.warmup, tcfg.lr or 0.0, tcfg.warmup_lr)
+    def lr(self, step: int, tcfg: TrainConfig, drops: int = 0) -> float:
+        """The rate at ``step``, ``drops`` the plateau schedule's drops so far."""
+        plateau = tcfg.lr_drop_factor**drops if tcfg.lr_schedule == "plateau" else None
+        return lr_at(step, self.total, self.warmup, tcfg.lr or 0.0, tcfg.warmup_lr, plateau)
 
 
 @dataclass(frozen=True)
@@ -688,7 +695,8 @@ def _epochs(loop: LoopState, job: _Job, images: pa.Table, labels: pa.Table) -> N
         while loop.step < schedule.total:
             epoch = loop.step // schedule.per_epoch
             parts = _epoch(loop, job, data, images, schedule, bench, bar)
-            loop.history.append(_record(loop, parts, epoch, schedule.lr(loop.step - 1, tcfg)))
+            lr = schedule.lr(loop.step - 1, tcfg, loop.lr_drops)
+            loop.history.append(_record(loop, parts, epoch, lr))
             if loop.teacher is not None:  # the online pseudo-labels' quality (simulated runs)
                 loop.history[-1].update(loop.teacher.take_quality())
             if _after_epoch(loop, job, schedule):
@@ -789,11 +797,13 @@ def _after_epoch(loop: LoopState, job: _Job, schedule: _Schedule) -> bool:
 
 
 def _stops_early(loop: LoopState, job: _Job, epochs_done: int) -> bool:
-    """``_early_stop``, decided by rank 0 under data parallelism (it alone evaluates)."""
+    """``_early_stop``, decided by rank 0 under data parallelism (it alone evaluates; the
+    plateau schedule's drops follow its decision on every rank)."""
     if job.dp is None:
         return _early_stop(loop, job, epochs_done)
     stop = _early_stop(loop, job, epochs_done) if job.dp.is_main else False
-    return job.dp.from_main(stop)
+    stop, loop.lr_drops = job.dp.from_main((stop, loop.lr_drops))
+    return stop
 
 
 def _save_partial(loop: LoopState, job: _Job) -> None:
@@ -846,7 +856,7 @@ def _step(
 ) -> tuple[float, ...]:
     """One optimisation step (and EMA update); returns the values named by ``_STEP_VALUES``."""
     for group in loop.optimizer.param_groups:
-        group["lr"] = schedule.lr(loop.step, job.tcfg)
+        group["lr"] = schedule.lr(loop.step, job.tcfg, loop.lr_drops)
     loss, values = bench.losses(loop, batch, job)
     loop.optimizer.zero_grad(set_to_none=True)
     finite = bool(torch.isfinite(loss))
@@ -871,8 +881,9 @@ def _step(
 
 def _early_stop(loop: LoopState, job: _Job, epochs_done: int) -> bool:
     """Evaluate val mAP and mAP50 (of the weights a checkpoint would get) every ``map_freq``
-    epochs; keep the best weights by ``early_stopping_metric``; True when ``patience``
-    evaluations in a row did not improve it."""
+    epochs; keep the best weights by ``early_stopping_metric``; after ``patience``
+    evaluations in a row that did not improve it, the plateau schedule lowers the rate while
+    it has drops left (and counts anew); else True: stop."""
     tcfg = job.tcfg
     if not tcfg.early_stopping or job.val is None or epochs_done % tcfg.map_freq:
         return False
@@ -891,4 +902,11 @@ def _early_stop(loop: LoopState, job: _Job, epochs_done: int) -> bool:
         loop.best_map, loop.bad_evals = value, 0
         return False
     loop.bad_evals += 1
-    return loop.bad_evals >= tcfg.patience
+    if loop.bad_evals < tcfg.patience:
+        return False
+    if tcfg.lr_schedule == "plateau" and loop.lr_drops < tcfg.lr_drops:
+        loop.lr_drops, loop.bad_evals = loop.lr_drops + 1, 0
+        log.info("val %s flat for %d evaluations: lr × %g", tcfg.early_stopping_metric,
+                 tcfg.patience, tcfg.lr_drop_factor**loop.lr_drops)  # fmt: skip
+        return False
+    return True

@@ -101,6 +101,7 @@ class LoopState:
     seconds: float = 0.0
     best_map: float = -1.0
     bad_evals: int = 0
+    lr_drops: int = 0  # the plateau schedule's drops so far
     best_state: dict[str, torch.Tensor] | None = None
     ema: WeightEma | None = None
     teacher: Any = None  # an online mean teacher (``learners.mean_teacher.MeanTeacher``)
@@ -123,6 +124,7 @@ class LoopState:
             "seconds": self.seconds,
             "best_map": self.best_map,
             "bad_evals": self.bad_evals,
+            "lr_drops": self.lr_drops,
             "best_state": self.best_state,
             "ema": None if self.ema is None else self.ema.state_dict(),
             "teacher": None if self.teacher is None else self.teacher.state_dict(),
@@ -135,6 +137,7 @@ class LoopState:
         torch.set_rng_state(state["torch_rng"])
         for key in ("step", "history", "seconds", "best_map", "bad_evals", "best_state"):
             setattr(self, key, state[key])
+        self.lr_drops = int(state.get("lr_drops", 0))  # absent in checkpoints before it
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if self.teacher is not None:
