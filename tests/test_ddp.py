@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import ci_overrides
+from ddp_ranks import broadcast_rank
 from detloop.cli.main import main
 from detloop.config import ConfigError, load_config
 from detloop.data.io import read_json
@@ -107,6 +108,18 @@ def test_sync_batchnorm_is_batchnorm_with_global_statistics(one_rank_group: None
     for key, value in model.state_dict().items():
         if "running" in key:
             np.testing.assert_allclose(synced.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_rank_zeros_decision_reaches_every_rank(tmp_path: Path) -> None:
+    """Early stopping and the plateau schedule's drops are rank 0's: two real gloo ranks,
+    rank 0 holding (True, 2) and rank 1 (False, 0), both get (True, 2)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(broadcast_rank, args=(port, str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["(True, 2)"] * 2
 
 
 def _first_images(run: RunDir, n: int) -> tuple[pa.Table, pa.Table]:
