@@ -252,11 +252,12 @@ def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> 
     """``ssl.student_init: teacher`` starts the first student from round 0's weights (a run
     of its own, marked ``from_teacher``); ``student_epochs`` / ``student_max_steps`` are the
     student's budget only: the teacher keeps ``train``'s and self-training its own epochs."""
-    from detloop.config import build_config, config_snapshot
+    from detloop.config import ConfigError, build_config, config_snapshot
     from detloop.orchestrator.engine.workers import job_config
 
     sets = ["ssl.student_init=teacher", "ssl.student_epochs=7", "ssl.student_max_steps=30"]
-    sets.append("ssl.student_eval_steps=50")
+    sets += ["ssl.student_eval_steps=50", "train.early_stopping=true", "train.lr_schedule=plateau"]
+    sets.append("ssl.student_lr_schedule=cosine")
     cfg = build_config(config_snapshot(cfg), sets)
     loop, workers = _loop(cfg)
     assert loop.execute() == "done"
@@ -271,8 +272,14 @@ def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> 
     assert (teacher.eval_steps, student.eval_steps, selftrain.eval_steps) == (None, 50, 50)
     # what the train worker trains with: the job's budget in place of train's
     trained = job_config(cfg, student).train
-    assert (trained.epochs, trained.max_steps) == (7, 30)
-    assert job_config(cfg, teacher) is cfg
+    assert (trained.epochs, trained.max_steps, trained.lr_schedule) == (7, 30, "cosine")
+    assert job_config(cfg, teacher) is cfg and cfg.train.lr_schedule == "plateau"
+    # a teacher to a plateau, students (and self-training) cosine over their own budget
+    assert [j.lr_schedule for j in (teacher, student, selftrain)] == [None, "cosine", "cosine"]
+    with pytest.raises(ConfigError, match=r"needs train\.early_stopping"):
+        build_config(config_snapshot(cfg), ["train.early_stopping=false",
+                                            "train.lr_schedule=cosine",
+                                            "ssl.student_lr_schedule=plateau"])  # fmt: skip
 
 
 def test_rejected_detections_become_ignore_regions(cfg: ExperimentConfig) -> None:
@@ -372,12 +379,19 @@ def test_dry_run_names_the_loop_and_its_strategies(
     assert "# loop: semi-supervised" in out and "# selection strategy: calib_combo" in out
     assert "teacher strategy: (plain STAC)" in out
     assert "# teacher: stac; tau 0.4; lambda 1.0; pseudo box weight 1" in out
-    assert "# student: from model.weights; rejected teacher detections are background" in out
+    assert (
+        "# student: from model.weights; rejected teacher detections are background; "
+        "lr schedule cosine" in out
+    )
     sets = ["--set", "ssl.student_init=teacher", "--set", "ssl.rejected=ignore"]
-    sets += ["--set", "ssl.target_precision=0.9"]
+    sets += ["--set", "ssl.target_precision=0.9", "--set", "train.early_stopping=true"]
+    sets += ["--set", "ssl.student_lr_schedule=plateau"]
     assert main(["run", str(path), "--dry-run", *sets]) == 0
     out = capsys.readouterr().out
-    assert "# student: from the teacher's weights; rejected teacher detections are ignore" in out
+    assert (
+        "# student: from the teacher's weights; rejected teacher detections are ignore "
+        "regions; lr schedule plateau" in out
+    )
     assert "# teacher: stac; tau fitted on validation for precision 0.9; lambda 1.0" in out
     assert main(["run", str(path), "--dry-run", "--set", "ssl.selection_strategy=alluncrt"]) == 2
     assert "did you mean 'alluncert'" in capsys.readouterr().err

@@ -342,6 +342,9 @@ class SSLConfig(Section):
     # None = every train.map_freq epochs, as any training — a student's epoch traverses the
     # pseudo stream too (~10x a teacher's at 10 % labeled), so it may never be evaluated
     student_eval_steps: int | None = Field(None, ge=1)
+    # the students' (and self-training rounds') learning-rate schedule; None = train's: a
+    # teacher trained to a plateau (`plateau`) and students on a fixed budget from it (`cosine`)
+    student_lr_schedule: Literal["cosine", "plateau"] | None = None
     # where the first student starts: `initial` = the config's model weights, as the teacher
     # (§11.1, the reference); `teacher` = the teacher's weights (burn-in, as mean-teacher
     # systems do), so the student refines the teacher with gt + pseudo-labels
@@ -739,6 +742,15 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"ssl.method: csd takes batch_size // (csd_ratio + 1) labeled images per batch: "
                 f"train.batch_size {train.batch_size} < csd_ratio + 1 = {ssl.csd_ratio + 1}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _student_plateau_needs_early_stopping(self) -> ExperimentConfig:
+        if self.ssl.student_lr_schedule == "plateau" and not self.train.early_stopping:
+            raise ValueError(
+                "ssl.student_lr_schedule 'plateau' lowers the rate when val stops improving: "
+                "it needs train.early_stopping: true"
             )
         return self
 

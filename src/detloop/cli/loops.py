@@ -116,7 +116,11 @@ def _print_config(cfg: ExperimentConfig) -> None:
         if ssl.method == "stac":
             start = "the teacher's weights" if ssl.student_init == "teacher" else "model.weights"
             rejected = "ignore regions" if ssl.rejected == "ignore" else "background"
-            _out(f"# student: from {start}; rejected teacher detections are {rejected}")
+            schedule = ssl.student_lr_schedule or cfg.train.lr_schedule
+            _out(
+                f"# student: from {start}; rejected teacher detections are {rejected}; "
+                f"lr schedule {schedule}"
+            )
         if ssl.pls != "none":  # §11.7
             _out(
                 f"# PLS: {ssl.pls} (top_k {ssl.pls_top_k:g} of the pseudo-labeled images by "

@@ -66,6 +66,9 @@ class TrainJob:
     # early stopping's val evaluations about every this many steps instead of every
     # ``train.map_freq`` epochs (``ssl.student_eval_steps``)
     eval_steps: int | None = None
+    # the learning-rate schedule when it differs from ``train.lr_schedule``
+    # (``ssl.student_lr_schedule``)
+    lr_schedule: str | None = None
     # stop after this step, keeping the partial checkpoint (fault injection: a driver killed
     # mid-training leaves one behind, and the next attempt resumes from it)
     stop_at_step: int | None = None
@@ -207,8 +210,9 @@ class TrainWorker(_WorkerProcess):
 
 
 def job_config(cfg: ExperimentConfig, job: TrainJob) -> ExperimentConfig:
-    """``cfg`` with the job's ``epochs`` and ``max_steps`` (when set) in place of ``train``'s."""
-    update = {"epochs": job.epochs, "max_steps": job.max_steps}
+    """``cfg`` with the job's ``epochs``, ``max_steps`` and ``lr_schedule`` (when set) in place
+    of ``train``'s."""
+    update = {"epochs": job.epochs, "max_steps": job.max_steps, "lr_schedule": job.lr_schedule}
     given = {k: v for k, v in update.items() if v is not None}
     if not given:
         return cfg

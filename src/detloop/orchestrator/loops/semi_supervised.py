@@ -258,6 +258,7 @@ class SemiSupervisedLoop(ModelLoop):
             epochs=epochs,
             max_steps=max_steps,
             eval_steps=eval_steps,
+            lr_schedule=ssl.student_lr_schedule if iteration else None,
             online=online,
             unlabeled=unlabeled,
         )
