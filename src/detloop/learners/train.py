@@ -906,7 +906,7 @@ def _early_stop(loop: LoopState, job: _Job, epochs_done: int) -> bool:
         return False
     if tcfg.lr_schedule == "plateau" and loop.lr_drops < tcfg.lr_drops:
         loop.lr_drops, loop.bad_evals = loop.lr_drops + 1, 0
-        log.info("val %s flat for %d evaluations: lr × %g", tcfg.early_stopping_metric,
-                 tcfg.patience, tcfg.lr_drop_factor**loop.lr_drops)  # fmt: skip
+        metric, factor = tcfg.early_stopping_metric, tcfg.lr_drop_factor**loop.lr_drops
+        log.info("val %s flat for %d evaluations: lr x %g", metric, tcfg.patience, factor)
         return False
     return True

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import pyarrow as pa
 
@@ -68,7 +68,7 @@ class TrainJob:
     eval_steps: int | None = None
     # the learning-rate schedule when it differs from ``train.lr_schedule``
     # (``ssl.student_lr_schedule``)
-    lr_schedule: str | None = None
+    lr_schedule: Literal["cosine", "plateau"] | None = None
     # stop after this step, keeping the partial checkpoint (fault injection: a driver killed
     # mid-training leaves one behind, and the next attempt resumes from it)
     stop_at_step: int | None = None
