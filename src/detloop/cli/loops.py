@@ -97,44 +97,7 @@ def _print_config(cfg: ExperimentConfig) -> None:
         _out(f"# rule: {t.thr_sel_uncert} combined, FD@CD(b={t.thr_fpr_tpr}), unit {t.thr_unit}")
         return
     if cfg.loop == "ssl":
-        ssl = cfg.ssl
-        _out("# loop: semi-supervised (SemiSupervisedLoop)")
-        _out(f"# selection strategy: {ssl.selection_strategy.name}")
-        _out(f"#   {ssl.selection_strategy}")
-        _out(f"# teacher strategy: {ssl.teacher_strategy.name or '(plain STAC)'}")
-        for line in _teacher_blocks(cfg):
-            _out(f"#   {line}")
-        tau = (
-            f"tau fitted on validation for precision {ssl.target_precision:g}"
-            if ssl.target_precision is not None
-            else f"tau {ssl.tau}"
-        )
-        _out(
-            f"# teacher: {ssl.teacher}; {tau}; lambda {ssl.stac_lambda}; "
-            f"pseudo box weight {ssl.pseudo_box_weight:g}"
-        )
-        if ssl.method == "stac":
-            start = "the teacher's weights" if ssl.student_init == "teacher" else "model.weights"
-            rejected = "ignore regions" if ssl.rejected == "ignore" else "background"
-            schedule = ssl.student_lr_schedule or cfg.train.lr_schedule
-            _out(
-                f"# student: from {start}; rejected teacher detections are {rejected}; "
-                f"lr schedule {schedule}"
-            )
-        if ssl.pls != "none":  # §11.7
-            _out(
-                f"# PLS: {ssl.pls} (top_k {ssl.pls_top_k:g} of the pseudo-labeled images by "
-                f"D = {1 - ssl.pls_beta:g}·S + {ssl.pls_beta:g}·C, δ_S {ssl.pls_delta:g})"
-            )
-        if ssl.oracle_variant != "none":  # §11.8
-            _out(f"# 3D study: {ssl.oracle_variant} (pseudo-labels corrected with the pool's GT)")
-        if ssl.method == "csd":  # round 1 is a CSD model instead of a student
-            be = f"on ({ssl.csd_be_scope})" if ssl.csd_be else "off"
-            _out(
-                f"# method: csd (round 1, no pseudo-labels): unlabeled:labeled {ssl.csd_ratio}, "
-                f"{ssl.csd_consistency}, background elimination {be}, ramp "
-                f"{'on' if ssl.csd_ramp else 'off'}, split {ssl.csd_split}"
-            )
+        _print_ssl(cfg)
         return
     spec = cfg.al.strategy
     _out("# loop: active learning (ActiveLearningLoop)" + (" with SSL" if cfg.al.ssl else ""))
@@ -145,6 +108,48 @@ def _print_config(cfg: ExperimentConfig) -> None:
         _out(f"# pseudo-label selection: {cfg.ssl.selection_strategy.name}")
     if cfg.autolabel.after_loop:
         _out("# then: auto-labeling of the rest of the pool with the final model")
+
+
+def _print_ssl(cfg: ExperimentConfig) -> None:
+    """The SSL loop's lines of ``--dry-run``: its selection, teacher, student and studies."""
+    ssl = cfg.ssl
+    _out("# loop: semi-supervised (SemiSupervisedLoop)")
+    _out(f"# selection strategy: {ssl.selection_strategy.name}")
+    _out(f"#   {ssl.selection_strategy}")
+    _out(f"# teacher strategy: {ssl.teacher_strategy.name or '(plain STAC)'}")
+    for line in _teacher_blocks(cfg):
+        _out(f"#   {line}")
+    tau = (
+        f"tau fitted on validation for precision {ssl.target_precision:g}"
+        if ssl.target_precision is not None
+        else f"tau {ssl.tau}"
+    )
+    _out(
+        f"# teacher: {ssl.teacher}; {tau}; lambda {ssl.stac_lambda}; "
+        f"pseudo box weight {ssl.pseudo_box_weight:g}"
+    )
+    if ssl.method == "stac":
+        start = "the teacher's weights" if ssl.student_init == "teacher" else "model.weights"
+        rejected = "ignore regions" if ssl.rejected == "ignore" else "background"
+        schedule = ssl.student_lr_schedule or cfg.train.lr_schedule
+        _out(
+            f"# student: from {start}; rejected teacher detections are {rejected}; "
+            f"lr schedule {schedule}"
+        )
+    if ssl.pls != "none":  # §11.7
+        _out(
+            f"# PLS: {ssl.pls} (top_k {ssl.pls_top_k:g} of the pseudo-labeled images by "
+            f"D = {1 - ssl.pls_beta:g}·S + {ssl.pls_beta:g}·C, δ_S {ssl.pls_delta:g})"
+        )
+    if ssl.oracle_variant != "none":  # §11.8
+        _out(f"# 3D study: {ssl.oracle_variant} (pseudo-labels corrected with the pool's GT)")
+    if ssl.method == "csd":  # round 1 is a CSD model instead of a student
+        be = f"on ({ssl.csd_be_scope})" if ssl.csd_be else "off"
+        _out(
+            f"# method: csd (round 1, no pseudo-labels): unlabeled:labeled {ssl.csd_ratio}, "
+            f"{ssl.csd_consistency}, background elimination {be}, ramp "
+            f"{'on' if ssl.csd_ramp else 'off'}, split {ssl.csd_split}"
+        )
 
 
 def _teacher_blocks(cfg: ExperimentConfig) -> list[str]:
