@@ -90,9 +90,11 @@ SSL_ROUND_KEYS = {
 }
 
 
-#: an online mean teacher's round: the precision and recall of the pseudo-labels it gave the
-#: student during training (its pseudo_label phase scores the burn-in teacher's offline pick)
+#: an online mean teacher's round: the count (over all its steps), precision and recall of the
+#: pseudo-labels it gave the student during training (its pseudo_label phase scores the burn-in
+#: teacher's offline pick)
 ONLINE_KEYS = {
+    "pseudo_labels": "train_online_pseudo_labels",
     "precision": "train_online_pseudo_precision",
     "recall": "train_online_pseudo_recall",
 }
