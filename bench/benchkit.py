@@ -78,38 +78,21 @@ def seed_stats(values: list[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
 
 
-#: an SSL round's figures (bench name: logged metric): test mAP, val mAP and the
-#: pseudo-labels' count, precision and recall against the hidden ground truth
-SSL_ROUND_KEYS = {
-    "map": "test_map",
-    "map50": "test_map50",
-    "val_map": "map",
-    "pseudo_labels": "pseudo_label_pseudo_labels",
-    "precision": "pseudo_label_pseudo_precision",
-    "recall": "pseudo_label_pseudo_recall",
-}
-
-
-#: an online mean teacher's round: the count (over all its steps), precision and recall of the
-#: pseudo-labels it gave the student during training (its pseudo_label phase scores the burn-in
-#: teacher's offline pick)
-ONLINE_KEYS = {
-    "pseudo_labels": "train_online_pseudo_labels",
-    "precision": "train_online_pseudo_precision",
-    "recall": "train_online_pseudo_recall",
-}
+#: an SSL round's figures (bench name: logged metric): test mAP and val mAP (the
+#: pseudo-labels' count, precision and recall come from ``ssl_report.pseudo_figures``)
+SSL_ROUND_KEYS = {"map": "test_map", "map50": "test_map50", "val_map": "map"}
 
 
 def ssl_round_figures(run: Any) -> list[dict[str, float]]:
-    """``SSL_ROUND_KEYS`` of every finished round of an SSL run, as the loop logged them (an
-    online teacher's pseudo-label quality from ``ONLINE_KEYS``), and the ``rank_*`` figures
-    of its pseudo-label candidates' rankings."""
-    from detloop.reports.ssl_report import round_rows
+    """``SSL_ROUND_KEYS`` of every finished round of an SSL run, as the loop logged them, the
+    pseudo-labels it trained on (``ssl_report.pseudo_figures``: an online teacher's own) and
+    the ``rank_*`` figures of its pseudo-label candidates' rankings."""
+    from detloop.reports.ssl_report import pseudo_figures, round_rows
 
     return [
         {
             **{k: float(row[v]) for k, v in SSL_ROUND_KEYS.items() if v in row},
-            **{k: float(row[v]) for k, v in ONLINE_KEYS.items() if v in row},
+            **pseudo_figures(row),
             # each selection signal's ranking of the candidates (selectors.pseudo_ranking)
             **{
                 "rank_" + k.removeprefix(_RANK): float(v)

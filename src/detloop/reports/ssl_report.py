@@ -23,6 +23,19 @@ def round_rows(run: RunDir) -> list[dict[str, float]]:
     return rows
 
 
+def pseudo_figures(row: dict[str, float]) -> dict[str, float]:
+    """The pseudo-labels a round's model trained on: ``pseudo_labels``, ``precision`` and
+    ``recall`` against the hidden gt (simulated runs) — an online mean teacher's own labels
+    (``train_online_*``, counted over all its steps) where it logged them, not the burn-in
+    teacher's offline pick its pseudo_label phase scored."""
+    out = {}
+    for key in ("labels", "precision", "recall"):
+        value = row.get(f"train_online_pseudo_{key}", row.get(f"pseudo_label_pseudo_{key}"))
+        if value is not None:
+            out["pseudo_labels" if key == "labels" else key] = float(value)
+    return out
+
+
 def _fmt(value: object, spec: str) -> str:
     if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
         return "-"
@@ -39,18 +52,13 @@ def ssl_summary(run: RunDir) -> str:
         f"{'pseudo':>7} {'prec':>6} {'recall':>6}"
     )
     for row in round_rows(run):
-        # an online mean teacher's round: the labels the student was given, not the burn-in
-        # teacher's offline pick its pseudo_label phase scored
-        prec, rec = (
-            row.get(f"train_online_pseudo_{k}", row.get(f"pseudo_label_pseudo_{k}"))
-            for k in ("precision", "recall")
-        )
+        pseudo = pseudo_figures(row)
         r = int(row["round"])
         name = "teacher" if r == 0 else "student" if r == 1 else f"selftrain{r - 1}"
         lines.append(
             f"{r:>5} {name:>10} {_fmt(row.get('map'), '.4f'):>7} "
             f"{_fmt(row.get('map50'), '.4f'):>7} {_fmt(row.get('test_map'), '.4f'):>8} "
-            f"{_fmt(row.get('pseudo_label_pseudo_labels'), '.0f'):>7} "
-            f"{_fmt(prec, '.3f'):>6} {_fmt(rec, '.3f'):>6}"
+            f"{_fmt(pseudo.get('pseudo_labels'), '.0f'):>7} "
+            f"{_fmt(pseudo.get('precision'), '.3f'):>6} {_fmt(pseudo.get('recall'), '.3f'):>6}"
         )
     return "\n".join(lines)
