@@ -23,16 +23,22 @@ random init instead of the pretrained backbone (``model.weights=null``):
         [--strategies random,entropy,alluncert,calib_alluncert,random+scratch]
         [--seeds 0,1,2,3,4] [--parallel 3] [--set train.max_steps=800]
 
-Settings (2 cores; ``small`` measured, the others scaled from its throughput of about
-3 training steps/s all loops together, predictions and evaluations included):
+Settings (2 cores; ``small`` measured, the others scaled from measured throughput):
 
     small    3 seeds, 5 / 10 / 25 % labeled, at most 400 steps per model (full data 1,500):
              90 min measured. NOT a plateau: every pretrained training hit its cap, and the
              curves are flat (bench/results/label_efficiency_small.json).
     default  the same with 5 seeds, about 2.5 h: the most a 2-core machine fits near two hours,
              and as capped, so its curves measure the step budget more than the labels.
-    large    5 seeds, 5 / 10 / 25 / 50 %, 30 epochs capped at 2,000 steps (full data 6,000)
-             with early stopping: the plateau setting, about 10 h on 2 cores (a GPU: minutes).
+    large    the plateau setting: 5 seeds, 5 / 10 / 25 % labeled, every model trained until
+             val mAP stops rising under ``train.lr_schedule: plateau`` (val every 500 steps,
+             patience 3, two ×0.1 drops of the rate), each AL iteration starting from the
+             previous iteration's model (``al.warm_start``); step caps 15,000 (full data
+             30,000) as a backstop. Sized from the SSL bench's teachers on the same data
+             (200 labeled images, pretrained backbone: val mAP 0.37–0.41 after 2,000 steps,
+             best 0.51–0.57 after 7,000–10,000; bench/results/ssl_plateau.json): about
+             300,000 training steps, 7–8 h on 2 cores at ~13 steps/s, three loops side by side
+             (estimated, not run) — a GPU machine's work.
 """
 
 from __future__ import annotations
@@ -55,15 +61,26 @@ class Setting:
     max_steps: int
     full_max_steps: int  # the full-data model sees the whole pool
     epochs: int = 60
-    map_freq: int = 3  # epochs between val mAP50 checks
-    patience: int = 2  # checks without improvement before stopping
+    map_freq: int = 3  # epochs between val checks (train.early_stopping_metric: mAP)
+    patience: int = 2  # checks without improvement before stopping (or a drop of the rate)
+    eval_steps: int | None = None  # val checks every this many steps instead of map_freq
+    lr_schedule: str = "cosine"
+    warm_start: bool = False  # each AL iteration starts from the previous one's model
 
 
 SETTINGS = {
     "small": Setting((0, 1, 2), (5, 5, 15), max_steps=400, full_max_steps=1500),
     "default": Setting((0, 1, 2, 3, 4), (5, 5, 15), max_steps=400, full_max_steps=1500),
     "large": Setting(
-        (0, 1, 2, 3, 4), (5, 5, 15, 25), max_steps=2000, full_max_steps=6000, epochs=30
+        (0, 1, 2, 3, 4),
+        (5, 5, 15),
+        max_steps=15000,
+        full_max_steps=30000,
+        epochs=1000,
+        patience=3,
+        eval_steps=500,
+        lr_schedule="plateau",
+        warm_start=True,
     ),
 }
 REFERENCE = "random"
@@ -102,6 +119,9 @@ def _overrides(args: argparse.Namespace, setting: Setting, data: Path, seed: int
         f"train.max_steps={setting.max_steps}",
         f"train.map_freq={setting.map_freq}",
         f"train.patience={setting.patience}",
+        f"train.eval_steps={setting.eval_steps if setting.eval_steps else 'null'}",
+        f"train.lr_schedule={setting.lr_schedule}",
+        f"al.warm_start={str(setting.warm_start).lower()}",
         "train.torch_threads=1",  # loops run side by side: one thread each, no oversubscription
         "ray.train_num_cpus=1",
         "ray.predict_workers=1",

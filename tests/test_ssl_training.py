@@ -204,9 +204,9 @@ def test_student_trains_on_both_streams(pool: tuple[pa.Table, pa.Table], tmp_pat
 def test_eval_steps_set_a_students_val_evaluations_in_steps(
     pool: tuple[pa.Table, pa.Table], tmp_path: Path
 ) -> None:
-    """``eval_steps`` (``ssl.student_eval_steps``): early stopping evaluates val mAP50 every
-    round(eval_steps / steps per epoch) epochs; without it every ``train.map_freq`` epochs
-    (here 100: never)."""
+    """``eval_steps`` (``ssl.student_eval_steps``): early stopping evaluates val every
+    round(eval_steps / steps per epoch) epochs; without it every ``train.eval_steps`` steps
+    (the same rounding) or, that unset too, every ``train.map_freq`` epochs (here 100: never)."""
     images, labels = pool
     lab_imgs, pse_imgs = images.slice(0, 6), images.slice(6, 18)
     pseudo_labels = labels.filter(pc.is_in(labels["image_id"], value_set=pse_imgs["image_id"]))
@@ -226,6 +226,11 @@ def test_eval_steps_set_a_students_val_evaluations_in_steps(
     assert evaluated("steps", 12) == [1.0]
     assert evaluated("steps_small", 1) == [0.0, 1.0, 2.0]  # at least every epoch
     assert evaluated("epochs", None) == []
+    # train.eval_steps is the same interval for any training; the argument (a student's own,
+    # ssl.student_eval_steps) takes its place
+    cfg = ExperimentConfig.model_validate({"train": {**train, "map_freq": 100, "eval_steps": 12}})
+    assert evaluated("train_steps", None) == [1.0]
+    assert evaluated("train_steps_student", 1) == [0.0, 1.0, 2.0]
 
 
 def test_pseudo_box_weight_scales_the_pseudo_part_box_loss_only(

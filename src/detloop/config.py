@@ -133,7 +133,10 @@ class TrainConfig(Section):
     # or mAP50 — which saturates while localisation still improves (measured: a teacher's
     # val mAP50 flat for its last 2,500 steps while 3,000 more steps added +9 % test mAP)
     early_stopping_metric: Literal["map", "map50"] = "map"
-    map_freq: int = 20
+    map_freq: int = Field(20, ge=1)
+    # evaluate val every this many steps instead (rounded to whole epochs): the same interval
+    # for a run on 100 images and one on 2,000, whose epochs are 20x apart
+    eval_steps: int | None = Field(None, ge=1)
     # the learning rate after warm-up: `cosine` decays to 0 over the run's steps; `plateau`
     # holds it and, when `patience` val evaluations in a row do not improve the early-stopping
     # metric, multiplies it by `lr_drop_factor` (at most `lr_drops` times) before early stopping
@@ -339,8 +342,9 @@ class SSLConfig(Section):
     student_max_steps: int | None = Field(None, ge=1)
     # with train.early_stopping: a student (and self-training round) evaluates val mAP
     # about every this many steps (whole epochs of its stream), keeping the best weights;
-    # None = every train.map_freq epochs, as any training — a student's epoch traverses the
-    # pseudo stream too (~10x a teacher's at 10 % labeled), so it may never be evaluated
+    # None = train's interval (train.eval_steps, else map_freq epochs) — a student's epoch
+    # traverses the pseudo stream too (~10x a teacher's at 10 % labeled), so map_freq epochs
+    # may never come
     student_eval_steps: int | None = Field(None, ge=1)
     # the students' (and self-training rounds') learning-rate schedule; None = train's: a
     # teacher trained to a plateau (`plateau`) and students on a fixed budget from it (`cosine`)

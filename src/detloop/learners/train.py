@@ -414,7 +414,8 @@ def train_model(
         num_classes: C, from the run's categories.
         out_dir: checkpoint directory to write.
         seed: seed of this training (data order, augmentation, dropout masks).
-        val: (images, labels) for early stopping on val mAP50, when enabled.
+        val: (images, labels) for early stopping on val (``train.early_stopping_metric``),
+            when enabled.
         init_weights: a whole model to start from (a checkpoint or its weights file: a
             previous iteration's model, an SSL teacher); else ``cfg.model.weights``, loaded as
             ``cfg.model.weights_kind`` says (e.g. only a pretrained backbone).
@@ -442,8 +443,9 @@ def train_model(
             L_det(labeled) + w(t)·(L_cls_cons + L_box_cons) of each image and its flip
             (``learners.csd``). Not with ``pseudo``, ``online`` or ``data_parallel``.
         eval_steps: with ``train.early_stopping``, evaluate val (``early_stopping_metric``)
-            every max(1, round(eval_steps / steps per epoch)) epochs instead of every
-            ``train.map_freq`` (an SSL student's epoch is both streams' traversal).
+            every max(1, round(eval_steps / steps per epoch)) epochs (an SSL student's epoch is
+            both streams' traversal); None: ``train.eval_steps``, and where that is None every
+            ``train.map_freq`` epochs.
 
     Raises:
         DataError: missing weights file or unreadable image.
@@ -463,6 +465,7 @@ def train_model(
         streams = Streams.csd(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo, csd.ratio)
     streams = _with_curriculum(cfg, streams, images, labels, num_classes)
     images = with_copies(images, streams)
+    eval_steps = eval_steps if eval_steps is not None else tcfg.eval_steps
     if eval_steps is not None:
         every = max(1, round(eval_steps / streams.steps_per_epoch))
         tcfg = tcfg.model_copy(update={"map_freq": every})

@@ -63,8 +63,8 @@ class TrainJob:
     pseudo: tuple[pa.Table, pa.Table] | None = None
     epochs: int | None = None
     max_steps: int | None = None
-    # early stopping's val evaluations about every this many steps instead of every
-    # ``train.map_freq`` epochs (``ssl.student_eval_steps``)
+    # early stopping's val evaluations about every this many steps when it differs from
+    # ``train.eval_steps`` / ``train.map_freq`` (``ssl.student_eval_steps``)
     eval_steps: int | None = None
     # the learning-rate schedule when it differs from ``train.lr_schedule``
     # (``ssl.student_lr_schedule``)
