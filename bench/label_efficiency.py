@@ -35,8 +35,8 @@ Settings (2 cores; ``small`` measured, the others scaled from measured throughpu
              patience 3, two ×0.1 drops of the rate), each AL iteration starting from the
              previous iteration's model (``al.warm_start``); step caps 15,000 (full data
              30,000) as a backstop. Sized from the SSL bench's teachers on the same data
-             (200 labeled images, pretrained backbone: val mAP 0.37–0.41 after 2,000 steps,
-             best 0.51–0.57 after 7,000–10,000; bench/results/ssl_plateau.json): about
+             (200 labeled images, pretrained backbone: val mAP 0.37–0.43 after 2,000 steps,
+             best 0.54–0.58 after 7,500–13,500; bench/results/ssl_plateau.json): about
              300,000 training steps, 7–8 h on 2 cores at ~13 steps/s, three loops side by side
              (estimated, not run) — a GPU machine's work.
 """

@@ -55,6 +55,12 @@ runs/bench_ssl_t10k --tag t10k --set train.epochs=1000 --set train.early_stoppin
 train.patience=6 --set train.early_stopping_metric=map50`` (the teacher stops when val mAP50
 stops rising, 7,000-8,000 steps; ``map``, now the default, watches mAP@[.5:.95]); the JSON's
 ``plateaus`` say where each training's val curve peaked. A runs root holds one budget.
+Teachers trained to a plateau (ssl_plateau.json; ``selftrain+weakaug`` with ``--tag
+plateau_b`` on the same root: ssl_plateau_b.json): ``--teacher-steps 15000 --student-steps
+3000 --runs-root runs/bench_ssl_plateau --tag plateau --variants restart,stac+weakaug,
+pcorrect+weakaug+p0.9,stac+weakaug+p0.9 --set train.epochs=1000 --set
+train.early_stopping=true --set train.patience=3 --set train.lr_schedule=plateau --set
+ssl.student_lr_schedule=cosine --set ssl.student_eval_steps=500``.
 """
 
 from __future__ import annotations
