@@ -47,7 +47,7 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class Setting:
     map_freq: int = 3  # epochs between val checks (train.early_stopping_metric: mAP)
     patience: int = 2  # checks without improvement before stopping (or a drop of the rate)
     eval_steps: int | None = None  # val checks every this many steps instead of map_freq
-    lr_schedule: str = "cosine"
+    lr_schedule: Literal["cosine", "plateau"] = "cosine"  # train.lr_schedule
     warm_start: bool = False  # each AL iteration starts from the previous one's model
 
 
