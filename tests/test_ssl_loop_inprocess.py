@@ -273,6 +273,7 @@ def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> 
     # what the train worker trains with: the job's budget in place of train's
     trained = job_config(cfg, student).train
     assert (trained.epochs, trained.max_steps, trained.lr_schedule) == (7, 30, "cosine")
+    assert trained.eval_steps == 50
     assert job_config(cfg, teacher) is cfg and cfg.train.lr_schedule == "plateau"
     # a teacher to a plateau, students (and self-training) cosine over their own budget
     assert [j.lr_schedule for j in (teacher, student, selftrain)] == [None, "cosine", "cosine"]

@@ -32,6 +32,7 @@ from detloop.learners.model import (
 )
 from detloop.learners.streams import Streams
 from detloop.learners.train import image_weights, train_model
+from detloop.orchestrator.engine.workers import TrainJob, job_config
 from detloop.selectors.pseudo import parse_pseudo_strategy
 from learner_data import digits_root, split_tables
 
@@ -204,7 +205,7 @@ def test_student_trains_on_both_streams(pool: tuple[pa.Table, pa.Table], tmp_pat
 def test_eval_steps_set_a_students_val_evaluations_in_steps(
     pool: tuple[pa.Table, pa.Table], tmp_path: Path
 ) -> None:
-    """``eval_steps`` (``ssl.student_eval_steps``): early stopping evaluates val every
+    """``TrainJob.eval_steps`` (``ssl.student_eval_steps``): early stopping evaluates val every
     round(eval_steps / steps per epoch) epochs; without it every ``train.eval_steps`` steps
     (the same rounding) or, that unset too, every ``train.map_freq`` epochs (here 100: never)."""
     images, labels = pool
@@ -216,9 +217,11 @@ def test_eval_steps_set_a_students_val_evaluations_in_steps(
     cfg = ExperimentConfig.model_validate({"train": {**train, "map_freq": 100}})
 
     def evaluated(out: str, eval_steps: int | None) -> list[float]:
+        # a train worker's config: the job's interval (a student's) in place of train's
+        job = TrainJob(lab_imgs, labels, 10, str(tmp_path / out), 0, eval_steps=eval_steps)
         result = train_model(
-            cfg, lab_imgs, labels, 10, tmp_path / out, seed=0, progress=False,
-            pseudo=(pse_imgs, pseudo_labels), val=val, eval_steps=eval_steps,
+            job_config(cfg, job), lab_imgs, labels, 10, tmp_path / out, seed=0, progress=False,
+            pseudo=(pse_imgs, pseudo_labels), val=val,
         )  # fmt: skip
         return [h["epoch"] for h in result.history if "val_map50" in h]
 
@@ -226,7 +229,7 @@ def test_eval_steps_set_a_students_val_evaluations_in_steps(
     assert evaluated("steps", 12) == [1.0]
     assert evaluated("steps_small", 1) == [0.0, 1.0, 2.0]  # at least every epoch
     assert evaluated("epochs", None) == []
-    # train.eval_steps is the same interval for any training; the argument (a student's own,
+    # train.eval_steps is the same interval for any training; the job's (a student's own,
     # ssl.student_eval_steps) takes its place
     cfg = ExperimentConfig.model_validate({"train": {**train, "map_freq": 100, "eval_steps": 12}})
     assert evaluated("train_steps", None) == [1.0]

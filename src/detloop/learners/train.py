@@ -403,7 +403,6 @@ def train_model(
     class_names: Sequence[str] | None = None,
     data_parallel: DataParallel | None = None,
     unlabeled: pa.Table | None = None,
-    eval_steps: int | None = None,
 ) -> TrainResult:
     """Train a detector on ``images``/``labels`` and write its checkpoint to ``out_dir``.
 
@@ -442,10 +441,6 @@ def train_model(
             of B // (ratio + 1) labeled images and the rest unlabeled (``Streams.csd``); loss
             L_det(labeled) + w(t)·(L_cls_cons + L_box_cons) of each image and its flip
             (``learners.csd``). Not with ``pseudo``, ``online`` or ``data_parallel``.
-        eval_steps: with ``train.early_stopping``, evaluate val (``early_stopping_metric``)
-            every max(1, round(eval_steps / steps per epoch)) epochs (an SSL student's epoch is
-            both streams' traversal); None: ``train.eval_steps``, and where that is None every
-            ``train.map_freq`` epochs.
 
     Raises:
         DataError: missing weights file or unreadable image.
@@ -465,9 +460,9 @@ def train_model(
         streams = Streams.csd(tcfg.batch_size, images.num_rows - n_pseudo, n_pseudo, csd.ratio)
     streams = _with_curriculum(cfg, streams, images, labels, num_classes)
     images = with_copies(images, streams)
-    eval_steps = eval_steps if eval_steps is not None else tcfg.eval_steps
-    if eval_steps is not None:
-        every = max(1, round(eval_steps / streams.steps_per_epoch))
+    if tcfg.eval_steps is not None:  # val about every eval_steps, in whole epochs of the
+        # streams (an SSL student's epoch is both streams' traversal)
+        every = max(1, round(tcfg.eval_steps / streams.steps_per_epoch))
         tcfg = tcfg.model_copy(update={"map_freq": every})
     job = _Job(
         cfg,

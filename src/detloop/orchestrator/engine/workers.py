@@ -63,8 +63,8 @@ class TrainJob:
     pseudo: tuple[pa.Table, pa.Table] | None = None
     epochs: int | None = None
     max_steps: int | None = None
-    # early stopping's val evaluations about every this many steps when it differs from
-    # ``train.eval_steps`` / ``train.map_freq`` (``ssl.student_eval_steps``)
+    # early stopping's val interval in steps when it differs from ``train.eval_steps``
+    # (``ssl.student_eval_steps``)
     eval_steps: int | None = None
     # the learning-rate schedule when it differs from ``train.lr_schedule``
     # (``ssl.student_lr_schedule``)
@@ -210,9 +210,14 @@ class TrainWorker(_WorkerProcess):
 
 
 def job_config(cfg: ExperimentConfig, job: TrainJob) -> ExperimentConfig:
-    """``cfg`` with the job's ``epochs``, ``max_steps`` and ``lr_schedule`` (when set) in place
-    of ``train``'s."""
-    update = {"epochs": job.epochs, "max_steps": job.max_steps, "lr_schedule": job.lr_schedule}
+    """``cfg`` with the job's ``epochs``, ``max_steps``, ``eval_steps`` and ``lr_schedule``
+    (when set) in place of ``train``'s."""
+    update = {
+        "epochs": job.epochs,
+        "max_steps": job.max_steps,
+        "eval_steps": job.eval_steps,
+        "lr_schedule": job.lr_schedule,
+    }
     given = {k: v for k, v in update.items() if v is not None}
     if not given:
         return cfg
@@ -250,7 +255,6 @@ def run_train_job(
         class_names=job.class_names,
         data_parallel=data_parallel,
         unlabeled=job.unlabeled,
-        eval_steps=job.eval_steps,
     )
     return TrainOutcome(
         checkpoint=Path(result.checkpoint),
