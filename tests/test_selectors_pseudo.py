@@ -17,7 +17,6 @@ from detloop.selectors.pseudo import (
     pls_scores,
     pls_select,
     pseudo_labels_table,
-    pseudo_quality,
     select_pseudo_labels,
 )
 from detloop.selectors.strategy import StrategyError
@@ -179,43 +178,6 @@ def test_cap_per_image_keeps_the_highest_scores() -> None:
     kept = cap_per_image(select_pseudo_labels(preds, "score", tau=0.4), 2)
     assert kept["image_id"].to_pylist() == ["a", "a", "b"]
     assert sorted(kept["score"].to_pylist()) == pytest.approx([0.6, 0.7, 0.9])
-
-
-def _boxes(rows: list[tuple[str, int, float, float, float, float, float]]) -> pa.Table:
-    cols = list(zip(*rows, strict=True)) if rows else [[]] * 7
-    return pa.table(
-        {
-            "image_id": pa.array(cols[0], pa.string()),
-            "class_id": pa.array(cols[1], pa.int32()),
-            **{c: pa.array(v, pa.float64()) for c, v in zip(schema.COORDS, cols[2:6], strict=True)},
-            "score": pa.array(cols[6], pa.float64()),
-        }
-    )
-
-
-def test_pseudo_quality_by_hand() -> None:
-    gt = _boxes(
-        [
-            ("a", 0, 0, 0, 10, 10, 1.0),
-            ("a", 1, 20, 20, 30, 30, 1.0),
-            ("b", 0, 0, 0, 10, 10, 1.0),
-            ("z", 0, 0, 0, 10, 10, 1.0),  # not a candidate: ignored
-        ]
-    )
-    pseudo = _boxes(
-        [
-            ("a", 0, 0, 0, 10, 12, 0.9),  # IoU 10/12 ≥ 0.5, right class: hit
-            ("a", 0, 0, 0, 10, 11, 0.5),  # same gt already taken by the higher score: miss
-            ("a", 0, 20, 20, 30, 30, 0.8),  # right place, wrong class: miss
-            ("b", 0, 0, 0, 10, 30, 0.7),  # IoU 1/3: miss
-            ("c", 0, 0, 0, 5, 5, 0.6),  # image without gt: miss
-        ]
-    )
-    q = pseudo_quality(pseudo, gt, ["a", "b", "c"])
-    assert (q.n_pseudo, q.n_gt, q.matched) == (5, 3, 1)
-    assert q.precision == pytest.approx(1 / 5) and q.recall == pytest.approx(1 / 3)
-    empty = pseudo_quality(pseudo.slice(0, 0), gt, ["a"])
-    assert empty.recall == 0 and np.isnan(empty.precision)
 
 
 def test_teacher_strategy_tokens() -> None:

@@ -61,6 +61,7 @@ class Series(LoopCallback):
         self.series: dict[str, list[tuple[int, float]]] = {}
         self.tags: dict[str, str] = {}
         self.iterations: list[dict[str, float]] = []
+        self.artifacts: list[list[Path]] = []
 
     def on_series(self, name: str, points: list[tuple[int, float]]) -> None:
         self.series[name] = points
@@ -72,6 +73,7 @@ class Series(LoopCallback):
         self, iteration: int, metrics: dict[str, float], artifacts: list[Path]
     ) -> None:
         self.iterations.append(metrics)
+        self.artifacts.append(artifacts)
 
 
 def _interrupt(point: str) -> None:
@@ -162,6 +164,28 @@ def test_ssl_loop_end_to_end(cfg: ExperimentConfig) -> None:
         m1["pseudo_label_pseudo_recall"]
     )
     assert [int(m["round"]) for m in cb.iterations] == [0, 1, 2] and not cb.tags
+    # per class: the labeled boxes, the round's pseudo-labels and their quality, adding up to
+    # the round's totals; logged as numbers, with the table and its plot as artifacts
+    rows = read_json(run.pseudo_classes_file(1))["classes"]
+    names = run.class_names()
+    assert [r["name"] for r in rows] == names
+    oracle_classes = oracle["class_id"].to_pylist()
+    assert [r["labeled"] for r in rows] == [oracle_classes.count(c) for c in range(len(names))]
+    assert sum(r["pseudo"] for r in rows) == m1["pseudo_label_pseudo_labels"]
+    assert sum(r["matched"] for r in rows) / sum(r["pseudo"] for r in rows) == pytest.approx(
+        m1["pseudo_label_pseudo_precision"]
+    )
+    assert sum(r["matched"] for r in rows) / sum(r["gt"] for r in rows) == pytest.approx(
+        m1["pseudo_label_pseudo_recall"]
+    )
+    for r in rows:
+        assert m1[f"pseudo_boxes/{r['name']}"] == r["pseudo"]
+        if r["pseudo"]:
+            assert m1[f"pseudo_precision/{r['name']}"] == r["matched"] / r["pseudo"]
+    plot = run.pseudo_classes_file(1).with_suffix(".png")
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert {run.pseudo_classes_file(1), plot} <= set(cb.artifacts[1])
+    assert not run.pseudo_classes_file(0).exists()  # the teacher's round has no pseudo-labels
 
 
 def test_no_pseudo_labels_warns(cfg: ExperimentConfig) -> None:
@@ -257,6 +281,7 @@ def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> 
 
     sets = ["ssl.student_init=teacher", "ssl.student_epochs=7", "ssl.student_max_steps=30"]
     sets += ["ssl.student_eval_steps=50", "train.early_stopping=true", "train.lr_schedule=plateau"]
+    sets.append("ssl.student_patience=9")
     sets.append("ssl.student_lr_schedule=cosine")
     cfg = build_config(config_snapshot(cfg), sets)
     loop, workers = _loop(cfg)
@@ -270,10 +295,11 @@ def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> 
     assert (selftrain.epochs, selftrain.max_steps) == (2, None)
     # students and self-training rounds evaluate val in steps; the teacher as any training
     assert (teacher.eval_steps, student.eval_steps, selftrain.eval_steps) == (None, 50, 50)
+    assert (teacher.patience, student.patience, selftrain.patience) == (None, 9, 9)
     # what the train worker trains with: the job's budget in place of train's
     trained = job_config(cfg, student).train
     assert (trained.epochs, trained.max_steps, trained.lr_schedule) == (7, 30, "cosine")
-    assert trained.eval_steps == 50
+    assert (trained.eval_steps, trained.patience) == (50, 9)
     assert job_config(cfg, teacher) is cfg and cfg.train.lr_schedule == "plateau"
     # a teacher to a plateau, students (and self-training) cosine over their own budget
     assert [j.lr_schedule for j in (teacher, student, selftrain)] == [None, "cosine", "cosine"]

@@ -346,6 +346,11 @@ class SSLConfig(Section):
     # traverses the pseudo stream too (~10x a teacher's at 10 % labeled), so map_freq epochs
     # may never come
     student_eval_steps: int | None = Field(None, ge=1)
+    # early stopping's patience for students and self-training rounds (val evaluations
+    # without a gain; under a `plateau` schedule, before each drop); None = train.patience.
+    # A cosine student's gain comes as its rate anneals: a patience above its evaluations
+    # (student_max_steps / student_eval_steps) keeps its best val weights without stopping it
+    student_patience: int | None = Field(None, ge=1)
     # the students' (and self-training rounds') learning-rate schedule; None = train's: a
     # teacher trained to a plateau (`plateau`) and students on a fixed budget from it (`cosine`)
     student_lr_schedule: Literal["cosine", "plateau"] | None = None

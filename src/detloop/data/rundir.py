@@ -260,6 +260,11 @@ class RunDir:
     def matches_file(self, iteration: int, split: str = "val") -> Path:
         return self.iteration_dir(iteration) / f"{split}_matches.parquet"
 
+    def pseudo_classes_file(self, iteration: int) -> Path:
+        """Per class: labeled boxes, the round's pseudo-labels and, in simulated runs, their
+        precision and recall against the hidden gt (``pseudo_quality.pseudo_class_rows``)."""
+        return self.iteration_dir(iteration) / "pseudo_classes.json"
+
     def pls_scores_file(self, iteration: int) -> Path:
         """PLS (``ssl.pls``): S, C, D and the verdict of each pseudo-labeled image of a round."""
         return self.iteration_dir(iteration) / "pls.parquet"

@@ -37,12 +37,11 @@ from detloop.config import ExperimentConfig
 from detloop.learners.model import UncertainEfficientDet
 from detloop.selectors.pseudo import (
     ConsistencyFilter,
-    PseudoQuality,
     PseudoSpec,
     cap_per_image,
-    pseudo_quality,
     select_pseudo_labels,
 )
+from detloop.selectors.pseudo_quality import PseudoQuality, pseudo_quality
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """What a person reads when a semi-supervised run ends: one line per round (teacher, student,
-self-training rounds) with the model's mAP and its pseudo-labels' count and quality."""
+self-training rounds) with the model's mAP and its pseudo-labels' count and quality, and under
+it the round's pseudo-labels per class."""
 
 from __future__ import annotations
 
@@ -61,4 +62,23 @@ def ssl_summary(run: RunDir) -> str:
             f"{_fmt(pseudo.get('pseudo_labels'), '.0f'):>7} "
             f"{_fmt(pseudo.get('precision'), '.3f'):>6} {_fmt(pseudo.get('recall'), '.3f'):>6}"
         )
+        lines += _class_lines(run, r, row)
     return "\n".join(lines)
+
+
+def _class_lines(run: RunDir, iteration: int, row: dict[str, float]) -> list[str]:
+    """The round's pseudo-labels per class (``pseudo_classes.json``), rarest labeled class
+    last — when they are the labels its model trained on (not an online teacher's round,
+    whose own labels are only counted in all)."""
+    table = run.pseudo_classes_file(iteration)
+    if not table.exists() or any(k.startswith("train_online_pseudo_") for k in row):
+        return []
+    rows = sorted(read_json(table)["classes"], key=lambda c: (-c["labeled"], c["class_id"]))
+    width = max([5, *(len(str(c["name"])) for c in rows)])
+    out = [f"{'':>5} {'class':>{width}} {'labeled':>7} {'pseudo':>7} {'prec':>6} {'recall':>6}"]
+    for c in rows:
+        out.append(
+            f"{'':>5} {c['name']:>{width}} {c['labeled']:>7} {c['pseudo']:>7} "
+            f"{_fmt(c.get('precision'), '.3f'):>6} {_fmt(c.get('recall'), '.3f'):>6}"
+        )
+    return out

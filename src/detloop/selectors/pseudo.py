@@ -25,7 +25,6 @@ from detloop.data.labels import IGNORE_CLASS_ID, box_rows, labels_from_boxes
 from detloop.selectors.columns import BoolArray, DetColumns, FloatArray
 from detloop.selectors.pseudo_correctness import CorrectnessModel
 from detloop.selectors.scores import ScoreContext, combo_values, get_score, registered_scores
-from detloop.selectors.ssl_3d import match_rows
 from detloop.selectors.ssl_pls import pls_d, pls_detections, rarity
 from detloop.selectors.ssl_pls import pls_select as pls_select  # re-exported: PLS of §11.7
 from detloop.selectors.stages import min_max
@@ -418,53 +417,6 @@ def cap_per_image(kept: pa.Table, max_per_image: int) -> pa.Table:
     rank = np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
     out = ordered.filter(pa.array(rank < max_per_image))
     return out.sort_by([("image_id", "ascending"), ("det_id", "ascending")])
-
-
-@dataclass(frozen=True)
-class PseudoQuality:
-    """Pseudo-labels against the hidden ground truth of their candidate images (simulated
-    runs): precision = pseudo-labels matching a gt box of their class at IoU ≥ ``iou`` (each gt
-    matched once, greedily by descending score) / pseudo-labels; recall = matched gt boxes / gt
-    boxes of the candidate images."""
-
-    n_pseudo: int
-    n_gt: int
-    matched: int
-
-    @property
-    def precision(self) -> float:
-        return self.matched / self.n_pseudo if self.n_pseudo else float("nan")
-
-    @property
-    def recall(self) -> float:
-        return self.matched / self.n_gt if self.n_gt else float("nan")
-
-    def __add__(self, other: PseudoQuality) -> PseudoQuality:
-        """The quality of both sets of pseudo-labels together (counts add)."""
-        return PseudoQuality(
-            self.n_pseudo + other.n_pseudo, self.n_gt + other.n_gt, self.matched + other.matched
-        )
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "pseudo_precision": self.precision,
-            "pseudo_recall": self.recall,
-            "pseudo_boxes": float(self.n_pseudo),
-            "pseudo_gt_boxes": float(self.n_gt),
-        }
-
-
-def pseudo_quality(
-    pseudo: pa.Table, gt: pa.Table, candidate_ids: list[str], iou: float = 0.5
-) -> PseudoQuality:
-    """Precision and recall of ``pseudo`` (rows with image_id, class_id, x1..y2 and ``score``
-    when known) against ``gt`` over the images ``candidate_ids`` (see ``PseudoQuality``)."""
-    wanted = pa.array(sorted(set(candidate_ids)), pa.string())
-    gt = gt.filter(pc.is_in(gt["image_id"], value_set=wanted))
-    pseudo = pseudo.filter(pc.is_in(pseudo["image_id"], value_set=wanted))
-    order = pseudo["score" if "score" in pseudo.column_names else "weight"].to_numpy()
-    gt_row, _ = match_rows(pseudo, np.asarray(order, dtype=np.float64), gt, iou)
-    return PseudoQuality(pseudo.num_rows, gt.num_rows, int((gt_row >= 0).sum()))
 
 
 # ---- PLS (§11.7) -----------------------------------------------------------------------------

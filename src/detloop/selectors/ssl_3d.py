@@ -4,7 +4,7 @@ detections.
 
 Matching: at IoU ≥ 0.5, pseudo-labels in descending score order (ties: row order) each take
 their best still-unmatched GT (ties: the first GT row); by default only a GT of the same class
-(a pseudo-label of the wrong class is a false detection, as in ``pseudo.pseudo_quality``).
+(a pseudo-label of the wrong class is a false detection, as in ``pseudo_quality.pseudo_quality``).
 
 Tables in are box rows: ``pseudo`` with image_id, class_id, score, x1..y2 (the output of
 ``pseudo.select_pseudo_labels``; further columns are carried), ``gt`` with image_id, class_id,

@@ -66,6 +66,8 @@ class TrainJob:
     # early stopping's val interval in steps when it differs from ``train.eval_steps``
     # (``ssl.student_eval_steps``)
     eval_steps: int | None = None
+    # early stopping's patience when it differs from ``train.patience`` (``ssl.student_patience``)
+    patience: int | None = None
     # the learning-rate schedule when it differs from ``train.lr_schedule``
     # (``ssl.student_lr_schedule``)
     lr_schedule: Literal["cosine", "plateau"] | None = None
@@ -210,12 +212,13 @@ class TrainWorker(_WorkerProcess):
 
 
 def job_config(cfg: ExperimentConfig, job: TrainJob) -> ExperimentConfig:
-    """``cfg`` with the job's ``epochs``, ``max_steps``, ``eval_steps`` and ``lr_schedule``
-    (when set) in place of ``train``'s."""
+    """``cfg`` with the job's ``epochs``, ``max_steps``, ``eval_steps``, ``patience`` and
+    ``lr_schedule`` (when set) in place of ``train``'s."""
     update = {
         "epochs": job.epochs,
         "max_steps": job.max_steps,
         "eval_steps": job.eval_steps,
+        "patience": job.patience,
         "lr_schedule": job.lr_schedule,
     }
     given = {k: v for k, v in update.items() if v is not None}

@@ -254,6 +254,7 @@ class ActiveLearningLoop(ModelLoop):
         candidates = pool.images_in("unlabeled")
         pool, info = steps.pseudo_label(self.run, self.cfg, pool, preds, candidates, iteration)
         pool.save(self.run)
+        steps.write_pseudo_classes(self.run, iteration, info.pop("classes"))
         if info["pseudo_labels"] == 0:
             self.warn("no_pseudo_labels", f"iteration {iteration}: no pseudo-labels selected")
         return pool, info
@@ -291,4 +292,6 @@ class ActiveLearningLoop(ModelLoop):
         numbers.update(self.bound_numbers(iteration))
         times = self.journal.iteration_overhead(iteration)  # phases before this one
         numbers.update({f"iteration_{k}_s": v for k, v in times.items()})
-        return self.publish(iteration, metrics, numbers, self.last_iteration() or 0)
+        per_class, files = self.pseudo_class_outputs(iteration)  # al.ssl's pseudo-labels
+        numbers.update(per_class)
+        return self.publish(iteration, metrics, numbers, self.last_iteration() or 0, files)

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from detloop import console
 from detloop.data import schema, splits
-from detloop.data.io import write_json, write_table
+from detloop.data.io import read_json, write_json, write_table
 from detloop.orchestrator.engine.journal import Phase
 from detloop.orchestrator.engine.journaled import JournaledLoop, Step
 from detloop.orchestrator.engine.progress import iteration_line
@@ -141,6 +141,19 @@ class ModelLoop(JournaledLoop):
             points = [(int(h["epoch"]), float(h[key])) for h in history if key in h]
             if points:
                 self.notify_series(f"{stage}_{key}", points)
+
+    def pseudo_class_outputs(self, iteration: int) -> tuple[dict[str, float], tuple[Path, ...]]:
+        """The iteration's pseudo-labels per class, when it made some: their numbers
+        (``pseudo_classes.class_numbers``) and the table with its bar plot, to be logged."""
+        from detloop.reports.pseudo_classes import class_numbers, pseudo_class_plot
+
+        table = self.run.pseudo_classes_file(iteration)
+        if not table.exists():
+            return {}, ()
+        rows = read_json(table)["classes"]
+        title = f"{self.run.name} {self.unit} {iteration}: pseudo-labels per class"
+        plot = pseudo_class_plot(rows, table.with_suffix(".png"), title)
+        return class_numbers(rows), (table, plot)
 
     def bound_numbers(self, iteration: int) -> dict[str, float]:
         """What the decoding bounds changed in this iteration's predict and evaluate phases

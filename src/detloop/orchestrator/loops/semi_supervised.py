@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +46,8 @@ from detloop.orchestrator.loops import pseudo_refine, ssl_blocks, steps
 from detloop.orchestrator.loops.model_phases import ModelLoop
 from detloop.orchestrator.loops.warmup import WarmupCache
 from detloop.selectors.budgets import iteration_sizes
-from detloop.selectors.pseudo import PseudoQuality, PseudoSpec
+from detloop.selectors.pseudo import PseudoSpec
+from detloop.selectors.pseudo_quality import PseudoQuality
 from detloop.selectors.ssl_csd import csd_split
 
 logger = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ class SemiSupervisedLoop(ModelLoop):
             self.run, self.cfg, pool, preds, candidates, iteration, refine=refine
         )
         self.run.write_labels(pool.labels)
+        steps.write_pseudo_classes(self.run, iteration, info.pop("classes"))
         if info["pseudo_labels"] == 0:
             self.warn(
                 "no_pseudo_labels",
@@ -231,7 +233,7 @@ class SemiSupervisedLoop(ModelLoop):
         # training rounds from the previous student, whole
         from_teacher = iteration == 1 and ssl.student_init == "teacher"
         init = self.run.weights_file(iteration - 1) if iteration > 1 or from_teacher else None
-        epochs, max_steps, eval_steps = _round_budget(ssl, iteration)
+        budget = _round_budget(ssl, iteration)
         val = splits.split_tables(self.run, "val") if self.cfg.train.early_stopping else None
         pseudo = None
         if iteration > 0:
@@ -255,9 +257,10 @@ class SemiSupervisedLoop(ModelLoop):
             val=val,
             init_weights=str(init) if init else None,
             pseudo=pseudo,
-            epochs=epochs,
-            max_steps=max_steps,
-            eval_steps=eval_steps,
+            epochs=budget.epochs,
+            max_steps=budget.max_steps,
+            eval_steps=budget.eval_steps,
+            patience=budget.patience,
             lr_schedule=ssl.student_lr_schedule if iteration else None,
             online=online,
             unlabeled=unlabeled,
@@ -331,8 +334,10 @@ class SemiSupervisedLoop(ModelLoop):
         numbers.update(self.bound_numbers(iteration))
         for phase, seconds in self.journal.phase_seconds(iteration).items():
             numbers[f"time_{phase}"] = seconds
-        pls = (self.run.pls_scores_file(iteration),)  # PLS's per-image table, when it ran
-        return self.publish(iteration, metrics, numbers, self.last_iteration() or 0, pls)
+        per_class, files = self.pseudo_class_outputs(iteration)
+        numbers.update(per_class)
+        files += (self.run.pls_scores_file(iteration),)  # PLS's per-image table, when it ran
+        return self.publish(iteration, metrics, numbers, self.last_iteration() or 0, files)
 
 
 def _selection_table(ids: list[str]) -> pa.Table:
@@ -359,15 +364,25 @@ def _batch_size(cfg: ExperimentConfig) -> int:
     return int(PRESETS[cfg.model.preset].train.get("batch_size", cfg.train.batch_size))
 
 
-def _round_budget(ssl: SSLConfig, iteration: int) -> tuple[int | None, int | None, int | None]:
-    """A round's epochs, step cap and val evaluation interval in steps (None: ``train``'s):
-    the teacher trains as any model, the first student on its own budget, self-training
-    rounds for ``selftrain_epochs``; students evaluate val every ``student_eval_steps``."""
+class RoundBudget(NamedTuple):
+    """What a round trains for where it differs from ``train`` (None: ``train``'s)."""
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    eval_steps: int | None = None
+    patience: int | None = None
+
+
+def _round_budget(ssl: SSLConfig, iteration: int) -> RoundBudget:
+    """The teacher trains as any model, the first student on its own budget, self-training
+    rounds for ``selftrain_epochs``; students evaluate val every ``student_eval_steps`` and
+    stop (or drop the rate) after ``student_patience`` evaluations without a gain."""
     if iteration == 0:
-        return None, None, None
+        return RoundBudget()
+    own = {"eval_steps": ssl.student_eval_steps, "patience": ssl.student_patience}
     if iteration == 1:
-        return ssl.student_epochs, ssl.student_max_steps, ssl.student_eval_steps
-    return ssl.selftrain_epochs, None, ssl.student_eval_steps
+        return RoundBudget(ssl.student_epochs, ssl.student_max_steps, **own)
+    return RoundBudget(ssl.selftrain_epochs, None, **own)
 
 
 def _online_quality(history: list[dict[str, float]]) -> dict[str, float]:

@@ -29,6 +29,7 @@ from detloop.learners.predict_stats import PredictStats
 from detloop.orchestrator.engine.journal import Journal
 from detloop.orchestrator.engine.workers import PredictJob, ShardResult, Workers
 from detloop.selectors.pseudo import with_ignore_regions
+from detloop.selectors.pseudo_quality import pseudo_class_rows, pseudo_quality
 from detloop.selectors.strategy import StrategySpec
 
 if TYPE_CHECKING:
@@ -415,7 +416,9 @@ def pseudo_label(
 
     Returns the new pool state and the numbers: pseudo-labels, images with one, per image,
     what the rule fitted on validation and — when the pool's gt is known (simulated runs) —
-    their precision and recall at IoU 0.5 and the signals' rankings (``_ranking_numbers``).
+    their precision and recall at IoU 0.5 and the signals' rankings (``_ranking_numbers``);
+    under ``classes`` the per-class table (``pseudo_class_rows``), for the caller to keep
+    (``write_pseudo_classes``).
     """
     from detloop.data.labels import next_box_id
     from detloop.selectors import pseudo as rules
@@ -447,12 +450,24 @@ def pseudo_label(
         **{k: v for k, v in fitted.items() if math.isfinite(v)},
         **refined,
     }
-    if pc.any(pc.is_in(gt["image_id"], value_set=ids)).as_py():
-        quality = rules.pseudo_quality(kept, gt, ids.to_pylist())
+    hidden = pc.any(pc.is_in(gt["image_id"], value_set=ids)).as_py()
+    cats = run.read_categories()
+    names = dict(zip(cats["class_id"].to_pylist(), cats["name"].to_pylist(), strict=True))
+    labeled = training_labels(pool.labels)
+    info["classes"] = pseudo_class_rows(
+        kept, labeled, names, gt if hidden else None, ids.to_pylist()
+    )
+    if hidden:
+        quality = pseudo_quality(kept, gt, ids.to_pylist())
         info.update({k: v for k, v in quality.as_dict().items() if v == v})
         model = None if spec.calib else model  # the ranking reads the stored columns
         info.update(_ranking_numbers(cfg, preds, gt, thresholds, validation, model))
     return pool, info
+
+
+def write_pseudo_classes(run: RunDir, iteration: int, rows: list[dict[str, Any]]) -> None:
+    """``pseudo_label``'s per-class table as the iteration's ``pseudo_classes.json``."""
+    write_json({"classes": rows}, run.pseudo_classes_file(iteration))
 
 
 def _ranking_numbers(
