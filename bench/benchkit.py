@@ -85,8 +85,9 @@ SSL_ROUND_KEYS = {"map": "test_map", "map50": "test_map50", "val_map": "map"}
 
 def ssl_round_figures(run: Any) -> list[dict[str, float]]:
     """``SSL_ROUND_KEYS`` of every finished round of an SSL run, as the loop logged them, the
-    pseudo-labels it trained on (``ssl_report.pseudo_figures``: an online teacher's own) and
-    the ``rank_*`` figures of its pseudo-label candidates' rankings."""
+    pseudo-labels it trained on (``ssl_report.pseudo_figures``: an online teacher's own), the
+    ``rank_*`` figures of its pseudo-label candidates' rankings and its test AP per class
+    (``ap/<class>``)."""
     from detloop.reports.ssl_report import pseudo_figures, round_rows
 
     return [
@@ -99,12 +100,26 @@ def ssl_round_figures(run: Any) -> list[dict[str, float]]:
                 for k, v in row.items()
                 if k.startswith(_RANK)
             },
+            # test AP per class
+            **{k.removeprefix("test_"): float(v) for k, v in row.items() if k.startswith(_AP)},
         }
         for row in round_rows(run)
     ]
 
 
+def ssl_pseudo_classes(run: Any) -> dict[str, list[dict[str, Any]]]:
+    """Per round that made pseudo-labels, its per-class table (``pseudo_classes.json``)."""
+    from detloop.data.io import read_json
+
+    return {
+        str(it): read_json(run.pseudo_classes_file(it))["classes"]
+        for it in run.iterations()
+        if run.pseudo_classes_file(it).exists()
+    }
+
+
 _RANK = "pseudo_label_rank_"
+_AP = "test_ap/"
 
 
 def val_curves(run: Any, uri: str) -> dict[str, dict[str, list[list[float]]]]:

@@ -81,10 +81,12 @@ from benchkit import (
     local_env,
     run_loop,
     seed_stats,
+    ssl_pseudo_classes,
     ssl_round_figures,
     val_curves,
     write_result,
 )
+from ssl_classes import class_table, class_table_text
 
 #: a variant is ``<base>[+<modifier>...]``: the base's --set items, then each modifier's
 BASES: dict[str, list[str]] = {
@@ -188,6 +190,7 @@ def _record(run: Any, uri: str) -> dict[str, Any]:
     seconds = sum(float(h.get("seconds") or 0.0) for h in run.read_meta().get("history", []))
     return {
         "rounds": ssl_round_figures(run),
+        "classes": ssl_pseudo_classes(run),
         "run": str(shown),
         "run_seconds": seconds,
         **val_curves(run, uri),
@@ -416,10 +419,12 @@ def _save(
     summary = summarise(done)
     ranked = rankings(done)
     curves = {m: plateaus(done, m) for m in ("val_map", "val_map50")}
+    classes = class_table(done)
     if final:
         print(_table(summary))
         if ranked:
             print(_ranking_table(ranked))
+        print(class_table_text(classes))
         for metric, by_round in curves.items():
             if by_round:
                 print(_plateau_table(by_round, metric))
@@ -456,6 +461,7 @@ def _save(
         "summary": summary,
         "rankings": ranked,
         "plateaus": curves,
+        "classes": classes,
         "records": records,
     }
     path = write_result(name, doc)
