@@ -60,7 +60,14 @@ plateau_b`` on the same root: ssl_plateau_b.json): ``--teacher-steps 15000 --stu
 3000 --runs-root runs/bench_ssl_plateau --tag plateau --variants restart,stac+weakaug,
 pcorrect+weakaug+p0.9,stac+weakaug+p0.9 --set train.epochs=1000 --set
 train.early_stopping=true --set train.patience=3 --set train.lr_schedule=plateau --set
-ssl.student_lr_schedule=cosine --set ssl.student_eval_steps=500``.
+ssl.student_lr_schedule=cosine --set ssl.student_eval_steps=500``. Longer students on those
+teachers: the same with ``--student-steps 6000 --runs-root runs/bench_ssl_plateau_s6000
+--teachers-from runs/bench_ssl_plateau --tag plateau_s6000 --variants
+stac+weakaug+p0.9,pcorrect+weakaug+p0.9,restart`` (students stop on val patience 3), and over
+their whole schedule with ``--set ssl.student_patience=100 --runs-root
+runs/bench_ssl_plateau_s6000_nostop --tag plateau_s6000_nostop --variants
+stac+weakaug+p0.9,restart``. Each JSON's ``classes`` holds the per-class view (pseudo-labels,
+their precision, test AP per class).
 """
 
 from __future__ import annotations
