@@ -12,7 +12,7 @@ from detloop.data.rundir import RunDir, RunsRoot
 from detloop.orchestrator.engine.journal import Journal, Phase, iteration_phases
 from detloop.orchestrator.engine.journaled import Handler, JournaledLoop, Paused, Step
 from detloop.orchestrator.engine.runs import ray_job_id
-from detloop.orchestrator.engine.tracking import LoopCallback, MlflowTracker
+from detloop.orchestrator.engine.tracking import LoopCallback, MlflowTracker, metric_key
 from detloop.orchestrator.engine.workers import PredictJob, TrainJob, TrainOutcome
 from detloop.seeding import derive_seed, rng
 
@@ -192,7 +192,8 @@ def test_mlflow_tracker_reattaches_to_one_run(tmp_path: Path) -> None:
     first = MlflowTracker(cfg, {"strategy": "entropy"})
     first.on_start(run, meta)
     (tmp_path / "sel.txt").write_text("x")
-    first.on_iteration(0, {"map": 0.5, "labeled_images": 10}, [tmp_path / "sel.txt"])
+    metrics = {"map": 0.5, "labeled_images": 10, "test_ap/bag & purse": 0.25}
+    first.on_iteration(0, metrics, [tmp_path / "sel.txt"])
     # A crash before run.json recorded the id: the tag on the MLflow run finds it again.
     second = MlflowTracker(cfg, {"strategy": "entropy"})
     second.on_start(run, {})
@@ -207,6 +208,9 @@ def test_mlflow_tracker_reattaches_to_one_run(tmp_path: Path) -> None:
     assert len(runs) == 1
     hist = client.get_metric_history(runs[0].info.run_id, "map")
     assert [(m.step, m.value) for m in hist] == [(0, 0.5), (1, 0.6)]
+    # a class name MLflow would refuse in a key is logged under the key it accepts
+    hist = client.get_metric_history(runs[0].info.run_id, "test_ap/bag _ purse")
+    assert [(m.step, m.value) for m in hist] == [(0, 0.25)]
     assert runs[0].data.params["al.strategy"] == "entropy"
     assert runs[0].info.status == "FINISHED"
     arts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "iter_0000")]
@@ -290,3 +294,25 @@ def test_warmup_key_follows_the_ground_truth_boxes(digits_tiny_run: RunDir) -> N
     run.write_gt(gt.set_column(gt.schema.get_field_index("x1"), "x1", pa.array(x1, gt["x1"].type)))
     assert run.read_gt().num_rows == gt.num_rows
     assert warmup_key(run, cfg, {}) != key
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("test_ap/person", "test_ap/person"),
+        ("test_ap/traffic light", "test_ap/traffic light"),
+        ("test_ap/café-au_lait.v2", "test_ap/café-au_lait.v2"),
+        ("test_ap/bag & purse (leather)", "test_ap/bag _ purse _leather_"),
+        ("pseudo_precision/it's:odd", "pseudo_precision/it_s_odd"),
+        ("test_ap/..", "test_ap_.."),
+        ("test_ap/a//b", "test_ap_a__b"),
+        ("test_ap/", "test_ap_"),
+    ],
+)
+def test_metric_keys_are_ones_mlflow_accepts(name: str, key: str) -> None:
+    """Per-class metrics carry the dataset's class names; MLflow refuses most punctuation and
+    path tricks in a key: each becomes ``_``, the key MLflow's own validator accepts."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    assert metric_key(name) == key
+    _validate_metric_name(metric_key(name))

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,21 @@ def run_params(cfg: ExperimentConfig) -> dict[str, str]:
     }
 
 
+_NOT_IN_KEYS = re.compile(r"[^/\w.\- ]")
+
+
+def metric_key(name: str) -> str:
+    """``name`` as an MLflow metric key: a character MLflow refuses in one (it allows
+    letters, digits, ``_ - . /`` and spaces) becomes ``_``, and a key that is not a plain
+    relative path (``a/../b``, ``a//b``) has its slashes replaced too. Per-class metrics carry
+    the dataset's class names (``test_ap/<class>``), which may hold any character."""
+    key = _NOT_IN_KEYS.sub("_", name)
+    norm = posixpath.normpath(key)
+    if norm != key or norm.startswith(("..", "/")) or norm == ".":
+        key = key.replace("/", "_")
+    return key
+
+
 def curve_metrics(loop: str, metrics: dict[str, float]) -> list[tuple[str, float, int]]:
     """The AL curve's points of one iteration as ``(<name>_vs_labeled, value, labeled
     images)``: of the AL loop only (an SSL loop's labeled set does not grow), and none for an
@@ -192,8 +209,9 @@ class MlflowTracker(LoopCallback):
 
         assert self.run_id is not None, "on_start was not called"
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, iteration) for k, v in sorted(metrics.items())]
-        batch += [Metric(k, v, now, step) for k, v, step in curve_metrics(self.cfg.loop, metrics)]
+        points = [(k, float(v), iteration) for k, v in sorted(metrics.items())]
+        points += curve_metrics(self.cfg.loop, metrics)
+        batch = [Metric(metric_key(k), v, now, step) for k, v, step in points]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
         for path in artifacts:
@@ -209,7 +227,7 @@ class MlflowTracker(LoopCallback):
 
         assert self.run_id is not None, "on_start was not called"
         now = int(time.time() * 1000)
-        batch = [Metric(name, float(v), now, int(step)) for step, v in points]
+        batch = [Metric(metric_key(name), float(v), now, int(step)) for step, v in points]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
