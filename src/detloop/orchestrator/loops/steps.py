@@ -451,18 +451,23 @@ def pseudo_label(
         **refined,
     }
     hidden = pc.any(pc.is_in(gt["image_id"], value_set=ids)).as_py()
-    cats = run.read_categories()
-    names = dict(zip(cats["class_id"].to_pylist(), cats["name"].to_pylist(), strict=True))
-    labeled = training_labels(pool.labels)
-    info["classes"] = pseudo_class_rows(
-        kept, labeled, names, gt if hidden else None, ids.to_pylist()
-    )
+    info["classes"] = _class_rows(run, pool, kept, gt if hidden else None, ids.to_pylist())
     if hidden:
         quality = pseudo_quality(kept, gt, ids.to_pylist())
         info.update({k: v for k, v in quality.as_dict().items() if v == v})
         model = None if spec.calib else model  # the ranking reads the stored columns
         info.update(_ranking_numbers(cfg, preds, gt, thresholds, validation, model))
     return pool, info
+
+
+def _class_rows(
+    run: RunDir, pool: PoolState, kept: pa.Table, gt: pa.Table | None, ids: list[str]
+) -> list[dict[str, Any]]:
+    """The per-class table of the ``kept`` pseudo-labels (``pseudo_class_rows``) beside the
+    pool's labeled boxes, scored against ``gt`` of the candidate ``ids`` when known."""
+    cats = run.read_categories()
+    names = dict(zip(cats["class_id"].to_pylist(), cats["name"].to_pylist(), strict=True))
+    return pseudo_class_rows(kept, training_labels(pool.labels), names, gt, ids)
 
 
 def write_pseudo_classes(run: RunDir, iteration: int, rows: list[dict[str, Any]]) -> None:
