@@ -22,6 +22,7 @@ from detloop.orchestrator.engine.journaled import JournaledLoop, Step
 from detloop.orchestrator.engine.progress import iteration_line
 from detloop.orchestrator.engine.workers import TrainJob, TrainOutcome
 from detloop.orchestrator.loops import steps
+from detloop.reports.pseudo_classes import class_numbers, pseudo_class_plot
 
 
 class ModelLoop(JournaledLoop):
@@ -145,8 +146,6 @@ class ModelLoop(JournaledLoop):
     def pseudo_class_outputs(self, iteration: int) -> tuple[dict[str, float], tuple[Path, ...]]:
         """The iteration's pseudo-labels per class, when it made some: their numbers
         (``pseudo_classes.class_numbers``) and the table with its bar plot, to be logged."""
-        from detloop.reports.pseudo_classes import class_numbers, pseudo_class_plot
-
         table = self.run.pseudo_classes_file(iteration)
         if not table.exists():
             return {}, ()
