@@ -109,13 +109,8 @@ def ssl_round_figures(run: Any) -> list[dict[str, float]]:
 
 def ssl_pseudo_classes(run: Any) -> dict[str, list[dict[str, Any]]]:
     """Per round that made pseudo-labels, its per-class table (``pseudo_classes.json``)."""
-    from detloop.data.io import read_json
-
-    return {
-        str(it): read_json(run.pseudo_classes_file(it))["classes"]
-        for it in run.iterations()
-        if run.pseudo_classes_file(it).exists()
-    }
+    tables = {str(it): run.read_pseudo_classes(it) for it in run.iterations()}
+    return {it: rows for it, rows in tables.items() if rows is not None}
 
 
 _RANK = "pseudo_label_rank_"

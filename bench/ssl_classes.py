@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from benchkit import seed_stats
+
 Records = dict[str, dict[int, dict[str, Any]]]
 
 
 def _mean(values: list[float]) -> float:
-    finite = [v for v in values if v == v]
-    return sum(finite) / len(finite) if finite else math.nan
+    """The mean of the finite values (NaN when none), as every bench table averages seeds."""
+    return seed_stats(values)["mean"]
 
 
 def class_table(records: Records) -> dict[str, dict[str, dict[str, float]]]:
@@ -31,9 +33,9 @@ def class_table(records: Records) -> dict[str, dict[str, dict[str, float]]]:
     }
     for variant, by_seed in records.items():
         table: dict[str, dict[str, float]] = {}
+        firsts = [r for rec in by_seed.values() for r in rec.get("classes", {}).get("1", [])]
         for name in names:
-            firsts = [rec.get("classes", {}).get("1", []) for rec in by_seed.values()]
-            rows = [r for first in firsts for r in first if r["name"] == name]
+            rows = [r for r in firsts if r["name"] == name]
             finals = [rec["rounds"][-1].get(f"ap/{name}", math.nan) for rec in by_seed.values()]
             entry = {"ap": _mean(finals)}
             if rows:

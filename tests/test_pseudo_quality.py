@@ -106,7 +106,8 @@ def test_pseudo_class_rows_by_hand() -> None:
         {"class_id": 2, "name": "two", "labeled": 1, "pseudo": 0},
         {"class_id": 3, "name": "three", "labeled": 0, "pseudo": 0},
     ]
-    rows = pseudo_class_rows(pseudo, labeled, names, gt, ["a", "b"])
+    quality = pseudo_quality_by_class(pseudo, gt, ["a", "b"])
+    rows = pseudo_class_rows(pseudo, labeled, names, quality)
     scored = [(r["gt"], r["matched"], r["precision"], r["recall"]) for r in rows]
     assert scored == [(1, 1, 0.5, 1.0), (2, 2, 2 / 3, 1.0), (1, 0, None, 0.0), (0, 0, None, None)]
     assert class_numbers(rows) == {
@@ -128,7 +129,8 @@ def test_pseudo_class_plot_is_written(tmp_path: Path, with_gt: bool) -> None:
     gt, pseudo = _hand_case()
     labeled = _boxes([("l", 0, 0, 0, 5, 5, 1.0)])
     names = {0: "zero", 1: "one", 2: "two"}
-    rows = pseudo_class_rows(pseudo, labeled, names, gt if with_gt else None, ["a", "b"])
+    quality = pseudo_quality_by_class(pseudo, gt, ["a", "b"]) if with_gt else None
+    rows = pseudo_class_rows(pseudo, labeled, names, quality)
     path = pseudo_class_plot(rows, tmp_path / "classes.png", "round 1")
     assert path.read_bytes().startswith(b"\x89PNG")
     empty = pseudo_class_rows(pseudo.slice(0, 0), labeled.slice(0, 0), names)

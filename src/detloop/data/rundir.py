@@ -265,6 +265,14 @@ class RunDir:
         precision and recall against the hidden gt (``pseudo_quality.pseudo_class_rows``)."""
         return self.iteration_dir(iteration) / "pseudo_classes.json"
 
+    def read_pseudo_classes(self, iteration: int) -> list[dict[str, Any]] | None:
+        """The iteration's per-class pseudo-label table (None: it made no pseudo-labels)."""
+        path = self.pseudo_classes_file(iteration)
+        return list(read_json(path)["classes"]) if path.exists() else None
+
+    def write_pseudo_classes(self, iteration: int, rows: list[dict[str, Any]]) -> None:
+        write_json({"classes": rows}, self.pseudo_classes_file(iteration))
+
     def pls_scores_file(self, iteration: int) -> Path:
         """PLS (``ssl.pls``): S, C, D and the verdict of each pseudo-labeled image of a round."""
         return self.iteration_dir(iteration) / "pls.parquet"

@@ -70,10 +70,10 @@ def _class_lines(run: RunDir, iteration: int, row: dict[str, float]) -> list[str
     """The round's pseudo-labels per class (``pseudo_classes.json``), rarest labeled class
     last — when they are the labels its model trained on (not an online teacher's round,
     whose own labels are only counted in all)."""
-    table = run.pseudo_classes_file(iteration)
-    if not table.exists() or any(k.startswith("train_online_pseudo_") for k in row):
+    table = run.read_pseudo_classes(iteration)
+    if table is None or any(k.startswith("train_online_pseudo_") for k in row):
         return []
-    rows = sorted(read_json(table)["classes"], key=lambda c: (-c["labeled"], c["class_id"]))
+    rows = sorted(table, key=lambda c: (-c["labeled"], c["class_id"]))
     width = max([5, *(len(str(c["name"])) for c in rows)])
     out = [f"{'':>5} {'class':>{width}} {'labeled':>7} {'pseudo':>7} {'prec':>6} {'recall':>6}"]
     for c in rows:

@@ -94,15 +94,13 @@ def pseudo_class_rows(
     pseudo: pa.Table,
     labeled: pa.Table,
     names: Mapping[int, str],
-    gt: pa.Table | None = None,
-    candidate_ids: list[str] | None = None,
+    quality: Mapping[int, PseudoQuality] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per class of ``names`` (class id → name): ``labeled`` boxes of the class (what
-    the model learnt it from), ``pseudo`` labels of it and — with the hidden ``gt`` of the
-    ``candidate_ids`` images — its ``gt`` boxes there, the ``matched`` pseudo-labels and their
-    ``precision`` and ``recall`` at IoU 0.5 (None where a count is 0)."""
+    the model learnt it from), ``pseudo`` labels of it and — with their ``quality`` against
+    the hidden gt (``pseudo_quality_by_class``) — its ``gt`` boxes, the ``matched``
+    pseudo-labels and their ``precision`` and ``recall`` at IoU 0.5 (None where a count is 0)."""
     n_labeled, n_pseudo = (_class_counts(t, names) for t in (labeled, pseudo))
-    quality = None if gt is None else pseudo_quality_by_class(pseudo, gt, list(candidate_ids or []))
     rows: list[dict[str, Any]] = []
     for class_id in sorted(names):
         row: dict[str, Any] = {

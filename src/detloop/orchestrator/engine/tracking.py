@@ -227,7 +227,8 @@ class MlflowTracker(LoopCallback):
 
         assert self.run_id is not None, "on_start was not called"
         now = int(time.time() * 1000)
-        batch = [Metric(metric_key(name), float(v), now, int(step)) for step, v in points]
+        key = metric_key(name)
+        batch = [Metric(key, float(v), now, int(step)) for step, v in points]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 

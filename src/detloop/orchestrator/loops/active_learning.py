@@ -254,7 +254,7 @@ class ActiveLearningLoop(ModelLoop):
         candidates = pool.images_in("unlabeled")
         pool, info = steps.pseudo_label(self.run, self.cfg, pool, preds, candidates, iteration)
         pool.save(self.run)
-        steps.write_pseudo_classes(self.run, iteration, info.pop("classes"))
+        self.run.write_pseudo_classes(iteration, info.pop("classes"))
         if info["pseudo_labels"] == 0:
             self.warn("no_pseudo_labels", f"iteration {iteration}: no pseudo-labels selected")
         return pool, info

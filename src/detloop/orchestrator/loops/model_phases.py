@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from detloop import console
 from detloop.data import schema, splits
-from detloop.data.io import read_json, write_json, write_table
+from detloop.data.io import write_json, write_table
 from detloop.orchestrator.engine.journal import Phase
 from detloop.orchestrator.engine.journaled import JournaledLoop, Step
 from detloop.orchestrator.engine.progress import iteration_line
@@ -146,10 +146,10 @@ class ModelLoop(JournaledLoop):
     def pseudo_class_outputs(self, iteration: int) -> tuple[dict[str, float], tuple[Path, ...]]:
         """The iteration's pseudo-labels per class, when it made some: their numbers
         (``pseudo_classes.class_numbers``) and the table with its bar plot, to be logged."""
-        table = self.run.pseudo_classes_file(iteration)
-        if not table.exists():
+        rows = self.run.read_pseudo_classes(iteration)
+        if rows is None:
             return {}, ()
-        rows = read_json(table)["classes"]
+        table = self.run.pseudo_classes_file(iteration)
         title = f"{self.run.name} {self.unit} {iteration}: pseudo-labels per class"
         plot = pseudo_class_plot(rows, table.with_suffix(".png"), title)
         return class_numbers(rows), (table, plot)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -213,7 +213,7 @@ class SemiSupervisedLoop(ModelLoop):
             self.run, self.cfg, pool, preds, candidates, iteration, refine=refine
         )
         self.run.write_labels(pool.labels)
-        steps.write_pseudo_classes(self.run, iteration, info.pop("classes"))
+        self.run.write_pseudo_classes(iteration, info.pop("classes"))
         if info["pseudo_labels"] == 0:
             self.warn(
                 "no_pseudo_labels",
@@ -257,11 +257,7 @@ class SemiSupervisedLoop(ModelLoop):
             val=val,
             init_weights=str(init) if init else None,
             pseudo=pseudo,
-            epochs=budget.epochs,
-            max_steps=budget.max_steps,
-            eval_steps=budget.eval_steps,
-            patience=budget.patience,
-            lr_schedule=ssl.student_lr_schedule if iteration else None,
+            **budget._asdict(),
             online=online,
             unlabeled=unlabeled,
         )
@@ -371,15 +367,21 @@ class RoundBudget(NamedTuple):
     max_steps: int | None = None
     eval_steps: int | None = None
     patience: int | None = None
+    lr_schedule: Literal["cosine", "plateau"] | None = None
 
 
 def _round_budget(ssl: SSLConfig, iteration: int) -> RoundBudget:
     """The teacher trains as any model, the first student on its own budget, self-training
-    rounds for ``selftrain_epochs``; students evaluate val every ``student_eval_steps`` and
-    stop (or drop the rate) after ``student_patience`` evaluations without a gain."""
+    rounds for ``selftrain_epochs``; students evaluate val every ``student_eval_steps``, stop
+    (or drop the rate) after ``student_patience`` evaluations without a gain and follow
+    ``student_lr_schedule``."""
     if iteration == 0:
         return RoundBudget()
-    own = {"eval_steps": ssl.student_eval_steps, "patience": ssl.student_patience}
+    own: dict[str, Any] = {
+        "eval_steps": ssl.student_eval_steps,
+        "patience": ssl.student_patience,
+        "lr_schedule": ssl.student_lr_schedule,
+    }
     if iteration == 1:
         return RoundBudget(ssl.student_epochs, ssl.student_max_steps, **own)
     return RoundBudget(ssl.selftrain_epochs, None, **own)

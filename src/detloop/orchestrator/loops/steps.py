@@ -29,7 +29,11 @@ from detloop.learners.predict_stats import PredictStats
 from detloop.orchestrator.engine.journal import Journal
 from detloop.orchestrator.engine.workers import PredictJob, ShardResult, Workers
 from detloop.selectors.pseudo import with_ignore_regions
-from detloop.selectors.pseudo_quality import pseudo_class_rows, pseudo_quality
+from detloop.selectors.pseudo_quality import (
+    PseudoQuality,
+    pseudo_class_rows,
+    pseudo_quality_by_class,
+)
 from detloop.selectors.strategy import StrategySpec
 
 if TYPE_CHECKING:
@@ -418,7 +422,7 @@ def pseudo_label(
     what the rule fitted on validation and — when the pool's gt is known (simulated runs) —
     their precision and recall at IoU 0.5 and the signals' rankings (``_ranking_numbers``);
     under ``classes`` the per-class table (``pseudo_class_rows``), for the caller to keep
-    (``write_pseudo_classes``).
+    (``RunDir.write_pseudo_classes``).
     """
     from detloop.data.labels import next_box_id
     from detloop.selectors import pseudo as rules
@@ -450,29 +454,33 @@ def pseudo_label(
         **{k: v for k, v in fitted.items() if math.isfinite(v)},
         **refined,
     }
-    hidden = pc.any(pc.is_in(gt["image_id"], value_set=ids)).as_py()
-    info["classes"] = _class_rows(run, pool, kept, gt if hidden else None, ids.to_pylist())
-    if hidden:
-        quality = pseudo_quality(kept, gt, ids.to_pylist())
+    by_class = _hidden_quality(kept, gt, ids)
+    info["classes"] = _class_rows(run, pool, kept, by_class)
+    if by_class is not None:
+        quality = sum(by_class.values(), PseudoQuality(0, 0, 0))
         info.update({k: v for k, v in quality.as_dict().items() if v == v})
         model = None if spec.calib else model  # the ranking reads the stored columns
         info.update(_ranking_numbers(cfg, preds, gt, thresholds, validation, model))
     return pool, info
 
 
+def _hidden_quality(kept: pa.Table, gt: pa.Table, ids: pa.Array) -> dict[int, PseudoQuality] | None:
+    """Per class, the ``kept`` pseudo-labels against the pool's hidden gt of the candidate
+    ``ids`` — None outside simulated runs (no gt on those images). One matching per round: the
+    per-class table and the round's totals (their sum) both read it."""
+    if not pc.any(pc.is_in(gt["image_id"], value_set=ids)).as_py():
+        return None
+    return pseudo_quality_by_class(kept, gt, ids.to_pylist())
+
+
 def _class_rows(
-    run: RunDir, pool: PoolState, kept: pa.Table, gt: pa.Table | None, ids: list[str]
+    run: RunDir, pool: PoolState, kept: pa.Table, quality: Mapping[int, PseudoQuality] | None
 ) -> list[dict[str, Any]]:
     """The per-class table of the ``kept`` pseudo-labels (``pseudo_class_rows``) beside the
-    pool's labeled boxes, scored against ``gt`` of the candidate ``ids`` when known."""
+    pool's labeled boxes, with their ``quality`` against the hidden gt when known."""
     cats = run.read_categories()
     names = dict(zip(cats["class_id"].to_pylist(), cats["name"].to_pylist(), strict=True))
-    return pseudo_class_rows(kept, training_labels(pool.labels), names, gt, ids)
-
-
-def write_pseudo_classes(run: RunDir, iteration: int, rows: list[dict[str, Any]]) -> None:
-    """``pseudo_label``'s per-class table as the iteration's ``pseudo_classes.json``."""
-    write_json({"classes": rows}, run.pseudo_classes_file(iteration))
+    return pseudo_class_rows(kept, training_labels(pool.labels), names, quality)
 
 
 def _ranking_numbers(
