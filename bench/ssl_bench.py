@@ -157,6 +157,11 @@ def _config(args: argparse.Namespace, data: Path, seed: int, sets: list[str]) ->
         f"ssl.student_max_steps={args.student_steps}",
         f"ssl.student_init={args.student_init}",
         f"ssl.selftrain_rounds={args.selftrain_rounds}",
+        *(
+            []
+            if args.selftrain_steps is None
+            else [f"ssl.selftrain_max_steps={args.selftrain_steps}"]
+        ),
         *data_sets(data),
     ]
     return load_config(REPO / "configs" / "ssl_demo.yaml", [*base, *sets, *args.overrides])
@@ -482,6 +487,8 @@ def _budget(args: argparse.Namespace) -> dict[str, Any]:
         "student_steps": args.student_steps,
         "student_init": args.student_init,
         "selftrain_rounds": args.selftrain_rounds,
+        # only when set: the stamps of roots made before the option stay valid
+        **({} if args.selftrain_steps is None else {"selftrain_steps": args.selftrain_steps}),
     }
 
 
@@ -526,6 +533,12 @@ def main() -> None:
     parser.add_argument("--student-steps", type=int, default=500)
     parser.add_argument("--student-init", choices=("teacher", "initial"), default="teacher")
     parser.add_argument("--selftrain-rounds", type=int, default=1)
+    parser.add_argument(
+        "--selftrain-steps",
+        type=int,
+        default=None,
+        help="each self-training round's step cap (default: ssl.selftrain_epochs decide)",
+    )
     parser.add_argument("--jobs", type=int, default=3, help="seeds run side by side")
     parser.add_argument(
         "--runs-root",

@@ -275,11 +275,13 @@ def test_ema_teacher_round(cfg: ExperimentConfig) -> None:
 def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> None:
     """``ssl.student_init: teacher`` starts the first student from round 0's weights (a run
     of its own, marked ``from_teacher``); ``student_epochs`` / ``student_max_steps`` are the
-    student's budget only: the teacher keeps ``train``'s and self-training its own epochs."""
+    student's budget only: the teacher keeps ``train``'s and self-training its own epochs (capped
+    at ``selftrain_max_steps``)."""
     from detloop.config import ConfigError, build_config, config_snapshot
     from detloop.orchestrator.engine.workers import job_config
 
     sets = ["ssl.student_init=teacher", "ssl.student_epochs=7", "ssl.student_max_steps=30"]
+    sets.append("ssl.selftrain_max_steps=40")  # a self-training round's own cap
     sets += ["ssl.student_eval_steps=50", "train.early_stopping=true", "train.lr_schedule=plateau"]
     sets.append("ssl.student_patience=9")
     sets.append("ssl.student_lr_schedule=cosine")
@@ -292,7 +294,7 @@ def test_student_from_the_teacher_with_its_own_budget(cfg: ExperimentConfig) -> 
     assert student.init_weights == str(loop.run.weights_file(0))
     assert (student.epochs, student.max_steps) == (7, 30)
     assert selftrain.init_weights == str(loop.run.weights_file(1))
-    assert (selftrain.epochs, selftrain.max_steps) == (2, None)
+    assert (selftrain.epochs, selftrain.max_steps) == (2, 40)
     # students and self-training rounds evaluate val in steps; the teacher as any training
     assert (teacher.eval_steps, student.eval_steps, selftrain.eval_steps) == (None, 50, 50)
     assert (teacher.patience, student.patience, selftrain.patience) == (None, 9, 9)

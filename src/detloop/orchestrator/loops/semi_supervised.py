@@ -372,9 +372,9 @@ class RoundBudget(NamedTuple):
 
 def _round_budget(ssl: SSLConfig, iteration: int) -> RoundBudget:
     """The teacher trains as any model, the first student on its own budget, self-training
-    rounds for ``selftrain_epochs``; students evaluate val every ``student_eval_steps``, stop
-    (or drop the rate) after ``student_patience`` evaluations without a gain and follow
-    ``student_lr_schedule``."""
+    rounds for ``selftrain_epochs`` (at most ``selftrain_max_steps``); students evaluate val
+    every ``student_eval_steps``, stop (or drop the rate) after ``student_patience``
+    evaluations without a gain and follow ``student_lr_schedule``."""
     if iteration == 0:
         return RoundBudget()
     own: dict[str, Any] = {
@@ -384,7 +384,7 @@ def _round_budget(ssl: SSLConfig, iteration: int) -> RoundBudget:
     }
     if iteration == 1:
         return RoundBudget(ssl.student_epochs, ssl.student_max_steps, **own)
-    return RoundBudget(ssl.selftrain_epochs, None, **own)
+    return RoundBudget(ssl.selftrain_epochs, ssl.selftrain_max_steps, **own)
 
 
 def _online_quality(history: list[dict[str, float]]) -> dict[str, float]:
