@@ -138,13 +138,15 @@ def val_curves(run: Any, uri: str) -> dict[str, dict[str, list[list[float]]]]:
     return out
 
 
-def digits_data(imbalance: float) -> Path:
-    """digits-det small with class imbalance r = ``imbalance`` under ``data/``, built once."""
+def digits_data(imbalance: float, balanced_test: bool = False) -> Path:
+    """digits-det small with class imbalance r = ``imbalance`` under ``data/``, built once;
+    with ``balanced_test`` its test split's classes uniform (pool and val the same)."""
     from detloop.data.digits import make_digits
 
-    data = REPO / "data" / f"digits-small-imb{round(imbalance * 10):02d}"
+    tail = "-bt" if balanced_test else ""
+    data = REPO / "data" / f"digits-small-imb{round(imbalance * 10):02d}{tail}"
     if not (data / "test.json").exists():
-        make_digits(data, "small", seed=0, imbalance=imbalance)
+        make_digits(data, "small", seed=0, imbalance=imbalance, balanced_test=balanced_test)
     return data
 
 

@@ -47,6 +47,7 @@ def test_make_dataset_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str])
                 "4",
                 "--imbalance",
                 "0.8",
+                "--balanced-test",
             ]
         )
         == 0
@@ -54,6 +55,8 @@ def test_make_dataset_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "pool:" in capsys.readouterr().out
     doc = json.loads((tmp_path / "d" / "val.json").read_text())
     assert len(doc["images"]) == 32 and doc["info"]["seed"] == 4
+    assert doc["info"]["imbalance"] == 0.8  # val keeps the pool's classes; test is uniform
+    assert json.loads((tmp_path / "d" / "test.json").read_text())["info"]["imbalance"] == 1.0
     assert len(list((tmp_path / "d" / "images" / "test").glob("*.png"))) == 32
 
 

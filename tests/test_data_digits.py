@@ -107,6 +107,31 @@ def test_imbalanced_dataset_and_canvas(tmp_path: Path) -> None:
     assert max(max(a["bbox"][2:]) for a in doc["annotations"]) <= 24
 
 
+def test_balanced_test_split(tmp_path: Path) -> None:
+    """``balanced_test``: a long-tailed pool and val as without it (the same files), and a test
+    split whose classes are drawn uniformly, so the rare classes have test boxes to score."""
+    counts = (40, 20, 300)
+    make_digits(tmp_path / "lt", seed=3, imbalance=0.5, canvas=64, counts=counts)
+    make_digits(
+        tmp_path / "bt", seed=3, imbalance=0.5, canvas=64, counts=counts, balanced_test=True
+    )
+    for split in ("pool", "val"):
+        assert (tmp_path / "lt" / f"{split}.json").read_bytes() == (
+            tmp_path / "bt" / f"{split}.json"
+        ).read_bytes()
+    boxes = {
+        d: np.bincount(
+            [a["category_id"] - 1 for a in _load(tmp_path / d, "test")["annotations"]], minlength=10
+        )
+        for d in ("lt", "bt")
+    }
+    assert boxes["lt"][7:].sum() < 0.02 * boxes["lt"].sum()  # r = 0.5: '7'-'9' ~1.2 % of boxes
+    n = boxes["bt"].sum()
+    assert boxes["bt"].min() >= 0.07 * n and boxes["bt"].max() <= 0.13 * n  # ~10 % each
+    assert _load(tmp_path / "bt", "test")["info"]["imbalance"] == 1.0
+    assert _load(tmp_path / "bt", "pool")["info"]["imbalance"] == 0.5
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown size 'huge'"):
         make_digits(tmp_path, "huge")

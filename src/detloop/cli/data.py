@@ -16,7 +16,12 @@ from detloop.data.schema import IMAGE_STATES, SPLITS
 
 def _make_digits(args: argparse.Namespace) -> int:
     files = make_digits(
-        args.out, args.size, seed=args.seed, imbalance=args.imbalance, canvas=args.canvas
+        args.out,
+        args.size,
+        seed=args.seed,
+        imbalance=args.imbalance,
+        canvas=args.canvas,
+        balanced_test=args.balanced_test,
     )
     for split, path in files.items():
         sys.stdout.write(f"{split}: {path}  (images in {path.parent / 'images' / split})\n")
@@ -74,6 +79,11 @@ def register(sub: Any) -> None:
         help="class imbalance r: p_k proportional to r^k (1 = uniform)",
     )
     dg.add_argument("--canvas", type=int, default=128, help="canvas side in pixels")
+    dg.add_argument(
+        "--balanced-test",
+        action="store_true",
+        help="the test split's classes uniform (pool and val keep --imbalance): rare-class AP",
+    )
     dg.set_defaults(func=_make_digits)
 
     imp = sub.add_parser("import", help="import a dataset split into a run")

@@ -6,7 +6,10 @@ pool, val and test splits (70/15/15 %), so no test digit is ever seen in trainin
 holds 1-5 digits, dark ink on a light noisy background (RGB), at random positions without
 overlap and random sizes (longer side 16-48 px on a 128 px canvas, scaled with the canvas);
 boxes are tight around the ink. Classes ``"0"``..``"9"`` have COCO ids 1..10 and are drawn
-with p_k ∝ r^k (``imbalance`` r; 1 is uniform). Everything derives from the seed.
+with p_k ∝ r^k (``imbalance`` r; 1 is uniform). ``balanced_test`` draws the test split's classes
+uniformly instead, as long-tail benchmarks do (a long-tailed pool and val, a balanced test): the
+rare classes' test AP then rests on as many boxes as the common ones'. Everything derives from
+the seed; pool and val do not depend on ``balanced_test``.
 
 Output: ``DIR/images/<split>/NNNNNN.png`` and one COCO file per split, ``DIR/<split>.json``,
 whose ``file_name`` values are relative to ``DIR/images/<split>``.
@@ -198,6 +201,7 @@ def make_digits(
     imbalance: float = 1.0,
     canvas: int = 128,
     counts: tuple[int, int, int] | None = None,
+    balanced_test: bool = False,
 ) -> dict[str, Path]:
     """Generate digits-det under ``out``; returns each split's COCO file.
 
@@ -208,13 +212,15 @@ def make_digits(
         imbalance: r in p_k ∝ r^k (1: uniform classes).
         canvas: side of the square canvases in pixels (at least 32).
         counts: images per split, overriding ``size``.
+        balanced_test: the test split's classes uniform whatever ``imbalance`` (pool and val
+            unchanged): per-class test AP for the rare classes too.
     """
     if counts is None and size not in SIZES:
         raise DataError("digits", None, "size", f"unknown size {size!r}; one of {', '.join(SIZES)}")
     if canvas < 32:
         raise DataError("digits", None, "canvas", f"canvas must be at least 32 px, got {canvas}")
     n_per_split = counts or SIZES[size]
-    probs = class_probabilities(imbalance)
+    class_probabilities(imbalance)  # refuses a bad r before anything is written
     mnist, labels = load_mnist()
     pools = split_digits(labels, seed)
     out = Path(out)
@@ -223,15 +229,23 @@ def make_digits(
     ]
     files: dict[str, Path] = {}
     for split, n in zip(SPLIT_NAMES, n_per_split, strict=True):
+        r = 1.0 if balanced_test and split == "test" else imbalance
         doc = _coco_split(
-            split, n, pools[split], mnist, probs, canvas, seed, out / "images" / split
+            split,
+            n,
+            pools[split],
+            mnist,
+            class_probabilities(r),
+            canvas,
+            seed,
+            out / "images" / split,
         )
         doc["categories"] = categories
         doc["info"] = {
             "description": f"digits-det {split}",
             "seed": seed,
             "size": size,
-            "imbalance": imbalance,
+            "imbalance": r,
             "canvas": canvas,
         }
         files[split] = out / f"{split}.json"
