@@ -157,14 +157,19 @@ def _config(args: argparse.Namespace, data: Path, seed: int, sets: list[str]) ->
         f"ssl.student_max_steps={args.student_steps}",
         f"ssl.student_init={args.student_init}",
         f"ssl.selftrain_rounds={args.selftrain_rounds}",
-        *(
-            []
-            if args.selftrain_steps is None
-            else [f"ssl.selftrain_max_steps={args.selftrain_steps}"]
-        ),
+        *_selftrain_sets(args.selftrain_steps),
         *data_sets(data),
     ]
     return load_config(REPO / "configs" / "ssl_demo.yaml", [*base, *sets, *args.overrides])
+
+
+def _selftrain_sets(steps: int | None) -> list[str]:
+    """A self-training round of ``steps`` steps: the cap, and epochs that never end it first
+    (an epoch is at least one step; the config's ``selftrain_epochs``, 2 ≈ 500 steps, would).
+    None: the config's epochs decide."""
+    if steps is None:
+        return []
+    return [f"ssl.selftrain_max_steps={steps}", f"ssl.selftrain_epochs={steps}"]
 
 
 def _run_variant(variant: str, seed: int, args: argparse.Namespace, data: Path) -> Any:
@@ -537,7 +542,7 @@ def main() -> None:
         "--selftrain-steps",
         type=int,
         default=None,
-        help="each self-training round's step cap (default: ssl.selftrain_epochs decide)",
+        help="each self-training round's steps (default: ssl.selftrain_epochs decide)",
     )
     parser.add_argument("--jobs", type=int, default=3, help="seeds run side by side")
     parser.add_argument(
