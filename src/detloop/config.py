@@ -368,8 +368,8 @@ class SSLConfig(Section):
     labeled_per_batch: int | None = Field(None, ge=1)
     selftrain_rounds: int = Field(3, ge=0)
     selftrain_epochs: int = Field(20, ge=1)
-    # a self-training round's step cap (None: train.max_steps); with student_max_steps the
-    # rounds get the first student's budget, so a round is judged at the student's length
+    # a self-training round's step cap (None: train.max_steps), as student_max_steps is the
+    # first student's; a round also ends after selftrain_epochs (epochs of both streams)
     selftrain_max_steps: int | None = Field(None, ge=1)
     # train and evaluate the teacher (round 0) only: e.g. to compare teacher strategies
     teacher_only: bool = False

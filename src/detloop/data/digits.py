@@ -220,7 +220,8 @@ def make_digits(
     if canvas < 32:
         raise DataError("digits", None, "canvas", f"canvas must be at least 32 px, got {canvas}")
     n_per_split = counts or SIZES[size]
-    class_probabilities(imbalance)  # refuses a bad r before anything is written
+    rates = {s: 1.0 if balanced_test and s == "test" else imbalance for s in SPLIT_NAMES}
+    probs = {s: class_probabilities(r) for s, r in rates.items()}  # a bad r: before any file
     mnist, labels = load_mnist()
     pools = split_digits(labels, seed)
     out = Path(out)
@@ -229,23 +230,15 @@ def make_digits(
     ]
     files: dict[str, Path] = {}
     for split, n in zip(SPLIT_NAMES, n_per_split, strict=True):
-        r = 1.0 if balanced_test and split == "test" else imbalance
         doc = _coco_split(
-            split,
-            n,
-            pools[split],
-            mnist,
-            class_probabilities(r),
-            canvas,
-            seed,
-            out / "images" / split,
+            split, n, pools[split], mnist, probs[split], canvas, seed, out / "images" / split
         )
         doc["categories"] = categories
         doc["info"] = {
             "description": f"digits-det {split}",
             "seed": seed,
             "size": size,
-            "imbalance": r,
+            "imbalance": rates[split],
             "canvas": canvas,
         }
         files[split] = out / f"{split}.json"

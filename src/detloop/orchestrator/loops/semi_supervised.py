@@ -7,8 +7,9 @@ unlabeled part with model r-1 (the teacher, then the latest student), [calibrate
 thresholds it on validation when the selection needs it], selects pseudo-labels
 (``selection_strategy``, stored as ``labels`` rows with ``source = pseudo`` and the round) and
 trains model r on gt + pseudo: round 1 is the student, from the initial weights; rounds 2.. are
-the ``selftrain`` rounds, each from the previous student for ``selftrain_epochs``. With
-``ssl.teacher: ema`` round 1 trains an online mean teacher instead (the burn-in is round 0).
+the ``selftrain`` rounds, each from the previous student for ``selftrain_epochs`` (at most
+``selftrain_max_steps``). With ``ssl.teacher: ema`` round 1 trains an online mean teacher
+instead (the burn-in is round 0).
 ``ssl.teacher_strategy``'s blocks (§11.3, §11.4; ``ssl_blocks``): ``rcc`` adds rare-class
 collages to the labeled part in the split phase, once; ``imscore`` weighs every round's labeled
 objects by their class. ``ssl.pls`` (PLS, §11.7) and ``ssl.oracle_variant`` (the 3D study,
