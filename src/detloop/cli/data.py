@@ -59,8 +59,8 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any) -> None:
-    """Add the data verbs to the ``detloop`` sub-command parser."""
+def _register_make_dataset(sub: Any) -> None:
+    """``make-dataset digits`` and its options."""
     mk = sub.add_parser("make-dataset", help="generate a built-in dataset")
     kinds = mk.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     dg = kinds.add_parser("digits", help="digits-det: handwritten digits on noisy canvases")
@@ -85,6 +85,11 @@ def register(sub: Any) -> None:
         help="the test split's classes uniform (pool and val keep --imbalance): rare-class AP",
     )
     dg.set_defaults(func=_make_digits)
+
+
+def register(sub: Any) -> None:
+    """Add the data verbs to the ``detloop`` sub-command parser."""
+    _register_make_dataset(sub)
 
     imp = sub.add_parser("import", help="import a dataset split into a run")
     imp.add_argument("format", choices=["coco", "kitti", "folder"])
