@@ -66,8 +66,12 @@ teachers: the same with ``--student-steps 6000 --runs-root runs/bench_ssl_platea
 stac+weakaug+p0.9,pcorrect+weakaug+p0.9,restart`` (students stop on val patience 3), and over
 their whole schedule with ``--set ssl.student_patience=100 --runs-root
 runs/bench_ssl_plateau_s6000_nostop --tag plateau_s6000_nostop --variants
-stac+weakaug+p0.9,restart``. Each JSON's ``classes`` holds the per-class view (pseudo-labels,
-their precision, test AP per class).
+stac+weakaug+p0.9,restart``. A self-training round as long as the student on the same teachers
+(ssl_plateau_st3000.json): ``--variants selftrain+weakaug+p0.9 --student-steps 3000
+--selftrain-steps 3000 --runs-root runs/bench_ssl_plateau_st3000 --teachers-from
+runs/bench_ssl_plateau_s6000 --tag plateau_st3000`` with the plateau ``--set`` items above and
+``--set ssl.student_patience=100``. Each JSON's ``classes`` holds the per-class view
+(pseudo-labels, their precision, test AP per class).
 """
 
 from __future__ import annotations
