@@ -271,6 +271,7 @@ class RunDir:
         return list(read_json(path)["classes"]) if path.exists() else None
 
     def write_pseudo_classes(self, iteration: int, rows: list[dict[str, Any]]) -> None:
+        """Keep the iteration's per-class pseudo-label table (``steps.pseudo_label``'s)."""
         write_json({"classes": rows}, self.pseudo_classes_file(iteration))
 
     def pls_scores_file(self, iteration: int) -> Path:

@@ -5,7 +5,7 @@ common classes from one that feeds it rare ones (mAP weighs every class alike)."
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,11 @@ class PseudoQuality:
         return PseudoQuality(
             self.n_pseudo + other.n_pseudo, self.n_gt + other.n_gt, self.matched + other.matched
         )
+
+    @staticmethod
+    def total(parts: Iterable[PseudoQuality]) -> PseudoQuality:
+        """The quality of all ``parts`` together (per class, per epoch: their counts add)."""
+        return sum(parts, PseudoQuality(0, 0, 0))
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -86,8 +91,7 @@ def pseudo_quality(
 ) -> PseudoQuality:
     """Precision and recall of ``pseudo`` (rows with image_id, class_id, x1..y2 and ``score``
     when known) against ``gt`` over the images ``candidate_ids`` (see ``PseudoQuality``)."""
-    by_class = pseudo_quality_by_class(pseudo, gt, candidate_ids, iou)
-    return sum(by_class.values(), PseudoQuality(0, 0, 0))
+    return PseudoQuality.total(pseudo_quality_by_class(pseudo, gt, candidate_ids, iou).values())
 
 
 def pseudo_class_rows(

@@ -392,10 +392,7 @@ def _online_quality(history: list[dict[str, float]]) -> dict[str, float]:
     """An online mean teacher's pseudo-labels over the whole training, scored against the
     hidden gt (the per-epoch counts the trainer recorded; none outside simulated runs)."""
     keys = ("pseudo_boxes", "pseudo_gt_boxes", "pseudo_matched")
-    total = sum(
-        (PseudoQuality(*(int(h.get(k, 0)) for k in keys)) for h in history),
-        PseudoQuality(0, 0, 0),
-    )
+    total = PseudoQuality.total(PseudoQuality(*(int(h.get(k, 0)) for k in keys)) for h in history)
     if not total.n_gt:
         return {}
     out = {"labels": float(total.n_pseudo), "precision": total.precision, "recall": total.recall}

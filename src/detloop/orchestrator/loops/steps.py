@@ -457,7 +457,7 @@ def pseudo_label(
     by_class = _hidden_quality(kept, gt, ids)
     info["classes"] = _class_rows(run, pool, kept, by_class)
     if by_class is not None:
-        quality = sum(by_class.values(), PseudoQuality(0, 0, 0))
+        quality = PseudoQuality.total(by_class.values())
         info.update({k: v for k, v in quality.as_dict().items() if v == v})
         model = None if spec.calib else model  # the ranking reads the stored columns
         info.update(_ranking_numbers(cfg, preds, gt, thresholds, validation, model))
