@@ -558,12 +558,19 @@ def main() -> None:
     parser.add_argument(
         "--teachers-from", type=Path, default=None, help="a runs root whose teachers to reuse"
     )
+    parser.add_argument(
+        "--balanced-test",
+        action="store_true",
+        help="test on the class-balanced split of the same data (pool and val unchanged; "
+        "rare-class AP on ~90 boxes a class instead of 13; its teachers are cached apart, "
+        "their test figures differ; bench/ssl_retest.py re-tests stored models instead)",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--tag", default="", help="results as ssl_<tag>.json (default ssl.json)")
     args = parser.parse_args()
     args.runs_root = args.runs_root.resolve()
     local_env()
-    data = digits_data(0.7)
+    data = digits_data(0.7, args.balanced_test)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
     for variant in variants:
