@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 import tempfile
 import time
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchkit import REPO, local_env, write_result
+from benchkit import REPO, RESULTS, local_env, write_result
 
 ROLES = {0: "teacher", 1: "student", 2: "round2"}
 _SEED = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
@@ -240,6 +241,35 @@ def print_report(summary: dict[str, Any], pairs: dict[str, Any]) -> None:
                 )
 
 
+def plot(pairs: dict[str, Any], path: Path) -> None:
+    """Each pair's per-seed A − B (relative %) on the new and the stored test split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, e in pairs.items() if "new" in e]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.9 * len(names)))
+    for i, name in enumerate(names):
+        for split, dy, color in (("new", 0.15, "tab:blue"), ("stored", -0.15, "tab:gray")):
+            e = pairs[name].get(split)
+            if e is None:
+                continue
+            y = np.full(len(e["rel_pct"]), i + dy)
+            ax.scatter(e["rel_pct"], y, s=14, color=color, alpha=0.6)
+            err = [[e["mean"] - e["ci"][0]], [e["ci"][1] - e["mean"]]]
+            label = split if i == 0 else None
+            ax.errorbar(e["mean"], i + dy, xerr=err, fmt="D", color=color, capsize=3, label=label)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(names)), [n.replace(" vs ", "\nvs ") for n in names], fontsize=7)
+    ax.set_xlabel("A − B test mAP, relative % (points: paired seeds; diamond: mean, 95 % CI)")
+    ax.set_title("SSL selections paired over seeds: new test split (blue) vs stored (grey)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,17 +281,23 @@ def main() -> None:
         "--pred-seeds", default="0,1,2", help="MC-dropout prediction seeds averaged per model"
     )
     parser.add_argument("--out", default="ssl_retest", help="bench/results/<out>.json")
+    parser.add_argument(
+        "--replot", action="store_true", help="summarise and plot <out>.json's records again"
+    )
     args = parser.parse_args()
     local_env()
     roots = [REPO / r if not Path(r).is_absolute() else Path(r) for r in args.roots.split(",") if r]
     pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",") if p]
     if any(len(p) != 2 for p in pairs):
         raise SystemExit("--pairs: A:B,C:D")
-    records = stored_models(roots)
-    if not records:
-        raise SystemExit(f"no stored SSL models under {', '.join(map(str, roots))}")
     t0 = time.perf_counter()
-    evaluate_all(records, args.test, [int(x) for x in args.pred_seeds.split(",") if x])
+    if args.replot:
+        records = json.loads((RESULTS / f"{args.out}.json").read_text())["records"]
+    else:
+        records = stored_models(roots)
+        if not records:
+            raise SystemExit(f"no stored SSL models under {', '.join(map(str, roots))}")
+        evaluate_all(records, args.test, [int(x) for x in args.pred_seeds.split(",") if x])
     summary = summarise(records)
     pooled = pooled_pairs(records, pairs)  # type: ignore[arg-type]
     print_report(summary, pooled)
@@ -279,7 +315,8 @@ def main() -> None:
             "wall_s": time.perf_counter() - t0,
         },
     )
-    print(f"wrote {path}")
+    plot(pooled, path.with_suffix(".png"))
+    print(f"wrote {path} and its .png")
 
 
 if __name__ == "__main__":
