@@ -10,7 +10,9 @@ same seeded labeled split; arms that share the plain teacher get it from the tea
               boxes added, 20 % shifted/resized), a teacher trained on them labels its own
               training images in consistency mode, GLC corrects them, a teacher is retrained
               on the corrected set: precision/recall of the recovered missing, false and
-              noisy boxes, and test mAP clean vs corrupted vs corrected
+              noisy boxes, and test mAP clean vs corrupted vs corrected; ``--glc-min-score``
+              and ``--glc-rules`` set the teacher's score floor (§11.5: 0.1) and the rules
+              applied (default all three), their corrected teachers in their own experiment
     pls       the plain teacher's pseudo-labels: AUC of D (and S, C) against "the image has a
               missed object"; students on the top 40 % of images by D vs `rand` vs `bot`
     3d        the six oracle variants (nofd, nomd, nomdfd, fixmd, highprec, nonoise), each a
@@ -70,6 +72,8 @@ TEACHERS = {
 PLS = ("top", "rand", "bot")
 VARIANTS = ("nofd", "nomd", "nomdfd", "fixmd", "highprec", "nonoise")
 PARTS = ("teachers", "glc", "pls", "3d", "csd")
+GLC_RULES = ("md", "mistakes", "noisy")
+GLC_MIN_SCORE = 0.1  # §11.5's teacher score floor
 NAME = "ssl_blocks"
 NAMES = (NAME, "ssl_blocks_glc_corrupted", "ssl_blocks_glc_corrected")
 
@@ -243,11 +247,20 @@ def _labeled_ids(run: Any) -> list[str]:
     return images.filter(pc.equal(images["state"], "labeled"))["image_id"].to_pylist()
 
 
+def glc_variant(args: argparse.Namespace) -> str:
+    """The corrected teachers' experiment: §11.5's settings keep the original name, others
+    get theirs (``ssl_blocks_glc_corrected_ms0.2_md-mistakes``)."""
+    rules = [r for r in GLC_RULES if r in args.glc_rules]
+    if args.glc_min_score == GLC_MIN_SCORE and len(rules) == len(GLC_RULES):
+        return "ssl_blocks_glc_corrected"
+    return f"ssl_blocks_glc_corrected_ms{args.glc_min_score:g}_{'-'.join(rules)}"
+
+
 def part_glc(bench: Bench, seed: int, clean: dict[str, float]) -> dict[str, Any]:
     """Corrupt the labeled boxes, train a teacher on them, let it correct its own training
     labels with GLC, retrain on the corrected set (module docstring)."""
     from detloop.orchestrator.evaluation.glc import labeled_set, teacher_predictions
-    from detloop.selectors.ssl_glc import glc_correct
+    from detloop.selectors.ssl_glc import GlcParams, glc_correct
     from detloop.selectors.ssl_glc_stress import corrupt_labels, glc_recovery
 
     sets = ["ssl.teacher_only=true", "ssl.teacher_strategy="]
@@ -259,11 +272,14 @@ def part_glc(bench: Bench, seed: int, clean: dict[str, float]) -> dict[str, Any]
     run_c = bench.run("ssl_blocks_glc_corrupted", seed, sets, pool=pool_c)
     assert sorted(_labeled_ids(run_c)) == sorted(_labeled_ids(plain))  # the same split
     cfg = bench.config("ssl_blocks_glc_corrupted", seed, sets, pool=pool_c)
-    preds, _ = teacher_predictions(run_c, cfg, 0, images, 0.1)
-    result = glc_correct(corrupted, preds)
+    preds, _ = teacher_predictions(run_c, cfg, 0, images, bench.args.glc_min_score)
+    params = GlcParams(**{rule: rule in bench.args.glc_rules for rule in GLC_RULES})
+    result = glc_correct(corrupted, preds, params)
     recovery = glc_recovery(result, changes)
-    pool_g = write_pool_with(bench.data, plain, result.labels, folder / "corrected.json")
-    run_g = bench.run("ssl_blocks_glc_corrected", seed, sets, pool=pool_g)
+    variant = glc_variant(bench.args)
+    pool_file = folder / f"{variant.replace('ssl_blocks_glc_', '')}.json"
+    pool_g = write_pool_with(bench.data, plain, result.labels, pool_file)
+    run_g = bench.run(variant, seed, sets, pool=pool_g)
     m_c, m_g = _metrics(run_c, 0)["test_map"], _metrics(run_g, 0)["test_map"]
     lost = clean["map"] - m_c
     return {
@@ -346,7 +362,16 @@ def main() -> None:
         help="the test split's classes uniform (long-tailed pool and val): rare-class AP",
     )
     parser.add_argument("--tag", default="", help="results as ssl_blocks_<tag>.json")
+    parser.add_argument(
+        "--glc-min-score", type=float, default=GLC_MIN_SCORE, help="GLC teacher's score floor"
+    )
+    parser.add_argument(
+        "--glc-rules", default=",".join(GLC_RULES), help="GLC rules applied (md,mistakes,noisy)"
+    )
     args = parser.parse_args()
+    args.glc_rules = [r for r in args.glc_rules.split(",") if r]
+    if sorted(set(args.glc_rules) - set(GLC_RULES)) or not args.glc_rules:
+        raise SystemExit(f"--glc-rules: one or more of {', '.join(GLC_RULES)}")
     local_env()
     data = digits_data(0.5, balanced_test=args.balanced_test)
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -374,7 +399,7 @@ def _prepare_tracking(bench: Bench) -> None:
     open them (SQLite schema creation is not safe to race)."""
     from detloop.orchestrator.engine.tracking import prepare_store
 
-    for name in NAMES:
+    for name in (*NAMES, glc_variant(bench.args)):
         prepare_store(bench.config(name, 0, []))
 
 
