@@ -72,8 +72,6 @@ TEACHERS = {
 PLS = ("top", "rand", "bot")
 VARIANTS = ("nofd", "nomd", "nomdfd", "fixmd", "highprec", "nonoise")
 PARTS = ("teachers", "glc", "pls", "3d", "csd")
-GLC_RULES = ("md", "mistakes", "noisy")
-GLC_MIN_SCORE = 0.1  # §11.5's teacher score floor
 NAME = "ssl_blocks"
 NAMES = (NAME, "ssl_blocks_glc_corrupted", "ssl_blocks_glc_corrected")
 
@@ -250,6 +248,9 @@ def _labeled_ids(run: Any) -> list[str]:
 def glc_variant(args: argparse.Namespace) -> str:
     """The corrected teachers' experiment: §11.5's settings keep the original name, others
     get theirs (``ssl_blocks_glc_corrected_ms0.2_md-mistakes``)."""
+    from detloop.orchestrator.evaluation.glc import GLC_MIN_SCORE
+    from detloop.selectors.ssl_glc import GLC_RULES
+
     rules = [r for r in GLC_RULES if r in args.glc_rules]
     if args.glc_min_score == GLC_MIN_SCORE and len(rules) == len(GLC_RULES):
         return "ssl_blocks_glc_corrected"
@@ -260,7 +261,7 @@ def part_glc(bench: Bench, seed: int, clean: dict[str, float]) -> dict[str, Any]
     """Corrupt the labeled boxes, train a teacher on them, let it correct its own training
     labels with GLC, retrain on the corrected set (module docstring)."""
     from detloop.orchestrator.evaluation.glc import labeled_set, teacher_predictions
-    from detloop.selectors.ssl_glc import GlcParams, glc_correct
+    from detloop.selectors.ssl_glc import GLC_RULES, GlcParams, glc_correct
     from detloop.selectors.ssl_glc_stress import corrupt_labels, glc_recovery
 
     sets = ["ssl.teacher_only=true", "ssl.teacher_strategy="]
@@ -363,12 +364,14 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="results as ssl_blocks_<tag>.json")
     parser.add_argument(
-        "--glc-min-score", type=float, default=GLC_MIN_SCORE, help="GLC teacher's score floor"
+        "--glc-min-score", type=float, default=0.1, help="GLC teacher's score floor (§11.5: 0.1)"
     )
     parser.add_argument(
-        "--glc-rules", default=",".join(GLC_RULES), help="GLC rules applied (md,mistakes,noisy)"
+        "--glc-rules", default="md,mistakes,noisy", help="GLC rules applied (default all)"
     )
     args = parser.parse_args()
+    from detloop.selectors.ssl_glc import GLC_RULES
+
     args.glc_rules = [r for r in args.glc_rules.split(",") if r]
     if sorted(set(args.glc_rules) - set(GLC_RULES)) or not args.glc_rules:
         raise SystemExit(f"--glc-rules: one or more of {', '.join(GLC_RULES)}")

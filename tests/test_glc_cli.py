@@ -121,6 +121,21 @@ def test_glc_stress_corrupts_then_measures_the_recovery(
     assert recovery["n_moved"] == stress["recovery"]["n_moved"]
 
 
+def test_glc_rules_and_thresholds_from_the_command_line(
+    glc_run: tuple[RunDir, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, config = glc_run
+    args = ["--rules", "md,mistakes", "--min-score", "0.15", "--iou-consist", "0.8", "--tag", "t"]
+    assert main(["glc", str(config), "--run", str(run.path), *args]) == 0
+    doc = read_json(run.glc_dir("t") / "report.json")
+    preds = read_table(schema.PREDICTIONS, run.glc_dir("t") / "predictions.parquet")
+    assert doc["min_score"] == 0.15 and doc["params"]["iou_consist"] == 0.8
+    assert doc["params"]["md"] and doc["params"]["mistakes"] and not doc["params"]["noisy"]
+    assert doc["params"]["correct_score"] == 0.4  # not given: §11.5's
+    assert doc["counts"]["noisy"] == 0 and doc["counts"]["md"] > 0
+    assert preds.num_rows > 0 and float(pc.min(preds["score"]).as_py()) >= np.float32(0.15)
+
+
 def test_glc_bad_input_exits_2_without_a_traceback(
     glc_run: tuple[RunDir, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -130,6 +145,10 @@ def test_glc_bad_input_exits_2_without_a_traceback(
         (["--run", str(run.path), "--iteration", "5"], "iteration 5 has no checkpoint"),
         (["--run", str(run.path), "--tag", "../up"], "must match"),
         (["--run", str(run.path), "--iteration", "-1"], "must be >= 0"),
+        (["--run", str(run.path), "--rules", "md,nosy"], "did you mean 'noisy'"),
+        (["--run", str(run.path), "--rules", ","], "name at least one of md, mistakes, noisy"),
+        (["--run", str(run.path), "--min-score", "1.5"], "--min-score must be in [0, 1]"),
+        (["--run", str(run.path), "--correct-score", "-0.1"], "--correct-score must be in"),
     ]
     for args, message in cases:
         assert main(["glc", str(config), *args]) == 2, args

@@ -30,7 +30,8 @@ from detloop.selectors.autolabel import box_iou
 from detloop.selectors.columns import BoolArray, FloatArray, IntArray
 from detloop.selectors.ssl_3d import box_coords, rows_by_image
 
-RULES = ("kept", "md", "noisy")
+RULES = ("kept", "md", "noisy")  # a corrected box's provenance
+GLC_RULES = ("md", "mistakes", "noisy")  # the rules GlcParams switches on and off
 
 
 @dataclass(frozen=True)
