@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchkit import REPO, RESULTS, local_env, write_result
+from benchkit import REPO, RESULTS, local_env, seed_stats, write_result
 
 ROLES = {0: "teacher", 1: "student", 2: "round2"}
 _SEED = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
@@ -45,7 +45,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def test_tables(test: Path, tmp: Path) -> tuple[Any, Any, Any]:
+def split_of(test: Path, tmp: Path) -> tuple[Any, Any, Any]:
     """Images, ground truth and categories of ``test``'s test split, imported into a scratch run."""
     from detloop.data.importer import import_source
     from detloop.data.rundir import RunDir
@@ -126,7 +126,7 @@ def evaluate_all(records: list[dict[str, Any]], test: Path, seeds: list[int]) ->
     torch.set_num_threads(1)
     done: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tables = test_tables(test, Path(tmp))
+        tables = split_of(test, Path(tmp))
         for i, rec in enumerate(records):
             key = _sha(Path(rec["checkpoint"]) / "model.pt")
             if key not in done:
@@ -140,12 +140,6 @@ def evaluate_all(records: list[dict[str, Any]], test: Path, seeds: list[int]) ->
                     flush=True,
                 )
             rec.update(done[key], sha=key)
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype=float)
-    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
 
 
 def final_models(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
@@ -175,12 +169,12 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             entry["gain"].append(100 * (r["map"] / teacher["map"] - 1))
     for root, variants in out.items():
         t = [r["map"] for (rt, _), r in teachers.items() if rt == root]
-        variants["teacher"] = {"map": _stats(t)}
+        variants["teacher"] = {"map": seed_stats(t)}
         for variant, e in variants.items():
             if variant == "teacher":
                 continue
-            e["map_stats"] = _stats(e["map"])
-            e["gain_stats"] = _stats(e["gain"]) if e["gain"] else None
+            e["map_stats"] = seed_stats(e["map"])
+            e["gain_stats"] = seed_stats(e["gain"]) if e["gain"] else None
     return out
 
 
@@ -287,19 +281,21 @@ def main() -> None:
     args = parser.parse_args()
     local_env()
     roots = [REPO / r if not Path(r).is_absolute() else Path(r) for r in args.roots.split(",") if r]
-    pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",") if p]
-    if any(len(p) != 2 for p in pairs):
+    if any(p.count(":") != 1 for p in args.pairs.split(",") if p):
         raise SystemExit("--pairs: A:B,C:D")
+    pairs = [(a, b) for a, b in (p.split(":") for p in args.pairs.split(",") if p)]
     t0 = time.perf_counter()
-    if args.replot:
-        records = json.loads((RESULTS / f"{args.out}.json").read_text())["records"]
+    wall = None
+    if args.replot:  # the evaluation's records (and its wall time) as they were written
+        stored = json.loads((RESULTS / f"{args.out}.json").read_text())
+        records, wall = stored["records"], stored["wall_s"]
     else:
         records = stored_models(roots)
         if not records:
             raise SystemExit(f"no stored SSL models under {', '.join(map(str, roots))}")
         evaluate_all(records, args.test, [int(x) for x in args.pred_seeds.split(",") if x])
     summary = summarise(records)
-    pooled = pooled_pairs(records, pairs)  # type: ignore[arg-type]
+    pooled = pooled_pairs(records, pairs)
     print_report(summary, pooled)
     path = write_result(
         args.out,
@@ -312,7 +308,7 @@ def main() -> None:
             ],
             "summary": summary,
             "pairs": pooled,
-            "wall_s": time.perf_counter() - t0,
+            "wall_s": time.perf_counter() - t0 if wall is None else wall,
         },
     )
     plot(pooled, path.with_suffix(".png"))
