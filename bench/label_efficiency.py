@@ -35,7 +35,11 @@ Settings (2 cores; ``small`` measured, the others scaled from measured throughpu
              full-data model 5,000), val every 250 steps and the best val weights kept (a
              patience above the evaluations: a cosine run's gain comes as its rate anneals):
              3.75x the small setting's steps per model, 4.5x a curve's cumulative steps at
-             25 %; about 1.7 h on 2 cores for four strategies.
+             25 %. Measured with four strategies: 2.1 h on 2 cores (seed 0 with the full-data
+             model 67 min, then seeds 1 and 2 side by side with ``--parallel 13`` 58 min;
+             other benches shared the machine part of the time). Its full-data model is not
+             a ceiling: at 5,000 steps (20 epochs) it stays below the 500-image AL models,
+             which add up 4,500 warm-started steps (bench/results/label_efficiency_medium.json).
     large    the plateau setting: 5 seeds, 5 / 10 / 25 % labeled, every model trained until
              val mAP stops rising under ``train.lr_schedule: plateau`` (val every 500 steps,
              patience 3, two ×0.1 drops of the rate), each AL iteration starting from the
