@@ -248,20 +248,19 @@ def _labeled_ids(run: Any) -> list[str]:
 def glc_variant(args: argparse.Namespace) -> str:
     """The corrected teachers' experiment: §11.5's settings keep the original name, others
     get theirs (``ssl_blocks_glc_corrected_ms0.2_md-mistakes``)."""
-    from detloop.orchestrator.evaluation.glc import GLC_MIN_SCORE
-    from detloop.selectors.ssl_glc import GLC_RULES
+    from detloop.orchestrator.evaluation.glc import DEFAULT_PARAMS, GLC_MIN_SCORE
 
-    rules = [r for r in GLC_RULES if r in args.glc_rules]
-    if args.glc_min_score == GLC_MIN_SCORE and len(rules) == len(GLC_RULES):
+    if args.glc_min_score == GLC_MIN_SCORE and args.glc_params == DEFAULT_PARAMS:
         return "ssl_blocks_glc_corrected"
-    return f"ssl_blocks_glc_corrected_ms{args.glc_min_score:g}_{'-'.join(rules)}"
+    rules = "-".join(args.glc_params.rules())
+    return f"ssl_blocks_glc_corrected_ms{args.glc_min_score:g}_{rules}"
 
 
 def part_glc(bench: Bench, seed: int, clean: dict[str, float]) -> dict[str, Any]:
     """Corrupt the labeled boxes, train a teacher on them, let it correct its own training
     labels with GLC, retrain on the corrected set (module docstring)."""
     from detloop.orchestrator.evaluation.glc import labeled_set, teacher_predictions
-    from detloop.selectors.ssl_glc import GLC_RULES, GlcParams, glc_correct
+    from detloop.selectors.ssl_glc import glc_correct
     from detloop.selectors.ssl_glc_stress import corrupt_labels, glc_recovery
 
     sets = ["ssl.teacher_only=true", "ssl.teacher_strategy="]
@@ -274,8 +273,7 @@ def part_glc(bench: Bench, seed: int, clean: dict[str, float]) -> dict[str, Any]
     assert sorted(_labeled_ids(run_c)) == sorted(_labeled_ids(plain))  # the same split
     cfg = bench.config("ssl_blocks_glc_corrupted", seed, sets, pool=pool_c)
     preds, _ = teacher_predictions(run_c, cfg, 0, images, bench.args.glc_min_score)
-    params = GlcParams(**{rule: rule in bench.args.glc_rules for rule in GLC_RULES})
-    result = glc_correct(corrupted, preds, params)
+    result = glc_correct(corrupted, preds, bench.args.glc_params)
     recovery = glc_recovery(result, changes)
     variant = glc_variant(bench.args)
     pool_file = folder / f"{variant.replace('ssl_blocks_glc_', '')}.json"
@@ -370,11 +368,12 @@ def main() -> None:
         "--glc-rules", default="md,mistakes,noisy", help="GLC rules applied (default all)"
     )
     args = parser.parse_args()
-    from detloop.selectors.ssl_glc import GLC_RULES
+    from detloop.orchestrator.evaluation.glc import DEFAULT_PARAMS
 
-    args.glc_rules = [r for r in args.glc_rules.split(",") if r]
-    if sorted(set(args.glc_rules) - set(GLC_RULES)) or not args.glc_rules:
-        raise SystemExit(f"--glc-rules: one or more of {', '.join(GLC_RULES)}")
+    try:
+        args.glc_params = DEFAULT_PARAMS.only(args.glc_rules)
+    except ValueError as exc:
+        raise SystemExit(f"--glc-rules: {exc}") from None
     local_env()
     data = digits_data(0.5, balanced_test=args.balanced_test)
     seeds = [int(s) for s in args.seeds.split(",") if s]

@@ -41,26 +41,17 @@ def glc_settings(args: argparse.Namespace) -> tuple[GlcParams, float]:
     from dataclasses import replace
 
     from detloop.orchestrator.evaluation.glc import DEFAULT_PARAMS, GLC_MIN_SCORE
-    from detloop.selectors.ssl_glc import GLC_RULES
-    from detloop.selectors.vocabulary import did_you_mean
 
-    rules = GLC_RULES if args.rules is None else [r.strip() for r in args.rules.split(",")]
-    if not any(rules):
-        raise UsageError(f"--rules: name at least one of {', '.join(GLC_RULES)}")
-    for rule in filter(None, rules):
-        if rule not in GLC_RULES:
-            hint = did_you_mean(rule, list(GLC_RULES))
-            raise UsageError(
-                f"--rules: unknown GLC rule {rule!r}{hint}; rules: {', '.join(GLC_RULES)}"
-            )
+    try:
+        params = DEFAULT_PARAMS if args.rules is None else DEFAULT_PARAMS.only(args.rules)
+    except ValueError as exc:
+        raise UsageError(f"--rules: {exc}") from None
     values = {"--min-score": args.min_score, **{f: getattr(args, a) for f, a, _ in THRESHOLDS}}
     for flag, value in values.items():
         if value is not None and not 0.0 <= value <= 1.0:
             raise UsageError(f"{flag} must be in [0, 1], got {value}")
     params = replace(
-        DEFAULT_PARAMS,
-        **{rule: rule in rules for rule in GLC_RULES},
-        **{a: getattr(args, a) for _, a, _ in THRESHOLDS if getattr(args, a) is not None},
+        params, **{a: getattr(args, a) for _, a, _ in THRESHOLDS if getattr(args, a) is not None}
     )
     return params, GLC_MIN_SCORE if args.min_score is None else args.min_score
 

@@ -18,7 +18,7 @@ A null ``cons_iou`` passes no consistency test.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from detloop.data.labels import box_rows, next_box_id
 from detloop.selectors.autolabel import box_iou
 from detloop.selectors.columns import BoolArray, FloatArray, IntArray
 from detloop.selectors.ssl_3d import box_coords, rows_by_image
+from detloop.selectors.vocabulary import did_you_mean
 
 RULES = ("kept", "md", "noisy")  # a corrected box's provenance
 GLC_RULES = ("md", "mistakes", "noisy")  # the rules GlcParams switches on and off
@@ -46,6 +47,25 @@ class GlcParams:
     noisy_consist: float = 0.9
     correct_max_inter: float = 1.0
     correct_score: float = 0.4
+
+    def only(self, rules: str) -> GlcParams:
+        """These thresholds with just the comma-separated ``rules`` (of ``GLC_RULES``) on.
+
+        Raises:
+            ValueError: no rule named, or an unknown one (with close matches).
+        """
+        names = [r.strip() for r in rules.split(",") if r.strip()]
+        if not names:
+            raise ValueError(f"name at least one of {', '.join(GLC_RULES)}")
+        for name in names:
+            if name not in GLC_RULES:
+                hint = did_you_mean(name, list(GLC_RULES))
+                raise ValueError(f"unknown GLC rule {name!r}{hint}; rules: {', '.join(GLC_RULES)}")
+        return replace(self, **{rule: rule in names for rule in GLC_RULES})
+
+    def rules(self) -> tuple[str, ...]:
+        """The rules switched on, in ``GLC_RULES`` order."""
+        return tuple(rule for rule in GLC_RULES if getattr(self, rule))
 
 
 @dataclass(frozen=True)
