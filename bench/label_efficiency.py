@@ -160,12 +160,15 @@ def build_configs(args: argparse.Namespace, setting: Setting, data: Path) -> lis
     jobs: list[Any] = []
     for seed in args.seeds:
         if seed in args.full_seeds:
+            steps = args.full_steps or setting.full_max_steps
+            # a non-default cap is another model: its own run directory, the cached one kept
+            suffix = f"_s{steps}" if steps != setting.full_max_steps else ""
             full = [
                 *_overrides(args, setting, data, seed),
-                "name=label_efficiency_full",
+                f"name=label_efficiency_full{suffix}",
                 "al.strategy=random",
                 "al.al_budgets=[100]",
-                f"train.max_steps={setting.full_max_steps}",
+                f"train.max_steps={steps}",
                 "train.map_freq=1",
             ]
             jobs.append(("full", seed, load_config(base, full)))
@@ -349,6 +352,9 @@ def main() -> None:
     parser.add_argument("--strategies", default="random,entropy,alluncert,calib_alluncert")
     parser.add_argument("--seeds", default=None, help="default: the setting's")
     parser.add_argument("--full-seeds", default=None, help="full-data models (default: 1st seed)")
+    parser.add_argument(
+        "--full-steps", type=int, default=None, help="full-data step cap (default: the setting's)"
+    )
     parser.add_argument(
         "--parallel", type=int, default=None, help="loops at once (default: a seed's variants)"
     )
