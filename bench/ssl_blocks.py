@@ -12,7 +12,9 @@ same seeded labeled split; arms that share the plain teacher get it from the tea
               on the corrected set: precision/recall of the recovered missing, false and
               noisy boxes, and test mAP clean vs corrupted vs corrected; ``--glc-min-score``
               and ``--glc-rules`` set the teacher's score floor (§11.5: 0.1) and the rules
-              applied (default all three), their corrected teachers in their own experiment
+              applied (default all three), their corrected teachers in their own experiment;
+              ``--glc-folds K`` judges each image by a teacher trained on the other K − 1
+              folds' corrupted labels instead (out-of-fold; K more teachers a seed)
     pls       the plain teacher's pseudo-labels: AUC of D (and S, C) against "the image has a
               missed object"; students on the top 40 % of images by D vs `rand` vs `bot`
     3d        the six oracle variants (nofd, nomd, nomdfd, fixmd, highprec, nonoise), each a
@@ -207,9 +209,12 @@ def plot(summary: dict[str, Any], path: Path, balanced_test: bool = False) -> No
     plt.close(fig)
 
 
-def write_pool_with(data: Path, run: Any, labels: Any, out: Path) -> Path:
+def write_pool_with(
+    data: Path, run: Any, labels: Any, out: Path, only: list[str] | None = None
+) -> Path:
     """``data``'s pool.json with the annotations of the run's labeled images replaced by
-    ``labels`` (run rows: image_id, class_id, x1..y2); every other image keeps its boxes."""
+    ``labels`` (run rows: image_id, class_id, x1..y2); every other image keeps its boxes.
+    With ``only`` (run image ids) the pool is those images alone."""
     coco = json.loads((data / "pool.json").read_text())
     images = run.read_images()
     file_of = {
@@ -233,6 +238,10 @@ def write_pool_with(data: Path, run: Any, labels: Any, out: Path) -> Path:
                      "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})  # fmt: skip
         next_id += 1
     coco["annotations"] = anns
+    if only is not None:
+        kept = {coco_id[file_of[i]] for i in only}
+        coco["images"] = [im for im in coco["images"] if im["id"] in kept]
+        coco["annotations"] = [a for a in anns if a["image_id"] in kept]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(coco))
     return out
@@ -250,16 +259,58 @@ def glc_variant(args: argparse.Namespace) -> str:
     get theirs (``ssl_blocks_glc_corrected_ms0.2_md-mistakes``)."""
     from detloop.orchestrator.evaluation.glc import DEFAULT_PARAMS, GLC_MIN_SCORE
 
+    oof = f"_oof{args.glc_folds}" if args.glc_folds > 1 else ""
     if args.glc_min_score == GLC_MIN_SCORE and args.glc_params == DEFAULT_PARAMS:
-        return "ssl_blocks_glc_corrected"
+        return "ssl_blocks_glc_corrected" + oof
     rules = "-".join(args.glc_params.rules())
-    return f"ssl_blocks_glc_corrected_ms{args.glc_min_score:g}_{rules}"
+    return f"ssl_blocks_glc_corrected_ms{args.glc_min_score:g}_{rules}{oof}"
+
+
+def fold_names(args: argparse.Namespace) -> list[str]:
+    """The experiments of the out-of-fold teachers (none with one fold)."""
+    k = args.glc_folds
+    return [f"ssl_blocks_glc_fold{f}of{k}" for f in range(k)] if k > 1 else []
+
+
+def glc_predictions(
+    bench: Bench, seed: int, plain: Any, corrupted: Any, run_c: Any, cfg_c: Any
+) -> Any:
+    """The detections GLC judges the corrupted labels by: with one fold (§11.5) the corrupted
+    teacher's on its own training images; with K folds each labeled image's from a teacher
+    trained on the corrupted labels of the other folds only (out-of-fold, as confident
+    learning does), which has not memorised that image's wrong boxes or learnt its missing
+    objects as background."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from detloop.orchestrator.evaluation.glc import labeled_set, teacher_predictions
+
+    images, _ = labeled_set(plain)
+    floor = bench.args.glc_min_score
+    if bench.args.glc_folds == 1:
+        return teacher_predictions(run_c, cfg_c, 0, images, floor)[0]
+    ids = images["image_id"].to_pylist()
+    fold_of = np.random.default_rng([seed, 1105]).permutation(len(ids)) % bench.args.glc_folds
+    folder = Path(bench.args.runs_root) / "glc_pools" / f"s{seed}"
+    sets = ["ssl.teacher_only=true", "ssl.teacher_strategy=", "ssl.portion_labeled=100"]
+    parts = []
+    for f, name in enumerate(fold_names(bench.args)):
+        train = [i for i, k in zip(ids, fold_of, strict=True) if k != f]
+        held = pa.array([i for i, k in zip(ids, fold_of, strict=True) if k == f])
+        pool = write_pool_with(bench.data, plain, corrupted, folder / f"{name}.json", train)
+        run_f = bench.run(name, seed, sets, pool=pool)
+        assert sorted(_labeled_ids(run_f)) == sorted(train)
+        held_images = images.filter(pc.is_in(images["image_id"], value_set=held))
+        cfg_f = bench.config(name, seed, sets, pool=pool)
+        parts.append(teacher_predictions(run_f, cfg_f, 0, held_images, floor)[0])
+    return pa.concat_tables(parts)
 
 
 def part_glc(bench: Bench, seed: int, clean: dict[str, float]) -> dict[str, Any]:
     """Corrupt the labeled boxes, train a teacher on them, let it correct its own training
     labels with GLC, retrain on the corrected set (module docstring)."""
-    from detloop.orchestrator.evaluation.glc import labeled_set, teacher_predictions
+    from detloop.orchestrator.evaluation.glc import labeled_set
     from detloop.selectors.ssl_glc import glc_correct
     from detloop.selectors.ssl_glc_stress import corrupt_labels, glc_recovery
 
@@ -272,7 +323,7 @@ def part_glc(bench: Bench, seed: int, clean: dict[str, float]) -> dict[str, Any]
     run_c = bench.run("ssl_blocks_glc_corrupted", seed, sets, pool=pool_c)
     assert sorted(_labeled_ids(run_c)) == sorted(_labeled_ids(plain))  # the same split
     cfg = bench.config("ssl_blocks_glc_corrupted", seed, sets, pool=pool_c)
-    preds, _ = teacher_predictions(run_c, cfg, 0, images, bench.args.glc_min_score)
+    preds = glc_predictions(bench, seed, plain, corrupted, run_c, cfg)
     result = glc_correct(corrupted, preds, bench.args.glc_params)
     recovery = glc_recovery(result, changes)
     variant = glc_variant(bench.args)
@@ -367,7 +418,16 @@ def main() -> None:
     parser.add_argument(
         "--glc-rules", default="md,mistakes,noisy", help="GLC rules applied (default all)"
     )
+    parser.add_argument(
+        "--glc-folds",
+        type=int,
+        default=1,
+        help="K > 1: out-of-fold GLC, each image judged by a teacher trained on the other "
+        "K - 1 folds' corrupted labels (K more trainings a seed); 1: §11.5's own teacher",
+    )
     args = parser.parse_args()
+    if args.glc_folds < 1:
+        raise SystemExit(f"--glc-folds must be >= 1, got {args.glc_folds}")
     from detloop.orchestrator.evaluation.glc import DEFAULT_PARAMS
 
     try:
@@ -401,7 +461,7 @@ def _prepare_tracking(bench: Bench) -> None:
     open them (SQLite schema creation is not safe to race)."""
     from detloop.orchestrator.engine.tracking import prepare_store
 
-    for name in (*NAMES, glc_variant(bench.args)):
+    for name in (*NAMES, glc_variant(bench.args), *fold_names(bench.args)):
         prepare_store(bench.config(name, 0, []))
 
 

@@ -306,7 +306,9 @@ class SSLConfig(Section):
     """Semi-supervised learning (ALGORITHMS §11): read by ``SemiSupervisedLoop`` (``loop: ssl``)
     and, with ``al.ssl``, by the active-learning loop's training."""
 
-    portion_labeled: float = Field(10, gt=0, lt=100)  # % of the pool labeled
+    # % of the pool labeled; 100 (the whole pool) only with `teacher_only`: a supervised
+    # teacher, e.g. one fold's of an out-of-fold GLC
+    portion_labeled: float = Field(10, gt=0, le=100)
     ssl_split: Literal["random", "first_n"] = "random"
     tau: float = Field(0.4, ge=0, le=1)  # δ_S
     # a precision target for the pseudo-labels instead of a fixed τ: each round fits the
@@ -462,6 +464,15 @@ class SSLConfig(Section):
             raise ValueError(
                 "selection 'pcorrect' fits its model in the pseudo_label phase of an offline "
                 "teacher; it needs teacher: stac"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _whole_pool_is_teacher_only(self) -> SSLConfig:
+        if self.portion_labeled == 100 and not self.teacher_only:
+            raise ValueError(
+                "portion_labeled: 100 leaves nothing unlabeled to pseudo-label; it is for "
+                "teacher_only runs (a supervised teacher on the whole pool)"
             )
         return self
 
