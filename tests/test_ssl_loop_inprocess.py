@@ -492,3 +492,21 @@ def test_pcorrect_fits_its_model_on_validation_and_selects_by_it(cfg: Experiment
         fit_selection_rule(run, loop.cfg, 1, None, preds, None)
     with pytest.raises(ConfigError, match="pcorrect"):  # the mean teacher is online
         build_config(config_snapshot(cfg), [*sets, "ssl.teacher=ema"])
+
+
+def test_whole_pool_is_labeled_only_for_a_teacher(cfg: ExperimentConfig) -> None:
+    """``portion_labeled: 100`` labels every pool image: a supervised teacher (``teacher_only``,
+    e.g. one fold's teacher of an out-of-fold GLC); a run that would pseudo-label is refused."""
+    from detloop.config import ConfigError, build_config, config_snapshot
+
+    with pytest.raises(ConfigError, match="teacher_only"):
+        build_config(config_snapshot(cfg), ["ssl.portion_labeled=100"])
+    whole = build_config(
+        config_snapshot(cfg), ["ssl.portion_labeled=100", "ssl.teacher_only=true"]
+    )
+    loop, workers = _loop(whole)
+    assert loop.execute() == "done"
+    images = loop.run.read_images()
+    pool = pc.equal(images["split"], "pool")
+    assert sorted(labeled(loop.run)) == sorted(images.filter(pool)["image_id"].to_pylist())
+    assert [job.pseudo for job in workers.jobs] == [None]  # the teacher alone
