@@ -501,9 +501,7 @@ def test_whole_pool_is_labeled_only_for_a_teacher(cfg: ExperimentConfig) -> None
 
     with pytest.raises(ConfigError, match="teacher_only"):
         build_config(config_snapshot(cfg), ["ssl.portion_labeled=100"])
-    whole = build_config(
-        config_snapshot(cfg), ["ssl.portion_labeled=100", "ssl.teacher_only=true"]
-    )
+    whole = build_config(config_snapshot(cfg), ["ssl.portion_labeled=100", "ssl.teacher_only=true"])
     loop, workers = _loop(whole)
     assert loop.execute() == "done"
     images = loop.run.read_images()
