@@ -254,6 +254,13 @@ def _labeled_ids(run: Any) -> list[str]:
     return images.filter(pc.equal(images["state"], "labeled"))["image_id"].to_pylist()
 
 
+def _files(run: Any, ids: list[str]) -> list[str]:
+    """The sorted file names of the run's images ``ids``."""
+    images = run.read_images()
+    name = dict(zip(images["image_id"].to_pylist(), images["file"].to_pylist(), strict=True))
+    return sorted(Path(name[i]).name for i in ids)
+
+
 def glc_variant(args: argparse.Namespace) -> str:
     """The corrected teachers' experiment: §11.5's settings keep the original name, others
     get theirs (``ssl_blocks_glc_corrected_ms0.2_md-mistakes``)."""
@@ -300,7 +307,7 @@ def glc_predictions(
         held = pa.array([i for i, k in zip(ids, fold_of, strict=True) if k == f])
         pool = write_pool_with(bench.data, plain, corrupted, folder / f"{name}.json", train)
         run_f = bench.run(name, seed, sets, pool=pool)
-        assert sorted(_labeled_ids(run_f)) == sorted(train)
+        assert _files(run_f, _labeled_ids(run_f)) == _files(plain, train)  # ids are per run
         held_images = images.filter(pc.is_in(images["image_id"], value_set=held))
         cfg_f = bench.config(name, seed, sets, pool=pool)
         parts.append(teacher_predictions(run_f, cfg_f, 0, held_images, floor)[0])
