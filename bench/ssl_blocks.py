@@ -307,7 +307,8 @@ def glc_predictions(
         held = pa.array([i for i, k in zip(ids, fold_of, strict=True) if k == f])
         pool = write_pool_with(bench.data, plain, corrupted, folder / f"{name}.json", train)
         run_f = bench.run(name, seed, sets, pool=pool)
-        assert _files(run_f, _labeled_ids(run_f)) == _files(plain, train)  # ids are per run
+        fold_ids = labeled_set(run_f)[0]["image_id"].to_pylist()
+        assert _files(run_f, fold_ids) == _files(plain, train)  # image ids are per run
         held_images = images.filter(pc.is_in(images["image_id"], value_set=held))
         cfg_f = bench.config(name, seed, sets, pool=pool)
         parts.append(teacher_predictions(run_f, cfg_f, 0, held_images, floor)[0])
