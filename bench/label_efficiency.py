@@ -33,14 +33,15 @@ Settings (2 cores; ``small`` measured, the others scaled from measured throughpu
              curves are flat (bench/results/label_efficiency_small.json).
     default  the same with 5 seeds, about 2.5 h: the most a 2-core machine fits near two hours,
              and as capped, so its curves measure the step budget more than the labels.
-    medium   3 seeds, 5 / 10 / 25 % labeled, each AL iteration going on from the previous
+    medium   5 seeds, 5 / 10 / 25 % labeled, each AL iteration going on from the previous
              iteration's model (``al.warm_start``) for a full 1,500-step cosine schedule (the
              full-data model 5,000), val every 250 steps and the best val weights kept (a
              patience above the evaluations: a cosine run's gain comes as its rate anneals):
              3.75x the small setting's steps per model, 4.5x a curve's cumulative steps at
-             25 %. Measured with four strategies: 2.1 h on 2 cores (seed 0 with the full-data
-             model 67 min, then seeds 1 and 2 side by side with ``--parallel 13`` 58 min;
-             other benches shared the machine part of the time). Its full-data model is not
+             25 %. Measured with four strategies: seeds 0-2 2.1 h on 2 cores (seed 0 with the
+             full-data model 67 min, then seeds 1 and 2 side by side with ``--parallel 13``
+             58 min), seeds 3 and 4 side by side about 2 h (``--parallel 21``, beside a
+             12,000-step full-data model and another bench). Its full-data model is not
              a ceiling: at 5,000 steps (20 epochs) it stays below the 500-image AL models,
              which add up 4,500 warm-started steps (bench/results/label_efficiency_medium.json).
     large    the plateau setting: 5 seeds, 5 / 10 / 25 % labeled, every model trained until
@@ -85,7 +86,7 @@ SETTINGS = {
     "small": Setting((0, 1, 2), (5, 5, 15), max_steps=400, full_max_steps=1500),
     "default": Setting((0, 1, 2, 3, 4), (5, 5, 15), max_steps=400, full_max_steps=1500),
     "medium": Setting(
-        (0, 1, 2),
+        (0, 1, 2, 3, 4),
         (5, 5, 15),
         max_steps=1500,
         full_max_steps=5000,
