@@ -248,10 +248,13 @@ def write_pool_with(
 
 
 def _labeled_ids(run: Any) -> list[str]:
+    """The run's labeled pool images (val and test images are labeled too, and their files
+    share names with pool files: ``write_pool_with`` matches by file name)."""
     import pyarrow.compute as pc
 
     images = run.read_images()
-    return images.filter(pc.equal(images["state"], "labeled"))["image_id"].to_pylist()
+    mask = pc.and_(pc.equal(images["state"], "labeled"), pc.equal(images["split"], "pool"))
+    return images.filter(mask)["image_id"].to_pylist()
 
 
 def _files(run: Any, ids: list[str]) -> list[str]:
@@ -307,8 +310,7 @@ def glc_predictions(
         held = pa.array([i for i, k in zip(ids, fold_of, strict=True) if k == f])
         pool = write_pool_with(bench.data, plain, corrupted, folder / f"{name}.json", train)
         run_f = bench.run(name, seed, sets, pool=pool)
-        fold_ids = labeled_set(run_f)[0]["image_id"].to_pylist()
-        assert _files(run_f, fold_ids) == _files(plain, train)  # image ids are per run
+        assert _files(run_f, _labeled_ids(run_f)) == _files(plain, train)  # ids are per run
         held_images = images.filter(pc.is_in(images["image_id"], value_set=held))
         cfg_f = bench.config(name, seed, sets, pool=pool)
         parts.append(teacher_predictions(run_f, cfg_f, 0, held_images, floor)[0])
