@@ -40,10 +40,11 @@ Settings (2 cores; ``small`` measured, the others scaled from measured throughpu
              3.75x the small setting's steps per model, 4.5x a curve's cumulative steps at
              25 %. Measured with four strategies: seeds 0-2 2.1 h on 2 cores (seed 0 with the
              full-data model 67 min, then seeds 1 and 2 side by side with ``--parallel 13``
-             58 min), seeds 3 and 4 side by side about 2 h (``--parallel 21``, beside a
-             12,000-step full-data model and another bench). Its full-data model is not
-             a ceiling: at 5,000 steps (20 epochs) it stays below the 500-image AL models,
-             which add up 4,500 warm-started steps (bench/results/label_efficiency_medium.json).
+             58 min), seeds 3 and 4 side by side with a 12,000-step full-data model 2.3 h
+             (``--parallel 21 --full-steps 12000``, beside another bench). Its full-data model
+             is not a ceiling: at 5,000 steps (20 epochs) it stays below the 500-image AL
+             models, which add up 4,500 warm-started steps (label_efficiency_medium.json); at
+             12,000 steps it reaches 0.676 and is still capped (..._full12k.json).
     large    the plateau setting: 5 seeds, 5 / 10 / 25 % labeled, every model trained until
              val mAP stops rising under ``train.lr_schedule: plateau`` (val every 500 steps,
              patience 3, two ×0.1 drops of the rate), each AL iteration starting from the
