@@ -248,13 +248,12 @@ def write_pool_with(
 
 
 def _labeled_ids(run: Any) -> list[str]:
-    """The run's labeled pool images (val and test images are labeled too, and their files
-    share names with pool files: ``write_pool_with`` matches by file name)."""
-    import pyarrow.compute as pc
+    """The run's labeled pool images, as GLC sees them (``labeled_set``: val and test images
+    are labeled too, and their files share names with pool files, which ``write_pool_with``
+    matches by)."""
+    from detloop.orchestrator.evaluation.glc import labeled_set
 
-    images = run.read_images()
-    mask = pc.and_(pc.equal(images["state"], "labeled"), pc.equal(images["split"], "pool"))
-    return images.filter(mask)["image_id"].to_pylist()
+    return list(labeled_set(run)[0]["image_id"].to_pylist())
 
 
 def _files(run: Any, ids: list[str]) -> list[str]:
@@ -283,20 +282,19 @@ def fold_names(args: argparse.Namespace) -> list[str]:
 
 
 def glc_predictions(
-    bench: Bench, seed: int, plain: Any, corrupted: Any, run_c: Any, cfg_c: Any
+    bench: Bench, seed: int, plain: Any, images: Any, corrupted: Any, run_c: Any, cfg_c: Any
 ) -> Any:
     """The detections GLC judges the corrupted labels by: with one fold (§11.5) the corrupted
     teacher's on its own training images; with K folds each labeled image's from a teacher
     trained on the corrupted labels of the other folds only (out-of-fold, as confident
     learning does), which has not memorised that image's wrong boxes or learnt its missing
-    objects as background."""
+    objects as background. ``images``: the plain run's labeled images (``labeled_set``)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from detloop.orchestrator.evaluation.glc import labeled_set, teacher_predictions
+    from detloop.orchestrator.evaluation.glc import teacher_predictions
 
-    images, _ = labeled_set(plain)
     floor = bench.args.glc_min_score
     if bench.args.glc_folds == 1:
         return teacher_predictions(run_c, cfg_c, 0, images, floor)[0]
@@ -333,7 +331,7 @@ def part_glc(bench: Bench, seed: int, clean: dict[str, float]) -> dict[str, Any]
     run_c = bench.run("ssl_blocks_glc_corrupted", seed, sets, pool=pool_c)
     assert sorted(_labeled_ids(run_c)) == sorted(_labeled_ids(plain))  # the same split
     cfg = bench.config("ssl_blocks_glc_corrupted", seed, sets, pool=pool_c)
-    preds = glc_predictions(bench, seed, plain, corrupted, run_c, cfg)
+    preds = glc_predictions(bench, seed, plain, images, corrupted, run_c, cfg)
     result = glc_correct(corrupted, preds, bench.args.glc_params)
     recovery = glc_recovery(result, changes)
     variant = glc_variant(bench.args)
